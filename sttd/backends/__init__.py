@@ -1,0 +1,16 @@
+"""Speech backends behind one protocol, and the registry that loads them by name."""
+
+from __future__ import annotations
+
+from sttd.backends.base import ASRBackend, Request, Result, Segment, Word
+from sttd.backends.registry import load_backend, resolve_backend_name
+
+__all__ = [
+    "ASRBackend",
+    "Request",
+    "Result",
+    "Segment",
+    "Word",
+    "load_backend",
+    "resolve_backend_name",
+]

@@ -1,0 +1,34 @@
+"""Pick and load a backend from settings."""
+
+from __future__ import annotations
+
+import logging
+
+from sttd.backends.base import ASRBackend
+from sttd.errors import ConfigError
+from sttd.settings import Settings
+
+__all__ = ["load_backend", "resolve_backend_name"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_backend_name(settings: Settings) -> str:
+    """The backend `settings` ask for, with ``auto`` resolved for this machine."""
+    if settings.backend != "auto":
+        return settings.backend
+    return "mock"
+
+
+def load_backend(settings: Settings) -> ASRBackend:
+    """Load the backend `settings` name; blocks while a model loads (run it in a thread).
+
+    Raises `ConfigError` for a backend this build does not have, and `BackendError` when
+    loading fails.
+    """
+    name = resolve_backend_name(settings)
+    if name == "mock":
+        from sttd.backends.mock import MockBackend
+
+        return MockBackend.from_directory(settings.mock_references_dir or None)
+    raise ConfigError(f"STT_BACKEND={name} is not available in this build; use one of: mock")

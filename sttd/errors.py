@@ -1,0 +1,116 @@
+"""Errors raised by sttd.
+
+All of them derive from one base::
+
+    SttdError
+    ├── ClientError          the client sent something we refuse; carries the wire codes
+    │   ├── InvalidParam          a query parameter is missing or out of range (1008 / 400)
+    │   ├── InvalidMessage        a text frame we cannot parse or do not know (1003 / 400)
+    │   ├── UnsupportedMedia      an upload that is not audio we can decode (1003 / 415)
+    │   ├── BadAudio              audio we recognise but that is broken (1003 / 400)
+    │   ├── PayloadTooLarge       a body or frame over its limit (1009 / 413)
+    │   ├── UnsupportedLanguage   a language the loaded model cannot transcribe (1008 / 400)
+    │   └── Overloaded            the server or this session is past capacity (1013 / 503)
+    ├── BackendError         a speech backend failed on a request
+    └── ConfigError          a setting is missing or invalid; stops start-up
+
+Each `ClientError` has a stable machine-readable `code` (sent as ``{"error": {"code": ...}}`` over
+HTTP and ``{"type": "error", "code": ...}`` over the WebSocket), an `http_status` and a
+`ws_close_code`. Messages say what was wrong, the value, and what was expected.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BadAudio",
+    "ClientError",
+    "ConfigError",
+    "InvalidMessage",
+    "InvalidParam",
+    "Overloaded",
+    "PayloadTooLarge",
+    "SttdError",
+    "UnsupportedLanguage",
+    "UnsupportedMedia",
+]
+
+
+class SttdError(Exception):
+    """Base of every error sttd raises on purpose."""
+
+
+class ClientError(SttdError):
+    """The client's input was refused; `code`, `http_status` and `ws_close_code` say how."""
+
+    code: str = "bad_request"
+    http_status: int = 400
+    ws_close_code: int = 1008
+
+
+class InvalidParam(ClientError):
+    """A query or form parameter is missing or invalid."""
+
+    code = "invalid_param"
+    http_status = 400
+    ws_close_code = 1008
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class InvalidMessage(ClientError):
+    """A WebSocket text frame is not JSON, or not a message type we know."""
+
+    code = "invalid_message"
+    http_status = 400
+    ws_close_code = 1003
+
+
+class UnsupportedMedia(ClientError):
+    """An upload that is not in a format we can decode."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+    ws_close_code = 1003
+
+
+class BadAudio(ClientError):
+    """Audio in a known container whose contents are broken or inconsistent."""
+
+    code = "bad_audio"
+    http_status = 400
+    ws_close_code = 1003
+
+
+class PayloadTooLarge(ClientError):
+    """A body, upload or frame over its configured limit."""
+
+    code = "payload_too_large"
+    http_status = 413
+    ws_close_code = 1009
+
+
+class UnsupportedLanguage(ClientError):
+    """The loaded model cannot transcribe the requested language."""
+
+    code = "unsupported_language"
+    http_status = 400
+    ws_close_code = 1008
+
+
+class Overloaded(ClientError):
+    """The server, or this session's queues, are past capacity."""
+
+    code = "overloaded"
+    http_status = 503
+    ws_close_code = 1013
+
+
+class BackendError(SttdError):
+    """A speech backend failed to load or to transcribe."""
+
+
+class ConfigError(SttdError):
+    """A setting is missing or invalid; the message names the variable."""

@@ -1,0 +1,176 @@
+"""The quart-trio app: the file API, the WebSocket route, /health and /metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import attrs
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from quart import Response, request, websocket
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from sttd.audio import decode_wav
+from sttd.engine import Engine
+from sttd.errors import ClientError, InvalidParam, Overloaded, PayloadTooLarge, UnsupportedMedia
+from sttd.files import transcribe_samples
+from sttd.metrics import Metrics
+from sttd.nursery import Session, SessionRegistry
+from sttd.protocol import SessionParams, dumps, error_message, parse_hotwords, parse_language
+from sttd.settings import Settings
+
+__all__ = ["AppState", "create_app"]
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define
+class AppState:
+    """What the routes share: settings, metrics, live sessions, and the engine once loaded."""
+
+    settings: Settings
+    metrics: Metrics
+    sessions: SessionRegistry = attrs.field(factory=SessionRegistry)
+    engine: Engine | None = None
+
+
+class _QuartTransport:
+    """Adapts quart's websocket object to the session's `Transport`."""
+
+    def __init__(self, ws: Any) -> None:
+        self._ws = ws
+
+    async def receive(self) -> bytes | str | None:
+        data: bytes | str | None = await self._ws.receive()
+        return data
+
+    async def send(self, text: str) -> None:
+        await self._ws.send(text)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        await self._ws.close(code, reason)
+
+
+def _error_response(status: int, code: str, message: str) -> Response:
+    body = dumps({"error": {"code": code, "message": message}})
+    return Response(body, status=status, content_type="application/json")
+
+
+def create_app(state: AppState) -> QuartTrio:
+    """Build the app over `state`."""
+    app = QuartTrio(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = state.settings.max_upload_bytes
+    app.config["RESPONSE_TIMEOUT"] = None
+    metrics = state.metrics
+
+    @app.after_request
+    async def _count(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.http_requests_total.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.errorhandler(ClientError)
+    async def _client_error(exc: ClientError) -> Response:
+        metrics.errors_total.labels(exc.code).inc()
+        return _error_response(exc.http_status, exc.code, str(exc))
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = {413: "payload_too_large", 404: "not_found", 405: "method_not_allowed"}.get(
+            status, "bad_request" if status < 500 else "internal")
+        message = exc.description or exc.name
+        if status == 413:
+            message = (f"request body must be at most {state.settings.max_upload_bytes} bytes "
+                       "(STT_MAX_UPLOAD_BYTES)")
+        metrics.errors_total.labels(code).inc()
+        return _error_response(status, code, message)
+
+    @app.errorhandler(Exception)
+    async def _internal(exc: Exception) -> Response:
+        log.error("http.failed path=%s", request.path, exc_info=exc)
+        metrics.errors_total.labels("internal").inc()
+        return _error_response(500, "internal", "the server failed on this request; see its logs")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine is None:
+            body = {"status": "loading", "backend": None, "sessions": len(state.sessions)}
+            return Response(dumps(body), status=503, content_type="application/json")
+        body = {"status": "ok", "backend": state.engine.backend_name,
+                "sessions": len(state.sessions)}
+        return Response(dumps(body), status=200, content_type="application/json")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/stt/transcribe")
+    async def transcribe() -> Response:
+        started = time.perf_counter()
+        length = request.content_length
+        if length is not None and length > state.settings.max_upload_bytes:
+            raise PayloadTooLarge(
+                f"request body must be at most {state.settings.max_upload_bytes} bytes "
+                f"(STT_MAX_UPLOAD_BYTES), got {length}")
+        engine = _ready_engine(state)
+        language = parse_language(request.args.get("language", "auto"))
+        hotwords = parse_hotwords(request.args.get("hotwords", ""))
+        engine.check_language(language)
+        if request.mimetype != "multipart/form-data":
+            raise UnsupportedMedia("send the audio as multipart/form-data with a 'file' field, "
+                                   f"got content type {request.mimetype or 'none'!r}")
+        files = await request.files
+        upload = files.get("file")
+        if upload is None:
+            raise InvalidParam("file", "multipart body must have a 'file' field, got fields "
+                                       f"{sorted(files.keys()) or 'none'}")
+        data = upload.read()
+        samples = await trio.to_thread.run_sync(decode_wav, data)
+        del data
+        result = await transcribe_samples(
+            engine, samples, state.settings, language=language, hotwords=hotwords)
+        body = {
+            "text": result.text,
+            "duration_ms": round(result.duration_s * 1000),
+            "latency_ms": round((time.perf_counter() - started) * 1000),
+            "segments": [
+                {"start_ms": job.start_ms, "end_ms": job.end_ms, "text": piece.text.strip()}
+                for job, piece in result.segments
+            ],
+        }
+        return Response(dumps(body), status=200, content_type="application/json")
+
+    @app.websocket("/v1/stt/ws")
+    async def stream() -> None:
+        await websocket.accept()
+        transport = _QuartTransport(websocket._get_current_object())  # type: ignore[attr-defined]  # werkzeug LocalProxy method, untyped in quart's stubs
+        try:
+            params = SessionParams.from_query(websocket.args)
+            engine = _ready_engine(state)
+            engine.check_language(params.language)
+        except ClientError as exc:
+            metrics.errors_total.labels(exc.code).inc()
+            metrics.sessions_total.labels("rejected").inc()
+            log.info("session.rejected code=%s", exc.code)
+            with trio.move_on_after(5):
+                await transport.send(dumps(error_message(exc.code, str(exc))))
+                await transport.close(exc.ws_close_code, exc.code)
+            return
+        session = Session(params, engine, state.settings, metrics)
+        state.sessions.add(session)
+        try:
+            await session.run(transport)
+        finally:
+            state.sessions.discard(session)
+
+    return app
+
+
+def _ready_engine(state: AppState) -> Engine:
+    if state.engine is None:
+        raise Overloaded("the speech engine is still loading; retry when /health returns 200")
+    return state.engine

@@ -1,0 +1,119 @@
+"""Every Prometheus metric sttd exports, defined against a registry the caller passes in.
+
+Names use the ``sttd_`` prefix and base units; labels come from closed sets only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics", "QueueDepths"]
+
+_LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+_INFERENCE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+
+
+@attrs.frozen
+class QueueDepths:
+    """Summed queue depths over live sessions."""
+
+    audio_frames: int
+    output_messages: int
+
+
+@attrs.define
+class Metrics:
+    """The server's metrics; construct one per registry with `Metrics.create`."""
+
+    registry: CollectorRegistry
+    sessions_active: Gauge
+    sessions_total: Counter
+    audio_received_seconds_total: Counter
+    partials_sent_total: Counter
+    finals_sent_total: Counter
+    frames_dropped_total: Counter
+    partials_dropped_total: Counter
+    errors_total: Counter
+    inference_duration_seconds: Histogram
+    final_latency_seconds: Histogram
+    http_requests_total: Counter
+    engine_ready: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> Metrics:
+        """Register all metrics on `registry`."""
+        return cls(
+            registry=registry,
+            sessions_active=Gauge(
+                "sttd_sessions_active", "WebSocket sessions open now.", registry=registry
+            ),
+            sessions_total=Counter(
+                "sttd_sessions_total", "WebSocket sessions ended, by outcome.", ["outcome"],
+                registry=registry,
+            ),
+            audio_received_seconds_total=Counter(
+                "sttd_audio_received_seconds_total", "Seconds of audio received over WebSockets.",
+                registry=registry,
+            ),
+            partials_sent_total=Counter(
+                "sttd_partials_sent_total", "Partial transcripts sent.", registry=registry
+            ),
+            finals_sent_total=Counter(
+                "sttd_finals_sent_total", "Final transcripts sent.", registry=registry
+            ),
+            frames_dropped_total=Counter(
+                "sttd_frames_dropped_total",
+                "Audio frames dropped because a session's input queue was full.",
+                registry=registry,
+            ),
+            partials_dropped_total=Counter(
+                "sttd_partials_dropped_total",
+                "Partial transcripts dropped because a session's output queue was 80% full.",
+                registry=registry,
+            ),
+            errors_total=Counter(
+                "sttd_errors_total", "Errors reported to clients, by code.", ["code"],
+                registry=registry,
+            ),
+            inference_duration_seconds=Histogram(
+                "sttd_inference_duration_seconds", "Backend call duration, by kind.", ["kind"],
+                buckets=_INFERENCE_BUCKETS_S, registry=registry,
+            ),
+            final_latency_seconds=Histogram(
+                "sttd_final_latency_seconds",
+                "From the audio (or commit) that ended an utterance arriving to its final sent.",
+                buckets=_LATENCY_BUCKETS_S, registry=registry,
+            ),
+            http_requests_total=Counter(
+                "sttd_http_requests_total", "HTTP requests, by route and status.",
+                ["route", "status"], registry=registry,
+            ),
+            engine_ready=Gauge(
+                "sttd_engine_ready", "1 once the speech engine is loaded, else 0.",
+                registry=registry,
+            ),
+        )
+
+    def watch_queues(self, depths: Callable[[], QueueDepths]) -> None:
+        """Export queue depths read from `depths` at scrape time."""
+        self.registry.register(_QueueCollector(depths))
+
+
+@attrs.frozen
+class _QueueCollector(Collector):
+    depths: Callable[[], QueueDepths]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        now = self.depths()
+        family = GaugeMetricFamily(
+            "sttd_queue_depth", "Items buffered in session queues, summed over sessions.",
+            labels=["queue"],
+        )
+        family.add_metric(["audio_in"], now.audio_frames)
+        family.add_metric(["output"], now.output_messages)
+        yield family

@@ -1,0 +1,332 @@
+"""One WebSocket session: a nursery holding a recv, an infer and a send task.
+
+Lifetime. `Session.run` opens one nursery with three tasks linked by bounded channels:
+
+* ``_recv`` reads frames from the transport and owns the audio channel's send end (and a clone
+  of the output channel, for errors about the client's messages). On ``end`` or an overload it
+  queues the marker in band and closes its end, so ``_infer`` sees the marker, then
+  `EndOfChannel`.
+* ``_infer`` owns the audio channel's receive end and the output channel's send end. It feeds
+  audio to the `UtteranceTracker`, runs finals before partials through the shared engine, and
+  queues messages. When it stops it queues a `Close` and closes its end.
+* ``_send`` owns the output channel's receive end: it writes each message and, on `Close`,
+  closes the WebSocket and cancels the nursery, which ends the others.
+
+A client that goes away cancels the whole nursery from outside (the web framework cancels the
+handler), so no task outlives the connection. An unexpected error in any task is reported to
+the client as ``internal`` and closes the socket with 1011.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Protocol
+
+import attrs
+import trio
+
+from sttd.audio import Pcm16Framer, pcm16_to_float32
+from sttd.backends.base import Request
+from sttd.channels import (
+    AudioChannelStatistics,
+    AudioFrame,
+    AudioReceiver,
+    AudioSender,
+    Close,
+    Commit,
+    End,
+    OutputReceiver,
+    OutputSender,
+    OutputStatistics,
+    Overload,
+    Transcript,
+    open_audio_channel,
+    open_output_channel,
+)
+from sttd.engine import Transcriber
+from sttd.errors import BackendError, InvalidMessage
+from sttd.metrics import Metrics, QueueDepths
+from sttd.protocol import (
+    SessionParams,
+    dumps,
+    error_message,
+    parse_client_message,
+    ready_message,
+    transcript_message,
+)
+from sttd.settings import Settings
+from sttd.stream import Job, UtteranceTracker
+from sttd.vad import EnergyClassifier, Endpointer
+
+__all__ = ["Session", "SessionRegistry", "Transport"]
+
+log = logging.getLogger(__name__)
+
+_SAMPLE_RATE_HZ = 16000
+# Upper bound on cleanup sends (last messages, close frame) once the session is ending.
+_CLOSE_TIMEOUT_S = 5.0
+
+
+class Transport(Protocol):
+    """The accepted WebSocket, as a session sees it."""
+
+    async def receive(self) -> bytes | str | None:
+        """The next message; None stands for an empty binary frame."""
+        ...
+
+    async def send(self, text: str) -> None: ...
+
+    async def close(self, code: int, reason: str = "") -> None: ...
+
+
+@attrs.frozen
+class SessionStatistics:
+    """A snapshot of one session's queues."""
+
+    audio: AudioChannelStatistics
+    output: OutputStatistics
+
+
+@attrs.define(eq=False)
+class Session:
+    """One client's stream, from ready to close."""
+
+    params: SessionParams
+    engine: Transcriber
+    settings: Settings
+    metrics: Metrics
+    session_id: str = attrs.field(factory=lambda: secrets.token_hex(6))
+    outcome: str = attrs.field(init=False, default="client_gone")
+    _audio: tuple[AudioSender, AudioReceiver] | None = attrs.field(init=False, default=None)
+    _output: tuple[OutputSender, OutputReceiver] | None = attrs.field(init=False, default=None)
+    _last_partial: dict[int, str] = attrs.field(init=False, factory=dict)
+
+    def statistics(self) -> SessionStatistics | None:
+        """Queue statistics, or None before the session's channels exist."""
+        if self._audio is None or self._output is None:
+            return None
+        return SessionStatistics(self._audio[0].statistics(), self._output[0].statistics())
+
+    async def run(self, transport: Transport) -> None:
+        """Serve the session until it closes or is cancelled; closes `transport` when it can."""
+        self._audio = open_audio_channel(self.settings.in_queue_size)
+        self._output = open_output_channel(self.settings.out_queue_size)
+        send_audio, recv_audio = self._audio
+        send_out, recv_out = self._output
+        log.info("session.opened sid=%s call_id=%s", self.session_id, _log_value(self.params.call_id))
+        self.metrics.sessions_active.inc()
+        try:
+            await transport.send(dumps(ready_message(
+                self.session_id, self.params, self.engine.backend_name)))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._recv, transport, send_audio, send_out.clone())
+                nursery.start_soon(self._infer, recv_audio, send_out)
+                nursery.start_soon(self._send, transport, recv_out, nursery.cancel_scope)
+        except* Exception:
+            self.outcome = "internal_error"
+            log.error("session.failed sid=%s", self.session_id, exc_info=True)
+            self.metrics.errors_total.labels("internal").inc()
+            with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+                await transport.send(dumps(error_message(
+                    "internal", "the server failed on this session; see its logs")))
+                await transport.close(1011, "internal error")
+        finally:
+            self.metrics.sessions_active.dec()
+            self.metrics.sessions_total.labels(self.outcome).inc()
+            dropped = send_audio.statistics().dropped_frames
+            log.info("session.closed sid=%s outcome=%s dropped_frames=%d",
+                     self.session_id, self.outcome, dropped)
+
+    async def _recv(
+        self, transport: Transport, send_audio: AudioSender, send_errors: OutputSender
+    ) -> None:
+        framer = Pcm16Framer()
+        async with send_errors, send_audio:
+            while True:
+                data = await transport.receive()
+                now = trio.current_time()
+                if isinstance(data, str):
+                    try:
+                        item = parse_client_message(data, now)
+                    except InvalidMessage as exc:
+                        self.metrics.errors_total.labels(exc.code).inc()
+                        await send_errors.send(error_message(exc.code, str(exc)))
+                        continue
+                    if item is None:
+                        continue
+                    send_audio.send_nowait(item)
+                    if isinstance(item, End):
+                        return
+                    continue
+                samples = framer.feed(data or b"")
+                if samples.size == 0:
+                    continue
+                self.metrics.audio_received_seconds_total.inc(samples.size / _SAMPLE_RATE_HZ)
+                dropped = send_audio.send_nowait(AudioFrame(samples, now))
+                if dropped:
+                    self.metrics.frames_dropped_total.inc(dropped)
+                    total = send_audio.statistics().dropped_frames
+                    if total > self.settings.in_queue_max_drops:
+                        send_audio.send_nowait(Overload(total))
+                        return
+
+    async def _infer(self, recv_audio: AudioReceiver, send_out: OutputSender) -> None:
+        tracker = UtteranceTracker(
+            Endpointer(
+                EnergyClassifier(self.settings.vad_threshold),
+                silence_ms=self.settings.vad_silence_ms,
+            ),
+            partial_ms=self.params.partial_ms,
+            max_utterance_s=self.settings.max_utterance_s,
+        )
+        async with send_out, recv_audio:
+            while True:
+                finals: list[tuple[Job, float, bool]] = []  # job, trigger time, forced
+                stop: Close | None = None
+                try:
+                    items = [await recv_audio.receive()]
+                except trio.EndOfChannel:
+                    items = [End(trio.current_time())]
+                while True:
+                    try:
+                        items.append(recv_audio.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                for item in items:
+                    if isinstance(item, AudioFrame):
+                        finals.extend((job, item.received_at, False)
+                                      for job in tracker.feed(item.samples))
+                    elif isinstance(item, Commit):
+                        finals.extend((job, item.received_at, True) for job in tracker.commit())
+                    elif isinstance(item, End):
+                        finals.extend((job, item.received_at, True) for job in tracker.commit())
+                        stop = Close(1000, "end of stream")
+                        break
+                    else:
+                        finals.extend((job, trio.current_time(), True) for job in tracker.commit())
+                        stop = self._overloaded(item)
+                        break
+                for job, trigger_at, forced in finals:
+                    await self._decode(job, send_out, trigger_at, forced=forced)
+                if stop is not None:
+                    if stop.code != 1000:
+                        self.metrics.errors_total.labels("overloaded").inc()
+                        await send_out.send(error_message("overloaded", stop.reason))
+                    else:
+                        self.outcome = "ended"
+                    await send_out.send(stop)
+                    return
+                partial = tracker.take_partial()
+                if partial is not None:
+                    await self._decode(partial, send_out, None, forced=False)
+
+    def _overloaded(self, item: Overload) -> Close:
+        self.outcome = "overloaded"
+        return Close(
+            1013,
+            f"session dropped {item.dropped_frames} audio frames, more than "
+            f"STT_IN_QUEUE_MAX_DROPS={self.settings.in_queue_max_drops}; "
+            "the server cannot keep up with this stream",
+        )
+
+    async def _decode(
+        self, job: Job, send_out: OutputSender, trigger_at: float | None, *, forced: bool
+    ) -> None:
+        """Transcribe `job` and queue its message.
+
+        Empty partials, repeated partials and empty finals are not sent, except a final the
+        client forced (commit or end), which is always answered.
+        """
+        request = Request(
+            audio=pcm16_to_float32(job.audio),
+            kind=job.kind,
+            language=self.params.language,
+            hotwords=self.params.hotwords,
+        )
+        try:
+            result = await self.engine.transcribe(request)
+        except BackendError as exc:
+            log.warning("session.inference_failed sid=%s kind=%s", self.session_id, job.kind,
+                        exc_info=True)
+            self.metrics.errors_total.labels("inference_failed").inc()
+            await send_out.send(error_message(
+                "inference_failed",
+                f"transcribing utterance {job.utterance_id} failed ({exc}); the session goes on"))
+            return
+        text = result.text.strip()
+        if job.kind == "partial":
+            if not text or self._last_partial.get(job.utterance_id) == text:
+                return
+            self._last_partial[job.utterance_id] = text
+        else:
+            self._last_partial.pop(job.utterance_id, None)
+            if not text and not forced:
+                return
+        payload = transcript_message(job.kind, job.utterance_id, result, job.start_ms, job.end_ms)
+        payload["text"] = text
+        sent = await send_out.send(Transcript(payload, job.kind == "final", trigger_at))
+        if not sent:
+            self.metrics.partials_dropped_total.inc()
+
+    async def _send(
+        self, transport: Transport, recv_out: OutputReceiver, scope: trio.CancelScope
+    ) -> None:
+        async with recv_out:
+            async for item in recv_out:
+                if isinstance(item, Close):
+                    with trio.move_on_after(_CLOSE_TIMEOUT_S):
+                        await transport.close(item.code, item.reason[:120])
+                    scope.cancel()
+                    return
+                if isinstance(item, Transcript):
+                    await transport.send(dumps(item.payload))
+                    if item.is_final:
+                        self.metrics.finals_sent_total.inc()
+                        if item.trigger_at is not None:
+                            self.metrics.final_latency_seconds.observe(
+                                max(trio.current_time() - item.trigger_at, 0.0))
+                    else:
+                        self.metrics.partials_sent_total.inc()
+                else:
+                    await transport.send(dumps(item))
+
+
+@attrs.define
+class SessionRegistry:
+    """The live sessions of one server, for /health and queue metrics."""
+
+    _live: set[Session] = attrs.field(factory=set)
+    _changed: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def add(self, session: Session) -> None:
+        self._live.add(session)
+        self._changed.unpark_all()
+
+    def discard(self, session: Session) -> None:
+        self._live.discard(session)
+        self._changed.unpark_all()
+
+    async def wait_count(self, count: int) -> None:
+        """Wait until exactly `count` sessions are live."""
+        while len(self._live) != count:
+            await self._changed.park()
+
+    def queue_depths(self) -> QueueDepths:
+        audio = output = 0
+        for session in self._live:
+            stats = session.statistics()
+            if stats is not None:
+                audio += stats.audio.frames_buffered
+                output += stats.output.messages_buffered
+        return QueueDepths(audio_frames=audio, output_messages=output)
+
+
+def _log_value(value: str) -> str:
+    """`value` made safe for a key=value log line."""
+    cleaned = "".join(ch if ch.isprintable() and not ch.isspace() and ch != "=" else "_"
+                      for ch in value[:64])
+    return cleaned or "-"

@@ -1,0 +1,84 @@
+"""Run the server: load the engine, serve the app with hypercorn's trio worker."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+from prometheus_client import CollectorRegistry
+
+from sttd.backends import load_backend
+from sttd.engine import Engine
+from sttd.http import AppState, create_app
+from sttd.metrics import Metrics
+from sttd.settings import Settings
+
+__all__ = ["serve", "wait_for_signal"]
+
+log = logging.getLogger(__name__)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    state: AppState | None = None,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve HTTP and WebSocket on ``settings.host:settings.port`` until cancelled or triggered.
+
+    `state` (built from `settings` with a fresh registry if omitted) lets a caller watch the
+    server's sessions and metrics. Calls ``task_status.started(port)`` once listening (the engine may still be loading:
+    /health says 503 until it is ready). Returns after a graceful shutdown when
+    `shutdown_trigger` returns. Raises `ConfigError` or `BackendError` if the engine cannot load.
+    """
+    if state is None:
+        state = AppState(settings, Metrics.create(CollectorRegistry()))
+    state.metrics.watch_queues(state.sessions.queue_depths)
+    app = create_app(state)
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = settings.shutdown_grace_s
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_load_engine, state)
+        await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger,
+                              task_status=_PortStatus(task_status, settings.host))
+        # The server has shut down; an engine still loading is of no use now.
+        nursery.cancel_scope.cancel()
+
+
+class _PortStatus:
+    """Reports the bound port from hypercorn's list of bind URLs."""
+
+    def __init__(self, status: trio.TaskStatus[int], host: str) -> None:
+        self._status = status
+        self._host = host
+
+    def started(self, binds: list[str] | None = None) -> None:
+        if not binds:
+            raise RuntimeError("hypercorn reported no bound address")
+        port = int(binds[0].rsplit(":", 1)[1])
+        log.info("server.listening host=%s port=%d", self._host, port)
+        self._status.started(port)
+
+
+async def _load_engine(state: AppState) -> None:
+    started = trio.current_time()
+    backend = await trio.to_thread.run_sync(load_backend, state.settings)
+    state.engine = Engine.create(backend, state.metrics, threads=state.settings.inference_threads)
+    state.metrics.engine_ready.set(1)
+    log.info("engine.ready backend=%s load_s=%.2f", backend.name, trio.current_time() - started)
+
+
+async def wait_for_signal() -> None:
+    """Return at the first SIGINT or SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("server.stopping signal=%s", signal.Signals(signum).name)
+            return

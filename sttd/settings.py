@@ -1,0 +1,116 @@
+"""Server settings: every ``STT_*`` environment variable, parsed once into a frozen object.
+
+`Settings.from_env(os.environ)` is the only place that reads the environment. An unknown
+``STT_*`` key, or a value that does not parse or validate, raises `ConfigError` naming the
+variable and what it accepts, which stops start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from sttd.errors import ConfigError
+
+__all__ = ["BACKENDS", "Settings"]
+
+BACKENDS = ("auto", "mock", "whisper", "qwen3", "remote")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_FORMATS = ("text", "json")
+
+
+def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+def _port(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{attribute.name} must be in 0..65535, got {value!r}")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[object, attrs.Attribute[Any], str], None]:
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise ValueError(f"{attribute.name} must be one of {', '.join(choices)}, got {value!r}")
+
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Validated server configuration; field ``x`` comes from ``STT_X``."""
+
+    backend: str = attrs.field(default="auto", validator=_one_of(BACKENDS))
+    host: str = "0.0.0.0"
+    port: int = attrs.field(default=8000, validator=_port)
+    # Per-session inbound audio queue, in messages (frames), and how many overflow drops a
+    # session tolerates before it is closed as overloaded.
+    in_queue_size: int = attrs.field(default=200, validator=_positive)
+    in_queue_max_drops: int = attrs.field(default=500, validator=_non_negative)
+    # Per-session outbound message queue; partials are dropped once it is 80% full.
+    out_queue_size: int = attrs.field(default=50, validator=_positive)
+    max_upload_bytes: int = attrs.field(default=100 * 1024 * 1024, validator=_positive)
+    # Energy VAD: frame RMS in int16 units above which a frame is speech, and the silence
+    # that ends an utterance.
+    vad_threshold: float = attrs.field(default=300.0, validator=_positive)
+    vad_silence_ms: int = attrs.field(default=500, validator=_positive)
+    # Longest utterance before it is cut at its quietest recent point.
+    max_utterance_s: float = attrs.field(default=15.0, validator=_positive)
+    streaming_chunk_size_sec: float = attrs.field(default=0.5, validator=_positive)
+    max_inference_batch_size: int = attrs.field(default=32, validator=_positive)
+    # Worker threads that may run backend calls at once.
+    inference_threads: int = attrs.field(default=1, validator=_positive)
+    # Seconds hypercorn waits for open connections on shutdown.
+    shutdown_grace_s: float = attrs.field(default=5.0, validator=_non_negative)
+    log_level: str = attrs.field(default="INFO", validator=_one_of(_LOG_LEVELS))
+    log_format: str = attrs.field(default="text", validator=_one_of(_LOG_FORMATS))
+    # Directory of mock fixtures (``refs.tsv`` + WAVs); empty means the packaged references/.
+    mock_references_dir: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from ``STT_*`` variables; raises `ConfigError` naming the variable."""
+        fields = {f.name: f for f in attrs.fields(cls)}
+        kwargs: dict[str, object] = {}
+        for key, raw in env.items():
+            if not key.startswith("STT_"):
+                continue
+            name = key[len("STT_") :].lower()
+            field = fields.get(name)
+            if field is None:
+                known = ", ".join(f"STT_{n.upper()}" for n in fields)
+                raise ConfigError(f"unknown setting {key}; known settings are: {known}")
+            kwargs[name] = _parse(key, raw, field)
+        try:
+            return cls(**kwargs)  # type: ignore[arg-type]  # values were converted per field type
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(_name_variable(str(exc))) from None
+
+
+def _parse(key: str, raw: str, field: attrs.Attribute[Any]) -> object:
+    text = raw.strip()
+    kind = field.type
+    try:
+        if kind in (int, "int"):
+            return int(text)
+        if kind in (float, "float"):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number ({kind}), got {raw!r}") from None
+    if field.name in ("log_level",):
+        return text.upper()
+    return text
+
+
+def _name_variable(message: str) -> str:
+    """Turn a validator message about field ``x`` into one about ``STT_X``."""
+    name, _, rest = message.partition(" ")
+    return f"STT_{name.upper()} {rest}" if rest else message

@@ -1,0 +1,193 @@
+"""Utterance bookkeeping for one stream: which audio to decode, and when, sans I/O.
+
+Theory of operation. `UtteranceTracker` owns the stream's recent audio and an `Endpointer`.
+Audio goes in with `feed`; decode jobs come out:
+
+* a **final** `Job` when the endpointer reports the end of speech, when `commit` or `finish` is
+  called while speech is open, or when an utterance reaches ``max_utterance_s`` (then it is cut
+  at the quietest frame of its last few seconds and the rest opens the next utterance);
+* a **partial** `Job` from `take_partial` once ``partial_ms`` of new audio arrived in the open
+  utterance since the last partial. A partial covers the whole open utterance so far.
+
+An utterance's audio runs from ``preroll_ms`` before the detected speech start (never before the
+previous utterance's end) to ``tail_ms`` after the last speech frame (when that audio exists).
+Times are absolute stream positions; `Job.start_ms`/`end_ms` are what the client is told.
+Memory is bounded: outside speech only the pre-roll is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from sttd.vad import SAMPLE_RATE_HZ, Endpointer, SpeechEnd, SpeechStart
+
+__all__ = ["Job", "SampleBuffer", "UtteranceTracker"]
+
+_SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000
+# How far back from the length limit we look for a quiet place to cut.
+_CUT_SEARCH_S = 3.0
+
+
+@attrs.frozen
+class Job:
+    """Decode `audio` as a partial or final transcript of utterance `utterance_id`."""
+
+    kind: Literal["partial", "final"]
+    utterance_id: int
+    audio: npt.NDArray[np.int16] = attrs.field(eq=False, repr=False)
+    start_ms: int
+    end_ms: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.size / SAMPLE_RATE_HZ
+
+
+@attrs.define
+class SampleBuffer:
+    """A growable int16 buffer addressed by absolute sample index."""
+
+    _data: npt.NDArray[np.int16] = attrs.field(init=False, factory=lambda: np.zeros(4096, np.int16))
+    _start: int = attrs.field(init=False, default=0)  # absolute index of _data[0]
+    _size: int = attrs.field(init=False, default=0)
+
+    @property
+    def start(self) -> int:
+        return self._start
+
+    @property
+    def end(self) -> int:
+        return self._start + self._size
+
+    def append(self, samples: npt.NDArray[np.int16]) -> None:
+        """Append `samples` at the end."""
+        needed = self._size + samples.size
+        if needed > self._data.size:
+            grown = np.zeros(max(needed, 2 * self._data.size), np.int16)
+            grown[: self._size] = self._data[: self._size]
+            self._data = grown
+        self._data[self._size : needed] = samples
+        self._size = needed
+
+    def slice(self, start: int, end: int) -> npt.NDArray[np.int16]:
+        """A copy of absolute samples [start, end), clamped to what is held."""
+        lo = max(start, self._start) - self._start
+        hi = min(end, self.end) - self._start
+        return self._data[lo:max(lo, hi)].copy()
+
+    def trim_before(self, index: int) -> None:
+        """Forget samples before absolute `index`."""
+        drop = min(max(index - self._start, 0), self._size)
+        if drop == 0:
+            return
+        remaining = self._size - drop
+        self._data[:remaining] = self._data[drop : self._size]
+        self._start += drop
+        self._size = remaining
+
+
+@attrs.define
+class UtteranceTracker:
+    """Cuts one stream into utterances and says when to decode partials and finals."""
+
+    endpointer: Endpointer
+    partial_ms: int = attrs.field(default=500, validator=attrs.validators.gt(0))
+    max_utterance_s: float = attrs.field(default=15.0, validator=attrs.validators.gt(0))
+    preroll_ms: int = attrs.field(default=300, validator=attrs.validators.ge(0))
+    tail_ms: int = attrs.field(default=200, validator=attrs.validators.ge(0))
+    _buffer: SampleBuffer = attrs.field(init=False, factory=SampleBuffer)
+    _next_id: int = attrs.field(init=False, default=0)
+    _open_start: int | None = attrs.field(init=False, default=None)
+    _floor: int = attrs.field(init=False, default=0)  # end of the previous utterance
+    _partial_at: int = attrs.field(init=False, default=0)  # stream position of last partial
+
+    @property
+    def position(self) -> int:
+        """Samples received so far."""
+        return self._buffer.end
+
+    @property
+    def open_utterance_id(self) -> int | None:
+        return self._next_id if self._open_start is not None else None
+
+    def feed(self, samples: npt.NDArray[np.int16]) -> list[Job]:
+        """Add audio; returns the finals it completes, oldest first."""
+        self._buffer.append(samples)
+        jobs: list[Job] = []
+        for event in self.endpointer.feed(samples):
+            if isinstance(event, SpeechStart):
+                self._open(event.sample)
+            elif isinstance(event, SpeechEnd) and self._open_start is not None:
+                end = min(event.sample + self.tail_ms * _SAMPLES_PER_MS, self.position)
+                jobs.append(self._close(end))
+        jobs.extend(self._cut_if_too_long())
+        self._trim()
+        return jobs
+
+    def commit(self) -> list[Job]:
+        """Finalize the open utterance now; returns its final, or nothing if none is open."""
+        if self._open_start is None:
+            return []
+        self.endpointer.reset()
+        return [self._close(self.position)]
+
+    def take_partial(self) -> Job | None:
+        """A partial job if ``partial_ms`` of new audio arrived in the open utterance."""
+        if self._open_start is None:
+            return None
+        if (self.position - self._partial_at) < self.partial_ms * _SAMPLES_PER_MS:
+            return None
+        self._partial_at = self.position
+        return self._job("partial", self._open_start, self.position)
+
+    def _open(self, speech_start: int) -> None:
+        if self._open_start is not None:
+            return
+        self._open_start = max(speech_start - self.preroll_ms * _SAMPLES_PER_MS, self._floor,
+                               self._buffer.start)
+        self._partial_at = speech_start
+
+    def _close(self, end: int) -> Job:
+        assert self._open_start is not None
+        job = self._job("final", self._open_start, end)
+        self._next_id += 1
+        self._open_start = None
+        self._floor = end
+        return job
+
+    def _cut_if_too_long(self) -> list[Job]:
+        if self._open_start is None:
+            return []
+        limit = int(self.max_utterance_s * SAMPLE_RATE_HZ)
+        if self.position - self._open_start < limit:
+            return []
+        window_start = max(self._open_start + limit // 2,
+                           self.position - int(_CUT_SEARCH_S * SAMPLE_RATE_HZ))
+        cut = self.endpointer.quietest_sample(window_start, self.position)
+        if cut is None or cut <= self._open_start:
+            cut = self.position
+        job = self._close(cut)
+        # Speech goes on: the rest opens the next utterance straight away.
+        self._open_start = cut
+        self._partial_at = cut
+        return [job]
+
+    def _job(self, kind: Literal["partial", "final"], start: int, end: int) -> Job:
+        return Job(
+            kind=kind,
+            utterance_id=self._next_id,
+            audio=self._buffer.slice(start, end),
+            start_ms=start // _SAMPLES_PER_MS,
+            end_ms=end // _SAMPLES_PER_MS,
+        )
+
+    def _trim(self) -> None:
+        if self._open_start is not None:
+            keep_from = self._open_start
+        else:
+            keep_from = self.position - self.preroll_ms * _SAMPLES_PER_MS
+        self._buffer.trim_before(max(keep_from, 0))

@@ -1,0 +1,193 @@
+"""Voice activity detection: where speech starts and where it ends, sans I/O.
+
+Theory of operation. A *frame classifier* (`EnergyClassifier` here; others plug in through the
+`FrameClassifier` protocol) labels fixed-size frames as speech or not. The `Endpointer` feeds it
+samples of any length, buffers them into whole frames, and runs a two-state machine over the
+labels:
+
+* **silence**: after ``min_speech_ms`` of consecutive speech frames it emits `SpeechStart` at the
+  first of those frames and moves to *speech*.
+* **speech**: every speech frame moves ``last_speech_end``; once ``silence_ms`` of audio has
+  passed since then without speech it emits `SpeechEnd` at ``last_speech_end`` (the end of the
+  last speech frame, not the moment the silence was confirmed) and returns to *silence*.
+
+Positions are absolute sample indices from the start of the stream. `reset` forgets a speech
+run (after a forced final) without touching the stream position. The endpointer also keeps each
+frame's RMS for the recent past, so a caller can find the quietest place to cut a long utterance.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Protocol
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "EnergyClassifier",
+    "Endpointer",
+    "FrameClassifier",
+    "SpeechEnd",
+    "SpeechStart",
+    "frame_rms",
+]
+
+SAMPLE_RATE_HZ = 16000
+_RMS_HISTORY_S = 30.0
+
+
+class FrameClassifier(Protocol):
+    """Labels fixed-size frames of 16 kHz int16 audio as speech or not."""
+
+    @property
+    def frame_samples(self) -> int: ...
+
+    def is_speech(self, frame: npt.NDArray[np.int16], rms: float) -> bool:
+        """Whether `frame` (exactly `frame_samples` long, RMS `rms`) holds speech."""
+        ...
+
+    def reset(self) -> None:
+        """Forget any state carried between frames."""
+        ...
+
+
+def frame_rms(frame: npt.NDArray[np.int16]) -> float:
+    """Root mean square of `frame` in int16 units (0 for an empty frame)."""
+    if frame.size == 0:
+        return 0.0
+    as_float = frame.astype(np.float64)
+    return float(np.sqrt(np.mean(as_float * as_float)))
+
+
+@attrs.frozen
+class EnergyClassifier:
+    """A frame is speech when its RMS (int16 units) is above `threshold_rms`."""
+
+    threshold_rms: float = attrs.field(validator=attrs.validators.gt(0))
+    frame_ms: int = attrs.field(default=20, validator=attrs.validators.gt(0))
+
+    @property
+    def frame_samples(self) -> int:
+        return SAMPLE_RATE_HZ * self.frame_ms // 1000
+
+    def is_speech(self, frame: npt.NDArray[np.int16], rms: float) -> bool:
+        return rms > self.threshold_rms
+
+    def reset(self) -> None:
+        return None
+
+
+@attrs.frozen
+class SpeechStart:
+    """Speech began at absolute sample `sample`."""
+
+    sample: int
+
+
+@attrs.frozen
+class SpeechEnd:
+    """Speech ended at absolute sample `sample` (end of its last speech frame)."""
+
+    sample: int
+
+
+VadEvent = SpeechStart | SpeechEnd
+
+
+@attrs.define
+class Endpointer:
+    """Turns a stream of samples into `SpeechStart` / `SpeechEnd` events."""
+
+    classifier: FrameClassifier
+    silence_ms: int = attrs.field(default=500, validator=attrs.validators.gt(0))
+    min_speech_ms: int = attrs.field(default=60, validator=attrs.validators.ge(0))
+    _pending: npt.NDArray[np.int16] = attrs.field(init=False, factory=lambda: np.zeros(0, np.int16))
+    _position: int = attrs.field(init=False, default=0)  # samples classified so far
+    _in_speech: bool = attrs.field(init=False, default=False)
+    _run_start: int | None = attrs.field(init=False, default=None)
+    _run_samples: int = attrs.field(init=False, default=0)
+    _last_speech_end: int = attrs.field(init=False, default=0)
+    _rms: collections.deque[float] = attrs.field(init=False)
+
+    @_rms.default
+    def _rms_default(self) -> collections.deque[float]:
+        frames = int(_RMS_HISTORY_S * SAMPLE_RATE_HZ / self.classifier.frame_samples)
+        return collections.deque(maxlen=max(frames, 1))
+
+    @property
+    def in_speech(self) -> bool:
+        return self._in_speech
+
+    @property
+    def position(self) -> int:
+        """Absolute sample index up to which audio has been classified."""
+        return self._position
+
+    def feed(self, samples: npt.NDArray[np.int16]) -> list[VadEvent]:
+        """Classify `samples` (any length); returns the events they complete, in order."""
+        size = self.classifier.frame_samples
+        data = np.concatenate((self._pending, samples)) if self._pending.size else samples
+        whole = data.size - data.size % size
+        events: list[VadEvent] = []
+        for offset in range(0, whole, size):
+            event = self._step(data[offset : offset + size])
+            if event is not None:
+                events.append(event)
+        self._pending = data[whole:].copy()
+        return events
+
+    def reset(self) -> None:
+        """Leave any speech run without an event (the caller finalized it some other way)."""
+        self._in_speech = False
+        self._run_start = None
+        self._run_samples = 0
+        self.classifier.reset()
+
+    def quietest_sample(self, start: int, end: int) -> int | None:
+        """Absolute sample at the start of the quietest classified frame in [start, end)."""
+        size = self.classifier.frame_samples
+        first_kept = self._position - len(self._rms) * size
+        lo = max(start, first_kept)
+        hi = min(end, self._position)
+        if hi - lo < size:
+            return None
+        first = (lo - first_kept + size - 1) // size
+        last = (hi - first_kept) // size
+        history = list(self._rms)[first:last]
+        if not history:
+            return None
+        quietest = int(np.argmin(history))
+        return first_kept + (first + quietest) * size
+
+    def _step(self, frame: npt.NDArray[np.int16]) -> VadEvent | None:
+        size = frame.size
+        start = self._position
+        self._position += size
+        rms = frame_rms(frame)
+        self._rms.append(rms)
+        speech = self.classifier.is_speech(frame, rms)
+        if self._in_speech:
+            if speech:
+                self._last_speech_end = self._position
+                return None
+            silence_samples = self._position - self._last_speech_end
+            if silence_samples * 1000 >= self.silence_ms * SAMPLE_RATE_HZ:
+                self._in_speech = False
+                self._run_start = None
+                self._run_samples = 0
+                return SpeechEnd(self._last_speech_end)
+            return None
+        if not speech:
+            self._run_start = None
+            self._run_samples = 0
+            return None
+        if self._run_start is None:
+            self._run_start = start
+        self._run_samples += size
+        if self._run_samples * 1000 >= self.min_speech_ms * SAMPLE_RATE_HZ:
+            self._in_speech = True
+            self._last_speech_end = self._position
+            return SpeechStart(self._run_start)
+        return None
