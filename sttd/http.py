@@ -15,10 +15,11 @@ from werkzeug.exceptions import HTTPException
 
 from sttd.audio import decode_wav
 from sttd.engine import Engine
-from sttd.errors import ClientError, InvalidParam, Overloaded, PayloadTooLarge, UnsupportedMedia
+from sttd.errors import ClientError, Overloaded, PayloadTooLarge
 from sttd.files import transcribe_samples
 from sttd.metrics import Metrics
 from sttd.nursery import Session, SessionRegistry
+from sttd.uploads import read_multipart_file
 from sttd.protocol import SessionParams, dumps, error_message, parse_hotwords, parse_language
 from sttd.settings import Settings
 
@@ -35,6 +36,7 @@ class AppState:
     metrics: Metrics
     sessions: SessionRegistry = attrs.field(factory=SessionRegistry)
     engine: Engine | None = None
+    engine_loaded: trio.Event = attrs.field(factory=trio.Event)
 
 
 class _QuartTransport:
@@ -56,7 +58,11 @@ class _QuartTransport:
 
 def _error_response(status: int, code: str, message: str) -> Response:
     body = dumps({"error": {"code": code, "message": message}})
-    return Response(body, status=status, content_type="application/json")
+    response = Response(body, status=status, content_type="application/json")
+    if request and request.method in ("POST", "PUT"):
+        # The body may be unread: a kept-alive connection would read it as the next request.
+        response.headers["Connection"] = "close"
+    return response
 
 
 def create_app(state: AppState) -> QuartTrio:
@@ -120,15 +126,9 @@ def create_app(state: AppState) -> QuartTrio:
         language = parse_language(request.args.get("language", "auto"))
         hotwords = parse_hotwords(request.args.get("hotwords", ""))
         engine.check_language(language)
-        if request.mimetype != "multipart/form-data":
-            raise UnsupportedMedia("send the audio as multipart/form-data with a 'file' field, "
-                                   f"got content type {request.mimetype or 'none'!r}")
-        files = await request.files
-        upload = files.get("file")
-        if upload is None:
-            raise InvalidParam("file", "multipart body must have a 'file' field, got fields "
-                                       f"{sorted(files.keys()) or 'none'}")
-        data = upload.read()
+        data, _ = await read_multipart_file(
+            request.body, request.mimetype, request.mimetype_params, field="file",
+            max_bytes=state.settings.max_upload_bytes)
         samples = await trio.to_thread.run_sync(decode_wav, data)
         del data
         result = await transcribe_samples(
@@ -149,7 +149,9 @@ def create_app(state: AppState) -> QuartTrio:
         await websocket.accept()
         transport = _QuartTransport(websocket._get_current_object())  # type: ignore[attr-defined]  # werkzeug LocalProxy method, untyped in quart's stubs
         try:
-            params = SessionParams.from_query(websocket.args)
+            params = SessionParams.from_query(
+                websocket.args,
+                default_partial_ms=round(state.settings.streaming_chunk_size_sec * 1000))
             engine = _ready_engine(state)
             engine.check_language(params.language)
         except ClientError as exc:

@@ -46,8 +46,11 @@ class SessionParams:
     hotwords: tuple[str, ...] = ()
 
     @classmethod
-    def from_query(cls, query: Mapping[str, str]) -> SessionParams:
-        """Validate query parameters; raises `InvalidParam` naming the first bad one."""
+    def from_query(cls, query: Mapping[str, str], *, default_partial_ms: int = 500) -> SessionParams:
+        """Validate query parameters; raises `InvalidParam` naming the first bad one.
+
+        `default_partial_ms` applies when the client gives no ``partial_ms``.
+        """
         call_id = query.get("call_id", "").strip()
         if not call_id:
             raise InvalidParam("call_id", "call_id is required, got nothing")
@@ -71,7 +74,7 @@ class SessionParams:
             raise InvalidParam(
                 "frame_ms", f"frame_ms must be in {_FRAME_MS_RANGE[0]}..{_FRAME_MS_RANGE[1]}, "
                 f"got {frame_ms}")
-        partial_ms = _int(query, "partial_ms", 500)
+        partial_ms = _int(query, "partial_ms", max(default_partial_ms, _MIN_PARTIAL_MS))
         if partial_ms < _MIN_PARTIAL_MS:
             raise InvalidParam(
                 "partial_ms", f"partial_ms must be >= {_MIN_PARTIAL_MS}, got {partial_ms}")

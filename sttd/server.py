@@ -73,6 +73,7 @@ async def _load_engine(state: AppState) -> None:
     backend = await trio.to_thread.run_sync(load_backend, state.settings)
     state.engine = Engine.create(backend, state.metrics, threads=state.settings.inference_threads)
     state.metrics.engine_ready.set(1)
+    state.engine_loaded.set()
     log.info("engine.ready backend=%s load_s=%.2f", backend.name, trio.current_time() - started)
 
 

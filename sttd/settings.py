@@ -64,6 +64,7 @@ class Settings:
     vad_silence_ms: int = attrs.field(default=500, validator=_positive)
     # Longest utterance before it is cut at its quietest recent point.
     max_utterance_s: float = attrs.field(default=15.0, validator=_positive)
+    # Default interval of new audio between partial re-decodes; a session's partial_ms wins.
     streaming_chunk_size_sec: float = attrs.field(default=0.5, validator=_positive)
     max_inference_batch_size: int = attrs.field(default=32, validator=_positive)
     # Worker threads that may run backend calls at once.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,9 @@ class RunningServer:
 async def start_server(nursery: trio.Nursery, **overrides: Any) -> RunningServer:
     settings = Settings(backend="mock", host="127.0.0.1", port=0, **overrides)
     state = AppState(settings, Metrics.create(CollectorRegistry()))
-    port = await nursery.start(serve, settings, state=state)
+    port = await nursery.start(partial(serve, settings, state=state))
     with trio.fail_after(10):
-        while state.engine is None:  # the mock loads in milliseconds
-            await trio.sleep(0.01)
+        await state.engine_loaded.wait()
     return RunningServer(port, state)
 
 

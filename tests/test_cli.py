@@ -1,0 +1,91 @@
+"""The ``sttd`` command as a real process: start-up errors and clean signal shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+import trio
+
+TIMEOUT_S = 60
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STT_")}
+    env.update(extra)
+    return env
+
+
+async def test_bad_setting_stops_startup_naming_the_variable() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        result = await trio.run_process(
+            [sys.executable, "-m", "sttd.cli", "serve"], capture_stderr=True, check=False,
+            env=_env(STT_PORT="eighty"))
+    assert result.returncode == 2
+    assert "STT_PORT must be a number" in result.stderr.decode()
+    assert "'eighty'" in result.stderr.decode()
+
+
+async def test_unknown_setting_stops_startup() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        result = await trio.run_process(
+            [sys.executable, "-m", "sttd.cli", "serve"], capture_stderr=True, check=False,
+            env=_env(STT_PORTT="8000"))
+    assert result.returncode == 2
+    assert "unknown setting STT_PORTT" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_stops_the_server_cleanly(signum: signal.Signals) -> None:
+    env = _env(STT_BACKEND="mock", STT_HOST="127.0.0.1", STT_PORT="0", STT_LOG_FORMAT="json")
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            process = await nursery.start(partial_process, env)
+            assert process.stderr is not None
+            lines = _Lines(process.stderr)
+            port = int((await lines.wait_for('"event": "server.listening"')).split('"port": "')[1]
+                       .split('"')[0])
+            await lines.wait_for('"event": "engine.ready"')
+            async with httpx.AsyncClient(timeout=10) as client:
+                health = await client.get(f"http://127.0.0.1:{port}/health")
+            assert health.status_code == 200
+            process.send_signal(signum)
+            await lines.wait_for('"event": "server.stopped"')
+            code = await process.wait()
+    assert code == 0
+    assert "Traceback" not in lines.seen
+
+
+async def partial_process(env: dict[str, str], *,
+                          task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+    await trio.run_process([sys.executable, "-m", "sttd.cli", "serve"], env=env,
+                           stderr=subprocess.PIPE, task_status=task_status, check=False)
+
+
+class _Lines:
+    """Reads a process's stderr line by line."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+        self.seen = ""
+
+    async def wait_for(self, needle: str) -> str:
+        while True:
+            line, sep, rest = self._buffer.partition(b"\n")
+            if sep:
+                self._buffer = rest
+                text = line.decode()
+                self.seen += text + "\n"
+                if needle in text:
+                    return text
+                continue
+            chunk = await self._stream.receive_some()
+            if not chunk:
+                raise AssertionError(f"stderr ended before {needle!r}; saw:\n{self.seen}")
+            self._buffer += chunk

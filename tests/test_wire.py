@@ -1,0 +1,242 @@
+"""WebSocket protocol tests against the real server on loopback, with a trio-websocket client."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import open_websocket_url
+
+from sttd.vad import frame_rms
+from tests.conftest import (
+    RunningServer,
+    load_pcm,
+    receive_type,
+    receive_until_close,
+    reference_texts,
+    send_pcm,
+    silence,
+)
+
+TIMEOUT_S = 30
+
+
+def _sample(server: RunningServer, name: str, labels: dict[str, str] | None = None) -> float:
+    from prometheus_client import generate_latest
+
+    text = generate_latest(server.state.metrics.registry).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and (labels is None or sample.labels == labels):
+                return sample.value
+    return 0.0
+
+
+def _trim_trailing_quiet(pcm: np.ndarray) -> np.ndarray:
+    """Cut `pcm` right after its last loud 20 ms frame, so no endpoint silence follows."""
+    frames = pcm[: pcm.size - pcm.size % 320].reshape(-1, 320)
+    loud = [i for i, frame in enumerate(frames) if frame_rms(frame) > 300]
+    return pcm[: (loud[-1] + 1) * 320]
+
+
+def _count_tasks() -> int:
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(child) for nursery in task.child_nurseries
+                       for child in nursery.child_tasks)
+
+    return walk(trio.lowlevel.current_root_task())
+
+
+async def test_ready_message_describes_the_session(server: RunningServer) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url("call_id=abc-1&sample_rate=16000")) as ws:
+            ready = json.loads(await ws.get_message())
+    assert ready["type"] == "ready"
+    assert ready["call_id"] == "abc-1"
+    assert ready["sample_rate"] == 16000
+    assert ready["backend"] == "mock"
+    assert len(ready["session_id"]) == 12
+
+
+async def test_fixtures_streamed_fast_give_their_reference_finals(server: RunningServer) -> None:
+    refs = reference_texts()
+    names = ["ps_goforward", "ps_cards_001", "ps_librivox_0880", "ps_librivox_0930"]
+    audio = np.concatenate([part for name in names for part in (load_pcm(name), silence(1.0))])
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as ws:
+            assert json.loads(await ws.get_message())["type"] == "ready"
+            # Odd-sized frames: the byte carried over must not be lost.
+            await send_pcm(ws, audio, chunk_bytes=3201)
+            await ws.send_message(json.dumps({"type": "end"}))
+            messages, code = await receive_until_close(ws)
+    finals = [m for m in messages if m["type"] == "final"]
+    assert [f["text"] for f in finals] == [refs[name] for name in names]
+    assert [f["utterance_id"] for f in finals] == [0, 1, 2, 3]
+    assert code == 1000
+    assert messages[-1]["type"] == "final"
+    # Utterances are ordered, do not overlap, and lie inside the audio sent.
+    bounds = [(f["start_ms"], f["end_ms"]) for f in finals]
+    assert all(a[1] <= b[0] for a, b in zip(bounds, bounds[1:]))
+    assert bounds[-1][1] <= audio.size // 16
+    # Every partial precedes its final and is a prefix of it.
+    for partial in (m for m in messages if m["type"] == "partial"):
+        final = finals[partial["utterance_id"]]
+        assert messages.index(partial) < messages.index(final)
+        assert final["text"].startswith(partial["text"])
+    assert _sample(server, "sttd_audio_received_seconds_total") == pytest.approx(audio.size / 16000)
+    assert _sample(server, "sttd_finals_sent_total") == 4
+    assert _sample(server, "sttd_sessions_total", {"outcome": "ended"}) == 1
+
+
+async def test_commit_forces_a_final_and_the_session_goes_on(server: RunningServer) -> None:
+    refs = reference_texts()
+    speech = _trim_trailing_quiet(load_pcm("ps_librivox_0930"))
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as ws:
+            await receive_type(ws, "ready")
+            await send_pcm(ws, speech)
+            await ws.send_message(json.dumps({"type": "commit"}))
+            final = await receive_type(ws, "final")
+            assert final["text"] == refs["ps_librivox_0930"]
+            assert final["utterance_id"] == 0
+            # The session is still open: a second utterance gets a final too.
+            await send_pcm(ws, np.concatenate([load_pcm("ps_cards_001"), silence(1.0)]))
+            second = await receive_type(ws, "final")
+            await ws.send_message(json.dumps({"type": "end"}))
+            rest, code = await receive_until_close(ws)
+    assert second["text"] == refs["ps_cards_001"]
+    assert second["utterance_id"] == 1
+    assert [m for m in rest if m["type"] == "final"] == []
+    assert code == 1000
+
+
+async def test_end_finalizes_open_speech_before_closing(server: RunningServer) -> None:
+    refs = reference_texts()
+    speech = _trim_trailing_quiet(load_pcm("ps_goforward"))
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as ws:
+            await receive_type(ws, "ready")
+            await send_pcm(ws, speech)
+            await ws.send_message(json.dumps({"type": "end"}))
+            messages, code = await receive_until_close(ws)
+    assert messages[-1]["type"] == "final"
+    assert messages[-1]["text"] == refs["ps_goforward"]
+    assert code == 1000
+
+
+@pytest.mark.parametrize("abrupt", [False, True], ids=["close-frame", "tcp-reset"])
+async def test_disconnect_mid_utterance_leaks_nothing(server: RunningServer, abrupt: bool) -> None:
+    speech = load_pcm("ps_librivox_0880")
+    await trio.testing.wait_all_tasks_blocked()
+    baseline_tasks = _count_tasks()
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as ws:
+            await receive_type(ws, "ready")
+            await send_pcm(ws, speech[: speech.size // 2])
+            await receive_type(ws, "partial")  # the session is mid-utterance
+            assert _sample(server, "sttd_sessions_active") == 1
+            if abrupt:
+                await ws._stream.aclose()  # no close handshake: the peer just vanishes
+        await server.state.sessions.wait_count(0)
+        await trio.testing.wait_all_tasks_blocked()
+    assert _sample(server, "sttd_sessions_active") == 0
+    assert _sample(server, "sttd_sessions_total", {"outcome": "client_gone"}) == 1
+    assert server.state.sessions.queue_depths().audio_frames == 0
+    assert _count_tasks() == baseline_tasks
+
+
+INVALID_QUERIES = [
+    ("sample_rate=16000", "call_id"),
+    ("call_id=&sample_rate=16000", "call_id"),
+    ("call_id=a", "sample_rate"),
+    ("call_id=a&sample_rate=8000", "sample_rate"),
+    ("call_id=a&sample_rate=abc", "sample_rate"),
+    ("call_id=a&sample_rate=16000&codec=opus", "codec"),
+    ("call_id=a&sample_rate=16000&channels=2", "channels"),
+    ("call_id=a&sample_rate=16000&frame_ms=5", "frame_ms"),
+    ("call_id=a&sample_rate=16000&frame_ms=201", "frame_ms"),
+    ("call_id=a&sample_rate=16000&partial_ms=99", "partial_ms"),
+    ("call_id=a&sample_rate=16000&language=not_a_language", "language"),
+    ("call_id=a&sample_rate=16000&hotwords=" + ",".join(["w"] * 101), "hotwords"),
+]
+
+
+@pytest.mark.parametrize(("query", "param"), INVALID_QUERIES)
+async def test_invalid_parameter_gets_error_then_1008(
+    server: RunningServer, query: str, param: str
+) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url(query)) as ws:
+            messages, code = await receive_until_close(ws)
+    assert code == 1008
+    assert len(messages) == 1
+    assert messages[0]["type"] == "error"
+    assert messages[0]["code"] == "invalid_param"
+    assert param in messages[0]["message"]
+    assert _sample(server, "sttd_errors_total", {"code": "invalid_param"}) == 1
+    assert _sample(server, "sttd_sessions_total", {"outcome": "rejected"}) == 1
+
+
+async def test_unsupported_language_is_refused(server: RunningServer) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url("call_id=a&sample_rate=16000&language=fr")) as ws:
+            messages, code = await receive_until_close(ws)
+    assert code == 1008
+    assert [m["code"] for m in messages] == ["unsupported_language"]
+    assert "'fr'" in messages[0]["message"]
+
+
+async def test_bad_text_message_is_reported_and_the_session_goes_on(server: RunningServer) -> None:
+    refs = reference_texts()
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as ws:
+            await receive_type(ws, "ready")
+            await ws.send_message("this is not json")
+            first = json.loads(await ws.get_message())
+            await ws.send_message(json.dumps({"type": "rewind"}))
+            second = json.loads(await ws.get_message())
+            await ws.send_message(json.dumps({"type": "keepalive"}))
+            await send_pcm(ws, np.concatenate([load_pcm("ps_cards_001"), silence(1.0)]))
+            await ws.send_message(json.dumps({"type": "end"}))
+            messages, code = await receive_until_close(ws)
+    assert (first["type"], first["code"]) == ("error", "invalid_message")
+    assert (second["type"], second["code"]) == ("error", "invalid_message")
+    assert "rewind" in second["message"]
+    assert [m["text"] for m in messages if m["type"] == "final"] == [refs["ps_cards_001"]]
+    assert code == 1000
+    assert _sample(server, "sttd_errors_total", {"code": "invalid_message"}) == 2
+
+
+async def test_silence_gives_no_transcripts(server: RunningServer) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as ws:
+            await receive_type(ws, "ready")
+            await send_pcm(ws, silence(3.0))
+            await ws.send_message(json.dumps({"type": "end"}))
+            messages, code = await receive_until_close(ws)
+    assert messages == []
+    assert code == 1000
+
+
+async def test_sessions_are_independent(server: RunningServer) -> None:
+    refs = reference_texts()
+    results: dict[str, list[str]] = {}
+
+    async def one(name: str) -> None:
+        async with open_websocket_url(server.ws_url(f"call_id={name}&sample_rate=16000")) as ws:
+            await receive_type(ws, "ready")
+            await send_pcm(ws, np.concatenate([load_pcm(name), silence(1.0)]), chunk_bytes=640)
+            await ws.send_message(json.dumps({"type": "end"}))
+            messages, _ = await receive_until_close(ws)
+        results[name] = [m["text"] for m in messages if m["type"] == "final"]
+
+    names = ["ps_goforward", "ps_cards_001", "ps_librivox_0880", "ps_librivox_0930"]
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(one, name)
+    assert results == {name: [refs[name]] for name in names}
