@@ -240,6 +240,7 @@ class AudioReceiver:
         self._state.receiver_open = False
         self._state.items.clear()
         self._state.frames = 0
+        self._state.lot.unpark_all()  # a task parked in receive() wakes to ClosedResourceError
 
     async def aclose(self) -> None:
         self.close()
@@ -287,9 +288,12 @@ class OutputSender:
     _channel: trio.MemorySendChannel[OutputItem]
     _max_messages: int
     _counters: _OutputCounters
+    _closed: bool = False
 
     async def send(self, item: OutputItem) -> bool:
         """Queue `item`; returns False if it was a partial dropped because the queue is full."""
+        if self._closed:
+            raise trio.ClosedResourceError("output channel send end is closed")
         if isinstance(item, Transcript) and not item.is_final:
             used = self._channel.statistics().current_buffer_used
             if used >= math.ceil(PARTIAL_DROP_FILL * self._max_messages):
@@ -304,13 +308,14 @@ class OutputSender:
         return OutputSender(self._channel.clone(), self._max_messages, self._counters)
 
     async def aclose(self) -> None:
+        self._closed = True
         await self._channel.aclose()
 
     async def __aenter__(self) -> OutputSender:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._channel.aclose()
+        await self.aclose()
 
     def statistics(self) -> OutputStatistics:
         return OutputStatistics(

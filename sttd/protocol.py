@@ -129,9 +129,10 @@ def parse_client_message(text: str, received_at: float) -> AudioItem | None:
 
     Raises `InvalidMessage` for anything that is not one of those.
     """
-    if len(text) > MAX_TEXT_MESSAGE_BYTES:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_TEXT_MESSAGE_BYTES:
         raise InvalidMessage(f"text messages must be at most {MAX_TEXT_MESSAGE_BYTES} bytes, "
-                             f"got {len(text)}; send audio as binary frames")
+                             f"got {size}; send audio as binary frames")
     try:
         message = json.loads(text)
     except ValueError:

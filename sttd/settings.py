@@ -7,6 +7,7 @@ variable and what it accepts, which stops start-up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,12 +22,24 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LOG_FORMATS = ("text", "json")
 
 
+def _finite(attribute: attrs.Attribute[Any], value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{attribute.name} must be a finite number, got {value!r}")
+
+
+def _not_empty(attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value:
+        raise ValueError(f"{attribute.name} must not be empty, got {value!r}")
+
+
 def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    _finite(attribute, value)
     if not value > 0:
         raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
 
 
 def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    _finite(attribute, value)
     if value < 0:
         raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
 
@@ -49,7 +62,7 @@ class Settings:
     """Validated server configuration; field ``x`` comes from ``STT_X``."""
 
     backend: str = attrs.field(default="auto", validator=_one_of(BACKENDS))
-    host: str = "0.0.0.0"
+    host: str = attrs.field(default="0.0.0.0", validator=lambda _i, a, v: _not_empty(a, v))
     port: int = attrs.field(default=8000, validator=_port)
     # Per-session inbound audio queue, in messages (frames), and how many overflow drops a
     # session tolerates before it is closed as overloaded.
@@ -85,7 +98,7 @@ class Settings:
             if not key.startswith("STT_"):
                 continue
             name = key[len("STT_") :].lower()
-            field = fields.get(name)
+            field = fields.get(name) if key == key.upper() else None
             if field is None:
                 known = ", ".join(f"STT_{n.upper()}" for n in fields)
                 raise ConfigError(f"unknown setting {key}; known settings are: {known}")
@@ -106,8 +119,10 @@ def _parse(key: str, raw: str, field: attrs.Attribute[Any]) -> object:
             return float(text)
     except ValueError:
         raise ConfigError(f"{key} must be a number ({kind}), got {raw!r}") from None
-    if field.name in ("log_level",):
+    if field.name == "log_level":
         return text.upper()
+    if field.name in ("backend", "log_format"):
+        return text.lower()
     return text
 
 

@@ -3,8 +3,8 @@
 Theory of operation. `UtteranceTracker` owns the stream's recent audio and an `Endpointer`.
 Audio goes in with `feed`; decode jobs come out:
 
-* a **final** `Job` when the endpointer reports the end of speech, when `commit` or `finish` is
-  called while speech is open, or when an utterance reaches ``max_utterance_s`` (then it is cut
+* a **final** `Job` when the endpointer reports the end of speech, when `commit` is called while
+  speech is open, or when an utterance reaches ``max_utterance_s`` (then it is cut
   at the quietest frame of its last few seconds and the rest opens the next utterance);
 * a **partial** `Job` from `take_partial` once ``partial_ms`` of new audio arrived in the open
   utterance since the last partial. A partial covers the whole open utterance so far.
@@ -96,7 +96,8 @@ class UtteranceTracker:
 
     endpointer: Endpointer
     partial_ms: int = attrs.field(default=500, validator=attrs.validators.gt(0))
-    max_utterance_s: float = attrs.field(default=15.0, validator=attrs.validators.gt(0))
+    max_utterance_s: float = attrs.field(
+        default=15.0, validator=[attrs.validators.gt(0), attrs.validators.lt(float("inf"))])
     preroll_ms: int = attrs.field(default=300, validator=attrs.validators.ge(0))
     tail_ms: int = attrs.field(default=200, validator=attrs.validators.ge(0))
     _buffer: SampleBuffer = attrs.field(init=False, factory=SampleBuffer)
@@ -160,21 +161,25 @@ class UtteranceTracker:
         return job
 
     def _cut_if_too_long(self) -> list[Job]:
-        if self._open_start is None:
-            return []
+        jobs: list[Job] = []
         limit = int(self.max_utterance_s * SAMPLE_RATE_HZ)
-        if self.position - self._open_start < limit:
-            return []
+        while self._open_start is not None and self.position - self._open_start >= limit:
+            jobs.append(self._cut(limit))
+        return jobs
+
+    def _cut(self, limit: int) -> Job:
+        assert self._open_start is not None
+        hard_end = self._open_start + limit
         window_start = max(self._open_start + limit // 2,
-                           self.position - int(_CUT_SEARCH_S * SAMPLE_RATE_HZ))
-        cut = self.endpointer.quietest_sample(window_start, self.position)
+                           hard_end - int(_CUT_SEARCH_S * SAMPLE_RATE_HZ))
+        cut = self.endpointer.quietest_sample(window_start, hard_end)
         if cut is None or cut <= self._open_start:
-            cut = self.position
+            cut = hard_end
         job = self._close(cut)
         # Speech goes on: the rest opens the next utterance straight away.
         self._open_start = cut
         self._partial_at = cut
-        return [job]
+        return job
 
     def _job(self, kind: Literal["partial", "final"], start: int, end: int) -> Job:
         return Job(
@@ -189,5 +194,7 @@ class UtteranceTracker:
         if self._open_start is not None:
             keep_from = self._open_start
         else:
-            keep_from = self.position - self.preroll_ms * _SAMPLES_PER_MS
+            # A speech run not yet confirmed may start before `position`: keep its pre-roll.
+            start = min(self.position, self.endpointer.pending_start)
+            keep_from = start - self.preroll_ms * _SAMPLES_PER_MS
         self._buffer.trim_before(max(keep_from, 0))

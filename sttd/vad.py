@@ -121,6 +121,11 @@ class Endpointer:
         return self._in_speech
 
     @property
+    def pending_start(self) -> int:
+        """Earliest sample a future `SpeechStart` can name: the current run's start, or now."""
+        return self._run_start if self._run_start is not None else self._position
+
+    @property
     def position(self) -> int:
         """Absolute sample index up to which audio has been classified."""
         return self._position

@@ -247,3 +247,26 @@ async def test_commit_mid_speech_gives_one_final_whatever_the_framing(chunk_samp
     finals = transport.of_type("final")
     assert [f["text"] for f in finals] == [refs["ps_goforward"]]
     assert finals[0]["end_ms"] <= speech.size // 16
+
+
+async def test_unrecognised_speech_gives_no_final_unless_the_client_forces_one() -> None:
+    engine = FakeEngine()
+    session, _ = _session(engine)
+    transport = FakeTransport.create()
+    # Loud audio the mock cannot match: time-reversed speech.
+    babble = load_pcm("ps_librivox_0880")[::-1].copy()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, transport)
+        for frame in _frames(np.concatenate([babble, silence(1.0)])):
+            await transport.incoming_send.send(frame)
+        await trio.testing.wait_all_tasks_blocked()
+        assert "final" in engine.calls  # the VAD ended an utterance, but its text is empty
+        assert transport.of_type("final") == []
+        for frame in _frames(babble):
+            await transport.incoming_send.send(frame)
+        await transport.incoming_send.send(json.dumps({"type": "commit"}))
+        await trio.testing.wait_all_tasks_blocked()
+        await transport.incoming_send.send(json.dumps({"type": "end"}))
+        await transport.closed.wait()
+    finals = transport.of_type("final")
+    assert [(f["utterance_id"], f["text"]) for f in finals] == [(1, "")]
