@@ -11,7 +11,7 @@ from sttd.backends.base import Request, Result
 from sttd.engine import Engine
 from sttd.settings import Settings
 from sttd.stream import Job, UtteranceTracker
-from sttd.vad import EnergyClassifier, Endpointer
+from sttd.vad import make_endpointer
 
 __all__ = ["FileTranscript", "split_at_pauses", "transcribe_samples"]
 
@@ -30,7 +30,8 @@ class FileTranscript:
 def split_at_pauses(pcm: npt.NDArray[np.int16], settings: Settings) -> list[Job]:
     """Utterances of `pcm`, found exactly as a live stream would find them."""
     tracker = UtteranceTracker(
-        Endpointer(EnergyClassifier(settings.vad_threshold), silence_ms=settings.vad_silence_ms),
+        make_endpointer(settings.vad, threshold_rms=settings.vad_threshold,
+                        silence_ms=settings.vad_silence_ms),
         max_utterance_s=settings.max_utterance_s,
     )
     jobs: list[Job] = []

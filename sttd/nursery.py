@@ -57,7 +57,7 @@ from sttd.protocol import (
 )
 from sttd.settings import Settings
 from sttd.stream import Job, UtteranceTracker
-from sttd.vad import EnergyClassifier, Endpointer
+from sttd.vad import make_endpointer
 
 __all__ = ["Session", "SessionRegistry", "Transport"]
 
@@ -173,10 +173,9 @@ class Session:
 
     async def _infer(self, recv_audio: AudioReceiver, send_out: OutputSender) -> None:
         tracker = UtteranceTracker(
-            Endpointer(
-                EnergyClassifier(self.settings.vad_threshold),
-                silence_ms=self.settings.vad_silence_ms,
-            ),
+            make_endpointer(
+                self.settings.vad, threshold_rms=self.settings.vad_threshold,
+                silence_ms=self.settings.vad_silence_ms),
             partial_ms=self.params.partial_ms,
             max_utterance_s=self.settings.max_utterance_s,
         )

