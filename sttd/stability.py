@@ -1,0 +1,62 @@
+"""Stable partials: the words of an utterance's partials that will not change, sans I/O.
+
+Theory of operation (local agreement). Each partial of an open utterance is a new decode of all
+its audio so far. A word becomes *stable* once two consecutive decodes agree on it and on every
+word before it, and it is not the last word of the newest decode (the audio may end inside that
+word). Stable words only ever grow: the session passes them to the backend as a forced decoder
+prefix for every later partial and for the utterance's final, so the final starts with exactly
+the stable words the client was shown. Words are compared case- and punctuation-insensitively.
+"""
+
+from __future__ import annotations
+
+import string
+
+import attrs
+
+__all__ = ["PartialStabilizer"]
+
+
+def _norm(word: str) -> str:
+    return word.strip(string.punctuation + "“”‘’…").lower()
+
+
+@attrs.define
+class PartialStabilizer:
+    """Tracks the stable prefix of one utterance's partials."""
+
+    _stable: list[str] = attrs.field(factory=list)
+    _previous: list[str] | None = None
+
+    @property
+    def stable_text(self) -> str:
+        """The words already promised to the client."""
+        return " ".join(self._stable)
+
+    def update(self, text: str) -> tuple[str, str]:
+        """Take a new decode of the utterance; returns its (stable, unstable) split.
+
+        The stable part always starts with every word promised before.
+        """
+        words = text.split()
+        held = len(self._stable)
+        if [_norm(w) for w in words[:held]] != [_norm(w) for w in self._stable]:
+            # The decode did not keep the promised words (a backend that cannot force a
+            # prefix): keep the promise and show the rest of the new decode as tentative.
+            words = self._stable + words[held:]
+        if self._previous is not None:
+            agreed = 0
+            for old, new in zip(self._previous, words):
+                if _norm(old) != _norm(new):
+                    break
+                agreed += 1
+            committed = min(agreed, len(words) - 1)
+            if committed > held:
+                self._stable = words[:committed]
+        self._previous = words
+        return self.stable_text, " ".join(words[len(self._stable):])
+
+    def reset(self) -> None:
+        """Forget the utterance (after its final)."""
+        self._stable = []
+        self._previous = None

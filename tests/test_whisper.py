@@ -1,0 +1,162 @@
+"""The whisper backend with the real bundled tiny.en model (CPU), kept short for CI."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections.abc import Iterator
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from sttd.audio import decode_wav, pcm16_to_float32
+from sttd.backends.base import Request
+from sttd.backends.whisper import WhisperBackend, WhisperOptions, _repeats_phrase
+from sttd.errors import BackendError, UnsupportedLanguage
+from tests.conftest import load_pcm, receive_until_close, send_pcm, silence, start_server
+
+DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
+RATE_HZ = 16000
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[WhisperBackend]:
+    yield WhisperBackend.load(WhisperOptions())
+
+
+def _words(text: str) -> list[str]:
+    return text.lower().translate(str.maketrans("", "", string.punctuation)).split()
+
+
+def _fixture(name: str) -> np.ndarray:
+    return pcm16_to_float32(load_pcm(name))
+
+
+def _noises() -> dict[str, np.ndarray]:
+    t = np.arange(5 * RATE_HZ) / RATE_HZ
+    rng = np.random.default_rng(7)
+    return {
+        "silence": np.zeros(t.size),
+        "white-noise": rng.standard_normal(t.size) * 0.05,
+        "hum-50hz": 0.3 * np.sin(2 * np.pi * 50 * t),
+        "hum-60hz": 0.3 * np.sin(2 * np.pi * 60 * t),
+        "hum-50hz-harmonics": sum(0.1 / k * np.sin(2 * np.pi * 50 * k * t) for k in range(1, 6)),
+        "rumble": np.convolve(rng.standard_normal(t.size), np.ones(64) / 8, "same") * 0.05,
+    }
+
+
+def test_transcribes_speech_with_word_timings(backend: WhisperBackend) -> None:
+    clips = [_fixture("ps_goforward"), _fixture("ps_librivox_0930")]
+    first, second = backend.transcribe([Request(clip) for clip in clips])
+    assert _words(first.text) == ["go", "forward", "10", "meters"]
+    assert _words(second.text) == "he might even have been made amiable himself".split()
+    assert [_words(w.word)[0] for w in first.words] == ["go", "forward", "10", "meters"]
+    starts = [w.start_s for w in first.words]
+    assert starts == sorted(starts)
+    assert all(0 <= w.start_s <= w.end_s <= clips[0].size / RATE_HZ for w in first.words)
+    assert first.confidence is not None and 0 < first.confidence <= 1
+    assert first.language == "en"
+
+
+@pytest.mark.parametrize("kind", ["partial", "final"])
+@pytest.mark.parametrize("name", sorted(_noises()))
+def test_no_text_from_silence_noise_or_hum(backend: WhisperBackend, name: str, kind: str) -> None:
+    audio = _noises()[name].astype(np.float32)
+    [result] = backend.transcribe([Request(audio, kind=kind)])  # type: ignore[arg-type]
+    assert result.text == ""
+    assert result.words == ()
+
+
+def test_forced_prefix_starts_the_transcript(backend: WhisperBackend) -> None:
+    [result] = backend.transcribe([Request(_fixture("ps_goforward"), prefix="Go forward")])
+    assert result.text.startswith("Go forward")
+    assert _words(result.text)[:2] == ["go", "forward"]
+
+
+def test_hotwords_do_not_seed_a_loop(backend: WhisperBackend) -> None:
+    # Without the loop guard this prompt made tiny.en say "10 of clubs" three times.
+    [result] = backend.transcribe([Request(_fixture("ps_cards_001"),
+                                           hotwords=("clubs", "spades"))])
+    assert _words(result.text) == ["10", "of", "clubs"]
+
+
+def test_mixed_batch_keeps_order(backend: WhisperBackend) -> None:
+    names = ["ps_cards_001", "ps_goforward", "ps_librivox_0880"]
+    requests = [Request(_fixture(names[0]), kind="partial"),
+                Request(_fixture(names[1]), hotwords=("meters",)),
+                Request(np.zeros(RATE_HZ, np.float32)),
+                Request(_fixture(names[2]))]
+    results = backend.transcribe(requests)
+    assert _words(results[0].text)[-1] == "clubs"
+    assert _words(results[1].text)[:2] == ["go", "forward"]
+    assert results[2].text == ""
+    assert _words(results[3].text)[:3] == ["he", "was", "not"]
+
+
+def test_english_only_model_refuses_other_languages(backend: WhisperBackend) -> None:
+    backend.check_language("en-GB")
+    with pytest.raises(UnsupportedLanguage, match="English-only model"):
+        backend.check_language("de")
+
+
+def test_unreachable_model_name_fails_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BackendError, match="STT_WHISPER_MODEL to a local CTranslate2 model"):
+        WhisperBackend.load(WhisperOptions(model="small.en"))
+
+
+def test_long_recording_with_pauses_never_loops(backend: WhisperBackend) -> None:
+    audio = decode_wav((DATA / "long_dev.wav").read_bytes())
+    reference = (DATA / "refs.tsv").read_text().splitlines()[-1].split("\t")[1]
+    # Decode it as the file API does: one request per 30 s window would be the worst case.
+    pieces = [audio[i : i + 10 * RATE_HZ] for i in range(0, audio.size, 10 * RATE_HZ)]
+    results = backend.transcribe([Request(piece) for piece in pieces])
+    words = [w for r in results for w in _words(r.text)]
+    assert not any(_repeats_phrase(r.text) for r in results)
+    assert 0.8 * len(reference.split()) <= len(words) <= 1.2 * len(reference.split())
+
+
+@pytest.mark.parametrize(("text", "loops"), [
+    ("10 of clubs 10 of clubs 10 of clubs", True),
+    ("Thank you. Thank you. Thank you.", True),
+    (". . . . . .", True),
+    ("no no no no no", True),
+    ("five five", False),
+    ("it was the best of times, it was the worst of times", False),
+])
+def test_repeated_phrases_are_detected(text: str, loops: bool) -> None:
+    assert _repeats_phrase(text) is loops
+
+
+async def test_server_streams_real_speech_with_stable_partials(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, backend="whisper")
+    names = ["ps_librivox_0880", "ps_goforward"]
+    audio = np.concatenate([part for name in names for part in (load_pcm(name), silence(1.0))])
+    with trio.fail_after(120):
+        async with open_websocket_url(server.ws_url("call_id=w&sample_rate=16000&partial_ms=300")) as ws:
+            assert json.loads(await ws.get_message())["backend"] == "whisper"
+            for offset in range(0, audio.size, 1600):  # 100 ms at a time, paced
+                await send_pcm(ws, audio[offset : offset + 1600])
+                await trio.sleep(0.02)
+            await ws.send_message(json.dumps({"type": "end"}))
+            messages, code = await receive_until_close(ws)
+    finals = [m for m in messages if m["type"] == "final"]
+    assert [_words(f["text"])[:3] for f in finals] == [["he", "was", "not"], ["go", "forward", "10"]]
+    assert code == 1000
+    for final in finals:
+        assert final["words"] and final["confidence"] is not None
+        partials = [m for m in messages
+                    if m["type"] == "partial" and m["utterance_id"] == final["utterance_id"]]
+        shown = ""
+        for partial in partials:
+            # A stable prefix never changes: each one extends the last, and the final keeps it.
+            assert partial["stable"].startswith(shown)
+            assert re.sub(r"\s+", " ", f"{partial['stable']} {partial['unstable']}").strip() \
+                == partial["text"]
+            shown = partial["stable"]
+        assert final["text"].startswith(shown)
