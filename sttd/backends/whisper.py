@@ -50,10 +50,13 @@ _NO_SPEECH_PROB = 0.6
 _LOGPROB_FLOOR = -1.0
 _MAX_HOTWORD_TOKENS = 100
 # A decode is a loop when a phrase of up to _MAX_LOOP_WORDS words repeats _PHRASE_REPEATS
-# times in a row, or one word _SAME_WORD_REPEATS times ("five five" is real speech).
+# times in a row, or one word _SAME_WORD_REPEATS times ("five five" is real speech). A phrase
+# of _LONG_PHRASE_WORDS or more said twice in a row is suspect: it is decoded again on a full
+# window, and kept if that decode says it too.
 _MAX_LOOP_WORDS = 6
 _PHRASE_REPEATS = 3
 _SAME_WORD_REPEATS = 5
+_LONG_PHRASE_WORDS = 3
 _PREPEND_PUNCTUATION = "\"'“¿([{-"
 _APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 _PUNCTUATION = set(string.punctuation + " …。，！？：、“”‘’")
@@ -236,7 +239,7 @@ class WhisperBackend:
         encoded = self._model.model.encode(ctranslate2.StorageView.from_array(features),
                                            to_cpu=False)
         again = self._generate(encoded, [prompt], [cap], 1, [tok])[0]
-        if _looks_repetitive(again):
+        if _looks_repetitive(again, suspect_doubles=False):
             log.debug("whisper.dropped_repetition duration_s=%.2f", request.duration_s)
             return _Decoded([], "", again.avg_logprob, again.no_speech_prob, again.hit_cap)
         return again
@@ -343,16 +346,21 @@ def _compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
-def _looks_repetitive(output: _Decoded) -> bool:
+def _looks_repetitive(output: _Decoded, *, suspect_doubles: bool = True) -> bool:
     return (output.hit_cap or _compression_ratio(output.text) > _MAX_COMPRESSION_RATIO
-            or _repeats_phrase(output.text))
+            or _repeats_phrase(output.text, suspect_doubles=suspect_doubles))
 
 
-def _repeats_phrase(text: str) -> bool:
-    """Whether some phrase of 2-6 words occurs 3 times in a row, or one word 5 times."""
+def _repeats_phrase(text: str, *, suspect_doubles: bool = False) -> bool:
+    """Whether a phrase of 2-6 words occurs 3 times in a row, or one word 5 times.
+
+    With `suspect_doubles`, a phrase of 3 or more words said twice in a row counts too.
+    """
     words = [w.strip(string.punctuation).lower() for w in text.split()]
     for size in range(1, _MAX_LOOP_WORDS + 1):
         needed = _SAME_WORD_REPEATS if size == 1 else _PHRASE_REPEATS
+        if suspect_doubles and size >= _LONG_PHRASE_WORDS:
+            needed = 2
         for start in range(len(words) - size * needed + 1):
             phrase = words[start : start + size]
             if all(words[start + k * size : start + (k + 1) * size] == phrase
