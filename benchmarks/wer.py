@@ -105,7 +105,7 @@ async def served(names: list[str], vad: str) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=RESULTS / "wer.json")
-    parser.add_argument("--vad", default="energy")
+    parser.add_argument("--vad", default="silero")
     parser.add_argument("--quick", action="store_true", help="3 short files, for a smoke run")
     args = parser.parse_args()
     refs = references()
@@ -137,7 +137,7 @@ def main() -> None:
     for way, numbers in result["wer"].items():  # type: ignore[union-attr]
         print(f"{way:>24}: " + ", ".join(f"{k}={v:.3f}" for k, v in numbers.items()))
     print("final latency:", result["final_latency_s"])
-    write_result(args.out, COMMAND + (f" --vad {args.vad}" if args.vad != "energy" else ""), result)
+    write_result(args.out, COMMAND + (f" --vad {args.vad}" if args.vad != "silero" else ""), result)
 
 
 if __name__ == "__main__":
