@@ -128,6 +128,9 @@ class StreamOutcome:
     # Seconds from sending the audio at a final's speech end to receiving the final.
     latencies_s: list[float]
     close_code: int
+    # Finals that start with the last stable prefix shown for their utterance, of those with one.
+    stable_kept: int = 0
+    stable_shown: int = 0
 
 
 async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, frame_ms: int = 20,
@@ -148,22 +151,29 @@ async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, fra
     latencies: list[float] = []
     partials = 0
     code = 0
+    last_stable: dict[int, str] = {}
+    kept = shown = 0
     async with open_websocket_url(url, max_message_size=2**22) as ws:
         json.loads(await ws.get_message())
 
         async def receive() -> None:
-            nonlocal partials, code
+            nonlocal partials, code, kept, shown
             try:
                 while True:
                     message = json.loads(await ws.get_message())
                     now = trio.current_time()
                     if message["type"] == "final":
                         finals.append(message)
+                        stable = _plain(last_stable.pop(message["utterance_id"], ""))
+                        if stable:
+                            shown += 1
+                            kept += _plain(message["text"]).startswith(stable)
                         frame = max(message["end_ms"] - tail_ms, 0) // frame_ms
                         if frame < len(sent_at):
                             latencies.append(now - sent_at[frame])
                     elif message["type"] == "partial":
                         partials += 1
+                        last_stable[message["utterance_id"]] = message.get("stable", "")
             except ConnectionClosed as closed:
                 code = closed.reason.code
 
@@ -176,7 +186,11 @@ async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, fra
                 sent_at.append(trio.current_time())
                 await ws.send_message(pcm[offset : offset + frame_bytes])
             await ws.send_message(json.dumps({"type": "end"}))
-    return StreamOutcome(finals, partials, latencies, code)
+    return StreamOutcome(finals, partials, latencies, code, kept, shown)
+
+
+def _plain(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
 
 
 def percentile(values: list[float], q: float) -> float | None:

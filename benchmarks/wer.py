@@ -68,19 +68,23 @@ async def file_api(base_url: str, names: list[str]) -> dict[str, str]:
     return out
 
 
-async def streaming(server_url: str, names: list[str]) -> tuple[dict[str, str], list[float], int]:
+async def streaming(server_url: str, names: list[str]
+                    ) -> tuple[dict[str, str], list[float], int, tuple[int, int]]:
     out: dict[str, str] = {}
     latencies: list[float] = []
     partials = 0
+    kept = shown = 0
     for name in names:
         audio = np.concatenate([load(name), np.zeros(RATE_HZ, np.float32)])
         outcome = await stream_file(server_url, audio)
         out[name] = " ".join(f["text"] for f in outcome.finals)
         latencies.extend(outcome.latencies_s)
         partials += outcome.partials
+        kept += outcome.stable_kept
+        shown += outcome.stable_shown
         print(f"  stream {name}: {len(outcome.finals)} finals, p50 latency "
               f"{percentile(outcome.latencies_s, 50)}", flush=True)
-    return out, latencies, partials
+    return out, latencies, partials, (kept, shown)
 
 
 def scores(refs: dict[str, str], hyps: dict[str, str], names: list[str]) -> dict[str, float]:
@@ -96,10 +100,10 @@ async def served(names: list[str], vad: str) -> dict[str, object]:
         started = time.perf_counter()
         files = await file_api(server.base_url, names)
         file_s = time.perf_counter() - started
-        stream, latencies, partials = await streaming(
+        stream, latencies, partials, stable = await streaming(
             server.ws_url("call_id=bench&sample_rate=16000"), names)
     return {"file": files, "file_seconds": file_s, "stream": stream, "latencies": latencies,
-            "partials": partials}
+            "partials": partials, "stable": stable}
 
 
 def main() -> None:
@@ -129,6 +133,8 @@ def main() -> None:
         "final_latency_s": {"count": len(latencies), "p50": percentile(latencies, 50),
                             "p95": percentile(latencies, 95), "max": max(latencies, default=None)},
         "partials_received": run["partials"],
+        "finals_keeping_last_stable_prefix": {"kept": run["stable"][0],  # type: ignore[index]
+                                              "of": run["stable"][1]},  # type: ignore[index]
         "transcripts": {name: {"reference": refs[name], "offline": baseline[name],
                                "file_api": run["file"][name],  # type: ignore[index]
                                "streaming": run["stream"][name]}  # type: ignore[index]

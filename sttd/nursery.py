@@ -248,7 +248,9 @@ class Session:
             kind=job.kind,
             language=self.params.language,
             hotwords=self.params.hotwords,
-            prefix=self._stabilizer.stable_text,
+            # Partials keep the words already shown as stable; a final is a fresh decode of the
+            # whole utterance (forcing the prefix into finals cost ~5 WER points on the dev set).
+            prefix=self._stabilizer.stable_text if job.kind == "partial" else "",
         )
         try:
             result = await self.engine.transcribe(request)

@@ -4,9 +4,12 @@ Theory of operation (local agreement). Each partial of an open utterance is a ne
 its audio so far. A word becomes *stable* once ``agreement`` consecutive decodes agree on it and
 on every word before it, and it is not the last word of the newest decode (the audio may end
 inside that word). Three decodes, not two: early decodes of under a second of audio often agree
-on a wrong start, and forcing that into the final cost 3 WER points on the dev set against 1. Stable words only ever grow: the session passes them to the backend as a forced decoder
-prefix for every later partial and for the utterance's final, so the final starts with exactly
-the stable words the client was shown. Words are compared case- and punctuation-insensitively.
+on a wrong start. Stable words only ever grow: the session passes them to the backend as a forced
+decoder prefix for every later partial, so no partial takes back a stable word. The utterance's
+final is a fresh decode of all its audio with a wider beam: it is the transcript of record, and
+it may correct a stable word (forcing the prefix into finals cost about 5 WER points on the dev
+set; benchmarks/wer.py reports how often a final keeps the last stable prefix).
+Words are compared case- and punctuation-insensitively.
 """
 
 from __future__ import annotations
