@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, TypeAlias
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import attrs
 import numpy as np
@@ -35,6 +35,7 @@ __all__ = [
     "Close",
     "Commit",
     "End",
+    "LatestSlot",
     "OutputItem",
     "OutputReceiver",
     "OutputSender",
@@ -334,3 +335,50 @@ def open_output_channel(max_messages: int) -> tuple[OutputSender, OutputReceiver
         raise ValueError(f"max_messages must be >= 1, got {max_messages}")
     send, receive = trio.open_memory_channel[OutputItem](max_messages)
     return OutputSender(send, max_messages, _OutputCounters()), receive
+
+
+# -- the latest-only slot ------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@attrs.define
+class LatestSlot(Generic[T]):
+    """A one-item channel whose `put` replaces an item not yet taken (only the newest matters)."""
+
+    _item: T | None = None
+    _closed: bool = False
+    replaced: int = 0
+    _lot: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+
+    def put(self, item: T) -> bool:
+        """Offer `item`; returns True if it replaced one nobody had taken."""
+        if self._closed:
+            raise trio.ClosedResourceError("slot is closed")
+        replaced = self._item is not None
+        self.replaced += replaced
+        self._item = item
+        self._lot.unpark_all()
+        return replaced
+
+    async def take(self) -> T:
+        """Wait for an item; raises `trio.EndOfChannel` once closed and empty."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._item is None:
+            if self._closed:
+                raise trio.EndOfChannel
+            await self._lot.park()
+        item, self._item = self._item, None
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return item
+
+    def close(self) -> None:
+        """No more items: a waiting `take` ends with `EndOfChannel`. Idempotent."""
+        self._closed = True
+        self._lot.unpark_all()
+
+    def __enter__(self) -> LatestSlot[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

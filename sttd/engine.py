@@ -1,10 +1,15 @@
-"""The shared speech engine: one backend, called from worker threads under one limiter."""
+"""The shared speech engine: one backend behind the cross-session scheduler.
+
+Every request from every session goes through one `Scheduler`, which runs batched backend calls
+in a worker thread under one `CapacityLimiter` (the backend is never called concurrently unless
+``inference_threads`` says so). `run` must be started in the app-level nursery.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Protocol
 
 import attrs
@@ -13,8 +18,9 @@ import trio
 from sttd.backends.base import ASRBackend, Request, Result
 from sttd.errors import BackendError
 from sttd.metrics import Metrics
+from sttd.scheduler import Priority, Scheduler, Superseded
 
-__all__ = ["Engine", "Transcriber"]
+__all__ = ["Engine", "Superseded", "Transcriber"]
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +33,40 @@ class Transcriber(Protocol):
 
     def check_language(self, language: str | None) -> None: ...
 
-    async def transcribe(self, request: Request) -> Result:
-        """Transcribe one request; raises `BackendError` if the backend failed on it."""
+    def overloaded(self) -> bool: ...
+
+    async def transcribe(self, request: Request, *, session: Hashable,
+                         started: trio.Event | None = None) -> Result:
+        """Transcribe one request for `session`; `started` is set when its batch starts.
+
+        Raises `BackendError` if the backend failed on it, `Superseded` if a newer partial of
+        the same session replaced it.
+        """
         ...
 
 
 @attrs.define
 class Engine:
-    """Runs backend calls in worker threads, at most `limiter.total_tokens` at a time."""
+    """The backend, its limiter, and the scheduler that batches requests for it."""
 
     backend: ASRBackend
     metrics: Metrics
     limiter: trio.CapacityLimiter
+    max_batch: int = 32
+    window_s: float = 0.005
+    max_final_wait_s: float = 1.0
+    scheduler: Scheduler = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.scheduler = Scheduler(self._run_batch, self.metrics, max_batch=self.max_batch,
+                                   window_s=self.window_s, max_final_wait_s=self.max_final_wait_s)
 
     @classmethod
-    def create(cls, backend: ASRBackend, metrics: Metrics, *, threads: int = 1) -> Engine:
-        return cls(backend, metrics, trio.CapacityLimiter(threads))
+    def create(cls, backend: ASRBackend, metrics: Metrics, *, threads: int = 1,
+               max_batch: int = 32, window_s: float = 0.005,
+               max_final_wait_s: float = 1.0) -> Engine:
+        return cls(backend, metrics, trio.CapacityLimiter(threads), max_batch=max_batch,
+                   window_s=window_s, max_final_wait_s=max_final_wait_s)
 
     @property
     def backend_name(self) -> str:
@@ -51,24 +75,39 @@ class Engine:
     def check_language(self, language: str | None) -> None:
         self.backend.check_language(language)
 
-    async def transcribe(self, request: Request) -> Result:
-        return (await self.transcribe_batch([request]))[0]
+    def overloaded(self) -> bool:
+        return self.scheduler.overloaded()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the scheduler until cancelled."""
+        await self.scheduler.run(task_status=task_status)
+
+    async def transcribe(self, request: Request, *, session: Hashable,
+                         started: trio.Event | None = None) -> Result:
+        return await self.scheduler.submit(request, session=session, started=started)
 
     async def transcribe_batch(self, requests: Sequence[Request]) -> list[Result]:
-        """Transcribe `requests` in one backend call; raises `BackendError` on failure.
+        """Transcribe file pieces, below live traffic in priority; raises `BackendError`."""
+        results: list[Result | None] = [None] * len(requests)
+        owner = object()
 
-        Cancellation waits for the call in flight: the engine never runs abandoned work.
-        """
+        async def one(index: int) -> None:
+            results[index] = await self.scheduler.submit(
+                requests[index], session=(owner, index), priority=Priority.FILE)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(len(requests)):
+                nursery.start_soon(one, index)
+        return [result for result in results if result is not None]
+
+    async def _run_batch(self, requests: Sequence[Request]) -> list[Result]:
         started = time.perf_counter()
         try:
-            results = await trio.to_thread.run_sync(
-                self._call, list(requests), limiter=self.limiter
-            )
+            return await trio.to_thread.run_sync(self._call, list(requests), limiter=self.limiter)
         finally:
             elapsed = time.perf_counter() - started
             for kind in {request.kind for request in requests}:
                 self.metrics.inference_duration_seconds.labels(kind).observe(elapsed)
-        return results
 
     def _call(self, requests: list[Request]) -> list[Result]:
         try:

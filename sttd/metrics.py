@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 __all__ = ["Metrics", "QueueDepths"]
 
 _LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _INFERENCE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -43,6 +44,9 @@ class Metrics:
     final_latency_seconds: Histogram
     http_requests_total: Counter
     engine_ready: Gauge
+    scheduler_batch_size: Histogram
+    scheduler_queue_wait_seconds: Histogram
+    scheduler_requests_total: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -96,6 +100,20 @@ class Metrics:
             engine_ready=Gauge(
                 "sttd_engine_ready", "1 once the speech engine is loaded, else 0.",
                 registry=registry,
+            ),
+            scheduler_batch_size=Histogram(
+                "sttd_scheduler_batch_size", "Requests per batched backend call.",
+                buckets=_BATCH_BUCKETS, registry=registry,
+            ),
+            scheduler_queue_wait_seconds=Histogram(
+                "sttd_scheduler_queue_wait_seconds",
+                "Time a request waited in the scheduler before its batch started, by kind.",
+                ["kind"], buckets=_INFERENCE_BUCKETS_S, registry=registry,
+            ),
+            scheduler_requests_total=Counter(
+                "sttd_scheduler_requests_total",
+                "Scheduler requests by kind and outcome (ok, failed, superseded, withdrawn).",
+                ["kind", "outcome"], registry=registry,
             ),
         )
 

@@ -1,6 +1,6 @@
-"""One WebSocket session: a nursery holding a recv, an infer and a send task.
+"""One WebSocket session: a nursery holding a recv, an infer, a partials and a send task.
 
-Lifetime. `Session.run` opens one nursery with three tasks linked by bounded channels:
+Lifetime. `Session.run` opens one nursery with four tasks linked by bounded channels:
 
 * ``_recv`` reads frames from the transport and owns the audio channel's send end (and a clone
   of the output channel, for errors about the client's messages). On ``end`` or an overload it
@@ -9,6 +9,10 @@ Lifetime. `Session.run` opens one nursery with three tasks linked by bounded cha
 * ``_infer`` owns the audio channel's receive end and the output channel's send end. It feeds
   audio to the `UtteranceTracker`, runs finals before partials through the shared engine, and
   queues messages. When it stops it queues a `Close` and closes its end.
+* ``_partials`` decodes partials beside ``_infer``, so a session's final never queues behind its
+  own partial. ``_infer`` offers it the newest partial job through a `LatestSlot` and withdraws
+  a queued partial that a newer one (or the utterance's final) made stale; a partial whose
+  utterance was finalized meanwhile is dropped. ``_infer`` closes the slot when it stops.
 * ``_send`` owns the output channel's receive end: it writes each message and, on `Close`,
   closes the WebSocket and cancels the nursery, which ends the others.
 
@@ -37,6 +41,7 @@ from sttd.channels import (
     Close,
     Commit,
     End,
+    LatestSlot,
     OutputReceiver,
     OutputSender,
     OutputStatistics,
@@ -45,7 +50,7 @@ from sttd.channels import (
     open_audio_channel,
     open_output_channel,
 )
-from sttd.engine import Transcriber
+from sttd.engine import Superseded, Transcriber
 from sttd.errors import BackendError, InvalidMessage
 from sttd.metrics import Metrics, QueueDepths
 from sttd.protocol import (
@@ -104,6 +109,10 @@ class Session:
     _output: tuple[OutputSender, OutputReceiver] | None = attrs.field(init=False, default=None)
     _last_partial: dict[int, str] = attrs.field(init=False, factory=dict)
     _stabilizer: PartialStabilizer = attrs.field(init=False, factory=PartialStabilizer)
+    # Highest utterance id whose final was started; its partials are stale.
+    _finalized: int = attrs.field(init=False, default=-1)
+    _partial_in_flight: tuple[trio.CancelScope, trio.Event] | None = attrs.field(
+        init=False, default=None)
 
     def statistics(self) -> SessionStatistics | None:
         """Queue statistics, or None before the session's channels exist."""
@@ -122,9 +131,11 @@ class Session:
         try:
             await transport.send(dumps(ready_message(
                 self.session_id, self.params, self.engine.backend_name)))
+            slot: LatestSlot[Job] = LatestSlot()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._recv, transport, send_audio, send_out.clone())
-                nursery.start_soon(self._infer, recv_audio, send_out)
+                nursery.start_soon(self._partials, slot, send_out.clone())
+                nursery.start_soon(self._infer, recv_audio, send_out, slot)
                 nursery.start_soon(self._send, transport, recv_out, nursery.cancel_scope)
         except* Exception:
             self.outcome = "internal_error"
@@ -174,7 +185,8 @@ class Session:
                         send_audio.send_nowait(Overload(total))
                         return
 
-    async def _infer(self, recv_audio: AudioReceiver, send_out: OutputSender) -> None:
+    async def _infer(self, recv_audio: AudioReceiver, send_out: OutputSender,
+                     slot: LatestSlot[Job]) -> None:
         build = functools.partial(
             make_endpointer, self.settings.vad, threshold_rms=self.settings.vad_threshold,
             silence_ms=self.settings.vad_silence_ms)
@@ -185,6 +197,11 @@ class Session:
             partial_ms=self.params.partial_ms,
             max_utterance_s=self.settings.max_utterance_s,
         )
+        with slot:
+            await self._infer_loop(tracker, recv_audio, send_out, slot)
+
+    async def _infer_loop(self, tracker: UtteranceTracker, recv_audio: AudioReceiver,
+                          send_out: OutputSender, slot: LatestSlot[Job]) -> None:
         async with send_out, recv_audio:
             while True:
                 finals: list[tuple[Job, float, bool]] = []  # job, trigger time, forced
@@ -213,6 +230,9 @@ class Session:
                         stop = self._overloaded(item)
                         break
                 for job, trigger_at, forced in finals:
+                    # Any partial of this utterance is stale now: withdraw it if still queued.
+                    self._finalized = job.utterance_id
+                    self._withdraw_partial()
                     await self._decode(job, send_out, trigger_at, forced=forced)
                 if stop is not None:
                     if stop.code != 1000:
@@ -224,7 +244,32 @@ class Session:
                     return
                 partial = tracker.take_partial()
                 if partial is not None:
-                    await self._decode(partial, send_out, None, forced=False)
+                    # The partial task decodes it; a newer one replaces an older still queued.
+                    slot.put(partial)
+                    self._withdraw_partial()
+
+    async def _partials(self, slot: LatestSlot[Job], send_out: OutputSender) -> None:
+        """Decode the newest partial job, one at a time, beside the infer task."""
+        async with send_out:
+            while True:
+                try:
+                    job = await slot.take()
+                except trio.EndOfChannel:
+                    return
+                if job.utterance_id <= self._finalized:
+                    continue
+                started = trio.Event()
+                with trio.CancelScope() as scope:
+                    self._partial_in_flight = (scope, started)
+                    await self._decode(job, send_out, None, forced=False, started=started)
+                self._partial_in_flight = None
+
+    def _withdraw_partial(self) -> None:
+        """Cancel the partial being waited for, unless its batch already started."""
+        if self._partial_in_flight is not None:
+            scope, started = self._partial_in_flight
+            if not started.is_set():
+                scope.cancel()
 
     def _overloaded(self, item: Overload) -> Close:
         self.outcome = "overloaded"
@@ -236,7 +281,8 @@ class Session:
         )
 
     async def _decode(
-        self, job: Job, send_out: OutputSender, trigger_at: float | None, *, forced: bool
+        self, job: Job, send_out: OutputSender, trigger_at: float | None, *, forced: bool,
+        started: trio.Event | None = None,
     ) -> None:
         """Transcribe `job` and queue its message.
 
@@ -253,7 +299,9 @@ class Session:
             prefix=self._stabilizer.stable_text if job.kind == "partial" else "",
         )
         try:
-            result = await self.engine.transcribe(request)
+            result = await self.engine.transcribe(request, session=self, started=started)
+        except Superseded:
+            return
         except BackendError as exc:
             log.warning("session.inference_failed sid=%s kind=%s", self.session_id, job.kind,
                         exc_info=True)
@@ -266,6 +314,8 @@ class Session:
             return
         text = result.text.strip()
         stable = unstable = ""
+        if job.kind == "partial" and job.utterance_id <= self._finalized:
+            return  # its final was decided while this partial was in flight
         if job.kind == "partial":
             stable, unstable = self._stabilizer.update(text)
             text = f"{stable} {unstable}".strip()

@@ -46,7 +46,7 @@ async def serve(
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = settings.shutdown_grace_s
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_load_engine, state)
+        nursery.start_soon(_load_engine, state, nursery)
         await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger,
                               task_status=_PortStatus(task_status, settings.host))
         # The server has shut down; an engine still loading is of no use now.
@@ -68,10 +68,16 @@ class _PortStatus:
         self._status.started(port)
 
 
-async def _load_engine(state: AppState) -> None:
+async def _load_engine(state: AppState, nursery: trio.Nursery) -> None:
     started = trio.current_time()
     backend = await trio.to_thread.run_sync(load_backend, state.settings)
-    state.engine = Engine.create(backend, state.metrics, threads=state.settings.inference_threads)
+    settings = state.settings
+    engine = Engine.create(
+        backend, state.metrics, threads=settings.inference_threads,
+        max_batch=settings.max_inference_batch_size, window_s=settings.batch_window_ms / 1000,
+        max_final_wait_s=settings.max_final_wait_s)
+    await nursery.start(engine.run)
+    state.engine = engine
     state.metrics.engine_ready.set(1)
     state.engine_loaded.set()
     log.info("engine.ready backend=%s load_s=%.2f", backend.name, trio.current_time() - started)

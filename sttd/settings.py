@@ -84,6 +84,10 @@ class Settings:
     # Default interval of new audio between partial re-decodes; a session's partial_ms wins.
     streaming_chunk_size_sec: float = attrs.field(default=0.5, validator=_positive)
     max_inference_batch_size: int = attrs.field(default=32, validator=_positive)
+    # How long the scheduler lets requests gather before a batch starts.
+    batch_window_ms: float = attrs.field(default=5.0, validator=_non_negative)
+    # New sessions are refused while finals wait longer than this in the scheduler (on average).
+    max_final_wait_s: float = attrs.field(default=1.0, validator=_positive)
     # Worker threads that may run backend calls at once.
     inference_threads: int = attrs.field(default=1, validator=_positive)
     # Seconds hypercorn waits for open connections on shutdown.

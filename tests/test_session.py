@@ -78,8 +78,14 @@ class FakeEngine:
     def check_language(self, language: str | None) -> None:
         self.backend.check_language(language)
 
-    async def transcribe(self, request: Request) -> Result:
+    def overloaded(self) -> bool:
+        return False
+
+    async def transcribe(self, request: Request, *, session: object,
+                         started: trio.Event | None = None) -> Result:
         self.calls.append(request.kind)
+        if started is not None:
+            started.set()
         if self.gate is not None:
             await self.gate.wait()
         await trio.lowlevel.checkpoint()
@@ -111,13 +117,14 @@ async def test_overflow_drops_oldest_then_finalizes_and_closes_1013() -> None:
     speech = load_pcm("ps_librivox_0880")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.run, transport)
-        # Enough speech to open an utterance and ask for a partial, which blocks on the gate.
-        for frame in _frames(speech[:16000]):
+        # An utterance and just enough silence to end it: the infer task asks for a final,
+        # which blocks (more silence would already overflow the queue behind it).
+        for frame in _frames(np.concatenate([load_pcm("ps_cards_001"), silence(0.6)])):
             await transport.incoming_send.send(frame)
         await trio.testing.wait_all_tasks_blocked()
-        assert engine.calls == ["partial"]
-        # The engine is stuck, so the rest piles up: 10 fit, then the oldest are dropped.
-        for frame in _frames(speech[16000:])[:16]:
+        assert "final" in engine.calls
+        # The engine is stuck, so new speech piles up: 10 fit, then the oldest are dropped.
+        for frame in _frames(speech[16000 + 8 * 320 :])[:16]:  # loud from its first frame
             await transport.incoming_send.send(frame)
         await trio.testing.wait_all_tasks_blocked()
         stats = session.statistics()
@@ -126,10 +133,11 @@ async def test_overflow_drops_oldest_then_finalizes_and_closes_1013() -> None:
         assert stats.audio.frames_buffered == 10
         gate.set()
         await transport.closed.wait()
-    # What it had was finalized before the error and the close.
-    kinds = [m["type"] for m in transport.sent]
-    assert kinds[0] == "ready"
-    assert kinds[-2:] == ["final", "error"]
+    # The blocked final, then a final for what was left, before the error and the close.
+    finals = transport.of_type("final")
+    assert [f["utterance_id"] for f in finals] == [0, 1]
+    assert finals[0]["text"] == reference_texts()["ps_cards_001"]
+    assert [m["type"] for m in transport.sent][-2:] == ["final", "error"]
     assert transport.sent[-1]["code"] == "overloaded"
     assert "STT_IN_QUEUE_MAX_DROPS=5" in transport.sent[-1]["message"]
     assert transport.close_code == 1013

@@ -1,0 +1,221 @@
+"""The cross-session inference scheduler: many sessions, one batched backend call at a time.
+
+Theory of operation. Sessions `submit` requests and wait for their results. One task (`run`,
+started in the app-level nursery) waits for work, gives late arrivals up to ``window_s`` to
+join, then takes up to ``max_batch`` pending requests and runs them as ONE backend call. The
+order it takes them in is the policy:
+
+* priority classes, highest first: streaming finals, then partials, then file pieces
+  (`Priority`), so under load partials slow down before finals do, and a big upload never
+  delays a live caller's final;
+* first come, first served inside a class; a session has at most one pending partial (a newer
+  one supersedes the older, whose waiter gets `Superseded`: only the latest audio is worth
+  decoding), so no session can crowd out the others;
+* a batch that fails is retried one request at a time, so a request that breaks the backend
+  fails only its own session.
+
+`overloaded()` says whether finals have recently waited longer than ``max_final_wait_s`` in the
+queue (an exponentially weighted average): the server refuses new sessions then, instead of
+slowing everyone down. Cancelling a waiter withdraws its request if it has not started; a batch
+in flight always completes (worker threads are never abandoned).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+
+import attrs
+import trio
+
+from sttd.backends.base import Request, Result
+from sttd.errors import BackendError
+from sttd.metrics import Metrics
+
+__all__ = ["Priority", "Scheduler", "SchedulerStatistics", "Superseded"]
+
+log = logging.getLogger(__name__)
+
+RunBatch = Callable[[Sequence[Request]], Awaitable[list[Result]]]
+# Weight of the newest final's queue wait in the moving average behind `overloaded()`.
+_WAIT_EWMA_WEIGHT = 0.2
+
+
+class Superseded(Exception):
+    """A newer partial from the same session replaced this one before it was decoded."""
+
+
+class Priority(enum.IntEnum):
+    """Scheduling classes, most urgent first."""
+
+    FINAL = 0
+    PARTIAL = 1
+    FILE = 2
+
+
+@attrs.define(eq=False)
+class _Job:
+    request: Request
+    session: Hashable
+    priority: Priority
+    order: int
+    submitted_at: float
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Result | None = None
+    error: BaseException | None = None
+    started: bool = False
+    superseded: bool = False
+    on_start: trio.Event | None = None
+
+
+@attrs.frozen
+class SchedulerStatistics:
+    """A snapshot of the scheduler's queue."""
+
+    pending_finals: int
+    pending_partials: int
+    pending_files: int
+    batches_run: int
+    final_wait_ewma_s: float
+
+
+@attrs.define
+class Scheduler:
+    """Batches requests from all sessions into single backend calls."""
+
+    run_batch: RunBatch
+    metrics: Metrics
+    max_batch: int = attrs.field(default=32, validator=attrs.validators.gt(0))
+    window_s: float = attrs.field(default=0.005, validator=attrs.validators.ge(0))
+    max_final_wait_s: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+    _queues: dict[Priority, list[_Job]] = attrs.field(
+        init=False, factory=lambda: {p: [] for p in Priority})
+    _partials: dict[Hashable, _Job] = attrs.field(init=False, factory=dict)
+    _counter: itertools.count[int] = attrs.field(init=False, factory=itertools.count)
+    _work: trio.lowlevel.ParkingLot = attrs.field(init=False, factory=trio.lowlevel.ParkingLot)
+    _batches: int = attrs.field(init=False, default=0)
+    _final_wait_ewma_s: float = attrs.field(init=False, default=0.0)
+
+    def statistics(self) -> SchedulerStatistics:
+        return SchedulerStatistics(
+            pending_finals=len(self._queues[Priority.FINAL]),
+            pending_partials=len(self._queues[Priority.PARTIAL]),
+            pending_files=len(self._queues[Priority.FILE]),
+            batches_run=self._batches,
+            final_wait_ewma_s=self._final_wait_ewma_s,
+        )
+
+    def overloaded(self) -> bool:
+        """Whether finals wait too long: new sessions should be refused."""
+        return self._final_wait_ewma_s > self.max_final_wait_s
+
+    async def submit(self, request: Request, *, session: Hashable,
+                     priority: Priority | None = None, started: trio.Event | None = None
+                     ) -> Result:
+        """Queue `request` and wait for its result; `started` is set when its batch starts.
+
+        Raises `Superseded` if a newer partial of `session` replaced it, and `BackendError` if
+        the backend failed on it. Cancellation withdraws it if it has not started.
+        """
+        if priority is None:
+            priority = Priority.FINAL if request.kind == "final" else Priority.PARTIAL
+        job = _Job(request, session, priority, next(self._counter), trio.current_time(),
+                   on_start=started)
+        if priority is Priority.PARTIAL:
+            older = self._partials.pop(session, None)
+            if older is not None and not older.started:
+                self._withdraw(older)
+                older.superseded = True
+                older.done.set()
+                self.metrics.scheduler_requests_total.labels("partial", "superseded").inc()
+            self._partials[session] = job
+        self._queues[priority].append(job)
+        self._work.unpark_all()
+        try:
+            await job.done.wait()
+        finally:
+            if not job.done.is_set() and not job.started:
+                self._withdraw(job)
+                self.metrics.scheduler_requests_total.labels(request.kind, "withdrawn").inc()
+            if self._partials.get(session) is job:
+                del self._partials[session]
+        if job.superseded:
+            raise Superseded
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve batches until cancelled; cancellation waits for the batch in flight."""
+        task_status.started()
+        while True:
+            while not self._pending():
+                await self._work.park()
+            if self.window_s > 0 and self._pending() < self.max_batch:
+                await trio.sleep(self.window_s)  # let requests arriving together share a call
+            batch = self._take()
+            if batch:
+                await self._run(batch)
+
+    def _pending(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    def _take(self) -> list[_Job]:
+        batch: list[_Job] = []
+        for priority in Priority:
+            queue = self._queues[priority]
+            room = self.max_batch - len(batch)
+            batch.extend(queue[:room])
+            del queue[:room]
+        now = trio.current_time()
+        for job in batch:
+            job.started = True
+            if job.on_start is not None:
+                job.on_start.set()
+            wait = now - job.submitted_at
+            self.metrics.scheduler_queue_wait_seconds.labels(job.request.kind).observe(wait)
+            if job.priority is Priority.FINAL:
+                self._final_wait_ewma_s += _WAIT_EWMA_WEIGHT * (wait - self._final_wait_ewma_s)
+        if not self._queues[Priority.FINAL] and not _has_final(batch):
+            # No finals waiting: let the average decay so admission reopens.
+            self._final_wait_ewma_s *= 1 - _WAIT_EWMA_WEIGHT
+        return batch
+
+    async def _run(self, batch: list[_Job]) -> None:
+        self._batches += 1
+        self.metrics.scheduler_batch_size.observe(len(batch))
+        try:
+            results = await self.run_batch([job.request for job in batch])
+        except BackendError as exc:
+            if len(batch) == 1:
+                self._finish(batch[0], None, exc)
+                return
+            log.warning("scheduler.batch_failed size=%d retrying=one_by_one", len(batch))
+            for job in batch:
+                try:
+                    [result] = await self.run_batch([job.request])
+                except BackendError as single:
+                    self._finish(job, None, single)
+                else:
+                    self._finish(job, result, None)
+            return
+        for job, result in zip(batch, results, strict=True):
+            self._finish(job, result, None)
+
+    def _finish(self, job: _Job, result: Result | None, error: BaseException | None) -> None:
+        job.result, job.error = result, error
+        outcome = "ok" if error is None else "failed"
+        self.metrics.scheduler_requests_total.labels(job.request.kind, outcome).inc()
+        job.done.set()
+
+    def _withdraw(self, job: _Job) -> None:
+        queue = self._queues[job.priority]
+        if job in queue:
+            queue.remove(job)
+
+
+def _has_final(batch: Sequence[_Job]) -> bool:
+    return any(job.priority is Priority.FINAL for job in batch)

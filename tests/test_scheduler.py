@@ -1,0 +1,205 @@
+"""The cross-session scheduler against a fake batch runner, on trio's MockClock."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+import pytest
+import trio
+import trio.testing
+from prometheus_client import CollectorRegistry
+
+from sttd.backends.base import Request, Result
+from sttd.errors import BackendError
+from sttd.metrics import Metrics
+from sttd.scheduler import Priority, Scheduler, Superseded
+
+
+@attrs.define
+class FakeRunner:
+    """Runs a batch in `seconds` of (mock) time; requests are labelled by their first hotword."""
+
+    seconds: float = 0.1
+    batches: list[list[str]] = attrs.field(factory=list)
+    poison: str | None = None
+
+    async def __call__(self, requests: Sequence[Request]) -> list[Result]:
+        labels = [r.hotwords[0] for r in requests]
+        self.batches.append(labels)
+        await trio.sleep(self.seconds)
+        if self.poison in labels:
+            raise BackendError(f"{self.poison} broke the model")
+        return [Result(text=label) for label in labels]
+
+
+def _request(label: str, kind: str = "final") -> Request:
+    return Request(np.zeros(1600, np.float32), kind=kind, hotwords=(label,))  # type: ignore[arg-type]
+
+
+@attrs.define
+class Harness:
+    scheduler: Scheduler
+    runner: FakeRunner
+    metrics: Metrics
+    results: dict[str, str | BaseException] = attrs.field(factory=dict)
+
+    async def submit(self, label: str, kind: str = "final", session: object = None,
+                     priority: Priority | None = None) -> None:
+        try:
+            result = await self.scheduler.submit(
+                _request(label, kind), session=session if session is not None else label,
+                priority=priority)
+        except (Superseded, BackendError) as exc:
+            self.results[label] = exc
+        else:
+            self.results[label] = result.text
+
+
+@pytest.fixture
+async def harness(nursery: trio.Nursery) -> Harness:
+    metrics = Metrics.create(CollectorRegistry())
+    runner = FakeRunner()
+    scheduler = Scheduler(runner, metrics, max_batch=4, window_s=0.005, max_final_wait_s=1.0)
+    await nursery.start(scheduler.run)
+    return Harness(scheduler, runner, metrics)
+
+
+def _count(metrics: Metrics, kind: str, outcome: str) -> float:
+    return metrics.scheduler_requests_total.labels(kind, outcome)._value.get()  # type: ignore[no-any-return]
+
+
+async def test_requests_arriving_together_share_one_call(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    async with trio.open_nursery() as nursery:
+        for label in "abc":
+            nursery.start_soon(harness.submit, label)
+    assert [sorted(batch) for batch in harness.runner.batches] == [["a", "b", "c"]]
+    assert harness.results == {"a": "a", "b": "b", "c": "c"}
+    assert harness.metrics.scheduler_batch_size._sum.get() == 3
+
+
+async def test_window_lets_a_late_request_join(harness: Harness,
+                                              autojump_clock: trio.abc.Clock) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(harness.submit, "a")
+        await trio.sleep(0.003)  # inside the 5 ms window
+        nursery.start_soon(harness.submit, "b")
+        await trio.sleep(0.05)  # after the window closed: the next batch
+        nursery.start_soon(harness.submit, "c")
+    assert harness.runner.batches == [["a", "b"], ["c"]]
+
+
+async def test_batches_are_capped(harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    async with trio.open_nursery() as nursery:
+        for label in "abcdefghij":
+            nursery.start_soon(harness.submit, label)
+    assert [len(batch) for batch in harness.runner.batches] == [4, 4, 2]
+    assert len(harness.results) == 10
+
+
+async def test_finals_go_before_partials_before_files(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    harness.runner.seconds = 1.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(harness.submit, "busy")
+        await trio.sleep(0.01)  # past the batching window: "busy" runs, the rest queues
+        nursery.start_soon(harness.submit, "file1", "final", None, Priority.FILE)
+        nursery.start_soon(harness.submit, "p1", "partial")
+        nursery.start_soon(harness.submit, "f1")
+        nursery.start_soon(harness.submit, "p2", "partial")
+        nursery.start_soon(harness.submit, "f2")
+        nursery.start_soon(harness.submit, "file2", "final", None, Priority.FILE)
+    busy, second, third = harness.runner.batches
+    assert busy == ["busy"]
+    assert sorted(second[:2]) == ["f1", "f2"]  # tasks started together run in any order
+    assert sorted(second[2:]) == ["p1", "p2"]
+    assert sorted(third) == ["file1", "file2"]
+
+
+async def test_a_newer_partial_supersedes_the_queued_one(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    harness.runner.seconds = 1.0
+    session = object()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(harness.submit, "busy")
+        await trio.sleep(0.01)  # past the batching window: "busy" runs, the rest queues
+        nursery.start_soon(harness.submit, "old", "partial", session)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(harness.submit, "new", "partial", session)
+        nursery.start_soon(harness.submit, "other", "partial", object())
+    assert isinstance(harness.results["old"], Superseded)
+    assert harness.results["new"] == "new"
+    assert [sorted(batch) for batch in harness.runner.batches] == [["busy"], ["new", "other"]]
+    assert _count(harness.metrics, "partial", "superseded") == 1
+
+
+async def test_a_started_partial_is_not_superseded(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    session = object()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(harness.submit, "first", "partial", session)
+        await trio.sleep(0.01)  # its batch has started
+        nursery.start_soon(harness.submit, "second", "partial", session)
+    assert harness.results == {"first": "first", "second": "second"}
+
+
+async def test_cancelled_waiter_withdraws_its_request(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    harness.runner.seconds = 1.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(harness.submit, "busy")
+        await trio.sleep(0.01)  # past the batching window: "busy" runs, the rest queues
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await harness.submit("gone")
+        nursery.start_soon(harness.submit, "kept")
+    assert "gone" not in harness.results
+    assert harness.runner.batches == [["busy"], ["kept"]]
+    assert _count(harness.metrics, "final", "withdrawn") == 1
+
+
+async def test_a_failing_request_fails_only_itself(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    harness.runner.poison = "bad"
+    with trio.fail_after(60):  # virtual seconds: a waiter left hanging fails fast
+        async with trio.open_nursery() as nursery:
+            for label in ("a", "bad", "c"):
+                nursery.start_soon(harness.submit, label)
+    assert isinstance(harness.results["bad"], BackendError)
+    assert harness.results["a"] == "a"
+    assert harness.results["c"] == "c"
+    first, *singles = harness.runner.batches
+    assert sorted(first) == ["a", "bad", "c"]
+    assert sorted(singles) == [["a"], ["bad"], ["c"]]
+    assert _count(harness.metrics, "final", "failed") == 1
+    assert _count(harness.metrics, "final", "ok") == 2
+
+
+async def test_one_busy_session_cannot_crowd_out_another(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    harness.runner.seconds = 1.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(harness.submit, "busy")
+        await trio.sleep(0.01)  # past the batching window: "busy" runs, the rest queues
+        # Session x floods file work; session y then asks for one final.
+        for n in range(12):
+            nursery.start_soon(harness.submit, f"x{n}", "final", ("x", n), Priority.FILE)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(harness.submit, "y", "final", "y")
+    assert harness.runner.batches[1][0] == "y"
+
+
+async def test_overload_is_reported_while_finals_wait_and_clears_after(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    harness.runner.seconds = 2.0  # each batch of 4 takes 2 s: 20 finals wait up to 8 s
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(harness.submit, f"f{n}")
+    assert harness.scheduler.overloaded() is True
+    harness.runner.seconds = 0.01
+    for n in range(20):  # light traffic: the average wait decays
+        await harness.submit(f"p{n}", "partial")
+    assert harness.scheduler.overloaded() is False
+    assert harness.scheduler.statistics().pending_finals == 0
