@@ -1,0 +1,192 @@
+"""Load generator: N concurrent sessions streaming real speech in real time against sttd.
+
+Each session streams ``--file`` (default long_dev.wav: 94.5 s with pauses) in 20 ms frames at
+real-time pace, starting at a random offset within the first ``--stagger-s`` seconds, and then
+sends ``end``. Per session it measures final latency (the audio at a final's speech end sent ->
+final received), partial interval, WER of the joined finals and whether it ended with 1000. For the
+server process (a ``sttd serve`` child started here) it samples CPU % and RSS with psutil, and
+reads dropped frames and partials from /metrics.
+
+capacity = the largest N with p95 final latency <= 1.5 s, WER within 2 points of N=1, and every
+session closed normally with as many finals as at N=1.
+
+    uv run --group bench python benchmarks/load.py -n 1 2 4 8 16 --runs 2 \\
+        --out benchmarks/results/load_whisper.json
+    uv run --group bench python benchmarks/load.py --backend mock --vad energy -n 100 500 1000 \\
+        --out benchmarks/results/load_mock.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import (  # noqa: E402
+    RATE_HZ,
+    RESULTS,
+    load,
+    percentile,
+    references,
+    sttd_server,
+    stream_file,
+    wer,
+    write_result,
+)
+
+P95_LIMIT_S = 1.5
+WER_SLACK = 0.02
+
+
+async def _sample_process(pid: int, samples: list[tuple[float, float]], period_s: float) -> None:
+    process = psutil.Process(pid)
+    process.cpu_percent(None)
+    while True:
+        await trio.sleep(period_s)
+        try:
+            samples.append((process.cpu_percent(None), process.memory_info().rss / 2**20))
+        except psutil.NoSuchProcess:
+            return
+
+
+async def _scrape(base_url: str) -> dict[str, float]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        text = (await client.get(f"{base_url}/metrics")).text
+    wanted = {"sttd_frames_dropped_total", "sttd_partials_dropped_total",
+              "sttd_scheduler_batch_size_sum", "sttd_scheduler_batch_size_count"}
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+async def run_point(server_url: str, base_url: str, pid: int, n: int, audio: np.ndarray,
+                    reference: str, stagger_s: float, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    outcomes: list[Any] = [None] * n
+    before = await _scrape(base_url)
+    samples: list[tuple[float, float]] = []
+
+    async def session(index: int) -> None:
+        await trio.sleep(rng.uniform(0, stagger_s))
+        try:
+            outcomes[index] = await stream_file(server_url, audio)
+        except Exception as exc:  # a refused or broken session is a result, not a crash
+            outcomes[index] = exc
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_sample_process, pid, samples, 0.5)
+        async with trio.open_nursery() as sessions:
+            for index in range(n):
+                sessions.start_soon(session, index)
+        nursery.cancel_scope.cancel()
+    wall_s = time.perf_counter() - started
+    after = await _scrape(base_url)
+    good = [o for o in outcomes if not isinstance(o, BaseException)]
+    latencies = [x for o in good for x in o.latencies_s]
+    wers = [wer([reference], [" ".join(f["text"] for f in o.finals)]) for o in good]
+    batches = after.get("sttd_scheduler_batch_size_count", 0) - before.get(
+        "sttd_scheduler_batch_size_count", 0)
+    batched = after.get("sttd_scheduler_batch_size_sum", 0) - before.get(
+        "sttd_scheduler_batch_size_sum", 0)
+    return {
+        "n": n,
+        "wall_s": round(wall_s, 1),
+        "sessions_ok": sum(1 for o in good if o.close_code == 1000),
+        "sessions_failed": [repr(o)[:200] for o in outcomes if isinstance(o, BaseException)],
+        "finals_per_session": sorted(len(o.finals) for o in good),
+        "final_latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
+                            "p99": percentile(latencies, 99), "count": len(latencies)},
+        "partials_per_session_mean": statistics.fmean(o.partials for o in good) if good else 0,
+        "partial_interval_s": (audio.size / RATE_HZ) / max(
+            statistics.fmean(o.partials for o in good), 1) if good else None,
+        "wer_mean": statistics.fmean(wers) if wers else None,
+        "wer_max": max(wers, default=None),
+        "frames_dropped": after.get("sttd_frames_dropped_total", 0) - before.get(
+            "sttd_frames_dropped_total", 0),
+        "partials_dropped": after.get("sttd_partials_dropped_total", 0) - before.get(
+            "sttd_partials_dropped_total", 0),
+        "mean_batch_size": batched / batches if batches else None,
+        "server_cpu_percent": {"mean": statistics.fmean(s[0] for s in samples) if samples else None,
+                               "max": max((s[0] for s in samples), default=None)},
+        "server_rss_mib": {"max": max((s[1] for s in samples), default=None)},
+    }
+
+
+def capacity(points: list[dict[str, Any]]) -> int:
+    base = [p for p in points if p["n"] == 1]
+    if not base:
+        return 0
+    base_wer = statistics.fmean(p["wer_mean"] for p in base)
+    base_finals = min(min(p["finals_per_session"]) for p in base)
+    best = 0
+    for n in sorted({p["n"] for p in points}):
+        runs = [p for p in points if p["n"] == n]
+        ok = all(
+            p["sessions_ok"] == n
+            and p["final_latency_s"]["p95"] is not None
+            and p["final_latency_s"]["p95"] <= P95_LIMIT_S
+            and p["wer_mean"] <= base_wer + WER_SLACK
+            and min(p["finals_per_session"]) >= base_finals
+            for p in runs)
+        if not ok:
+            break
+        best = n
+    return best
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    audio = np.concatenate([load(args.file), np.zeros(RATE_HZ, np.float32)])
+    reference = references()[args.file]
+    points = []
+    settings = {"STT_BACKEND": args.backend, "STT_VAD": args.vad,
+                "STT_IN_QUEUE_MAX_DROPS": str(10**9)}
+    async with sttd_server(**settings) as server:
+        url = server.ws_url("call_id=load&sample_rate=16000")
+        for n in args.n:
+            for run in range(args.runs):
+                point = await run_point(url, server.base_url, server.process.pid, n, audio,
+                                        reference, args.stagger_s, seed=run)
+                point["run"] = run
+                points.append(point)
+                print(f"N={n:4d} run={run} p50={point['final_latency_s']['p50']} "
+                      f"p95={point['final_latency_s']['p95']} wer={point['wer_mean']} "
+                      f"ok={point['sessions_ok']} cpu={point['server_cpu_percent']['mean']} "
+                      f"batch={point['mean_batch_size']}", flush=True)
+    return {"settings": {"backend": args.backend, "vad": args.vad, "file": args.file,
+                         "stagger_s": args.stagger_s, "runs": args.runs},
+            "points": points, "capacity": capacity(points)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-n", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--backend", default="whisper")
+    parser.add_argument("--vad", default="silero")
+    parser.add_argument("--file", default="long_dev.wav")
+    parser.add_argument("--stagger-s", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "load_whisper.json")
+    args = parser.parse_args()
+    result = trio.run(main_async, args)
+    print("capacity:", result["capacity"])
+    write_result(args.out, "uv run --group bench python " + " ".join(sys.argv), result)
+
+
+if __name__ == "__main__":
+    main()
