@@ -7,7 +7,10 @@ order it takes them in is the policy:
 
 * priority classes, highest first: streaming finals, then partials, then file pieces
   (`Priority`), so under load partials slow down before finals do, and a big upload never
-  delays a live caller's final;
+  delays a live caller's final. A batch holds one class only: finals never wait for partials
+  riding along in their call. Partial and file batches are cut to ``max_batch_s`` of expected
+  work (from a running average of seconds per request), so a final that arrives meanwhile
+  waits at most about that long;
 * first come, first served inside a class; a session has at most one pending partial (a newer
   one supersedes the older, whose waiter gets `Superseded`: only the latest audio is worth
   decoding), so no session can crowd out the others;
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 RunBatch = Callable[[Sequence[Request]], Awaitable[list[Result]]]
 # Weight of the newest final's queue wait in the moving average behind `overloaded()`.
 _WAIT_EWMA_WEIGHT = 0.2
+# Weight of the newest batch in the moving average of seconds per request.
+_COST_EWMA_WEIGHT = 0.2
 
 
 class Superseded(Exception):
@@ -90,6 +95,7 @@ class Scheduler:
     max_batch: int = attrs.field(default=32, validator=attrs.validators.gt(0))
     window_s: float = attrs.field(default=0.005, validator=attrs.validators.ge(0))
     max_final_wait_s: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+    max_batch_s: float = attrs.field(default=0.25, validator=attrs.validators.gt(0))
     _queues: dict[Priority, list[_Job]] = attrs.field(
         init=False, factory=lambda: {p: [] for p in Priority})
     _partials: dict[Hashable, _Job] = attrs.field(init=False, factory=dict)
@@ -97,6 +103,8 @@ class Scheduler:
     _work: trio.lowlevel.ParkingLot = attrs.field(init=False, factory=trio.lowlevel.ParkingLot)
     _batches: int = attrs.field(init=False, default=0)
     _final_wait_ewma_s: float = attrs.field(init=False, default=0.0)
+    # Seconds per request of each class, a moving average of observed batches.
+    _cost_s: dict[Priority, float] = attrs.field(init=False, factory=dict)
 
     def statistics(self) -> SchedulerStatistics:
         return SchedulerStatistics(
@@ -167,9 +175,15 @@ class Scheduler:
         batch: list[_Job] = []
         for priority in Priority:
             queue = self._queues[priority]
-            room = self.max_batch - len(batch)
-            batch.extend(queue[:room])
+            if not queue:
+                continue
+            room = self.max_batch
+            cost = self._cost_s.get(priority)
+            if priority is not Priority.FINAL and cost:
+                room = max(1, min(room, int(self.max_batch_s / cost)))
+            batch = queue[:room]
             del queue[:room]
+            break
         now = trio.current_time()
         for job in batch:
             job.started = True
@@ -187,8 +201,10 @@ class Scheduler:
     async def _run(self, batch: list[_Job]) -> None:
         self._batches += 1
         self.metrics.scheduler_batch_size.observe(len(batch))
+        started = trio.current_time()
         try:
             results = await self.run_batch([job.request for job in batch])
+            self._learn_cost(batch[0].priority, (trio.current_time() - started) / len(batch))
         except BackendError as exc:
             if len(batch) == 1:
                 self._finish(batch[0], None, exc)
@@ -204,6 +220,11 @@ class Scheduler:
             return
         for job, result in zip(batch, results, strict=True):
             self._finish(job, result, None)
+
+    def _learn_cost(self, priority: Priority, seconds: float) -> None:
+        old = self._cost_s.get(priority)
+        self._cost_s[priority] = seconds if old is None else old + _COST_EWMA_WEIGHT * (
+            seconds - old)
 
     def _finish(self, job: _Job, result: Result | None, error: BaseException | None) -> None:
         job.result, job.error = result, error

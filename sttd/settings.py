@@ -86,6 +86,8 @@ class Settings:
     max_inference_batch_size: int = attrs.field(default=32, validator=_positive)
     # How long the scheduler lets requests gather before a batch starts.
     batch_window_ms: float = attrs.field(default=5.0, validator=_non_negative)
+    # Expected work in one partial or file batch: a final arriving meanwhile waits about this.
+    max_batch_ms: float = attrs.field(default=250.0, validator=_positive)
     # New sessions are refused while finals wait longer than this in the scheduler (on average).
     max_final_wait_s: float = attrs.field(default=1.0, validator=_positive)
     # Worker threads that may run backend calls at once.

@@ -22,13 +22,14 @@ class FakeRunner:
     """Runs a batch in `seconds` of (mock) time; requests are labelled by their first hotword."""
 
     seconds: float = 0.1
+    per_request_s: float = 0.0
     batches: list[list[str]] = attrs.field(factory=list)
     poison: str | None = None
 
     async def __call__(self, requests: Sequence[Request]) -> list[Result]:
         labels = [r.hotwords[0] for r in requests]
         self.batches.append(labels)
-        await trio.sleep(self.seconds)
+        await trio.sleep(self.seconds + self.per_request_s * len(requests))
         if self.poison in labels:
             raise BackendError(f"{self.poison} broke the model")
         return [Result(text=label) for label in labels]
@@ -111,11 +112,10 @@ async def test_finals_go_before_partials_before_files(
         nursery.start_soon(harness.submit, "p2", "partial")
         nursery.start_soon(harness.submit, "f2")
         nursery.start_soon(harness.submit, "file2", "final", None, Priority.FILE)
-    busy, second, third = harness.runner.batches
-    assert busy == ["busy"]
-    assert sorted(second[:2]) == ["f1", "f2"]  # tasks started together run in any order
-    assert sorted(second[2:]) == ["p1", "p2"]
-    assert sorted(third) == ["file1", "file2"]
+    # One class per batch, so finals never wait for partials riding in their call; tasks
+    # started together queue in any order, hence the sorting.
+    assert [sorted(batch) for batch in harness.runner.batches] == [
+        ["busy"], ["f1", "f2"], ["p1", "p2"], ["file1", "file2"]]
 
 
 async def test_a_newer_partial_supersedes_the_queued_one(
@@ -203,3 +203,17 @@ async def test_overload_is_reported_while_finals_wait_and_clears_after(
         await harness.submit(f"p{n}", "partial")
     assert harness.scheduler.overloaded() is False
     assert harness.scheduler.statistics().pending_finals == 0
+
+
+async def test_partial_batches_are_cut_to_the_time_budget(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    harness.runner.seconds = 0.0
+    harness.runner.per_request_s = 0.1  # the budget is 0.25 s: two partials per call
+    await harness.submit("warm-up", "partial")  # teaches the scheduler what a partial costs
+    async with trio.open_nursery() as nursery:
+        for n in range(6):
+            nursery.start_soon(harness.submit, f"p{n}", "partial")
+        for n in range(6):
+            nursery.start_soon(harness.submit, f"f{n}")
+    sizes = [(batch[0][0], len(batch)) for batch in harness.runner.batches[1:]]
+    assert sizes == [("f", 4), ("f", 2), ("p", 2), ("p", 2), ("p", 2)]
