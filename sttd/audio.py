@@ -1,27 +1,35 @@
 """WAV decoding and PCM16 helpers.
 
-`decode_wav` is a pure-numpy RIFF/WAVE reader. It walks the chunk list itself so that it can
+Two pure-numpy RIFF/WAVE readers share one chunk walker and one sample converter:
+`decode_wav` decodes a whole file held in memory, and `WavReader` decodes a seekable file object
+a bounded block at a time, so that memory does not grow with the length of the file. The walker
+reads only chunk headers and the `fmt ` body, seeking past everything else, so that it can
 accept what streaming writers produce (a `data` size of 0 or 0xFFFFFFFF) and so that it never
-allocates from a declared size: every slice is bounded by the bytes actually present. Any
-input raises only `UnsupportedMedia` (not RIFF/WAVE) or `BadAudio` (RIFF/WAVE but broken), or
-returns finite 16 kHz mono float32 samples in [-1, 1].
+allocates from a declared size: every read is bounded by the bytes actually present. The
+converter turns whole interleaved frames into 16 kHz mono float32 and keeps the resampler's
+state between blocks, so both readers return the same samples. Any input raises only
+`UnsupportedMedia` (not RIFF/WAVE) or `BadAudio` (RIFF/WAVE but broken), or gives finite
+16 kHz mono float32 samples in [-1, 1].
 """
 
 from __future__ import annotations
 
+import io
 import struct
-from typing import Final
+from collections.abc import Iterator
+from typing import IO, Final, Protocol
 
 import attrs
 import numpy as np
 import numpy.typing as npt
-import soxr  # type: ignore[import-untyped]  # soxr ships no py.typed marker; we call one function
+import soxr  # type: ignore[import-untyped]  # soxr ships no py.typed marker; `_Resampler` types what we use
 
 from sttd.errors import BadAudio, UnsupportedMedia
 
 __all__ = [
     "SAMPLE_RATE_HZ",
     "Pcm16Framer",
+    "WavReader",
     "decode_wav",
     "encode_wav",
     "float32_to_pcm16",
@@ -44,6 +52,9 @@ _FORMAT_EXTENSIBLE: Final = 0xFFFE
 _PCM_BITS: Final = (8, 16, 24, 32)
 _FLOAT_BITS: Final = (32, 64)
 _MAX_LISTED_CHUNKS: Final = 8  # chunk ids quoted in a "missing chunk" message
+# A WavReader block reads at most this much of the data chunk, whatever block_s asks for: ten
+# seconds of 48 kHz stereo float32 fit; 32 channels of 384 kHz float64 get shorter blocks.
+_MAX_BLOCK_READ_BYTES: Final = 4 * 1024 * 1024
 # KSDATAFORMAT_SUBTYPE_* GUIDs are the format tag followed by this fixed tail.
 _SUBFORMAT_GUID_TAIL: Final = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
 # sample_format -> (format tag, bits per sample)
@@ -71,20 +82,119 @@ class _WavFormat:
     block_align: int
 
 
+@attrs.frozen
+class _WavHeader:
+    """Where a WAV file's samples are, relative to the file's start."""
+
+    fmt: _WavFormat
+    data_start: int
+    # The declared size of the data chunk, or None to read to the end of the file.
+    data_bytes: int | None
+
+
+class _Resampler(Protocol):
+    """The part of `soxr.ResampleStream` we use."""
+
+    def resample_chunk(self, x: _Float32Array, last: bool = False) -> _Float32Array: ...
+
+
+@attrs.define
+class _SampleConverter:
+    """Turns interleaved frames of one format into 16 kHz mono float32 in [-1, 1], block by block."""
+
+    _format: _WavFormat
+    _resampler: _Resampler | None
+
+    @classmethod
+    def for_format(cls, fmt: _WavFormat) -> _SampleConverter:
+        if fmt.sample_rate_hz == SAMPLE_RATE_HZ:
+            return cls(fmt, None)
+        resampler = soxr.ResampleStream(fmt.sample_rate_hz, SAMPLE_RATE_HZ, 1, dtype="float32", quality="HQ")
+        return cls(fmt, resampler)
+
+    def convert(self, raw: bytes | memoryview, *, last: bool) -> _Float32Array:
+        """The samples of the whole frames in `raw` (a trailing partial frame is dropped).
+
+        The resampler holds back its filter's delay until `last`, so the blocks of one file,
+        concatenated, equal the samples of the file converted at once.
+        """
+        align = self._format.block_align
+        frames = len(raw) // align
+        mono = _downmix(_to_float32(raw[: frames * align], self._format), self._format.channels)
+        if self._resampler is not None and (mono.size or last):
+            resampled = self._resampler.resample_chunk(mono, last=last)
+            # The HQ filter rings past full scale on steep edges, so clip again.
+            mono = np.clip(np.asarray(resampled, dtype=np.float32), -1.0, 1.0)
+        return np.ascontiguousarray(mono, dtype=np.float32)
+
+
 def decode_wav(data: bytes) -> _Float32Array:
     """Decode a WAV file's bytes to 16 kHz mono float32 samples in [-1, 1].
 
     Raises `UnsupportedMedia` if `data` is not RIFF/WAVE and `BadAudio` if it is but its
     chunks or format fields are broken or unsupported.
     """
-    fmt, raw = _read_chunks(memoryview(data))
-    frames = len(raw) // fmt.block_align
-    mono = _downmix(_to_float32(raw[: frames * fmt.block_align], fmt), fmt.channels)
-    if fmt.sample_rate_hz != SAMPLE_RATE_HZ and mono.size:
-        resampled = soxr.resample(mono, fmt.sample_rate_hz, SAMPLE_RATE_HZ, quality="HQ")
-        # The HQ filter rings past full scale on steep edges, so clip again.
-        mono = np.clip(np.asarray(resampled, dtype=np.float32), -1.0, 1.0)
-    return np.ascontiguousarray(mono, dtype=np.float32)
+    header = _read_header(io.BytesIO(data))  # BytesIO shares the bytes; only headers are copied
+    view = memoryview(data)
+    end = len(view) if header.data_bytes is None else header.data_start + header.data_bytes
+    return _SampleConverter.for_format(header.fmt).convert(view[header.data_start : end], last=True)
+
+
+@attrs.define
+class WavReader:
+    """Decodes a WAV file object to 16 kHz mono float32 blocks, reading a bounded amount at a time.
+
+    Create one with `from_file`. Each `read_block` (or step of iteration) reads and converts
+    at most about `block_s` seconds of audio, so memory does not depend on the file's length.
+    The blocks, concatenated, equal what `decode_wav` returns for the same bytes. Reading is
+    blocking file I/O and CPU work: async callers run each call in a worker thread.
+    """
+
+    _file: IO[bytes]
+    _converter: _SampleConverter
+    _read_bytes: int
+    # Bytes of the data chunk not yet read, or None to read to the end of the file.
+    _remaining_bytes: int | None
+    _finished: bool = attrs.field(default=False, init=False)
+
+    @classmethod
+    def from_file(cls, file: IO[bytes], *, block_s: float = 10.0) -> WavReader:
+        """Parse the header of the WAV file that starts at `file`'s position.
+
+        `file` must be seekable; the reader does not close it. Raises `UnsupportedMedia` if the
+        file is not RIFF/WAVE and `BadAudio` if it is but its chunks or format fields are broken
+        or unsupported, with the messages `decode_wav` gives. Raises `ValueError` unless
+        `block_s` is positive.
+        """
+        if not block_s > 0:
+            raise ValueError(f"block_s must be > 0, got {block_s!r}")
+        base = file.tell()
+        header = _read_header(file)
+        file.seek(base + header.data_start)
+        fmt = header.fmt
+        frames = min(round(block_s * fmt.sample_rate_hz), _MAX_BLOCK_READ_BYTES // fmt.block_align)
+        read_bytes = max(frames, 1) * fmt.block_align
+        return cls(file, _SampleConverter.for_format(fmt), read_bytes, header.data_bytes)
+
+    def read_block(self) -> _Float32Array | None:
+        """The next non-empty block of samples, or None once the data chunk is exhausted."""
+        while not self._finished:
+            size = self._read_bytes
+            if self._remaining_bytes is not None:
+                size = min(size, self._remaining_bytes)
+            raw = _read_up_to(self._file, size)
+            if self._remaining_bytes is not None:
+                self._remaining_bytes -= len(raw)
+            # A short read is the end of the file; a partial frame there is dropped.
+            self._finished = len(raw) < size or self._remaining_bytes == 0
+            samples = self._converter.convert(raw, last=self._finished)
+            if samples.size:
+                return samples
+        return None
+
+    def __iter__(self) -> Iterator[_Float32Array]:
+        while (block := self.read_block()) is not None:
+            yield block
 
 
 def pcm16_to_float32(pcm: _Int16Array) -> _Float32Array:
@@ -170,38 +280,60 @@ class Pcm16Framer:
         return len(self._carry)
 
 
-def _read_chunks(data: memoryview) -> tuple[_WavFormat, memoryview]:
-    """Return the validated format and the `data` body, cut to the bytes present."""
-    if len(data) < _RIFF_HEADER_BYTES or bytes(data[:4]) != b"RIFF" or bytes(data[8:12]) != b"WAVE":
-        raise UnsupportedMedia(f"expected a WAV file (RIFF/WAVE header), got {bytes(data[:_RIFF_HEADER_BYTES])!r}")
-    fmt_body: memoryview | None = None
-    data_body: memoryview | None = None
+def _read_header(file: IO[bytes]) -> _WavHeader:
+    """Walk the chunk list from `file`'s position, seeking past the chunks it does not need."""
+    base = file.tell()
+    head = _read_up_to(file, _RIFF_HEADER_BYTES)
+    if len(head) < _RIFF_HEADER_BYTES or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        raise UnsupportedMedia(f"expected a WAV file (RIFF/WAVE header), got {head!r}")
+    fmt_body: bytes | None = None
+    data_start: int | None = None
+    data_bytes: int | None = None
     seen: list[str] = []
     offset = _RIFF_HEADER_BYTES
-    while offset + _CHUNK_HEADER_BYTES <= len(data) and (fmt_body is None or data_body is None):
-        chunk_id = bytes(data[offset : offset + 4])
-        (size,) = struct.unpack_from("<I", data, offset + 4)
+    while fmt_body is None or data_start is None:
+        file.seek(base + offset)
+        chunk_header = _read_up_to(file, _CHUNK_HEADER_BYTES)
+        if len(chunk_header) < _CHUNK_HEADER_BYTES:
+            break
+        chunk_id = chunk_header[:4]
+        (size,) = struct.unpack_from("<I", chunk_header, 4)
         start = offset + _CHUNK_HEADER_BYTES
         if len(seen) < _MAX_LISTED_CHUNKS:
             seen.append(chunk_id.decode("latin-1"))
         if chunk_id == b"fmt " and fmt_body is None:
-            fmt_body = data[start : start + size]
-        elif chunk_id == b"data" and data_body is None:
-            if size == 0 or start + size > len(data):
-                # Streaming writers leave the size at 0 or 0xFFFFFFFF: take the rest of the file.
-                data_body = data[start:]
+            # _parse_fmt looks at no more than this; a shorter body is what the file holds.
+            fmt_body = _read_up_to(file, min(size, _FMT_EXTENSIBLE_MIN_BYTES))
+        elif chunk_id == b"data" and data_start is None:
+            data_start = start
+            if size == 0:
+                # Streaming writers leave the size at 0 (or 0xFFFFFFFF, which runs past the end
+                # of the file and so reads to it as well): take the rest of the file.
                 break
-            data_body = data[start : start + size]
+            data_bytes = size
         offset = start + size + (size & 1)  # chunks are padded to an even length
     if fmt_body is None:
         raise BadAudio(f"WAV file must have a 'fmt ' chunk before its data, found chunks {seen}")
     fmt = _parse_fmt(fmt_body)  # before the data check: a file cut inside fmt says so
-    if data_body is None:
+    if data_start is None:
         raise BadAudio(f"WAV file must have a 'data' chunk, found chunks {seen}")
-    return fmt, data_body
+    return _WavHeader(fmt, data_start, data_bytes)
 
 
-def _parse_fmt(body: memoryview) -> _WavFormat:
+def _read_up_to(file: IO[bytes], size: int) -> bytes:
+    """`size` bytes of `file`, or fewer at its end, however short its individual reads are."""
+    parts: list[bytes] = []
+    remaining = size
+    while remaining > 0:
+        part = file.read(remaining)
+        if not part:
+            break
+        parts.append(part)
+        remaining -= len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _parse_fmt(body: bytes) -> _WavFormat:
     """Validate a `fmt ` chunk body."""
     if len(body) < _FMT_MIN_BYTES:
         raise BadAudio(f"WAV fmt chunk must be at least {_FMT_MIN_BYTES} bytes, got {len(body)}")
@@ -233,14 +365,16 @@ def _parse_fmt(body: memoryview) -> _WavFormat:
     return _WavFormat(is_float, channels, rate_hz, bits, block_align)
 
 
-def _to_float32(raw: memoryview, fmt: _WavFormat) -> _Float32Array:
+def _to_float32(raw: bytes | memoryview, fmt: _WavFormat) -> _Float32Array:
     """Interleaved samples as finite float32 in [-1, 1]; `raw` holds whole frames."""
     bits = fmt.bits_per_sample
     if fmt.is_float:
         values = np.frombuffer(raw, dtype=f"<f{bits // 8}")
-        # Clip in the source precision so that float64 beyond float32's range cannot overflow.
-        cleaned: npt.NDArray[np.floating] = np.clip(np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
-        return cleaned.astype(np.float32)
+        # One copy (the buffer is read-only), cleaned in place. Clip in the source precision so
+        # that float64 beyond float32's range cannot overflow.
+        cleaned: npt.NDArray[np.floating] = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=-1.0)
+        np.clip(cleaned, -1.0, 1.0, out=cleaned)
+        return cleaned.astype(np.float32, copy=False)
     if bits == 8:
         unsigned = np.frombuffer(raw, dtype=np.uint8)
         return (unsigned.astype(np.float32) - np.float32(128)) / np.float32(128)

@@ -1,65 +1,164 @@
-"""File transcription: cut audio at pauses with the streaming VAD and transcribe the pieces."""
+"""File transcription: read a WAV file a block at a time, cut it at pauses with the streaming VAD,
+and transcribe the pieces in batches.
+
+Memory does not grow with the file's length: at any time we hold one decoded block, the VAD's
+open utterance, and at most one batch of pieces plus the finals of one block; of a transcribed
+piece we keep only its text and timings. The cuts are those `split_at_pauses` finds in the whole
+file at once, which are those a live stream of the same audio would get.
+"""
 
 from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import IO, Final
 
 import attrs
 import numpy as np
 import numpy.typing as npt
+import trio
 
-from sttd.audio import float32_to_pcm16, pcm16_to_float32
-from sttd.backends.base import Request, Result
+from sttd.audio import SAMPLE_RATE_HZ, WavReader, float32_to_pcm16, pcm16_to_float32
+from sttd.backends.base import Request
 from sttd.engine import Engine
 from sttd.settings import Settings
 from sttd.stream import Job, UtteranceTracker
 from sttd.vad import make_endpointer
 
-__all__ = ["FileTranscript", "split_at_pauses", "transcribe_samples"]
+__all__ = ["FileSegment", "FileTranscript", "split_at_pauses", "transcribe_wav"]
 
-_FEED_SAMPLES = 16000  # feed the tracker one second at a time
+log = logging.getLogger(__name__)
+
+_FEED_SAMPLES: Final = SAMPLE_RATE_HZ  # feed the tracker one second at a time
+# Audio decoded and cut per worker-thread call: long enough that thread hops cost little,
+# short enough that a call (and so the wait on cancellation) stays in the milliseconds.
+_BLOCK_S: Final = 10.0
+
+
+@attrs.frozen
+class FileSegment:
+    """One transcribed piece of a file; times in ms from the start of the file."""
+
+    start_ms: int
+    end_ms: int
+    text: str
 
 
 @attrs.frozen
 class FileTranscript:
-    """The text of a whole file and its timed pieces."""
+    """The text of a whole file, its timed pieces, and the length of its audio."""
 
     text: str
-    segments: tuple[tuple[Job, Result], ...]
+    segments: tuple[FileSegment, ...]
     duration_s: float
 
 
 def split_at_pauses(pcm: npt.NDArray[np.int16], settings: Settings) -> list[Job]:
     """Utterances of `pcm`, found exactly as a live stream would find them."""
-    tracker = UtteranceTracker(
-        make_endpointer(settings.vad, threshold_rms=settings.vad_threshold,
-                        silence_ms=settings.vad_silence_ms),
-        max_utterance_s=settings.max_utterance_s,
-    )
-    jobs: list[Job] = []
-    for offset in range(0, pcm.size, _FEED_SAMPLES):
-        jobs.extend(tracker.feed(pcm[offset : offset + _FEED_SAMPLES]))
-    jobs.extend(tracker.commit())
-    return jobs
+    splitter = _PauseSplitter.from_settings(settings)
+    return [*splitter.feed(pcm), *splitter.finish()]
 
 
-async def transcribe_samples(
+async def transcribe_wav(
     engine: Engine,
-    samples: npt.NDArray[np.float32],
+    file: IO[bytes],
     settings: Settings,
     *,
     language: str | None,
     hotwords: tuple[str, ...],
+    block_s: float = _BLOCK_S,
 ) -> FileTranscript:
-    """Transcribe 16 kHz mono `samples`, batching pieces up to the configured batch size."""
-    jobs = split_at_pauses(float32_to_pcm16(samples), settings)
-    pieces: list[tuple[Job, Result]] = []
+    """Transcribe the WAV file that starts at `file`'s position, in memory independent of its length.
+
+    Reading, decoding and cutting run in worker threads, `block_s` seconds of audio per call.
+    Pieces go to the engine in batches of ``max_inference_batch_size`` as soon as a batch is
+    full, and the last, smaller batch at the end of the file. `file` must be seekable; it is
+    not closed. Cancellation waits for the block or the engine call in flight. Raises
+    `UnsupportedMedia` if `file` is not a WAV file, `BadAudio` if it is broken, and
+    `BackendError` if the engine fails.
+    """
+    reader, splitter = await trio.to_thread.run_sync(partial(_open, file, settings, block_s=block_s))
     batch_size = settings.max_inference_batch_size
-    for first in range(0, len(jobs), batch_size):
-        batch = jobs[first : first + batch_size]
-        requests = [
-            Request(pcm16_to_float32(job.audio), "final", language, hotwords) for job in batch
-        ]
-        results = await engine.transcribe_batch(requests)
-        pieces.extend((job, result) for job, result in zip(batch, results, strict=True)
-                      if result.text.strip())
-    text = " ".join(result.text.strip() for _, result in pieces)
-    return FileTranscript(text=text, segments=tuple(pieces), duration_s=samples.size / 16000)
+    waiting: list[Job] = []
+    segments: list[FileSegment] = []
+    finished = False
+    while not finished:
+        jobs, finished = await trio.to_thread.run_sync(_split_next_block, reader, splitter)
+        waiting.extend(jobs)
+        while len(waiting) >= batch_size or (finished and waiting):
+            batch, waiting = waiting[:batch_size], waiting[batch_size:]
+            log.debug("file.batch pieces=%d position_s=%.1f", len(batch),
+                      splitter.position / SAMPLE_RATE_HZ)
+            segments.extend(await _transcribe_batch(engine, batch, language=language,
+                                                    hotwords=hotwords))
+    return FileTranscript(
+        text=" ".join(segment.text for segment in segments),
+        segments=tuple(segments),
+        duration_s=splitter.position / SAMPLE_RATE_HZ,
+    )
+
+
+@attrs.define
+class _PauseSplitter:
+    """Feeds an utterance tracker whole seconds of audio, whatever sizes it is given.
+
+    The tracker checks its length limit and trims once per feed, so feeding the same seconds
+    makes the cuts independent of how the audio was blocked.
+    """
+
+    _tracker: UtteranceTracker
+    _carry: npt.NDArray[np.int16] = attrs.field(init=False, factory=lambda: np.zeros(0, np.int16))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> _PauseSplitter:
+        endpointer = make_endpointer(settings.vad, threshold_rms=settings.vad_threshold,
+                                     silence_ms=settings.vad_silence_ms)
+        return cls(UtteranceTracker(endpointer, max_utterance_s=settings.max_utterance_s))
+
+    @property
+    def position(self) -> int:
+        """Samples given so far."""
+        return self._tracker.position + self._carry.size
+
+    def feed(self, pcm: npt.NDArray[np.int16]) -> list[Job]:
+        """Add audio; returns the finals it completes, oldest first."""
+        audio = np.concatenate((self._carry, pcm)) if self._carry.size else pcm
+        whole = audio.size - audio.size % _FEED_SAMPLES
+        jobs: list[Job] = []
+        for offset in range(0, whole, _FEED_SAMPLES):
+            jobs.extend(self._tracker.feed(audio[offset : offset + _FEED_SAMPLES]))
+        self._carry = audio[whole:].copy()
+        return jobs
+
+    def finish(self) -> list[Job]:
+        """Feed the last partial second and finalize the open utterance; returns the finals."""
+        jobs = self._tracker.feed(self._carry) if self._carry.size else []
+        self._carry = self._carry[:0]
+        return [*jobs, *self._tracker.commit()]
+
+
+def _open(file: IO[bytes], settings: Settings, *, block_s: float) -> tuple[WavReader, _PauseSplitter]:
+    """Parse the file's header, then build the VAD (Silero loads a model). Blocks: run it in a thread."""
+    reader = WavReader.from_file(file, block_s=block_s)
+    return reader, _PauseSplitter.from_settings(settings)
+
+
+def _split_next_block(reader: WavReader, splitter: _PauseSplitter) -> tuple[list[Job], bool]:
+    """Cut the next block of `reader`, or finish at the end of the file.
+
+    Returns the finals completed and whether the file is done. Blocks: run it in a thread.
+    """
+    block = reader.read_block()
+    if block is None:
+        return splitter.finish(), True
+    return splitter.feed(float32_to_pcm16(block)), False
+
+
+async def _transcribe_batch(
+    engine: Engine, jobs: list[Job], *, language: str | None, hotwords: tuple[str, ...]
+) -> list[FileSegment]:
+    """Transcribe `jobs` in one engine call; the pieces that have text."""
+    requests = [Request(pcm16_to_float32(job.audio), "final", language, hotwords) for job in jobs]
+    results = await engine.transcribe_batch(requests)
+    pieces = ((job, result.text.strip()) for job, result in zip(jobs, results, strict=True))
+    return [FileSegment(job.start_ms, job.end_ms, text) for job, text in pieces if text]

@@ -13,10 +13,9 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from sttd.audio import decode_wav
 from sttd.engine import Engine
 from sttd.errors import ClientError, Overloaded, PayloadTooLarge
-from sttd.files import transcribe_samples
+from sttd.files import transcribe_wav
 from sttd.metrics import Metrics
 from sttd.nursery import Session, SessionRegistry
 from sttd.uploads import read_multipart_file
@@ -126,20 +125,19 @@ def create_app(state: AppState) -> QuartTrio:
         language = parse_language(request.args.get("language", "auto"))
         hotwords = parse_hotwords(request.args.get("hotwords", ""))
         engine.check_language(language)
-        data, _ = await read_multipart_file(
+        upload, _ = await read_multipart_file(
             request.body, request.mimetype, request.mimetype_params, field="file",
             max_bytes=state.settings.max_upload_bytes)
-        samples = await trio.to_thread.run_sync(decode_wav, data)
-        del data
-        result = await transcribe_samples(
-            engine, samples, state.settings, language=language, hotwords=hotwords)
+        with upload:
+            result = await transcribe_wav(
+                engine, upload, state.settings, language=language, hotwords=hotwords)
         body = {
             "text": result.text,
             "duration_ms": round(result.duration_s * 1000),
             "latency_ms": round((time.perf_counter() - started) * 1000),
             "segments": [
-                {"start_ms": job.start_ms, "end_ms": job.end_ms, "text": piece.text.strip()}
-                for job, piece in result.segments
+                {"start_ms": segment.start_ms, "end_ms": segment.end_ms, "text": segment.text}
+                for segment in result.segments
             ],
         }
         return Response(dumps(body), status=200, content_type="application/json")

@@ -2,21 +2,33 @@
 
 The body is consumed chunk by chunk through werkzeug's sans-I/O multipart decoder, so an
 oversized body is refused as soon as it passes the limit, whether or not it declared a
-Content-Length, and only the wanted file's bytes are kept.
+Content-Length, and only the wanted file's bytes are kept: in memory while they are small, then
+in a temporary file on disk, so that a long recording costs disk space rather than memory.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterable, Mapping
+from typing import IO, Final
 
+import trio
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
 from sttd.errors import InvalidParam, PayloadTooLarge, UnsupportedMedia
 
 __all__ = ["read_multipart_file"]
 
-_MAX_PARTS = 16
-_MAX_FIELD_BYTES = 4096
+_MAX_PARTS: Final = 16
+_MAX_FIELD_BYTES: Final = 4096
+# The upload stays in memory up to this size, then moves to a temporary file.
+_SPOOL_MAX_BYTES: Final = 8 * 1024 * 1024
+# Chunks are written inline: a chunk is what the web framework buffered since the last one
+# (64 KiB or so) and takes tens of microseconds into the page cache. The framework reads the
+# body without backpressure, so writing chunks in a worker thread lets it buffer more while the
+# thread runs, and the next chunk and its write grow: in benchmarks/file_memory.py under CPU
+# contention that held over 200 MiB of a 220 MiB upload. Only the write that moves the upload
+# from memory to disk (a copy of _SPOOL_MAX_BYTES, some milliseconds) goes to a thread.
 
 
 async def read_multipart_file(
@@ -26,8 +38,12 @@ async def read_multipart_file(
     *,
     field: str,
     max_bytes: int,
-) -> tuple[bytes, dict[str, str]]:
-    """The bytes of file field `field`, and the small text fields beside it.
+) -> tuple[IO[bytes], dict[str, str]]:
+    """The contents of file field `field`, and the small text fields beside it.
+
+    The contents come as a temporary file positioned at its start, in memory up to 8 MiB and
+    on disk beyond. The caller owns it and must close it, which also deletes it; if this
+    function raises, it has closed the file itself.
 
     Raises `UnsupportedMedia` for a body that is not multipart/form-data, `PayloadTooLarge` once
     more than `max_bytes` arrived, and `InvalidParam` for a malformed body or a missing field.
@@ -38,12 +54,34 @@ async def read_multipart_file(
     boundary = content_params.get("boundary", "")
     if not boundary:
         raise InvalidParam(field, "multipart/form-data needs a boundary parameter, got none")
+    upload = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX_BYTES, mode="w+b",
+                                           prefix="sttd-upload-")
+    try:
+        fields = await _receive(body, upload, field=field, boundary=boundary, max_bytes=max_bytes)
+        upload.seek(0)
+    except BaseException:
+        upload.close()
+        raise
+    return upload, fields
+
+
+async def _receive(
+    body: AsyncIterable[bytes],
+    upload: IO[bytes],
+    *,
+    field: str,
+    boundary: str,
+    max_bytes: int,
+) -> dict[str, str]:
+    """Decode `body`, write file field `field` to `upload`, and return the text fields."""
     decoder = MultipartDecoder(boundary.encode("latin-1"), max_parts=_MAX_PARTS)
     received = 0
+    written = 0
     current: str | None = None
     is_file = False
     found = False
-    upload = bytearray()
+    # File data decoded from the latest chunk, written before the next chunk is decoded.
+    pending: list[bytes] = []
     fields: dict[str, str] = {}
     field_bytes = bytearray()
     done = False
@@ -64,7 +102,7 @@ async def read_multipart_file(
                 field_bytes.clear()
             elif isinstance(event, Data):
                 if is_file and current == field:
-                    upload.extend(event.data)
+                    pending.append(event.data)
                 elif not is_file and current is not None:
                     field_bytes.extend(event.data)
                     if len(field_bytes) > _MAX_FIELD_BYTES:
@@ -73,22 +111,42 @@ async def read_multipart_file(
                     if not event.more_data:
                         fields[current] = field_bytes.decode("utf-8", "replace")
 
-    try:
-        async for chunk in body:
-            received += len(chunk)
-            if received > max_bytes:
-                raise PayloadTooLarge(
-                    f"request body must be at most {max_bytes} bytes (STT_MAX_UPLOAD_BYTES)")
+    def feed(chunk: bytes | None) -> bool:
+        """Decode `chunk` (None: the end of the body); True once the body's epilogue arrived."""
+        try:
             decoder.receive_data(chunk)
-            done = drain()
-            if done:
-                break
-        if not done:
-            decoder.receive_data(None)
-            drain()
-    except ValueError as exc:
-        raise InvalidParam(field, f"malformed multipart body: {exc}") from None
+            return drain()
+        except ValueError as exc:
+            raise InvalidParam(field, f"malformed multipart body: {exc}") from None
+
+    async def write_pending() -> None:
+        nonlocal written
+        for data in pending:
+            await _write(upload, data, written=written)
+            written += len(data)
+        pending.clear()
+
+    async for chunk in body:
+        received += len(chunk)
+        if received > max_bytes:
+            raise PayloadTooLarge(
+                f"request body must be at most {max_bytes} bytes (STT_MAX_UPLOAD_BYTES)")
+        done = feed(chunk)
+        await write_pending()
+        if done:
+            break
+    if not done:
+        feed(None)
+        await write_pending()
     if not found:
         raise InvalidParam(field, f"multipart body must have a '{field}' file field, got "
                                   f"{sorted(fields) or 'no fields'}")
-    return bytes(upload), fields
+    return fields
+
+
+async def _write(upload: IO[bytes], data: bytes, *, written: int) -> None:
+    """Append `data` to `upload`, which holds `written` bytes so far."""
+    if written <= _SPOOL_MAX_BYTES < written + len(data):
+        await trio.to_thread.run_sync(upload.write, data)
+    else:
+        upload.write(data)

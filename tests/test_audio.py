@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import tracemalloc
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from sttd.audio import (
     SAMPLE_RATE_HZ,
     Pcm16Framer,
+    WavReader,
     decode_wav,
     encode_wav,
     float32_to_pcm16,
@@ -279,55 +281,213 @@ def test_partial_frame_only_gives_empty_array() -> None:
 
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"",
-        b"RIFF",
-        b"RIFF\x00\x00\x00\x00WAV",
-        b"ID3\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
-        b"OggS\x00\x02" + b"\x00" * 30,
-        b"RIFX\x24\x00\x00\x00WAVEfmt ",
-        b"RIFF\x24\x00\x00\x00AVI LIST",
-        bytes(range(256)),
-    ],
-)
+_NOT_WAVS = [
+    b"",
+    b"RIFF",
+    b"RIFF\x00\x00\x00\x00WAV",
+    b"ID3\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+    b"OggS\x00\x02" + b"\x00" * 30,
+    b"RIFX\x24\x00\x00\x00WAVEfmt ",
+    b"RIFF\x24\x00\x00\x00AVI LIST",
+    bytes(range(256)),
+]
+
+
+@pytest.mark.parametrize("data", _NOT_WAVS)
 def test_not_riff_wave_is_unsupported_media(data: bytes) -> None:
     with pytest.raises(UnsupportedMedia, match=r"expected a WAV file \(RIFF/WAVE header\), got"):
         decode_wav(data)
 
 
-@pytest.mark.parametrize(
-    ("data", "message"),
-    [
-        (_riff(), r"'fmt ' chunk.*found chunks \[\]"),
-        (_riff(_SOME_DATA), r"'fmt ' chunk.*\['data'\]"),
-        (_riff(_chunk(b"LIST", b"abcd"), _SOME_DATA), r"'fmt ' chunk.*\['LIST', 'data'\]"),
-        (_riff(_VALID_FMT), r"'data' chunk.*\['fmt '\]"),
-        (_riff(_VALID_FMT, _chunk(b"LIST", b"ab")), r"'data' chunk.*\['fmt ', 'LIST'\]"),
-        (_riff(_chunk(b"fmt ", b"\x01\x00" * 7), _SOME_DATA), "fmt chunk must be at least 16 bytes, got 14"),
-        (_riff(_chunk(b"fmt ", b"\x01\x00" * 5, size=16)), "fmt chunk must be at least 16 bytes, got 10"),
-        (_riff(_fmt(tag=2, bits=4), _SOME_DATA), r"format tag must be 0x0001 \(PCM\) or 0x0003 \(IEEE float\), got 0x0002"),
-        (_riff(_fmt(tag=6, bits=8), _SOME_DATA), "format tag .* got 0x0006"),
-        (_riff(_fmt(tag=7, bits=8), _SOME_DATA), "format tag .* got 0x0007"),
-        (_riff(_fmt(bits=12, block_align=2), _SOME_DATA), "^WAV bits_per_sample must be one of 8, 16, 24, 32 for PCM, got 12$"),
-        (_riff(_fmt(tag=_FORMAT_FLOAT, bits=16), _SOME_DATA), "bits_per_sample must be one of 32, 64 for IEEE float, got 16"),
-        (_riff(_fmt(bits=0, block_align=0), _SOME_DATA), "bits_per_sample .* got 0"),
-        (_riff(_fmt(channels=0), _SOME_DATA), "channels must be between 1 and 32, got 0"),
-        (_riff(_fmt(channels=33), _SOME_DATA), "channels must be between 1 and 32, got 33"),
-        (_riff(_fmt(rate_hz=0), _SOME_DATA), "sample_rate_hz must be between 4000 and 384000, got 0"),
-        (_riff(_fmt(rate_hz=384_001), _SOME_DATA), "sample_rate_hz .* got 384001"),
-        (_riff(_fmt(rate_hz=0xFFFFFFFF, block_align=2), _SOME_DATA), "sample_rate_hz .* got 4294967295"),
-        (_riff(_fmt(block_align=3), _SOME_DATA), r"block_align must be channels \* bits_per_sample / 8 = 2, got 3"),
-        (_riff(_fmt(channels=2, block_align=0), _SOME_DATA), "block_align .* = 4, got 0"),
-        (_riff(_fmt(tag=_FORMAT_EXTENSIBLE), _SOME_DATA), "at least 40 bytes for WAVE_FORMAT_EXTENSIBLE, got 16"),
-        (_riff(_extensible_fmt(subformat=2), _SOME_DATA), "extensible SubFormat must be .* got 0x0002"),
-        (_riff(_extensible_fmt(subformat=_FORMAT_PCM, bits=20), _SOME_DATA), "bits_per_sample .* for PCM, got 20"),
-    ],
-)
+_BROKEN_WAVS = [
+    (_riff(), r"'fmt ' chunk.*found chunks \[\]"),
+    (_riff(_SOME_DATA), r"'fmt ' chunk.*\['data'\]"),
+    (_riff(_chunk(b"LIST", b"abcd"), _SOME_DATA), r"'fmt ' chunk.*\['LIST', 'data'\]"),
+    (_riff(_VALID_FMT), r"'data' chunk.*\['fmt '\]"),
+    (_riff(_VALID_FMT, _chunk(b"LIST", b"ab")), r"'data' chunk.*\['fmt ', 'LIST'\]"),
+    (_riff(_chunk(b"fmt ", b"\x01\x00" * 7), _SOME_DATA), "fmt chunk must be at least 16 bytes, got 14"),
+    (_riff(_chunk(b"fmt ", b"\x01\x00" * 5, size=16)), "fmt chunk must be at least 16 bytes, got 10"),
+    (_riff(_fmt(tag=2, bits=4), _SOME_DATA), r"format tag must be 0x0001 \(PCM\) or 0x0003 \(IEEE float\), got 0x0002"),
+    (_riff(_fmt(tag=6, bits=8), _SOME_DATA), "format tag .* got 0x0006"),
+    (_riff(_fmt(tag=7, bits=8), _SOME_DATA), "format tag .* got 0x0007"),
+    (_riff(_fmt(bits=12, block_align=2), _SOME_DATA), "^WAV bits_per_sample must be one of 8, 16, 24, 32 for PCM, got 12$"),
+    (_riff(_fmt(tag=_FORMAT_FLOAT, bits=16), _SOME_DATA), "bits_per_sample must be one of 32, 64 for IEEE float, got 16"),
+    (_riff(_fmt(bits=0, block_align=0), _SOME_DATA), "bits_per_sample .* got 0"),
+    (_riff(_fmt(channels=0), _SOME_DATA), "channels must be between 1 and 32, got 0"),
+    (_riff(_fmt(channels=33), _SOME_DATA), "channels must be between 1 and 32, got 33"),
+    (_riff(_fmt(rate_hz=0), _SOME_DATA), "sample_rate_hz must be between 4000 and 384000, got 0"),
+    (_riff(_fmt(rate_hz=384_001), _SOME_DATA), "sample_rate_hz .* got 384001"),
+    (_riff(_fmt(rate_hz=0xFFFFFFFF, block_align=2), _SOME_DATA), "sample_rate_hz .* got 4294967295"),
+    (_riff(_fmt(block_align=3), _SOME_DATA), r"block_align must be channels \* bits_per_sample / 8 = 2, got 3"),
+    (_riff(_fmt(channels=2, block_align=0), _SOME_DATA), "block_align .* = 4, got 0"),
+    (_riff(_fmt(tag=_FORMAT_EXTENSIBLE), _SOME_DATA), "at least 40 bytes for WAVE_FORMAT_EXTENSIBLE, got 16"),
+    (_riff(_extensible_fmt(subformat=2), _SOME_DATA), "extensible SubFormat must be .* got 0x0002"),
+    (_riff(_extensible_fmt(subformat=_FORMAT_PCM, bits=20), _SOME_DATA), "bits_per_sample .* for PCM, got 20"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), _BROKEN_WAVS)
 def test_broken_wav_is_bad_audio(data: bytes, message: str) -> None:
     with pytest.raises(BadAudio, match=message):
         decode_wav(data)
+
+
+# --- streaming reader ------------------------------------------------------------------------
+
+
+class _ShortReads(io.RawIOBase):
+    """A seekable file over `data` whose reads return at most `max_read` bytes; records each request."""
+
+    def __init__(self, data: bytes, max_read: int) -> None:
+        self._inner = io.BytesIO(data)
+        self._max_read = max_read
+        self.requests: list[int] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]  # RawIOBase's buffer type is wider
+        self.requests.append(len(buffer))
+        data = self._inner.read(min(len(buffer), self._max_read))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+
+def _stream(data: bytes, *, block_s: float = 10.0, max_read: int | None = None) -> list[npt.NDArray[np.float32]]:
+    file = io.BytesIO(data) if max_read is None else _ShortReads(data, max_read)
+    return list(WavReader.from_file(file, block_s=block_s))  # type: ignore[arg-type]  # _ShortReads is a binary file
+
+
+def _joined(blocks: list[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
+    for block in blocks:
+        _assert_clean(block)
+        assert block.size > 0
+    return np.concatenate([np.zeros(0, np.float32), *blocks])
+
+
+@pytest.mark.parametrize("sample_format", ["pcm8", "pcm16", "pcm24", "pcm32", "float32", "float64"])
+@pytest.mark.parametrize("rate_hz", [8000, 16000, 22050, 44100, 48000])
+@pytest.mark.parametrize(("channels", "extensible"), [(1, False), (2, False), (6, True)])
+def test_reader_blocks_join_to_decode_wav(sample_format: str, rate_hz: int, channels: int, extensible: bool) -> None:
+    data = encode_wav(_signal(rate_hz * 2 + 7), rate_hz, sample_format=sample_format, channels=channels,
+                      extensible=extensible)
+    expected = decode_wav(data)
+    blocks = _stream(data, block_s=0.3)  # many blocks, each an odd number of input frames at 44.1 kHz
+    assert len(blocks) == 7  # 2 s in 0.3 s blocks; the resampler flushes with the last
+    np.testing.assert_array_equal(_joined(blocks), expected)  # the stream resampler is exact across blocks
+
+
+def test_reader_blocks_have_the_asked_length() -> None:
+    x = pcm16_to_float32(float32_to_pcm16(_signal(SAMPLE_RATE_HZ * 25)))
+    blocks = _stream(encode_wav(x), block_s=10.0)
+    assert [block.size for block in blocks] == [160_000, 160_000, 80_000]
+    np.testing.assert_array_equal(np.concatenate(blocks), x)
+
+
+def test_reader_reads_at_most_4_mib_per_block() -> None:
+    data = encode_wav(_signal(40_000), 384_000, sample_format="float64", channels=32)  # 0.1 s in 10_240_000 bytes
+    file = _ShortReads(data, max_read=len(data))
+    blocks = list(WavReader.from_file(file, block_s=10.0))  # type: ignore[arg-type]  # a binary file
+    # The RIFF header, the fmt header and body, the data header, then the data in 4 MiB reads up
+    # to its declared size.
+    assert file.requests == [12, 8, 16, 8, 4 * 1024 * 1024, 4 * 1024 * 1024, 10_240_000 - 8 * 1024 * 1024]
+    np.testing.assert_array_equal(_joined(blocks), decode_wav(data))
+
+
+_WALKED_WAVS = [
+    pytest.param(
+        _riff(
+            _chunk(b"JUNK", b"\x00" * 28),
+            _chunk(b"bext", b"x" * 7),
+            _fmt(channels=2, rate_hz=22050),
+            _chunk(b"LIST", b"INFOISFT\x05\x00\x00\x00abcde"),
+            _chunk(b"data", _pcm16_bytes(*range(-3000, 3000, 7))),
+            _chunk(b"id3 ", b"\xff" * 10),
+        ),
+        id="unknown-chunks",
+    ),
+    pytest.param(_riff(_fmt(bits=8), _chunk(b"data", bytes(range(0, 255, 2))), _chunk(b"LIST", b"abcd")), id="odd-data"),
+    pytest.param(_riff(_chunk(b"data", _pcm16_bytes(*range(0, 9000, 9))), _fmt()), id="fmt-after-data"),
+    pytest.param(_riff(_fmt(channels=2), _chunk(b"data", _pcm16_bytes(1, 3, 5, 7, 9) + b"\x01", size=0)), id="size-0"),
+    pytest.param(
+        _riff(_fmt(channels=2, rate_hz=44100), _chunk(b"data", _pcm16_bytes(*range(999)), size=0xFFFFFFFF)),
+        id="size-ffffffff",
+    ),
+    pytest.param(_riff(_fmt(bits=24), _chunk(b"data", bytes(range(200)), size=1000)), id="size-past-eof"),
+    pytest.param(_riff(_fmt(rate_hz=44100), _chunk(b"data", b"", size=0)), id="empty"),
+    pytest.param(_riff(_fmt(bits=24, channels=2), _chunk(b"data", b"\x01\x02\x03\x04\x05")), id="partial-frame"),
+]
+
+
+@pytest.mark.parametrize("data", _WALKED_WAVS)
+@pytest.mark.parametrize("max_read", [1, 3, 8, 4096])
+def test_reader_walks_chunks_like_decode_wav_with_any_read_size(data: bytes, max_read: int) -> None:
+    expected = decode_wav(data)
+    np.testing.assert_array_equal(_joined(_stream(data, block_s=0.01, max_read=max_read)), expected)
+    np.testing.assert_array_equal(_joined(_stream(data)), expected)
+
+
+def test_reader_starts_at_the_file_position_and_leaves_the_file_open() -> None:
+    wav = encode_wav(_signal(5000), 22050, sample_format="pcm24")
+    file = io.BytesIO(b"preamble" + wav + b"trailer")
+    file.seek(len(b"preamble"))
+    np.testing.assert_array_equal(_joined(list(WavReader.from_file(file, block_s=0.05))), decode_wav(wav))
+    assert not file.closed
+
+
+def test_reader_read_block_returns_none_at_the_end() -> None:
+    reader = WavReader.from_file(io.BytesIO(encode_wav(_signal(100))))
+    first = reader.read_block()
+    assert first is not None and first.shape == (100,)
+    assert reader.read_block() is None
+    assert reader.read_block() is None
+
+
+@pytest.mark.parametrize("data", _NOT_WAVS)
+def test_reader_refuses_what_decode_wav_refuses_as_unsupported_media(data: bytes) -> None:
+    with pytest.raises(UnsupportedMedia) as whole:
+        decode_wav(data)
+    with pytest.raises(UnsupportedMedia) as streamed:
+        WavReader.from_file(_ShortReads(data, max_read=5))  # type: ignore[arg-type]  # a binary file
+    assert str(streamed.value) == str(whole.value)
+
+
+@pytest.mark.parametrize(("data", "message"), _BROKEN_WAVS)
+def test_reader_refuses_what_decode_wav_refuses_as_bad_audio(data: bytes, message: str) -> None:
+    with pytest.raises(BadAudio) as whole:
+        decode_wav(data)
+    with pytest.raises(BadAudio, match=message) as streamed:
+        WavReader.from_file(_ShortReads(data, max_read=5))  # type: ignore[arg-type]  # a binary file
+    assert str(streamed.value) == str(whole.value)
+
+
+def test_reader_declared_sizes_allocate_nothing() -> None:
+    huge_data = _riff(_fmt(rate_hz=44100), _chunk(b"data", _pcm16_bytes(1, 2, 3), size=0xFFFFFFFF))
+    huge_fmt = _riff(_chunk(b"fmt ", _fmt()[8:] + _SOME_DATA, size=0xFFFFFFF0))
+    tracemalloc.start()
+    try:
+        assert [block.shape for block in _stream(huge_data)] == [(1,)]
+        with pytest.raises(BadAudio, match="'data' chunk"):
+            WavReader.from_file(io.BytesIO(huge_fmt))
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_bytes < 1 << 20
+
+
+@pytest.mark.parametrize("block_s", [0.0, -1.0, float("nan")])
+def test_reader_rejects_a_bad_block_length(block_s: float) -> None:
+    with pytest.raises(ValueError, match=f"^block_s must be > 0, got {block_s!r}$"):
+        WavReader.from_file(io.BytesIO(encode_wav(_signal(10))), block_s=block_s)
 
 
 # --- PCM16 helpers and the framer ------------------------------------------------------------
@@ -388,11 +548,16 @@ def test_framer_any_split_matches_one_feed(data: bytes, cuts: list[int]) -> None
 
 
 def _decode_or_refuse(data: bytes) -> None:
+    """decode_wav and WavReader both refuse `data` with the same error, or decode it alike."""
     try:
         y = decode_wav(data)
-    except (UnsupportedMedia, BadAudio):
+    except (UnsupportedMedia, BadAudio) as whole:
+        with pytest.raises(type(whole)) as streamed:
+            _stream(data, block_s=0.01)
+        assert str(streamed.value) == str(whole)
         return
     _assert_clean(y)
+    np.testing.assert_array_equal(_joined(_stream(data, block_s=0.01, max_read=7)), y)
 
 
 _fmt_fields = st.builds(
