@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol
 
 import attrs
@@ -56,19 +56,22 @@ class Engine:
     window_s: float = 0.005
     max_final_wait_s: float = 1.0
     max_batch_s: float = 0.25
+    live_streams: Callable[[], int] = lambda: 1
     scheduler: Scheduler = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.scheduler = Scheduler(self._run_batch, self.metrics, max_batch=self.max_batch,
                                    window_s=self.window_s, max_final_wait_s=self.max_final_wait_s,
-                                   max_batch_s=self.max_batch_s)
+                                   max_batch_s=self.max_batch_s, live_streams=self.live_streams)
 
     @classmethod
     def create(cls, backend: ASRBackend, metrics: Metrics, *, threads: int = 1,
                max_batch: int = 32, window_s: float = 0.005,
-               max_final_wait_s: float = 1.0, max_batch_s: float = 0.25) -> Engine:
+               max_final_wait_s: float = 1.0, max_batch_s: float = 0.25,
+               live_streams: Callable[[], int] = lambda: 1) -> Engine:
         return cls(backend, metrics, trio.CapacityLimiter(threads), max_batch=max_batch,
-                   window_s=window_s, max_final_wait_s=max_final_wait_s, max_batch_s=max_batch_s)
+                   window_s=window_s, max_final_wait_s=max_final_wait_s, max_batch_s=max_batch_s,
+                   live_streams=live_streams)
 
     @property
     def backend_name(self) -> str:

@@ -8,9 +8,9 @@ order it takes them in is the policy:
 * priority classes, highest first: streaming finals, then partials, then file pieces
   (`Priority`), so under load partials slow down before finals do, and a big upload never
   delays a live caller's final. A batch holds one class only: finals never wait for partials
-  riding along in their call. Partial and file batches are cut to ``max_batch_s`` of expected
-  work (from a running average of seconds per request), so a final that arrives meanwhile
-  waits at most about that long;
+  riding along in their call. Partial batches, and file batches while any live stream is open
+  (``live_streams``), are cut to ``max_batch_s`` of expected work (from a running average of
+  seconds per request), so a final that arrives meanwhile waits at most about that long;
 * first come, first served inside a class; a session has at most one pending partial (a newer
   one supersedes the older, whose waiter gets `Superseded`: only the latest audio is worth
   decoding), so no session can crowd out the others;
@@ -96,6 +96,8 @@ class Scheduler:
     window_s: float = attrs.field(default=0.005, validator=attrs.validators.ge(0))
     max_final_wait_s: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
     max_batch_s: float = attrs.field(default=0.25, validator=attrs.validators.gt(0))
+    # How many live streams are open; file batches only need cutting when some are.
+    live_streams: Callable[[], int] = lambda: 1
     _queues: dict[Priority, list[_Job]] = attrs.field(
         init=False, factory=lambda: {p: [] for p in Priority})
     _partials: dict[Hashable, _Job] = attrs.field(init=False, factory=dict)
@@ -179,7 +181,9 @@ class Scheduler:
                 continue
             room = self.max_batch
             cost = self._cost_s.get(priority)
-            if priority is not Priority.FINAL and cost:
+            limited = priority is Priority.PARTIAL or (
+                priority is Priority.FILE and self.live_streams() > 0)
+            if limited and cost:
                 room = max(1, min(room, int(self.max_batch_s / cost)))
             batch = queue[:room]
             del queue[:room]

@@ -217,3 +217,24 @@ async def test_partial_batches_are_cut_to_the_time_budget(
             nursery.start_soon(harness.submit, f"f{n}")
     sizes = [(batch[0][0], len(batch)) for batch in harness.runner.batches[1:]]
     assert sizes == [("f", 4), ("f", 2), ("p", 2), ("p", 2), ("p", 2)]
+
+
+async def test_file_batches_are_cut_only_while_live_streams_exist(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    harness.runner.seconds = 0.0
+    harness.runner.per_request_s = 0.1
+    live = [1]
+    harness.scheduler.live_streams = lambda: live[0]
+
+    async def files(prefix: str) -> None:
+        async with trio.open_nursery() as nursery:
+            for n in range(4):
+                nursery.start_soon(harness.submit, f"{prefix}{n}", "final", (prefix, n),
+                                   Priority.FILE)
+
+    await files("w")  # learns the cost; with a live stream: 2 per call
+    await files("a")
+    live[0] = 0
+    await files("b")  # nobody to protect: one call
+    sizes = [len(batch) for batch in harness.runner.batches]
+    assert sizes[-3:] == [2, 2, 4]
