@@ -1,7 +1,8 @@
 """Real-time factor of the whisper backend alone and of the server's file API, same file.
 
-backend: in this process, the file API's own work without HTTP: cut long_dev.wav at pauses with
-the same VAD and transcribe the pieces with `WhisperBackend` in batches. server: ``POST
+backend: in this process, the file API's own work without HTTP: decode long_dev.wav, cut it at
+pauses with the same VAD and transcribe the pieces with `WhisperBackend` in batches, one step
+after the other (the model calls alone are timed too). server: ``POST
 /v1/stt/transcribe`` of the same WAV to a ``sttd serve`` child process, timed by the client
 (upload, decoding, VAD, inference, response). Rounds alternate the two; medians are reported.
 
@@ -27,7 +28,8 @@ COMMAND = "uv run --group bench python benchmarks/rtf.py --out benchmarks/result
 FILE = "long_dev.wav"
 
 
-def backend_once(backend: object, data: bytes) -> float:
+def backend_once(backend: object, data: bytes) -> tuple[float, float]:
+    """Seconds for the whole file path in-process, and for the model calls alone."""
     from sttd.audio import decode_wav, float32_to_pcm16, pcm16_to_float32
     from sttd.backends.base import Request
     from sttd.files import split_at_pauses
@@ -37,24 +39,32 @@ def backend_once(backend: object, data: bytes) -> float:
     started = time.perf_counter()
     jobs = split_at_pauses(float32_to_pcm16(decode_wav(data)), settings)
     size = settings.max_inference_batch_size
+    model_s = 0.0
     for first in range(0, len(jobs), size):
-        backend.transcribe([Request(pcm16_to_float32(j.audio)) for j in jobs[first:first + size]])  # type: ignore[attr-defined]
-    return time.perf_counter() - started
+        requests = [Request(pcm16_to_float32(j.audio)) for j in jobs[first:first + size]]
+        model_started = time.perf_counter()
+        backend.transcribe(requests)  # type: ignore[attr-defined]
+        model_s += time.perf_counter() - model_started
+    return time.perf_counter() - started, model_s
 
 
-async def server_rounds(data: bytes, rounds: int, backend: object) -> tuple[list[float], list[float]]:
+async def server_rounds(data: bytes, rounds: int, backend: object
+                        ) -> tuple[list[float], list[float], list[float]]:
     server_s: list[float] = []
     backend_s: list[float] = []
+    model_s: list[float] = []
     async with sttd_server(STT_BACKEND="whisper") as server:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=600) as client:
             await client.post("/v1/stt/transcribe", files={"file": (FILE, data)})  # warm-up
             for _ in range(rounds):
-                backend_s.append(await trio.to_thread.run_sync(backend_once, backend, data))
+                whole, model = await trio.to_thread.run_sync(backend_once, backend, data)
+                backend_s.append(whole)
+                model_s.append(model)
                 started = time.perf_counter()
                 response = await client.post("/v1/stt/transcribe", files={"file": (FILE, data)})
                 response.raise_for_status()
                 server_s.append(time.perf_counter() - started)
-    return backend_s, server_s
+    return backend_s, server_s, model_s
 
 
 def main() -> None:
@@ -67,7 +77,7 @@ def main() -> None:
     backend = WhisperBackend.load(WhisperOptions())
     data = (DATA / FILE).read_bytes()
     backend_once(backend, data)  # warm-up
-    backend_s, server_s = trio.run(server_rounds, data, args.rounds, backend)
+    backend_s, server_s, model_s = trio.run(server_rounds, data, args.rounds, backend)
     audio_s = (len(data) - 44) / 2 / RATE_HZ
     b, s = statistics.median(backend_s), statistics.median(server_s)
     result = {
@@ -75,8 +85,12 @@ def main() -> None:
         "backend_seconds": backend_s, "server_seconds": server_s,
         "backend_rtf_median": b / audio_s, "server_rtf_median": s / audio_s,
         "server_overhead_ratio": s / b,
+        "model_only_seconds": model_s,
+        "model_only_rtf_median": statistics.median(model_s) / audio_s,
+        "server_vs_model_only_ratio": s / statistics.median(model_s),
     }
-    print(f"backend RTF {b / audio_s:.4f}  server RTF {s / audio_s:.4f}  ratio {s / b:.3f}")
+    print(f"backend RTF {b / audio_s:.4f}  server RTF {s / audio_s:.4f}  ratio {s / b:.3f}  "
+          f"model-only RTF {result['model_only_rtf_median']:.4f}")
     write_result(args.out, COMMAND, result)
 
 
