@@ -152,6 +152,11 @@ def create_app(state: AppState) -> QuartTrio:
                 default_partial_ms=round(state.settings.streaming_chunk_size_sec * 1000))
             engine = _ready_engine(state)
             engine.check_language(params.language)
+            if engine.overloaded():
+                # Past capacity: refuse the newcomer rather than slow every live session down.
+                raise Overloaded(
+                    "the server is at capacity (finals are waiting longer than "
+                    f"STT_MAX_FINAL_WAIT_S={state.settings.max_final_wait_s} s); retry later")
         except ClientError as exc:
             metrics.errors_total.labels(exc.code).inc()
             metrics.sessions_total.labels("rejected").inc()

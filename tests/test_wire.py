@@ -240,3 +240,25 @@ async def test_sessions_are_independent(server: RunningServer) -> None:
             for name in names:
                 nursery.start_soon(one, name)
     assert results == {name: [refs[name]] for name in names}
+
+
+async def test_new_sessions_are_refused_while_the_engine_is_overloaded(
+        server: RunningServer) -> None:
+    engine = server.state.engine
+    assert engine is not None
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as live:
+            await receive_type(live, "ready")
+            engine.scheduler._final_wait_ewma_s = 2 * engine.scheduler.max_final_wait_s
+            async with open_websocket_url(server.ws_url()) as refused:
+                messages, code = await receive_until_close(refused)
+            assert code == 1013
+            assert [m["code"] for m in messages] == ["overloaded"]
+            assert "STT_MAX_FINAL_WAIT_S" in messages[0]["message"]
+            # The session already open is untouched.
+            await send_pcm(live, np.concatenate([load_pcm("ps_cards_001"), silence(1.0)]))
+            await live.send_message(json.dumps({"type": "end"}))
+            finals, live_code = await receive_until_close(live)
+    assert [m["text"] for m in finals if m["type"] == "final"] == [reference_texts()["ps_cards_001"]]
+    assert live_code == 1000
+    assert _sample(server, "sttd_sessions_total", {"outcome": "rejected"}) == 1
