@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 
 import attrs
@@ -46,6 +47,8 @@ RunBatch = Callable[[Sequence[Request]], Awaitable[list[Result]]]
 _WAIT_EWMA_WEIGHT = 0.2
 # Weight of the newest batch in the moving average of seconds per request.
 _COST_EWMA_WEIGHT = 0.2
+# Time constant with which the overload signal fades while no final starts.
+_OVERLOAD_MEMORY_S = 5.0
 
 
 class Superseded(Exception):
@@ -105,6 +108,7 @@ class Scheduler:
     _work: trio.lowlevel.ParkingLot = attrs.field(init=False, factory=trio.lowlevel.ParkingLot)
     _batches: int = attrs.field(init=False, default=0)
     _final_wait_ewma_s: float = attrs.field(init=False, default=0.0)
+    _final_wait_at: float = attrs.field(init=False, default=0.0)  # when it was last updated
     # Seconds per request of each class, a moving average of observed batches.
     _cost_s: dict[Priority, float] = attrs.field(init=False, factory=dict)
 
@@ -118,8 +122,14 @@ class Scheduler:
         )
 
     def overloaded(self) -> bool:
-        """Whether finals wait too long: new sessions should be refused."""
-        return self._final_wait_ewma_s > self.max_final_wait_s
+        """Whether finals wait too long: new sessions should be refused.
+
+        The average fades with the time since a final last started, so a burst that is over
+        does not keep refusing sessions when no traffic comes to lower it.
+        """
+        idle_s = max(trio.current_time() - self._final_wait_at, 0.0)
+        recent = self._final_wait_ewma_s * math.exp(-idle_s / _OVERLOAD_MEMORY_S)
+        return recent > self.max_final_wait_s
 
     async def submit(self, request: Request, *, session: Hashable,
                      priority: Priority | None = None, started: trio.Event | None = None
@@ -197,6 +207,7 @@ class Scheduler:
             self.metrics.scheduler_queue_wait_seconds.labels(job.request.kind).observe(wait)
             if job.priority is Priority.FINAL:
                 self._final_wait_ewma_s += _WAIT_EWMA_WEIGHT * (wait - self._final_wait_ewma_s)
+                self._final_wait_at = now
         if not self._queues[Priority.FINAL] and not _has_final(batch):
             # No finals waiting: let the average decay so admission reopens.
             self._final_wait_ewma_s *= 1 - _WAIT_EWMA_WEIGHT

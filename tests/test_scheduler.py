@@ -238,3 +238,14 @@ async def test_file_batches_are_cut_only_while_live_streams_exist(
     await files("b")  # nobody to protect: one call
     sizes = [len(batch) for batch in harness.runner.batches]
     assert sizes[-3:] == [2, 2, 4]
+
+
+async def test_overload_fades_when_traffic_stops(harness: Harness,
+                                                autojump_clock: trio.abc.Clock) -> None:
+    harness.runner.seconds = 2.0
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(harness.submit, f"f{n}")
+    assert harness.scheduler.overloaded() is True
+    await trio.sleep(30)  # nothing at all arrives: no batch runs to lower the average
+    assert harness.scheduler.overloaded() is False
