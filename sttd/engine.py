@@ -56,22 +56,24 @@ class Engine:
     window_s: float = 0.005
     max_final_wait_s: float = 1.0
     max_batch_s: float = 0.25
+    background_share: float = 0.5
     live_streams: Callable[[], int] = lambda: 1
     scheduler: Scheduler = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.scheduler = Scheduler(self._run_batch, self.metrics, max_batch=self.max_batch,
                                    window_s=self.window_s, max_final_wait_s=self.max_final_wait_s,
-                                   max_batch_s=self.max_batch_s, live_streams=self.live_streams)
+                                   max_batch_s=self.max_batch_s, live_streams=self.live_streams,
+                                   background_share=self.background_share)
 
     @classmethod
     def create(cls, backend: ASRBackend, metrics: Metrics, *, threads: int = 1,
                max_batch: int = 32, window_s: float = 0.005,
                max_final_wait_s: float = 1.0, max_batch_s: float = 0.25,
-               live_streams: Callable[[], int] = lambda: 1) -> Engine:
+               background_share: float = 0.5, live_streams: Callable[[], int] = lambda: 1) -> Engine:
         return cls(backend, metrics, trio.CapacityLimiter(threads), max_batch=max_batch,
                    window_s=window_s, max_final_wait_s=max_final_wait_s, max_batch_s=max_batch_s,
-                   live_streams=live_streams)
+                   background_share=background_share, live_streams=live_streams)
 
     @property
     def backend_name(self) -> str:

@@ -11,6 +11,11 @@ order it takes them in is the policy:
   riding along in their call. Partial batches, and file batches while any live stream is open
   (``live_streams``), are cut to ``max_batch_s`` of expected work (from a running average of
   seconds per request), so a final that arrives meanwhile waits at most about that long;
+* background work (partials, and file pieces while live streams are open) may use at most
+  ``background_share`` of the engine's time: after a background batch that took T seconds the
+  next one waits T * (1 / share - 1), while finals start at once. Under load this lowers the
+  partial rate of every session evenly, and leaves the engine (and the CPU the event loop shares
+  with it) free for finals when an utterance ends, instead of always busy with partials;
 * first come, first served inside a class; a session has at most one pending partial (a newer
   one supersedes the older, whose waiter gets `Superseded`: only the latest audio is worth
   decoding), so no session can crowd out the others;
@@ -99,6 +104,8 @@ class Scheduler:
     window_s: float = attrs.field(default=0.005, validator=attrs.validators.ge(0))
     max_final_wait_s: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
     max_batch_s: float = attrs.field(default=0.25, validator=attrs.validators.gt(0))
+    background_share: float = attrs.field(
+        default=0.5, validator=[attrs.validators.gt(0), attrs.validators.le(1)])
     # How many live streams are open; file batches only need cutting when some are.
     live_streams: Callable[[], int] = lambda: 1
     _queues: dict[Priority, list[_Job]] = attrs.field(
@@ -111,6 +118,8 @@ class Scheduler:
     _final_wait_at: float = attrs.field(init=False, default=0.0)  # when it was last updated
     # Seconds per request of each class, a moving average of observed batches.
     _cost_s: dict[Priority, float] = attrs.field(init=False, factory=dict)
+    # Background batches may not start before this time (the duty-cycle cap).
+    _background_at: float = attrs.field(init=False, default=-math.inf)
 
     def statistics(self) -> SchedulerStatistics:
         return SchedulerStatistics(
@@ -172,28 +181,46 @@ class Scheduler:
         """Serve batches until cancelled; cancellation waits for the batch in flight."""
         task_status.started()
         while True:
-            while not self._pending():
-                await self._work.park()
-            if self.window_s > 0 and self._pending() < self.max_batch:
+            while not self._runnable():
+                # Woken by new work, or when the background pause ends.
+                deadline = self._background_at if self._pending() else math.inf
+                with trio.move_on_at(deadline):
+                    await self._work.park()
+            if self.window_s > 0 and self._runnable() < self.max_batch:
                 await trio.sleep(self.window_s)  # let requests arriving together share a call
             batch = self._take()
             if batch:
+                started = trio.current_time()
                 await self._run(batch)
+                if self._is_background(batch[0].priority):
+                    busy = trio.current_time() - started
+                    self._background_at = trio.current_time() + busy * (
+                        1 / self.background_share - 1)
 
     def _pending(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
 
+    def _runnable(self) -> int:
+        """How many pending requests may start now."""
+        if trio.current_time() >= self._background_at:
+            return self._pending()
+        return sum(len(queue) for priority, queue in self._queues.items()
+                   if not self._is_background(priority))
+
+    def _is_background(self, priority: Priority) -> bool:
+        return priority is Priority.PARTIAL or (
+            priority is Priority.FILE and self.live_streams() > 0)
+
     def _take(self) -> list[_Job]:
         batch: list[_Job] = []
+        paused = trio.current_time() < self._background_at
         for priority in Priority:
             queue = self._queues[priority]
-            if not queue:
+            if not queue or (paused and self._is_background(priority)):
                 continue
             room = self.max_batch
             cost = self._cost_s.get(priority)
-            limited = priority is Priority.PARTIAL or (
-                priority is Priority.FILE and self.live_streams() > 0)
-            if limited and cost:
+            if self._is_background(priority) and cost:
                 room = max(1, min(room, int(self.max_batch_s / cost)))
             batch = queue[:room]
             del queue[:room]

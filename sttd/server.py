@@ -76,6 +76,7 @@ async def _load_engine(state: AppState, nursery: trio.Nursery) -> None:
         backend, state.metrics, threads=settings.inference_threads,
         max_batch=settings.max_inference_batch_size, window_s=settings.batch_window_ms / 1000,
         max_final_wait_s=settings.max_final_wait_s, max_batch_s=settings.max_batch_ms / 1000,
+        background_share=settings.background_share,
         live_streams=lambda: len(state.sessions))
     await nursery.start(engine.run)
     state.engine = engine

@@ -46,6 +46,12 @@ def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) 
         raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
 
 
+def _share(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    _finite(attribute, value)
+    if not 0 < value <= 1:
+        raise ValueError(f"{attribute.name} must be in (0, 1], got {value!r}")
+
+
 def _port(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ValueError(f"{attribute.name} must be in 0..65535, got {value!r}")
@@ -88,6 +94,9 @@ class Settings:
     batch_window_ms: float = attrs.field(default=5.0, validator=_non_negative)
     # Expected work in one partial or file batch: a final arriving meanwhile waits about this.
     max_batch_ms: float = attrs.field(default=250.0, validator=_positive)
+    # Most of the engine's time that partials (and file pieces while streams are live) may take;
+    # the rest stays free for finals.
+    background_share: float = attrs.field(default=0.5, validator=_share)
     # New sessions are refused while finals wait longer than this in the scheduler (on average).
     max_final_wait_s: float = attrs.field(default=1.0, validator=_positive)
     # Worker threads that may run backend calls at once.

@@ -24,11 +24,13 @@ class FakeRunner:
     seconds: float = 0.1
     per_request_s: float = 0.0
     batches: list[list[str]] = attrs.field(factory=list)
+    starts: list[float] = attrs.field(factory=list)
     poison: str | None = None
 
     async def __call__(self, requests: Sequence[Request]) -> list[Result]:
         labels = [r.hotwords[0] for r in requests]
         self.batches.append(labels)
+        self.starts.append(trio.current_time())
         await trio.sleep(self.seconds + self.per_request_s * len(requests))
         if self.poison in labels:
             raise BackendError(f"{self.poison} broke the model")
@@ -249,3 +251,46 @@ async def test_overload_fades_when_traffic_stops(harness: Harness,
     assert harness.scheduler.overloaded() is True
     await trio.sleep(30)  # nothing at all arrives: no batch runs to lower the average
     assert harness.scheduler.overloaded() is False
+
+
+async def test_partials_keep_to_their_share_and_finals_do_not_wait_for_it(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    harness.runner.seconds = 0.2  # share 0.5: after a 0.2 s partial batch, 0.2 s pause
+    await harness.submit("p0", "partial")
+    ended = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(harness.submit, "p1", "partial")
+        await trio.sleep(0.05)
+        nursery.start_soon(harness.submit, "f0")  # in the pause: starts at once
+    assert harness.runner.batches[1:] == [["f0"], ["p1"]]
+    assert harness.runner.starts[1] - ended == pytest.approx(0.05 + 0.005)
+    # p1 waited for the pause after p0; the final's batch is not background and sets none.
+    assert harness.runner.starts[2] >= ended + 0.2
+    assert harness.results == {"p0": "p0", "p1": "p1", "f0": "f0"}
+
+
+async def test_a_full_share_never_pauses(autojump_clock: trio.abc.Clock,
+                                         nursery: trio.Nursery) -> None:
+    runner = FakeRunner(seconds=0.2)
+    scheduler = Scheduler(runner, Metrics.create(CollectorRegistry()), window_s=0.0,
+                          background_share=1.0)
+    await nursery.start(scheduler.run)
+    for n in range(3):
+        await scheduler.submit(_request(f"p{n}", "partial"), session="s")
+    assert runner.starts == pytest.approx([0.0, 0.2, 0.4])
+
+
+async def test_files_are_paced_only_while_live_streams_exist(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    harness.runner.seconds = 0.2
+    live = [0]
+    harness.scheduler.live_streams = lambda: live[0]
+    for n in range(2):
+        await harness.submit(f"a{n}", "final", ("a", n), Priority.FILE)
+    live[0] = 1
+    for n in range(2):
+        await harness.submit(f"b{n}", "final", ("b", n), Priority.FILE)
+    gaps = [later - earlier for earlier, later in zip(harness.runner.starts, harness.runner.starts[1:])]
+    # no live stream: back to back (plus the gather window); then paused by the share
+    assert gaps[0] == pytest.approx(0.205)
+    assert gaps[2] == pytest.approx(0.2 + 0.2 + 0.005)
