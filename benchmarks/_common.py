@@ -131,6 +131,8 @@ class StreamOutcome:
     # Finals that start with the last stable prefix shown for their utterance, of those with one.
     stable_kept: int = 0
     stable_shown: int = 0
+    # How late each frame left the client against its real-time schedule (send returned), in s.
+    send_lag_s: np.ndarray = attrs.field(factory=lambda: np.zeros(0))
 
 
 async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, frame_ms: int = 20,
@@ -153,6 +155,7 @@ async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, fra
     code = 0
     last_stable: dict[int, str] = {}
     kept = shown = 0
+    lags: list[float] = []
     async with open_websocket_url(url, max_message_size=2**22) as ws:
         json.loads(await ws.get_message())
 
@@ -181,12 +184,16 @@ async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, fra
             nursery.start_soon(receive)
             start = trio.current_time()
             for index, offset in enumerate(range(0, len(pcm), frame_bytes)):
+                due = start + index * frame_ms / 1000
                 if realtime:
-                    await trio.sleep_until(start + index * frame_ms / 1000)
+                    await trio.sleep_until(due)
                 sent_at.append(trio.current_time())
                 await ws.send_message(pcm[offset : offset + frame_bytes])
+                if realtime:
+                    lags.append(trio.current_time() - due)
             await ws.send_message(json.dumps({"type": "end"}))
-    return StreamOutcome(finals, partials, latencies, code, kept, shown)
+    return StreamOutcome(finals, partials, latencies, code, kept, shown,
+                         np.asarray(lags, np.float32))
 
 
 def _plain(text: str) -> str:

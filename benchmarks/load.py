@@ -10,10 +10,17 @@ reads dropped frames and partials from /metrics.
 capacity = the largest N with p95 final latency <= 1.5 s, WER within 2 points of N=1, and every
 session closed normally with as many finals as at N=1.
 
+With ``--overhead`` (meant for the mock backend, whose inference costs nothing) it measures the
+server's own cost instead: capacity is then the largest N at which the p99 frame-to-processing
+lag stays under 100 ms and every session closed normally. That lag is the client's send lag
+(how late a frame's send returned against its real-time schedule: the server not reading shows
+up here as TCP backpressure) plus the server's ``sttd_frame_lag_seconds`` (from a frame read
+off the socket to its session's VAD processing it); both p99s must be under the limit.
+
     uv run --group bench python benchmarks/load.py -n 1 2 4 8 16 --runs 2 \\
         --out benchmarks/results/load_whisper.json
-    uv run --group bench python benchmarks/load.py --backend mock --vad energy -n 100 500 1000 \\
-        --out benchmarks/results/load_mock.json
+    uv run --group bench python benchmarks/load.py --overhead --backend mock --vad energy \\
+        -n 100 250 500 1000 --stagger-s 10 --out benchmarks/results/load_mock.json
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from benchmarks._common import (  # noqa: E402
 
 P95_LIMIT_S = 1.5
 WER_SLACK = 0.02
+LAG_LIMIT_S = 0.1
 
 
 async def _sample_process(pid: int, samples: list[tuple[float, float]], period_s: float) -> None:
@@ -62,7 +70,7 @@ async def _sample_process(pid: int, samples: list[tuple[float, float]], period_s
 
 
 async def _scrape(base_url: str) -> dict[str, float]:
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with httpx.AsyncClient(timeout=60) as client:
         text = (await client.get(f"{base_url}/metrics")).text
     wanted = {"sttd_frames_dropped_total", "sttd_partials_dropped_total",
               "sttd_scheduler_batch_size_sum", "sttd_scheduler_batch_size_count"}
@@ -71,7 +79,21 @@ async def _scrape(base_url: str) -> dict[str, float]:
         for sample in family.samples:
             if sample.name in wanted:
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
+            elif sample.name == "sttd_frame_lag_seconds_bucket":
+                key = f"lag_le_{sample.labels['le']}"
+                values[key] = values.get(key, 0.0) + sample.value
     return values
+
+
+def _lag_quantile(before: dict[str, float], after: dict[str, float], q: float) -> float | None:
+    """Upper bound of the histogram bucket holding quantile `q` of the frames seen between."""
+    buckets = sorted(
+        (float(key[len("lag_le_"):]), after[key] - before.get(key, 0.0))
+        for key in after if key.startswith("lag_le_"))
+    total = buckets[-1][1] if buckets else 0.0
+    if not total:
+        return None
+    return next(bound for bound, count in buckets if count >= q * total)
 
 
 async def run_point(server_url: str, base_url: str, pid: int, n: int, audio: np.ndarray,
@@ -99,6 +121,7 @@ async def run_point(server_url: str, base_url: str, pid: int, n: int, audio: np.
     after = await _scrape(base_url)
     good = [o for o in outcomes if not isinstance(o, BaseException)]
     latencies = [x for o in good for x in o.latencies_s]
+    send_lags = np.concatenate([o.send_lag_s for o in good]) if good else np.zeros(0)
     wers = [wer([reference], [" ".join(f["text"] for f in o.finals)]) for o in good]
     batches = after.get("sttd_scheduler_batch_size_count", 0) - before.get(
         "sttd_scheduler_batch_size_count", 0)
@@ -122,10 +145,34 @@ async def run_point(server_url: str, base_url: str, pid: int, n: int, audio: np.
         "partials_dropped": after.get("sttd_partials_dropped_total", 0) - before.get(
             "sttd_partials_dropped_total", 0),
         "mean_batch_size": batched / batches if batches else None,
+        "frame_lag_s": {
+            "client_send_p50": float(np.percentile(send_lags, 50)) if send_lags.size else None,
+            "client_send_p99": float(np.percentile(send_lags, 99)) if send_lags.size else None,
+            "client_send_max": float(send_lags.max()) if send_lags.size else None,
+            "server_p99_bucket_le": _lag_quantile(before, after, 0.99),
+            "server_p50_bucket_le": _lag_quantile(before, after, 0.50),
+        },
         "server_cpu_percent": {"mean": statistics.fmean(s[0] for s in samples) if samples else None,
                                "max": max((s[0] for s in samples), default=None)},
         "server_rss_mib": {"max": max((s[1] for s in samples), default=None)},
     }
+
+
+def overhead_capacity(points: list[dict[str, Any]]) -> int:
+    """Largest N whose every run kept both p99 frame lags under LAG_LIMIT_S, all sessions ok."""
+    best = 0
+    for n in sorted({p["n"] for p in points}):
+        runs = [p for p in points if p["n"] == n]
+        ok = all(
+            p["sessions_ok"] == n
+            and p["frame_lag_s"]["client_send_p99"] is not None
+            and p["frame_lag_s"]["client_send_p99"] < LAG_LIMIT_S
+            and (p["frame_lag_s"]["server_p99_bucket_le"] or 0) <= LAG_LIMIT_S
+            for p in runs)
+        if not ok:
+            break
+        best = n
+    return best
 
 
 def capacity(points: list[dict[str, Any]]) -> int:
@@ -156,6 +203,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     points = []
     settings = {"STT_BACKEND": args.backend, "STT_VAD": args.vad,
                 "STT_IN_QUEUE_MAX_DROPS": str(10**9)}
+    settings.update(dict(item.split("=", 1) for item in args.set))
     async with sttd_server(**settings) as server:
         url = server.ws_url("call_id=load&sample_rate=16000")
         for n in args.n:
@@ -167,10 +215,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"N={n:4d} run={run} p50={point['final_latency_s']['p50']} "
                       f"p95={point['final_latency_s']['p95']} wer={point['wer_mean']} "
                       f"ok={point['sessions_ok']} cpu={point['server_cpu_percent']['mean']} "
-                      f"batch={point['mean_batch_size']}", flush=True)
+                      f"batch={point['mean_batch_size']} lag={point['frame_lag_s']}", flush=True)
     return {"settings": {"backend": args.backend, "vad": args.vad, "file": args.file,
-                         "stagger_s": args.stagger_s, "runs": args.runs},
-            "points": points, "capacity": capacity(points)}
+                         "stagger_s": args.stagger_s, "runs": args.runs, "server_env": settings,
+                         "overhead": args.overhead},
+            "points": points,
+            "capacity": overhead_capacity(points) if args.overhead else capacity(points)}
 
 
 def main() -> None:
@@ -181,6 +231,10 @@ def main() -> None:
     parser.add_argument("--vad", default="silero")
     parser.add_argument("--file", default="long_dev.wav")
     parser.add_argument("--stagger-s", type=float, default=2.0)
+    parser.add_argument("--set", action="append", default=[], metavar="STT_KEY=VALUE",
+                        help="extra server setting (repeatable)")
+    parser.add_argument("--overhead", action="store_true",
+                        help="capacity by frame lag (for the mock backend), not by final latency")
     parser.add_argument("--out", type=Path, default=RESULTS / "load_whisper.json")
     args = parser.parse_args()
     result = trio.run(main_async, args)

@@ -16,6 +16,7 @@ __all__ = ["Metrics", "QueueDepths"]
 
 _LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_FRAME_LAG_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _INFERENCE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -42,6 +43,7 @@ class Metrics:
     errors_total: Counter
     inference_duration_seconds: Histogram
     final_latency_seconds: Histogram
+    frame_lag_seconds: Histogram
     http_requests_total: Counter
     engine_ready: Gauge
     scheduler_batch_size: Histogram
@@ -92,6 +94,11 @@ class Metrics:
                 "sttd_final_latency_seconds",
                 "From the audio (or commit) that ended an utterance arriving to its final sent.",
                 buckets=_LATENCY_BUCKETS_S, registry=registry,
+            ),
+            frame_lag_seconds=Histogram(
+                "sttd_frame_lag_seconds",
+                "From an audio frame read off the WebSocket to its session processing it (VAD).",
+                buckets=_FRAME_LAG_BUCKETS_S, registry=registry,
             ),
             http_requests_total=Counter(
                 "sttd_http_requests_total", "HTTP requests, by route and status.",

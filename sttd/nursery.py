@@ -217,6 +217,8 @@ class Session:
                         break
                 for item in items:
                     if isinstance(item, AudioFrame):
+                        self.metrics.frame_lag_seconds.observe(
+                            trio.current_time() - item.received_at)
                         finals.extend((job, item.received_at, False)
                                       for job in tracker.feed(item.samples))
                     elif isinstance(item, Commit):

@@ -219,6 +219,7 @@ async def test_metrics_count_what_happened(server: RunningServer,
     assert metrics[("sttd_frames_dropped_total", ())] == 0
     assert metrics[("sttd_partials_dropped_total", ())] == 0
     assert metrics[("sttd_final_latency_seconds_count", ())] == 2
+    assert metrics[("sttd_frame_lag_seconds_count", ())] == -(-audio.nbytes // 3200)  # each frame
     # Stream: 2 finals + its partials; file: 1 final.
     assert metrics[("sttd_inference_duration_seconds_count", (("kind", "final"),))] == 3
     assert metrics.get(("sttd_inference_duration_seconds_count", (("kind", "partial"),)), 0) >= partials
