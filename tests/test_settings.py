@@ -36,12 +36,20 @@ INT_VARS = [
     "STT_VAD_SILENCE_MS",
     "STT_MAX_INFERENCE_BATCH_SIZE",
     "STT_INFERENCE_THREADS",
+    "STT_MAX_SESSIONS",
+    "STT_MAX_MESSAGE_BYTES",
 ]
 FLOAT_VARS = [
     "STT_VAD_THRESHOLD",
     "STT_MAX_UTTERANCE_S",
     "STT_STREAMING_CHUNK_SIZE_SEC",
     "STT_SHUTDOWN_GRACE_S",
+    "STT_MAX_SESSION_S",
+    "STT_IDLE_TIMEOUT_S",
+    "STT_HTTP_READ_TIMEOUT_S",
+    "STT_MAX_LAG_S",
+    "STT_DRAIN_S",
+    "STT_INFERENCE_TIMEOUT_S",
 ]
 # Variables that must be > 0 (zero is refused).
 POSITIVE_VARS = [
@@ -54,9 +62,16 @@ POSITIVE_VARS = [
     "STT_STREAMING_CHUNK_SIZE_SEC",
     "STT_MAX_INFERENCE_BATCH_SIZE",
     "STT_INFERENCE_THREADS",
+    "STT_MAX_SESSION_S",
+    "STT_IDLE_TIMEOUT_S",
+    "STT_MAX_MESSAGE_BYTES",
+    "STT_HTTP_READ_TIMEOUT_S",
+    "STT_MAX_LAG_S",
+    "STT_INFERENCE_TIMEOUT_S",
 ]
 # Variables where zero is allowed but a negative value is not.
-NON_NEGATIVE_VARS = ["STT_IN_QUEUE_MAX_DROPS", "STT_SHUTDOWN_GRACE_S"]
+NON_NEGATIVE_VARS = ["STT_IN_QUEUE_MAX_DROPS", "STT_SHUTDOWN_GRACE_S", "STT_MAX_SESSIONS",
+                     "STT_DRAIN_S"]
 
 
 def _field(variable: str) -> str:
@@ -228,3 +243,20 @@ def test_config_error_is_raised_without_chained_validator_error() -> None:
 )
 def test_non_finite_float_rejected(variable: str, raw: str) -> None:
     assert _config_error({variable: raw}).startswith(f"{variable} must be ")
+
+
+@pytest.mark.parametrize("raw", ["0", "-0.1", "1.01", "nan"])
+def test_background_share_must_be_a_fraction(raw: str) -> None:
+    assert "STT_BACKGROUND_SHARE" in _config_error({"STT_BACKGROUND_SHARE": raw})
+
+
+@pytest.mark.parametrize("raw", ["0.05", "1"])
+def test_background_share_accepts_fractions(raw: str) -> None:
+    assert Settings.from_env({"STT_BACKGROUND_SHARE": raw}).background_share == float(raw)
+
+
+def test_secrets_stay_out_of_the_settings_repr() -> None:
+    settings = Settings.from_env({"STT_API_KEYS": "sk-one,sk-two", "STT_METRICS_TOKEN": "mt-x"})
+    assert settings.api_keys == "sk-one,sk-two"
+    for secret in ("sk-one", "sk-two", "mt-x"):
+        assert secret not in repr(settings)
