@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import attrs
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -142,3 +143,25 @@ class _QueueCollector(Collector):
         family.add_metric(["audio_in"], now.audio_frames)
         family.add_metric(["output"], now.output_messages)
         yield family
+        tasks = _live_tasks()
+        if tasks is not None:
+            yield GaugeMetricFamily(
+                "sttd_tasks_live", "Trio tasks alive in the server (leak check).", value=tasks)
+
+
+def _live_tasks() -> int | None:
+    """Tasks in the trio task tree, or None outside trio (a scrape from another thread)."""
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return None
+    if root is None:
+        return None
+    count = 0
+    stack = [root]
+    while stack:
+        task = stack.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count

@@ -228,3 +228,4 @@ async def test_metrics_count_what_happened(server: RunningServer,
     assert metrics[("sttd_queue_depth", (("queue", "audio_in"),))] == 0
     assert metrics[("sttd_queue_depth", (("queue", "output"),))] == 0
     assert metrics[("sttd_engine_ready", ())] == 1
+    assert metrics[("sttd_tasks_live", ())] > 0
