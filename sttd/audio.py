@@ -15,6 +15,7 @@ state between blocks, so both readers return the same samples. Any input raises 
 from __future__ import annotations
 
 import io
+import math
 import struct
 from collections.abc import Iterator
 from typing import IO, Final, Protocol
@@ -164,10 +165,12 @@ class WavReader:
         `file` must be seekable; the reader does not close it. Raises `UnsupportedMedia` if the
         file is not RIFF/WAVE and `BadAudio` if it is but its chunks or format fields are broken
         or unsupported, with the messages `decode_wav` gives. Raises `ValueError` unless
-        `block_s` is positive.
+        `block_s` is positive and finite.
         """
         if not block_s > 0:
             raise ValueError(f"block_s must be > 0, got {block_s!r}")
+        if math.isinf(block_s):  # it would pass the test above, then fail to round to frames
+            raise ValueError(f"block_s must be finite, got {block_s!r}")
         base = file.tell()
         header = _read_header(file)
         file.seek(base + header.data_start)
