@@ -53,6 +53,9 @@ _FORMAT_EXTENSIBLE: Final = 0xFFFE
 _PCM_BITS: Final = (8, 16, 24, 32)
 _FLOAT_BITS: Final = (32, 64)
 _MAX_LISTED_CHUNKS: Final = 8  # chunk ids quoted in a "missing chunk" message
+# Chunks walked looking for fmt and data. Real files have a handful; an upload of empty chunk
+# headers would otherwise cost a second of CPU per 8 MB in one uncancellable worker-thread call.
+_MAX_CHUNKS: Final = 4096
 # A WavReader block reads at most this much of the data chunk, whatever block_s asks for: ten
 # seconds of 48 kHz stereo float32 fit; 32 channels of 384 kHz float64 get shorter blocks.
 _MAX_BLOCK_READ_BYTES: Final = 4 * 1024 * 1024
@@ -294,7 +297,12 @@ def _read_header(file: IO[bytes]) -> _WavHeader:
     data_bytes: int | None = None
     seen: list[str] = []
     offset = _RIFF_HEADER_BYTES
+    walked = 0
     while fmt_body is None or data_start is None:
+        if walked == _MAX_CHUNKS:
+            raise BadAudio(f"WAV file must have its 'fmt ' and 'data' chunks among its first "
+                           f"{_MAX_CHUNKS} chunks, found chunks {seen}...")
+        walked += 1
         file.seek(base + offset)
         chunk_header = _read_up_to(file, _CHUNK_HEADER_BYTES)
         if len(chunk_header) < _CHUNK_HEADER_BYTES:

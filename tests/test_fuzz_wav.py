@@ -437,3 +437,15 @@ def test_reader_refuses_a_block_length_it_cannot_use(block_s: float) -> None:
     with pytest.raises(ValueError, match="block_s must be"):
         WavReader.from_file(_Trickle(encode_wav(np.zeros(4, np.float32)), 64), block_s=block_s)  # type: ignore[arg-type]  # a binary file
 
+
+@pytest.mark.parametrize(("junk_chunks", "decodes"), [(4094, True), (4095, False), (1_000_000, False)])
+def test_chunk_walk_is_bounded(junk_chunks: int, decodes: bool) -> None:
+    """fmt and data must come within the first 4096 chunks, so empty chunk headers cost no CPU."""
+    pcm = np.array([1, -2, 3], np.int16)
+    data = _riff(b"JUNK\x00\x00\x00\x00" * junk_chunks, _chunk(b"fmt ", _fmt_body(_PCM, 1, SAMPLE_RATE_HZ, 16)),
+                 _chunk(b"data", _pcm16(pcm)))
+    outcome = _decode_both(data, max_read=64)
+    if decodes:
+        np.testing.assert_array_equal(outcome, pcm.astype(np.float32) / 32768)  # type: ignore[arg-type]
+    else:
+        _assert_bad_audio(outcome, "chunks among its first 4096 chunks, found chunks ['JUNK', 'JUNK',")
