@@ -3,9 +3,11 @@
 A session links its three tasks with two channels:
 
 * the **audio channel** (`open_audio_channel`), from ``_recv`` to ``_infer``. It carries audio
-  frames and, in band so that ordering holds, the client's `Commit` and `End` and the server's
-  `Overload`. It never blocks the sender: when it holds ``max_frames`` audio frames, the oldest
-  *audio frame* is dropped and counted. Control messages are never dropped.
+  frames and, in band so that ordering holds, the client's `Commit` and `End`, the server's
+  `Overload`, and `Gap`s (audio the session skipped because it lagged; consecutive gaps merge).
+  It never blocks the sender: when it holds ``max_frames`` audio frames, the oldest *audio frame*
+  is dropped and counted. Control messages are never dropped. It also counts the samples it
+  holds: that is the session's backlog.
 * the **output channel** (`open_output_channel`), from ``_infer`` (and ``_recv``, for errors) to
   ``_send``. It holds ``max_messages`` outbound messages. A partial offered while it is 80% full or
   more is dropped and counted; finals, errors and the close are never dropped: their senders wait
@@ -35,6 +37,7 @@ __all__ = [
     "Close",
     "Commit",
     "End",
+    "Gap",
     "LatestSlot",
     "OutputItem",
     "OutputReceiver",
@@ -69,8 +72,20 @@ class Commit:
 
 @attrs.frozen
 class End:
-    """The client asked to finalize everything and close."""
+    """Finalize everything and close: the client's ``end``, or the server ending the session."""
 
+    received_at: float
+    code: int = 1000
+    reason: str = "end of stream"
+    outcome: str = "ended"  # the session's outcome label in metrics
+    error_code: str = ""  # when set, an error with this code and `reason` precedes the close
+
+
+@attrs.frozen
+class Gap:
+    """`samples` of audio the session skipped instead of queueing, because it lagged."""
+
+    samples: int
     received_at: float
 
 
@@ -81,7 +96,7 @@ class Overload:
     dropped_frames: int
 
 
-AudioItem: TypeAlias = AudioFrame | Commit | End | Overload
+AudioItem: TypeAlias = AudioFrame | Commit | End | Overload | Gap
 
 
 # -- outbound: what _send writes ---------------------------------------------------------------
@@ -116,6 +131,7 @@ class AudioChannelStatistics:
     """A snapshot of an audio channel."""
 
     frames_buffered: int
+    samples_buffered: int
     items_buffered: int
     max_frames: int
     dropped_frames: int
@@ -127,14 +143,17 @@ class _AudioState:
     max_frames: int
     items: collections.deque[AudioItem] = attrs.Factory(collections.deque)
     frames: int = 0
+    samples: int = 0
     dropped_frames: int = 0
     senders_open: int = 1
     receiver_open: bool = True
     lot: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    room: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
 
     def statistics(self) -> AudioChannelStatistics:
         return AudioChannelStatistics(
             frames_buffered=self.frames,
+            samples_buffered=self.samples,
             items_buffered=len(self.items),
             max_frames=self.max_frames,
             dropped_frames=self.dropped_frames,
@@ -163,13 +182,34 @@ class AudioSender:
         dropped = 0
         if isinstance(item, AudioFrame):
             if state.frames >= state.max_frames:
-                dropped = _drop_oldest_frame(state.items)
-                state.frames -= dropped
-                state.dropped_frames += dropped
+                oldest = _drop_oldest_frame(state.items)
+                if oldest is not None:
+                    dropped = 1
+                    state.frames -= 1
+                    state.samples -= oldest.samples.size
+                    state.dropped_frames += 1
             state.frames += 1
+            state.samples += item.samples.size
+        elif isinstance(item, Gap) and state.items and isinstance(state.items[-1], Gap):
+            last = state.items[-1]
+            state.items[-1] = Gap(last.samples + item.samples, last.received_at)
+            state.lot.unpark_all()
+            return 0
         state.items.append(item)
         state.lot.unpark_all()
         return dropped
+
+    async def wait_for_room(self, max_samples: int) -> None:
+        """Wait until the channel holds at most `max_samples` samples and has a free frame slot.
+
+        For backpressure on a client that sends faster than real time: not receiving lets TCP
+        slow it down, where queueing would drop its frames.
+        """
+        state = self._state
+        while state.receiver_open and (
+                state.samples > max_samples or state.frames >= state.max_frames):
+            await state.room.park()
+        await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
         """Close this end; the receiver sees `EndOfChannel` after buffered items. Idempotent."""
@@ -194,12 +234,12 @@ class AudioSender:
         return self._state.statistics()
 
 
-def _drop_oldest_frame(items: collections.deque[AudioItem]) -> int:
+def _drop_oldest_frame(items: collections.deque[AudioItem]) -> AudioFrame | None:
     for index, queued in enumerate(items):
         if isinstance(queued, AudioFrame):
             del items[index]
-            return 1
-    return 0
+            return queued
+    return None
 
 
 @attrs.define
@@ -230,6 +270,9 @@ class AudioReceiver:
             item = state.items.popleft()
             if isinstance(item, AudioFrame):
                 state.frames -= 1
+                state.samples -= item.samples.size
+            if state.room:
+                state.room.unpark_all()
             return item
         if state.senders_open == 0:
             raise trio.EndOfChannel
@@ -241,7 +284,9 @@ class AudioReceiver:
         self._state.receiver_open = False
         self._state.items.clear()
         self._state.frames = 0
-        self._state.lot.unpark_all()  # a task parked in receive() wakes to ClosedResourceError
+        self._state.samples = 0
+        self._state.lot.unpark_all()
+        self._state.room.unpark_all()  # a task parked in receive() wakes to ClosedResourceError
 
     async def aclose(self) -> None:
         self.close()

@@ -57,6 +57,7 @@ class Engine:
     max_final_wait_s: float = 1.0
     max_batch_s: float = 0.25
     background_share: float = 0.5
+    request_timeout_s: float = 30.0
     live_streams: Callable[[], int] = lambda: 1
     scheduler: Scheduler = attrs.field(init=False)
 
@@ -64,16 +65,18 @@ class Engine:
         self.scheduler = Scheduler(self._run_batch, self.metrics, max_batch=self.max_batch,
                                    window_s=self.window_s, max_final_wait_s=self.max_final_wait_s,
                                    max_batch_s=self.max_batch_s, live_streams=self.live_streams,
-                                   background_share=self.background_share)
+                                   background_share=self.background_share,
+                                   request_timeout_s=self.request_timeout_s)
 
     @classmethod
     def create(cls, backend: ASRBackend, metrics: Metrics, *, threads: int = 1,
                max_batch: int = 32, window_s: float = 0.005,
                max_final_wait_s: float = 1.0, max_batch_s: float = 0.25,
-               background_share: float = 0.5, live_streams: Callable[[], int] = lambda: 1) -> Engine:
+               background_share: float = 0.5, request_timeout_s: float = 30.0, live_streams: Callable[[], int] = lambda: 1) -> Engine:
         return cls(backend, metrics, trio.CapacityLimiter(threads), max_batch=max_batch,
                    window_s=window_s, max_final_wait_s=max_final_wait_s, max_batch_s=max_batch_s,
-                   background_share=background_share, live_streams=live_streams)
+                   background_share=background_share, request_timeout_s=request_timeout_s,
+                   live_streams=live_streams)
 
     @property
     def backend_name(self) -> str:
@@ -84,6 +87,10 @@ class Engine:
 
     def overloaded(self) -> bool:
         return self.scheduler.overloaded()
+
+    def degraded(self) -> str | None:
+        """Why the engine is degraded (a backend call stuck past the timeout), or None."""
+        return self.scheduler.degraded()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the scheduler until cancelled."""

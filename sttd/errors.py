@@ -12,6 +12,7 @@ All of them derive from one base::
     │   ├── UnsupportedLanguage   a language the loaded model cannot transcribe (1008 / 400)
     │   └── Overloaded            the server or this session is past capacity (1013 / 503)
     ├── BackendError         a speech backend failed on a request
+    │   └── InferenceTimeout      no result within STT_INFERENCE_TIMEOUT_S
     └── ConfigError          a setting is missing or invalid; stops start-up
 
 Each `ClientError` has a stable machine-readable `code` (sent as ``{"error": {"code": ...}}`` over
@@ -26,6 +27,7 @@ __all__ = [
     "BadAudio",
     "ClientError",
     "ConfigError",
+    "InferenceTimeout",
     "InvalidMessage",
     "InvalidParam",
     "Overloaded",
@@ -110,6 +112,14 @@ class Overloaded(ClientError):
 
 class BackendError(SttdError):
     """A speech backend failed to load or to transcribe."""
+
+    code = "inference_failed"
+
+
+class InferenceTimeout(BackendError):
+    """A request got no result within its time limit (the backend may be stuck)."""
+
+    code = "inference_timeout"
 
 
 class ConfigError(SttdError):

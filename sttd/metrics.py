@@ -27,6 +27,7 @@ class QueueDepths:
 
     audio_frames: int
     output_messages: int
+    max_backlog_s: float = 0.0
 
 
 @attrs.define
@@ -40,6 +41,8 @@ class Metrics:
     partials_sent_total: Counter
     finals_sent_total: Counter
     frames_dropped_total: Counter
+    audio_skipped_seconds_total: Counter
+    warnings_total: Counter
     partials_dropped_total: Counter
     errors_total: Counter
     inference_duration_seconds: Histogram
@@ -76,6 +79,15 @@ class Metrics:
             frames_dropped_total=Counter(
                 "sttd_frames_dropped_total",
                 "Audio frames dropped because a session's input queue was full.",
+                registry=registry,
+            ),
+            audio_skipped_seconds_total=Counter(
+                "sttd_audio_skipped_seconds_total",
+                "Seconds of audio skipped because a session lagged past 2 x STT_MAX_LAG_S.",
+                registry=registry,
+            ),
+            warnings_total=Counter(
+                "sttd_warnings_total", "Warnings sent to clients, by code.", ["code"],
                 registry=registry,
             ),
             partials_dropped_total=Counter(
@@ -143,6 +155,10 @@ class _QueueCollector(Collector):
         family.add_metric(["audio_in"], now.audio_frames)
         family.add_metric(["output"], now.output_messages)
         yield family
+        yield GaugeMetricFamily(
+            "sttd_session_backlog_seconds_max",
+            "Largest backlog of any session: audio received but not yet processed.",
+            value=now.max_backlog_s)
         tasks = _live_tasks()
         if tasks is not None:
             yield GaugeMetricFamily(

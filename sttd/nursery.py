@@ -24,6 +24,7 @@ the client as ``internal`` and closes the socket with 1011.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import functools
 from typing import Protocol
@@ -41,6 +42,7 @@ from sttd.channels import (
     Close,
     Commit,
     End,
+    Gap,
     LatestSlot,
     OutputReceiver,
     OutputSender,
@@ -60,6 +62,7 @@ from sttd.protocol import (
     parse_client_message,
     ready_message,
     transcript_message,
+    warning_message,
 )
 from sttd.settings import Settings
 from sttd.stability import PartialStabilizer
@@ -113,6 +116,23 @@ class Session:
     _finalized: int = attrs.field(init=False, default=-1)
     _partial_in_flight: tuple[trio.CancelScope, trio.Event] | None = attrs.field(
         init=False, default=None)
+    # The receive loop's scope: cancelling it ends the session's input (drain, limits).
+    _recv_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
+    _draining: bool = attrs.field(init=False, default=False)
+    _drops_reported: int = attrs.field(init=False, default=0)
+
+    @property
+    def backlog_s(self) -> float:
+        """Audio received but not yet processed (queued while the session waits on the engine)."""
+        if self._audio is None:
+            return 0.0
+        return self._audio[0].statistics().samples_buffered / _SAMPLE_RATE_HZ
+
+    def drain(self) -> None:
+        """Stop taking audio, finalize the open utterance, send its final, close 1001."""
+        self._draining = True
+        if self._recv_scope is not None:
+            self._recv_scope.cancel()
 
     def statistics(self) -> SessionStatistics | None:
         """Queue statistics, or None before the session's channels exist."""
@@ -156,34 +176,87 @@ class Session:
         self, transport: Transport, send_audio: AudioSender, send_errors: OutputSender
     ) -> None:
         framer = Pcm16Framer()
+        settings = self.settings
+        # Past this backlog, new audio is skipped (as a counted Gap) instead of queued.
+        skip_above = int(2 * settings.max_lag_s * _SAMPLE_RATE_HZ)
         async with send_errors, send_audio:
-            while True:
-                data = await transport.receive()
-                now = trio.current_time()
-                if isinstance(data, str):
-                    try:
-                        item = parse_client_message(data, now)
-                    except InvalidMessage as exc:
-                        self.metrics.errors_total.labels(exc.code).inc()
-                        await send_errors.send(error_message(exc.code, str(exc)))
+            started = trio.current_time()
+            ends_at = started + settings.max_session_s
+            received = 0  # samples
+            with trio.CancelScope(
+                    deadline=min(ends_at, started + settings.idle_timeout_s)) as scope:
+                self._recv_scope = scope
+                if self._draining:
+                    scope.cancel()
+                while True:
+                    data = await transport.receive()
+                    now = trio.current_time()
+                    scope.deadline = min(ends_at, now + settings.idle_timeout_s)
+                    if isinstance(data, str):
+                        try:
+                            item = parse_client_message(data, now)
+                        except InvalidMessage as exc:
+                            self.metrics.errors_total.labels(exc.code).inc()
+                            await send_errors.send(error_message(exc.code, str(exc)))
+                            continue
+                        if item is None:
+                            continue  # keepalive
+                        send_audio.send_nowait(item)
+                        if isinstance(item, End):
+                            return
                         continue
-                    if item is None:
+                    samples = framer.feed(data or b"")
+                    if samples.size == 0:
                         continue
-                    send_audio.send_nowait(item)
-                    if isinstance(item, End):
-                        return
-                    continue
-                samples = framer.feed(data or b"")
-                if samples.size == 0:
-                    continue
-                self.metrics.audio_received_seconds_total.inc(samples.size / _SAMPLE_RATE_HZ)
-                dropped = send_audio.send_nowait(AudioFrame(samples, now))
-                if dropped:
-                    self.metrics.frames_dropped_total.inc(dropped)
-                    total = send_audio.statistics().dropped_frames
-                    if total > self.settings.in_queue_max_drops:
-                        send_audio.send_nowait(Overload(total))
-                        return
+                    self.metrics.audio_received_seconds_total.inc(samples.size / _SAMPLE_RATE_HZ)
+                    received += samples.size
+                    queued = send_audio.statistics()
+                    behind = queued.samples_buffered > skip_above
+                    if behind or queued.frames_buffered >= queued.max_frames:
+                        if received / _SAMPLE_RATE_HZ - (now - started) > settings.max_lag_s:
+                            # Ahead of real time (a file sent fast): hold the client back.
+                            scope.deadline = math.inf
+                            await send_audio.wait_for_room(skip_above // 2)
+                            scope.deadline = min(ends_at, trio.current_time()
+                                                 + settings.idle_timeout_s)
+                        elif behind:
+                            # A live stream the server cannot keep up with: skip, say so.
+                            send_audio.send_nowait(Gap(samples.size, now))
+                            continue
+                    dropped = send_audio.send_nowait(AudioFrame(samples, now))
+                    if dropped:
+                        total = send_audio.statistics().dropped_frames
+                        await self._report_drops(dropped, total, send_errors)
+                        if total > settings.in_queue_max_drops:
+                            send_audio.send_nowait(Overload(total))
+                            return
+            # The scope ended the loop: a drain, the session's time limit, or an idle client.
+            send_audio.send_nowait(self._input_ended(ends_at))
+
+    def _input_ended(self, ends_at: float) -> End:
+        now = trio.current_time()
+        if self._draining:
+            return End(now, 1001, "server shutting down", "drained")
+        if now >= ends_at:
+            code, outcome = "session_too_long", "session_limit"
+            message = (f"the session reached STT_MAX_SESSION_S={self.settings.max_session_s:g} s; "
+                       "open a new one to go on")
+        else:
+            code, outcome = "idle_timeout", "idle"
+            message = (f"no audio or keepalive for STT_IDLE_TIMEOUT_S="
+                       f"{self.settings.idle_timeout_s:g} s")
+        return End(now, 1000, message, outcome, error_code=code)
+
+    async def _report_drops(self, dropped: int, total: int, send_errors: OutputSender) -> None:
+        """Count dropped frames; tell the client at the first drop and every 50 after."""
+        self.metrics.frames_dropped_total.inc(dropped)
+        if self._drops_reported and total - self._drops_reported < 50:
+            return
+        self._drops_reported = total
+        self.metrics.warnings_total.labels("lagging").inc()
+        await send_errors.send(warning_message(
+            "lagging", f"the session's input queue is full: {total} audio frames dropped so far",
+            frames_dropped=total))
 
     async def _infer(self, recv_audio: AudioReceiver, send_out: OutputSender,
                      slot: LatestSlot[Job]) -> None:
@@ -203,13 +276,18 @@ class Session:
     async def _infer_loop(self, tracker: UtteranceTracker, recv_audio: AudioReceiver,
                           send_out: OutputSender, slot: LatestSlot[Job]) -> None:
         async with send_out, recv_audio:
+            max_lag = int(self.settings.max_lag_s * _SAMPLE_RATE_HZ)
             while True:
                 finals: list[tuple[Job, float, bool]] = []  # job, trigger time, forced
                 stop: Close | None = None
+                error = ""  # sent, with the close reason, after the finals and before the close
+                skipped = 0
                 try:
                     items = [await recv_audio.receive()]
                 except trio.EndOfChannel:
                     items = [End(trio.current_time())]
+                # How far behind the stream this round starts: past STT_MAX_LAG_S, no partial.
+                lagging = recv_audio.statistics().samples_buffered > max_lag
                 while True:
                     try:
                         items.append(recv_audio.receive_nowait())
@@ -223,29 +301,38 @@ class Session:
                                       for job in tracker.feed(item.samples))
                     elif isinstance(item, Commit):
                         finals.extend((job, item.received_at, True) for job in tracker.commit())
+                    elif isinstance(item, Gap):
+                        finals.extend((job, item.received_at, False)
+                                      for job in tracker.skip(item.samples))
+                        skipped += item.samples
                     elif isinstance(item, End):
-                        finals.extend((job, item.received_at, True) for job in tracker.commit())
-                        stop = Close(1000, "end of stream")
+                        # Only the client's own `end` answers with a final even when empty.
+                        forced = item.outcome == "ended"
+                        finals.extend((job, item.received_at, forced) for job in tracker.commit())
+                        stop = Close(item.code, item.reason)
+                        self.outcome = item.outcome
+                        error = item.error_code
                         break
                     else:
                         finals.extend((job, trio.current_time(), True) for job in tracker.commit())
                         stop = self._overloaded(item)
+                        error = "overloaded"
                         break
+                if skipped:
+                    await self._report_skip(skipped, send_out)
                 for job, trigger_at, forced in finals:
                     # Any partial of this utterance is stale now: withdraw it if still queued.
                     self._finalized = job.utterance_id
                     self._withdraw_partial()
                     await self._decode(job, send_out, trigger_at, forced=forced)
                 if stop is not None:
-                    if stop.code != 1000:
-                        self.metrics.errors_total.labels("overloaded").inc()
-                        await send_out.send(error_message("overloaded", stop.reason))
-                    else:
-                        self.outcome = "ended"
+                    if error:
+                        self.metrics.errors_total.labels(error).inc()
+                        await send_out.send(error_message(error, stop.reason))
                     await send_out.send(stop)
                     return
                 partial = tracker.take_partial()
-                if partial is not None:
+                if partial is not None and not lagging:
                     # The partial task decodes it; a newer one replaces an older still queued.
                     slot.put(partial)
                     self._withdraw_partial()
@@ -272,6 +359,17 @@ class Session:
             scope, started = self._partial_in_flight
             if not started.is_set():
                 scope.cancel()
+
+    async def _report_skip(self, samples: int, send_out: OutputSender) -> None:
+        self.metrics.audio_skipped_seconds_total.inc(samples / _SAMPLE_RATE_HZ)
+        self.metrics.warnings_total.labels("lagging").inc()
+        skipped_ms = samples * 1000 // _SAMPLE_RATE_HZ
+        await send_out.send(warning_message(
+            "lagging",
+            f"the session fell more than {2 * self.settings.max_lag_s:g} s behind "
+            f"(2 x STT_MAX_LAG_S): {skipped_ms} ms of audio were skipped; the open utterance "
+            "was finalized first and stream times stay those of your stream",
+            skipped_ms=skipped_ms))
 
     def _overloaded(self, item: Overload) -> Close:
         self.outcome = "overloaded"
@@ -305,13 +403,13 @@ class Session:
         except Superseded:
             return
         except BackendError as exc:
-            log.warning("session.inference_failed sid=%s kind=%s", self.session_id, job.kind,
+            log.warning("session.%s sid=%s kind=%s", exc.code, self.session_id, job.kind,
                         exc_info=True)
-            self.metrics.errors_total.labels("inference_failed").inc()
+            self.metrics.errors_total.labels(exc.code).inc()
             if job.kind == "final":
                 self._stabilizer.reset()
             await send_out.send(error_message(
-                "inference_failed",
+                exc.code,
                 f"transcribing utterance {job.utterance_id} failed ({exc}); the session goes on"))
             return
         text = result.text.strip()
@@ -331,6 +429,8 @@ class Session:
                 return
         payload = transcript_message(job.kind, job.utterance_id, result, job.start_ms, job.end_ms)
         payload["text"] = text
+        if job.kind == "final":
+            payload["backlog_ms"] = round(self.backlog_s * 1000)
         if job.kind == "partial":
             payload["stable"] = stable
             payload["unstable"] = unstable
@@ -367,12 +467,25 @@ class SessionRegistry:
 
     _live: set[Session] = attrs.field(factory=set)
     _changed: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    _draining: bool = False
 
     def __len__(self) -> int:
         return len(self._live)
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> None:
+        """Tell every live session (and any added later) to finalize and close 1001."""
+        self._draining = True
+        for session in self._live:
+            session.drain()
+
     def add(self, session: Session) -> None:
         self._live.add(session)
+        if self._draining:
+            session.drain()
         self._changed.unpark_all()
 
     def discard(self, session: Session) -> None:
@@ -386,12 +499,14 @@ class SessionRegistry:
 
     def queue_depths(self) -> QueueDepths:
         audio = output = 0
+        backlog = 0.0
         for session in self._live:
             stats = session.statistics()
             if stats is not None:
                 audio += stats.audio.frames_buffered
                 output += stats.output.messages_buffered
-        return QueueDepths(audio_frames=audio, output_messages=output)
+                backlog = max(backlog, stats.audio.samples_buffered / _SAMPLE_RATE_HZ)
+        return QueueDepths(audio_frames=audio, output_messages=output, max_backlog_s=backlog)
 
 
 def _log_value(value: str) -> str:

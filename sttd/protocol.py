@@ -191,6 +191,11 @@ def error_message(code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message}
 
 
+def warning_message(code: str, message: str, **details: Any) -> dict[str, Any]:
+    """Something the client should know that does not stop the session (e.g. ``lagging``)."""
+    return {"type": "warning", "code": code, "message": message, **details}
+
+
 def dumps(message: Mapping[str, Any]) -> str:
     """Compact JSON for the wire."""
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)

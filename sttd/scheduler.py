@@ -20,7 +20,11 @@ order it takes them in is the policy:
   one supersedes the older, whose waiter gets `Superseded`: only the latest audio is worth
   decoding), so no session can crowd out the others;
 * a batch that fails is retried one request at a time, so a request that breaks the backend
-  fails only its own session.
+  fails only its own session;
+* a request without a result ``request_timeout_s`` after it was submitted fails with
+  `InferenceTimeout` (its session reports it and goes on), and while a backend call has run
+  longer than that, `degraded()` says so (for /health). A stuck call cannot be killed: its
+  worker thread is left to finish.
 
 `overloaded()` says whether finals have recently waited longer than ``max_final_wait_s`` in the
 queue (an exponentially weighted average): the server refuses new sessions then, instead of
@@ -40,7 +44,7 @@ import attrs
 import trio
 
 from sttd.backends.base import Request, Result
-from sttd.errors import BackendError
+from sttd.errors import BackendError, InferenceTimeout
 from sttd.metrics import Metrics
 
 __all__ = ["Priority", "Scheduler", "SchedulerStatistics", "Superseded"]
@@ -106,6 +110,7 @@ class Scheduler:
     max_batch_s: float = attrs.field(default=0.25, validator=attrs.validators.gt(0))
     background_share: float = attrs.field(
         default=0.5, validator=[attrs.validators.gt(0), attrs.validators.le(1)])
+    request_timeout_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
     # How many live streams are open; file batches only need cutting when some are.
     live_streams: Callable[[], int] = lambda: 1
     _queues: dict[Priority, list[_Job]] = attrs.field(
@@ -120,6 +125,7 @@ class Scheduler:
     _cost_s: dict[Priority, float] = attrs.field(init=False, factory=dict)
     # Background batches may not start before this time (the duty-cycle cap).
     _background_at: float = attrs.field(init=False, default=-math.inf)
+    _call_started_at: float | None = attrs.field(init=False, default=None)  # the batch in flight
 
     def statistics(self) -> SchedulerStatistics:
         return SchedulerStatistics(
@@ -129,6 +135,16 @@ class Scheduler:
             batches_run=self._batches,
             final_wait_ewma_s=self._final_wait_ewma_s,
         )
+
+    def degraded(self) -> str | None:
+        """Why the engine is degraded (a backend call running too long), or None."""
+        if self._call_started_at is None:
+            return None
+        running = trio.current_time() - self._call_started_at
+        if running <= self.request_timeout_s:
+            return None
+        return (f"a backend call has been running for {running:.0f} s "
+                f"(STT_INFERENCE_TIMEOUT_S={self.request_timeout_s:g})")
 
     def overloaded(self) -> bool:
         """Whether finals wait too long: new sessions should be refused.
@@ -163,13 +179,18 @@ class Scheduler:
         self._queues[priority].append(job)
         self._work.unpark_all()
         try:
-            await job.done.wait()
+            with trio.move_on_after(self.request_timeout_s):
+                await job.done.wait()
         finally:
             if not job.done.is_set() and not job.started:
                 self._withdraw(job)
                 self.metrics.scheduler_requests_total.labels(request.kind, "withdrawn").inc()
             if self._partials.get(session) is job:
                 del self._partials[session]
+        if not job.done.is_set():
+            self.metrics.scheduler_requests_total.labels(request.kind, "timeout").inc()
+            raise InferenceTimeout(
+                f"no result within STT_INFERENCE_TIMEOUT_S={self.request_timeout_s:g} s")
         if job.superseded:
             raise Superseded
         if job.error is not None:
@@ -243,7 +264,13 @@ class Scheduler:
     async def _run(self, batch: list[_Job]) -> None:
         self._batches += 1
         self.metrics.scheduler_batch_size.observe(len(batch))
-        started = trio.current_time()
+        started = self._call_started_at = trio.current_time()
+        try:
+            await self._call(batch, started)
+        finally:
+            self._call_started_at = None
+
+    async def _call(self, batch: list[_Job], started: float) -> None:
         try:
             results = await self.run_batch([job.request for job in batch])
             self._learn_cost(batch[0].priority, (trio.current_time() - started) / len(batch))

@@ -45,6 +45,7 @@ async def serve(
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = settings.shutdown_grace_s
+    config.websocket_max_message_size = settings.max_message_bytes
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_load_engine, state, nursery)
         await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger,
@@ -77,6 +78,7 @@ async def _load_engine(state: AppState, nursery: trio.Nursery) -> None:
         max_batch=settings.max_inference_batch_size, window_s=settings.batch_window_ms / 1000,
         max_final_wait_s=settings.max_final_wait_s, max_batch_s=settings.max_batch_ms / 1000,
         background_share=settings.background_share,
+        request_timeout_s=settings.inference_timeout_s,
         live_streams=lambda: len(state.sessions))
     await nursery.start(engine.run)
     state.engine = engine

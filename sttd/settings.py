@@ -122,7 +122,7 @@ class Settings:
     http_read_timeout_s: float = attrs.field(default=30.0, validator=_positive)
     # Backlog (audio received but not yet transcribed) past which a session stops partials;
     # past twice this, audio is skipped with a `lagging` warning.
-    max_lag_s: float = attrs.field(default=5.0, validator=_positive)
+    max_lag_s: float = attrs.field(default=1.5, validator=_positive)
     # On SIGTERM: how long open sessions get to finish their utterances before the process exits.
     drain_s: float = attrs.field(default=30.0, validator=_non_negative)
     # A backend call running longer than this is reported to its sessions; /health is degraded.

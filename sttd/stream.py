@@ -79,6 +79,11 @@ class SampleBuffer:
         hi = min(end, self.end) - self._start
         return self._data[lo:max(lo, hi)].copy()
 
+    def skip(self, samples: int) -> None:
+        """Forget everything held and advance the end by `samples` never received."""
+        self._start = self.end + samples
+        self._size = 0
+
     def trim_before(self, index: int) -> None:
         """Forget samples before absolute `index`."""
         drop = min(max(index - self._start, 0), self._size)
@@ -135,6 +140,18 @@ class UtteranceTracker:
             return []
         self.endpointer.reset()
         return [self._close(self.position)]
+
+    def skip(self, samples: int) -> list[Job]:
+        """Advance the stream clock over `samples` that were not kept (the session lagged).
+
+        Finalizes the open utterance first and returns its final, so nothing heard is lost;
+        stream times after the gap stay those of the client's stream.
+        """
+        jobs = self.commit()
+        self.endpointer.skip(samples)
+        self._buffer.skip(samples)
+        self._floor = self._partial_at = self.position
+        return jobs
 
     def take_partial(self) -> Job | None:
         """A partial job if ``partial_ms`` of new audio arrived in the open utterance."""

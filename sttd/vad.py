@@ -245,6 +245,13 @@ class Endpointer:
         self._run_samples = 0
         self.classifier.reset()
 
+    def skip(self, samples: int) -> None:
+        """Jump over `samples` never seen (and any partial frame held): no event, clean state."""
+        self.reset()
+        self._position += self._pending.size + samples
+        self._pending = np.zeros(0, np.int16)
+        self._rms.clear()
+
     def quietest_sample(self, start: int, end: int) -> int | None:
         """Absolute sample at the start of the quietest classified frame in [start, end)."""
         size = self.classifier.frame_samples

@@ -17,6 +17,7 @@ from sttd.channels import (
     Close,
     Commit,
     End,
+    Gap,
     OutputItem,
     OutputReceiver,
     OutputStatistics,
@@ -74,10 +75,13 @@ def test_audio_channel_needs_room(max_frames: int) -> None:
 def test_audio_frames_pass_in_order_below_capacity() -> None:
     send, receive = open_audio_channel(3)
     assert [send.send_nowait(frame(i)) for i in range(3)] == [0, 0, 0]
+    samples = 3 * frame(0).samples.size
     assert send.statistics() == AudioChannelStatistics(
-        frames_buffered=3, items_buffered=3, max_frames=3, dropped_frames=0, open_send_channels=1)
+        frames_buffered=3, samples_buffered=samples, items_buffered=3, max_frames=3,
+        dropped_frames=0, open_send_channels=1)
     assert drain_nowait(receive) == [frame(0), frame(1), frame(2)]
     assert receive.statistics().frames_buffered == 0
+    assert receive.statistics().samples_buffered == 0
 
 
 def test_full_audio_channel_drops_oldest_frame() -> None:
@@ -421,3 +425,51 @@ async def test_send_after_output_receiver_closed_is_broken(autojump_clock: trio.
         await receive.aclose()
         with pytest.raises(trio.BrokenResourceError):
             await send.send(Close(1000))
+
+
+# --- audio channel: backlog accounting, gaps, backpressure ---------------------------------------
+
+
+def test_samples_are_counted_through_drops_and_gaps_merge() -> None:
+    send, receive = open_audio_channel(2)
+    for i in range(3):  # the third drops the first
+        send.send_nowait(frame(i))
+    assert send.statistics().samples_buffered == 2 * frame(0).samples.size
+    send.send_nowait(Gap(100, 3.0))
+    send.send_nowait(Gap(50, 4.0))
+    send.send_nowait(Commit(5.0))
+    send.send_nowait(Gap(7, 6.0))
+    assert drain_nowait(receive) == [frame(1), frame(2), Gap(150, 3.0), Commit(5.0), Gap(7, 6.0)]
+    assert receive.statistics().samples_buffered == 0
+
+
+async def test_wait_for_room_waits_until_the_receiver_catches_up(
+        autojump_clock: trio.abc.Clock) -> None:
+    send, receive = open_audio_channel(100)
+    for i in range(10):  # 40 samples
+        send.send_nowait(frame(i))
+    woke_at: list[float] = []
+
+    async def sender() -> None:
+        await send.wait_for_room(max_samples=12)
+        woke_at.append(trio.current_time())
+
+    with trio.fail_after(HANG_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            for _ in range(7):
+                await trio.sleep(1)
+                receive.receive_nowait()
+    assert woke_at == [7.0]  # 3 frames (12 samples) left after the seventh receive
+    assert send.statistics().samples_buffered == 12
+
+
+async def test_wait_for_room_returns_when_the_receiver_closes(
+        autojump_clock: trio.abc.Clock) -> None:
+    send, receive = open_audio_channel(1)
+    send.send_nowait(frame(0))
+    with trio.fail_after(HANG_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send.wait_for_room, 0)
+            await trio.sleep(1)
+            receive.close()

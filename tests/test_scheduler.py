@@ -12,7 +12,7 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 
 from sttd.backends.base import Request, Result
-from sttd.errors import BackendError
+from sttd.errors import BackendError, InferenceTimeout
 from sttd.metrics import Metrics
 from sttd.scheduler import Priority, Scheduler, Superseded
 
@@ -294,3 +294,33 @@ async def test_files_are_paced_only_while_live_streams_exist(
     # no live stream: back to back (plus the gather window); then paused by the share
     assert gaps[0] == pytest.approx(0.205)
     assert gaps[2] == pytest.approx(0.2 + 0.2 + 0.005)
+
+
+async def test_a_stuck_call_times_out_its_requests_and_marks_the_engine_degraded(
+        autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
+    runner = FakeRunner(seconds=100.0)
+    metrics = Metrics.create(CollectorRegistry())
+    scheduler = Scheduler(runner, metrics, window_s=0.0, request_timeout_s=30.0)
+    await nursery.start(scheduler.run)
+    outcomes: dict[str, float] = {}
+
+    async def submit(label: str) -> None:
+        with pytest.raises(InferenceTimeout, match="STT_INFERENCE_TIMEOUT_S=30"):
+            await scheduler.submit(_request(label), session=label)
+        outcomes[label] = trio.current_time()
+
+    nursery.start_soon(submit, "stuck")
+    await trio.sleep(10)
+    nursery.start_soon(submit, "queued")  # waits behind the stuck call
+    await trio.sleep(15)
+    assert scheduler.degraded() is None  # 25 s into the call
+    await trio.sleep(10)
+    reason = scheduler.degraded()
+    assert reason is not None and "running for 35 s" in reason
+    await trio.sleep(10)
+    assert outcomes == {"stuck": pytest.approx(30.0), "queued": pytest.approx(40.0)}
+    assert scheduler.statistics().pending_finals == 0  # the queued one was withdrawn
+    await trio.sleep(60)  # the stuck call ends at 100 s
+    assert scheduler.degraded() is None
+    assert runner.batches == [["stuck"]]
+    assert _count(metrics, "final", "timeout") == 2

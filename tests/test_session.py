@@ -279,3 +279,143 @@ async def test_unrecognised_speech_gives_no_final_unless_the_client_forces_one()
         await transport.closed.wait()
     finals = transport.of_type("final")
     assert [(f["utterance_id"], f["text"]) for f in finals] == [(1, "")]
+
+
+# --- limits, drain and lag (issue 6) -----------------------------------------------------------
+
+
+def _codes(transport: FakeTransport, kind: str) -> list[str]:
+    return [m["code"] for m in transport.of_type(kind)]
+
+
+async def test_idle_session_closes_after_the_idle_timeout_and_keepalive_holds_it(
+        autojump_clock: trio.abc.Clock) -> None:
+    session, metrics = _session(FakeEngine(), idle_timeout_s=10.0)
+    transport = FakeTransport.create()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, transport)
+        await trio.sleep(8)
+        await transport.incoming_send.send(json.dumps({"type": "keepalive"}))
+        await trio.sleep(8)  # 16 s since the start, 8 since the keepalive: still open
+        assert transport.close_code is None
+        await transport.closed.wait()
+        closed_at = trio.current_time()
+    assert closed_at == pytest.approx(18.0)
+    assert _codes(transport, "error") == ["idle_timeout"]
+    assert transport.close_code == 1000
+    assert metrics.sessions_total.labels("idle")._value.get() == 1
+    assert metrics.errors_total.labels("idle_timeout")._value.get() == 1
+
+
+async def test_session_time_limit_finalizes_open_speech_then_closes(
+        autojump_clock: trio.abc.Clock) -> None:
+    speech = load_pcm("ps_librivox_0880")
+    session, metrics = _session(FakeEngine(), max_session_s=speech.size / 16000 - 0.5)
+    transport = FakeTransport.create()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, transport)
+        for frame in _frames(speech, samples=1600):
+            await transport.incoming_send.send(frame)
+            await trio.sleep(0.1)
+        await transport.closed.wait()
+    # The utterance was still open at the limit: its final comes before the error and close.
+    assert [m["type"] for m in transport.sent][-2:] == ["final", "error"]
+    # The mock transcribes the part it heard: the last half second was never sent.
+    assert transport.of_type("final")[0]["text"].startswith("he was not an ill disposed")
+    assert _codes(transport, "error") == ["session_too_long"]
+    assert transport.close_code == 1000
+    assert metrics.sessions_total.labels("session_limit")._value.get() == 1
+
+
+async def test_drain_finalizes_open_speech_and_closes_1001() -> None:
+    session, metrics = _session(FakeEngine())
+    transport = FakeTransport.create()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, transport)
+        for frame in _frames(load_pcm("ps_goforward")):  # no silence after: still open
+            await transport.incoming_send.send(frame)
+        await trio.testing.wait_all_tasks_blocked()
+        assert transport.of_type("final") == []
+        session.drain()
+        await transport.closed.wait()
+    assert [f["text"] for f in transport.of_type("final")] == [reference_texts()["ps_goforward"]]
+    assert transport.close_code == 1001
+    assert transport.of_type("error") == []
+    assert metrics.sessions_total.labels("drained")._value.get() == 1
+
+
+async def test_a_session_drained_before_it_reads_closes_at_once() -> None:
+    session, _ = _session(FakeEngine())
+    transport = FakeTransport.create()
+    session.drain()
+    with trio.fail_after(5):
+        await session.run(transport)
+    assert [m["type"] for m in transport.sent] == ["ready"]
+    assert transport.close_code == 1001
+
+
+async def test_live_stream_that_lags_skips_audio_with_a_warning_and_keeps_stream_times(
+        autojump_clock: trio.abc.Clock) -> None:
+    gate = trio.Event()
+    engine = FakeEngine(gate=gate)
+    session, metrics = _session(engine, max_lag_s=1.0)  # partials stop at 1 s, skip past 2 s
+    transport = FakeTransport.create()
+    first = np.concatenate([load_pcm("ps_cards_001"), silence(0.6)])
+    filler = silence(4.0)
+    last = np.concatenate([load_pcm("ps_goforward"), silence(1.0)])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, transport)
+        frames = _frames(np.concatenate([first, filler, last]))
+        for index, frame in enumerate(frames):
+            await transport.incoming_send.send(frame)
+            await trio.sleep(0.02)  # real time
+            if index == len(_frames(first)) + 150:  # 3 s after the first final was asked
+                gate.set()
+        await transport.incoming_send.send(json.dumps({"type": "end"}))
+        await transport.closed.wait()
+    warnings = transport.of_type("warning")
+    assert warnings and {w["code"] for w in warnings} == {"lagging"}
+    skipped_ms = sum(w["skipped_ms"] for w in warnings)
+    assert 500 <= skipped_ms <= 1500  # about the 3 s stall less the 2 s allowed
+    assert metrics.audio_skipped_seconds_total._value.get() == pytest.approx(skipped_ms / 1000,
+                                                                           abs=0.001)
+    assert metrics.warnings_total.labels("lagging")._value.get() == len(warnings)
+    finals = transport.of_type("final")
+    refs = reference_texts()
+    assert [f["text"] for f in finals] == [refs["ps_cards_001"], refs["ps_goforward"]]
+    # Stream times stay the client's: the second utterance starts where it was sent.
+    expected_start_ms = (first.size + filler.size) // 16
+    assert abs(finals[1]["start_ms"] - expected_start_ms) < 400
+    assert finals[0]["backlog_ms"] >= 2000  # what piled up while the final was stuck
+
+
+async def test_client_ahead_of_real_time_is_held_back_not_skipped(
+        autojump_clock: trio.abc.Clock) -> None:
+    gate = trio.Event()
+    engine = FakeEngine(gate=gate)
+    session, metrics = _session(engine, max_lag_s=1.0)
+    transport = FakeTransport.create()
+    refs = reference_texts()
+    names = ["ps_cards_001", "ps_goforward", "ps_librivox_0880", "ps_librivox_0930"]
+    audio = np.concatenate([part for name in names for part in (load_pcm(name), silence(1.0))])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, transport)
+
+        async def client() -> None:  # as fast as it can: no pacing at all
+            for frame in _frames(audio):
+                await transport.incoming_send.send(frame)
+            await transport.incoming_send.send(json.dumps({"type": "end"}))
+
+        nursery.start_soon(client)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = session.statistics()
+        assert stats is not None
+        # The first final is stuck: the session stopped reading at 2 s of queued audio.
+        assert stats.audio.samples_buffered <= 2 * 16000 + 320
+        assert transport.incoming.statistics().current_buffer_used > 0
+        gate.set()
+        await transport.closed.wait()
+    assert [f["text"] for f in transport.of_type("final")] == [refs[name] for name in names]
+    assert transport.of_type("warning") == []
+    assert metrics.frames_dropped_total._value.get() == 0
+    assert metrics.audio_skipped_seconds_total._value.get() == 0

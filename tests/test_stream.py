@@ -351,3 +351,25 @@ def test_preroll_is_kept_when_fed_in_20_ms_frames(preroll_ms: int, start_ms: int
     source = signal(quiet(1000), sine(1000), quiet(1000))
     finals = feed_chunks(tracker(preroll_ms=preroll_ms), source, chunk_ms=20)
     assert [summary(job) for job in finals] == [("final", 0, start_ms, 2200)]
+
+
+def test_skip_finalizes_open_speech_and_keeps_stream_times() -> None:
+    t = tracker()
+    assert t.feed(signal(quiet(1000), sine(600))) == []
+    [final] = t.skip(3000 * SAMPLES_PER_MS)  # 3 s that were never kept
+    assert final.kind == "final" and final.start_ms == 700 and final.end_ms == 1600
+    assert t.position == 4600 * SAMPLES_PER_MS
+    assert t.endpointer.position == t.position
+    jobs = t.feed(signal(sine(800), quiet(800)))
+    [after] = [job for job in jobs if job.kind == "final"]
+    assert after.utterance_id == final.utterance_id + 1
+    assert after.start_ms == 4600  # pre-roll cannot reach back into the gap
+    assert after.end_ms == pytest.approx(4600 + 800 + 200, abs=30)
+    assert after.audio.size == (after.end_ms - after.start_ms) * SAMPLES_PER_MS
+
+
+def test_skip_without_open_speech_gives_nothing() -> None:
+    t = tracker()
+    t.feed(quiet(333))
+    assert t.skip(16000) == []
+    assert t.position == 333 * SAMPLES_PER_MS + 16000
