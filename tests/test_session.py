@@ -109,7 +109,8 @@ def _frames(pcm: np.ndarray, samples: int = 320) -> list[bytes]:
     return [data[i : i + 2 * samples] for i in range(0, len(data), 2 * samples)]
 
 
-async def test_overflow_drops_oldest_then_finalizes_and_closes_1013() -> None:
+async def test_overflow_drops_oldest_then_finalizes_and_closes_1013(
+        autojump_clock: trio.abc.Clock) -> None:
     gate = trio.Event()
     engine = FakeEngine(gate=gate)
     session, metrics = _session(engine, in_queue_size=10, in_queue_max_drops=5)
@@ -119,13 +120,16 @@ async def test_overflow_drops_oldest_then_finalizes_and_closes_1013() -> None:
         nursery.start_soon(session.run, transport)
         # An utterance and just enough silence to end it: the infer task asks for a final,
         # which blocks (more silence would already overflow the queue behind it).
+        # A live client: frames arrive in real time (a client ahead of it is held back instead).
         for frame in _frames(np.concatenate([load_pcm("ps_cards_001"), silence(0.6)])):
             await transport.incoming_send.send(frame)
+            await trio.sleep(0.02)
         await trio.testing.wait_all_tasks_blocked()
         assert "final" in engine.calls
         # The engine is stuck, so new speech piles up: 10 fit, then the oldest are dropped.
         for frame in _frames(speech[16000 + 8 * 320 :])[:16]:  # loud from its first frame
             await transport.incoming_send.send(frame)
+            await trio.sleep(0.02)
         await trio.testing.wait_all_tasks_blocked()
         stats = session.statistics()
         assert stats is not None
@@ -139,6 +143,9 @@ async def test_overflow_drops_oldest_then_finalizes_and_closes_1013() -> None:
     assert finals[0]["text"] == reference_texts()["ps_cards_001"]
     assert [m["type"] for m in transport.sent][-2:] == ["final", "error"]
     assert transport.sent[-1]["code"] == "overloaded"
+    # The first drop was reported at once (a warning, not silence).
+    [warning] = transport.of_type("warning")
+    assert (warning["code"], warning["frames_dropped"]) == ("lagging", 1)
     assert "STT_IN_QUEUE_MAX_DROPS=5" in transport.sent[-1]["message"]
     assert transport.close_code == 1013
     assert session.outcome == "overloaded"
@@ -149,7 +156,9 @@ async def test_overflow_drops_oldest_then_finalizes_and_closes_1013() -> None:
 async def test_slow_reader_loses_partials_never_finals(autojump_clock: trio.abc.Clock) -> None:
     refs = reference_texts()
     engine = FakeEngine()
-    session, metrics = _session(engine, out_queue_size=5)
+    # A generous lag limit: the jam behind the unread finals must not turn into skipped audio
+    # here (that policy has its own tests below).
+    session, metrics = _session(engine, out_queue_size=5, max_lag_s=60.0)
     transport = FakeTransport.create(reading=False)
     names = ["ps_goforward", "ps_cards_001", "ps_librivox_0880", "ps_librivox_0930"]
     audio = np.concatenate([part for name in names for part in (load_pcm(name), silence(1.0))])
