@@ -137,6 +137,10 @@ def parse_client_message(text: str, received_at: float) -> AudioItem | None:
         message = json.loads(text)
     except ValueError:
         raise InvalidMessage(f"text messages must be JSON objects, got {text[:40]!r}") from None
+    except RecursionError:
+        # 4096 bytes of brackets nest past the interpreter's recursion limit.
+        raise InvalidMessage(f"text messages must be JSON objects, got JSON nested too deeply: "
+                             f"{text[:40]!r}") from None
     if not isinstance(message, dict):
         raise InvalidMessage(f"text messages must be JSON objects, got {type(message).__name__}")
     kind = message.get("type")
