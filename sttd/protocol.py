@@ -27,6 +27,7 @@ _MAX_HOTWORD_CHARS = 64
 _MAX_CALL_ID_CHARS = 256
 _FRAME_MS_RANGE = (10, 200)
 _MIN_PARTIAL_MS = 100
+_MAX_QUOTED_CHARS = 40  # of a bad value, in its error message
 # Bytes of text a control message may hold; audio goes in binary frames.
 MAX_TEXT_MESSAGE_BYTES = 4096
 
@@ -65,7 +66,7 @@ class SessionParams:
             raise InvalidParam("sample_rate", f"sample_rate must be 16000, got {sample_rate}")
         codec = query.get("codec", "pcm_s16le")
         if codec != "pcm_s16le":
-            raise InvalidParam("codec", f"codec must be pcm_s16le, got {codec!r}")
+            raise InvalidParam("codec", f"codec must be pcm_s16le, got {_quoted(codec)}")
         channels = _int(query, "channels", 1)
         if channels != 1:
             raise InvalidParam("channels", f"channels must be 1, got {channels}")
@@ -97,7 +98,7 @@ def parse_language(value: str, *, param: str = "language") -> str | None:
         return None
     if not _LANGUAGE.match(value):
         raise InvalidParam(param, f"{param} must be 'auto' or a BCP-47 code such as 'en' or "
-                                  f"'en-US', got {value!r}")
+                                  f"'en-US', got {_quoted(value)}")
     return value
 
 
@@ -121,7 +122,14 @@ def _int(query: Mapping[str, str], name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise InvalidParam(name, f"{name} must be an integer, got {raw!r}") from None
+        raise InvalidParam(name, f"{name} must be an integer, got {_quoted(raw)}") from None
+
+
+def _quoted(value: str) -> str:
+    """`value` quoted for an error message; a query value can be kilobytes long."""
+    if len(value) <= _MAX_QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:_MAX_QUOTED_CHARS]!r}..."
 
 
 def parse_client_message(text: str, received_at: float) -> AudioItem | None:

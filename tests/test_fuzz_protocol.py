@@ -175,6 +175,22 @@ def _assert_valid(params: SessionParams, query: dict[str, str]) -> None:
     assert all(word and word == word.strip() and len(word) <= 64 for word in params.hotwords)
 
 
+@_FUZZ
+@given(query=_QUERIES, base=st.booleans())
+def test_any_query_gives_params_or_names_the_bad_one(query: dict[str, str], base: bool) -> None:
+    if base:  # most of the draws then get past the required parameters
+        query = {"call_id": "c", "sample_rate": "16000", **query}
+    try:
+        params = SessionParams.from_query(query)
+    except InvalidParam as exc:
+        assert exc.param in _PARAMS
+        assert exc.param in str(exc)
+        assert exc.code == "invalid_param" and exc.ws_close_code == 1008
+        _assert_sendable(exc)
+        return
+    _assert_valid(params, query)
+
+
 # --- the real server -----------------------------------------------------------------------------
 
 
