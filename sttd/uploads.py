@@ -13,6 +13,7 @@ from collections.abc import AsyncIterable, Mapping
 from typing import IO, Final
 
 import trio
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
 from sttd.errors import InvalidParam, PayloadTooLarge, UnsupportedMedia
@@ -21,6 +22,7 @@ __all__ = ["read_multipart_file"]
 
 _MAX_PARTS: Final = 16
 _MAX_FIELD_BYTES: Final = 4096
+_MAX_QUOTED_CHARS: Final = 40  # of a part's name, in an error message
 # The upload stays in memory up to this size, then moves to a temporary file.
 _SPOOL_MAX_BYTES: Final = 8 * 1024 * 1024
 # Chunks are written inline: a chunk is what the web framework buffered since the last one
@@ -54,10 +56,17 @@ async def read_multipart_file(
     boundary = content_params.get("boundary", "")
     if not boundary:
         raise InvalidParam(field, "multipart/form-data needs a boundary parameter, got none")
+    try:
+        # An RFC 2231 parameter (boundary*=UTF-8''...) can decode to any character.
+        boundary_bytes = boundary.encode("latin-1")
+    except UnicodeEncodeError:
+        raise InvalidParam(field, f"the multipart boundary must be Latin-1 text, got "
+                                  f"{boundary[:_MAX_QUOTED_CHARS]!r}") from None
     upload = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX_BYTES, mode="w+b",
                                            prefix="sttd-upload-")
     try:
-        fields = await _receive(body, upload, field=field, boundary=boundary, max_bytes=max_bytes)
+        fields = await _receive(body, upload, field=field, boundary=boundary_bytes,
+                                max_bytes=max_bytes)
         upload.seek(0)
     except BaseException:
         upload.close()
@@ -70,11 +79,11 @@ async def _receive(
     upload: IO[bytes],
     *,
     field: str,
-    boundary: str,
+    boundary: bytes,
     max_bytes: int,
 ) -> dict[str, str]:
     """Decode `body`, write file field `field` to `upload`, and return the text fields."""
-    decoder = MultipartDecoder(boundary.encode("latin-1"), max_parts=_MAX_PARTS)
+    decoder = MultipartDecoder(boundary, max_parts=_MAX_PARTS)
     received = 0
     written = 0
     current: str | None = None
@@ -83,6 +92,7 @@ async def _receive(
     # File data decoded from the latest chunk, written before the next chunk is decoded.
     pending: list[bytes] = []
     fields: dict[str, str] = {}
+    files: list[str] = []  # names of the file parts, for the error when `field` is missing
     field_bytes = bytearray()
     done = False
 
@@ -96,6 +106,11 @@ async def _receive(
                 return True
             if isinstance(event, File):
                 current, is_file = event.name, True
+                files.append(str(event.name)[:_MAX_QUOTED_CHARS])
+                if event.name == field and found:
+                    # Taking one of several would transcribe a file the client may not expect.
+                    raise InvalidParam(field, f"multipart body must have one '{field}' file "
+                                              "field, got more")
                 found = found or event.name == field
             elif isinstance(event, Field):
                 current, is_file = event.name, False
@@ -115,9 +130,14 @@ async def _receive(
         """Decode `chunk` (None: the end of the body); True once the body's epilogue arrived."""
         try:
             decoder.receive_data(chunk)
-            return drain()
+            done = drain()
+        except RequestEntityTooLarge:
+            # The decoder's way of saying that max_parts was passed, whatever the body's size.
+            raise InvalidParam(field, f"multipart body must have at most {_MAX_PARTS} parts, "
+                                      "got more") from None
         except ValueError as exc:
             raise InvalidParam(field, f"malformed multipart body: {exc}") from None
+        return done
 
     async def write_pending() -> None:
         nonlocal written
@@ -140,7 +160,7 @@ async def _receive(
         await write_pending()
     if not found:
         raise InvalidParam(field, f"multipart body must have a '{field}' file field, got "
-                                  f"{sorted(fields) or 'no fields'}")
+                                  f"{_describe(fields, files)}")
     return fields
 
 
@@ -150,3 +170,10 @@ async def _write(upload: IO[bytes], data: bytes, *, written: int) -> None:
         await trio.to_thread.run_sync(upload.write, data)
     else:
         upload.write(data)
+
+
+def _describe(fields: dict[str, str], files: list[str]) -> str:
+    """The parts a body had, for an error message."""
+    names = [f"field {name[:_MAX_QUOTED_CHARS]!r}" for name in sorted(fields)]
+    names += [f"file {name!r}" for name in files]
+    return ", ".join(names) if names else "no fields"
