@@ -22,6 +22,9 @@ __all__ = ["read_multipart_file"]
 
 _MAX_PARTS: Final = 16
 _MAX_FIELD_BYTES: Final = 4096
+# What the decoder may hold unparsed: a preamble, one part's headers, an epilogue. File data
+# passes through; without this, a body with no boundary in it is held whole in memory.
+_MAX_BUFFERED_BYTES: Final = 64 * 1024
 _MAX_QUOTED_CHARS: Final = 40  # of a part's name, in an error message
 # The upload stays in memory up to this size, then moves to a temporary file.
 _SPOOL_MAX_BYTES: Final = 8 * 1024 * 1024
@@ -137,6 +140,9 @@ async def _receive(
                                       "got more") from None
         except ValueError as exc:
             raise InvalidParam(field, f"malformed multipart body: {exc}") from None
+        if len(decoder.buffer) > _MAX_BUFFERED_BYTES:
+            raise InvalidParam(field, "malformed multipart body: no boundary or end of part "
+                                      f"headers within {_MAX_BUFFERED_BYTES} bytes")
         return done
 
     async def write_pending() -> None:

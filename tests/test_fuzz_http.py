@@ -547,10 +547,31 @@ def _far_cases(limit: int) -> list[_Raw]:
     ]
 
 
+def _garbage_cases() -> list[_Raw]:
+    """Streamed bodies that claim to be multipart and never reach a boundary or a header's end."""
+    garbage = [bytes(random.Random(_SEED).randbytes(_PIECE)).replace(b"-", b"+")] * 16
+    headers = [("content-type", _MP), ("transfer-encoding", "chunked")]
+    endless_header = [b"--%s\r\nX-Filler: " % _BOUNDARY.encode(), *[b"a" * _PIECE] * 16]
+    return [
+        _Raw("1 MB of garbage, no boundary", headers, _chunked(garbage), 400, "invalid_param",
+             "no boundary or end of part headers within 65536 bytes", endless=True),
+        _Raw("part headers that never end", headers, _chunked(endless_header), 400, "invalid_param",
+             "no boundary or end of part headers within 65536 bytes", endless=True),
+        _Raw("garbage after the closing boundary",
+             headers, _chunked([_multipart([(_FILE_HEADERS, _WAV)]), *garbage]), 400, "invalid_param",
+             "within 65536 bytes", endless=True),
+    ]
+
+
 async def test_bodies_far_past_the_limit_are_refused_early(nursery: trio.Nursery) -> None:
-    """10 MB against a 256 kB limit: refused from the declared length, or once the stream passes it."""
+    """10 MB against a 256 kB limit: refused from the declared length, or once the stream passes it.
+
+    On a server with the default limit of 100 MiB, a body that never reaches a boundary is
+    refused within 64 kB rather than held in memory until the limit.
+    """
     small = await start_server(nursery, max_upload_bytes=_SMALL_LIMIT)
-    for server, cases in [(small, _far_cases(_SMALL_LIMIT))]:
+    large = await start_server(nursery)
+    for server, cases in [(small, _far_cases(_SMALL_LIMIT)), (large, _garbage_cases())]:
         tally = _Tally()
 
         async def post(_client: httpx.AsyncClient, case: _Raw, server: RunningServer = server) -> None:
