@@ -234,6 +234,7 @@ async def _session(url: str, frames: list[bytes | str]) -> _Outcome:
             try:
                 messages.append(json.loads(await ws.get_message()))
             except ConnectionClosed as closed:
+                assert closed.reason is not None
                 code = closed.reason.code
                 return
 
@@ -281,7 +282,7 @@ def _garbage_texts(rng: random.Random, count: int) -> list[str]:
         "\u0000\u0001\u0002", "\u202e\u2028\u2029", "9" * 4000,
     ]
     alphabet = string.printable + "\u00e9\u20ac\U0001f600{}[]\":,\\"
-    generated = []
+    generated: list[str] = []
     while len(curated) + len(generated) < count:
         shape = rng.randrange(4)
         if shape == 0:

@@ -264,7 +264,7 @@ def test_extensible_fmt_uses_its_subformat(subformat: int, bits: int, cut: int) 
 def test_riff_size_is_ignored(values: list[int], riff_size: int) -> None:
     pcm = np.array(values, np.int16)
     chunks = (_chunk(b"fmt ", _fmt_body(_PCM, 1, SAMPLE_RATE_HZ, 16)), _chunk(b"data", _pcm16(pcm)))
-    np.testing.assert_array_equal(_decode_both(_riff(*chunks, size=riff_size)),  # type: ignore[arg-type]
+    np.testing.assert_array_equal(_decode_both(_riff(*chunks, size=riff_size)),
                                   pcm.astype(np.float32) / 32768)
 
 
@@ -279,7 +279,7 @@ def test_data_size_that_lies(values: list[int], declared: int, trailer: bytes, c
     used = payload if declared == 0 or declared >= len(payload) else payload[:declared]
     frames = np.frombuffer(used[: len(used) - len(used) % (2 * channels)], "<i2").reshape(-1, channels)
     expected = (frames.astype(np.float32) / np.float32(32768)).mean(axis=1, dtype=np.float32)
-    np.testing.assert_array_equal(_decode_both(data), expected)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(_decode_both(data), expected)
 
 
 @_FUZZ
@@ -355,7 +355,7 @@ def test_fmt_after_data(values: list[int], between: list[bytes], streamed: bool)
     if streamed:
         _assert_bad_audio(outcome, "must have a 'fmt ' chunk before its data, found chunks ['data']")
     else:
-        np.testing.assert_array_equal(outcome, pcm.astype(np.float32) / 32768)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(outcome, pcm.astype(np.float32) / 32768)
 
 
 @_FUZZ
@@ -369,7 +369,7 @@ def test_odd_chunk_padding(values: list[int], extras: list[bytes]) -> None:
                  _chunk(b"data", pcm8),
                  *(_chunk(b"id3 ", extra) for extra in extras))
     expected = (np.frombuffer(pcm8, np.uint8).astype(np.float32) - 128) / 128
-    np.testing.assert_array_equal(_decode_both(data), expected)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(_decode_both(data), expected)
 
 
 @_FUZZ
@@ -446,6 +446,6 @@ def test_chunk_walk_is_bounded(junk_chunks: int, decodes: bool) -> None:
                  _chunk(b"data", _pcm16(pcm)))
     outcome = _decode_both(data, max_read=64)
     if decodes:
-        np.testing.assert_array_equal(outcome, pcm.astype(np.float32) / 32768)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(outcome, pcm.astype(np.float32) / 32768)
     else:
         _assert_bad_audio(outcome, "chunks among its first 4096 chunks, found chunks ['JUNK', 'JUNK',")
