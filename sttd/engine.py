@@ -66,7 +66,8 @@ class Engine:
                                    window_s=self.window_s, max_final_wait_s=self.max_final_wait_s,
                                    max_batch_s=self.max_batch_s, live_streams=self.live_streams,
                                    background_share=self.background_share,
-                                   request_timeout_s=self.request_timeout_s)
+                                   request_timeout_s=self.request_timeout_s,
+                                   lanes=int(self.limiter.total_tokens))
 
     @classmethod
     def create(cls, backend: ASRBackend, metrics: Metrics, *, threads: int = 1,

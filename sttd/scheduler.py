@@ -11,6 +11,8 @@ order it takes them in is the policy:
   riding along in their call. Partial batches, and file batches while any live stream is open
   (``live_streams``), are cut to ``max_batch_s`` of expected work (from a running average of
   seconds per request), so a final that arrives meanwhile waits at most about that long;
+* with ``lanes`` > 1, that many batches run at once, at most one of them background work, so
+  a final starts in a free lane even while a partial batch is running;
 * background work (partials, and file pieces while live streams are open) may use at most
   ``background_share`` of the engine's time: after a background batch that took T seconds the
   next one waits T * (1 / share - 1), while finals start at once. Under load this lowers the
@@ -111,6 +113,8 @@ class Scheduler:
     background_share: float = attrs.field(
         default=0.5, validator=[attrs.validators.gt(0), attrs.validators.le(1)])
     request_timeout_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    # Batches that may run at once (STT_INFERENCE_THREADS); at most one of them background.
+    lanes: int = attrs.field(default=1, validator=attrs.validators.gt(0))
     # How many live streams are open; file batches only need cutting when some are.
     live_streams: Callable[[], int] = lambda: 1
     _queues: dict[Priority, list[_Job]] = attrs.field(
@@ -125,7 +129,9 @@ class Scheduler:
     _cost_s: dict[Priority, float] = attrs.field(init=False, factory=dict)
     # Background batches may not start before this time (the duty-cycle cap).
     _background_at: float = attrs.field(init=False, default=-math.inf)
-    _call_started_at: float | None = attrs.field(init=False, default=None)  # the batch in flight
+    _calls_started_at: dict[int, float] = attrs.field(init=False, factory=dict)  # in flight
+    _lanes_busy: int = attrs.field(init=False, default=0)
+    _background_busy: bool = attrs.field(init=False, default=False)
 
     def statistics(self) -> SchedulerStatistics:
         return SchedulerStatistics(
@@ -138,9 +144,9 @@ class Scheduler:
 
     def degraded(self) -> str | None:
         """Why the engine is degraded (a backend call running too long), or None."""
-        if self._call_started_at is None:
+        if not self._calls_started_at:
             return None
-        running = trio.current_time() - self._call_started_at
+        running = trio.current_time() - min(self._calls_started_at.values())
         if running <= self.request_timeout_s:
             return None
         return (f"a backend call has been running for {running:.0f} s "
@@ -199,31 +205,50 @@ class Scheduler:
         return job.result
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve batches until cancelled; cancellation waits for the batch in flight."""
-        task_status.started()
-        while True:
-            while not self._runnable():
-                # Woken by new work, or when the background pause ends.
-                deadline = self._background_at if self._pending() else math.inf
-                with trio.move_on_at(deadline):
-                    await self._work.park()
-            if self.window_s > 0 and self._runnable() < self.max_batch:
-                await trio.sleep(self.window_s)  # let requests arriving together share a call
-            batch = self._take()
-            if batch:
-                started = trio.current_time()
-                await self._run(batch)
-                if self._is_background(batch[0].priority):
-                    busy = trio.current_time() - started
-                    self._background_at = trio.current_time() + busy * (
-                        1 / self.background_share - 1)
+        """Serve batches until cancelled; cancellation waits for the batches in flight."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                while not self._runnable():
+                    # Woken by new work or a finished batch, or when the background pause ends.
+                    paused = (self._pending() and self._lanes_busy < self.lanes
+                              and not self._background_busy)
+                    with trio.move_on_at(self._background_at if paused else math.inf):
+                        await self._work.park()
+                if self.window_s > 0 and self._runnable() < self.max_batch:
+                    await trio.sleep(self.window_s)  # let requests arriving together share a call
+                batch = self._take()
+                if batch:
+                    self._lanes_busy += 1
+                    if self._is_background(batch[0].priority):
+                        self._background_busy = True
+                    nursery.start_soon(self._run_in_lane, batch)
+
+    async def _run_in_lane(self, batch: list[_Job]) -> None:
+        background = self._is_background(batch[0].priority)
+        started = trio.current_time()
+        try:
+            await self._run(batch)
+        finally:
+            self._lanes_busy -= 1
+            if background:
+                self._background_busy = False
+                busy = trio.current_time() - started
+                self._background_at = trio.current_time() + busy * (
+                    1 / self.background_share - 1)
+            self._work.unpark_all()
 
     def _pending(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
 
+    def _background_allowed(self) -> bool:
+        return not self._background_busy and trio.current_time() >= self._background_at
+
     def _runnable(self) -> int:
-        """How many pending requests may start now."""
-        if trio.current_time() >= self._background_at:
+        """How many pending requests may start now (0 while every lane is busy)."""
+        if self._lanes_busy >= self.lanes:
+            return 0
+        if self._background_allowed():
             return self._pending()
         return sum(len(queue) for priority, queue in self._queues.items()
                    if not self._is_background(priority))
@@ -234,7 +259,7 @@ class Scheduler:
 
     def _take(self) -> list[_Job]:
         batch: list[_Job] = []
-        paused = trio.current_time() < self._background_at
+        paused = not self._background_allowed()
         for priority in Priority:
             queue = self._queues[priority]
             if not queue or (paused and self._is_background(priority)):
@@ -264,11 +289,11 @@ class Scheduler:
     async def _run(self, batch: list[_Job]) -> None:
         self._batches += 1
         self.metrics.scheduler_batch_size.observe(len(batch))
-        started = self._call_started_at = trio.current_time()
+        started = self._calls_started_at[id(batch)] = trio.current_time()
         try:
             await self._call(batch, started)
         finally:
-            self._call_started_at = None
+            del self._calls_started_at[id(batch)]
 
     async def _call(self, batch: list[_Job], started: float) -> None:
         try:

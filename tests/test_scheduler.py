@@ -324,3 +324,24 @@ async def test_a_stuck_call_times_out_its_requests_and_marks_the_engine_degraded
     assert scheduler.degraded() is None
     assert runner.batches == [["stuck"]]
     assert _count(metrics, "final", "timeout") == 2
+
+
+async def test_with_two_lanes_a_final_runs_beside_a_partial_batch(
+        autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
+    runner = FakeRunner(seconds=1.0)
+    scheduler = Scheduler(runner, Metrics.create(CollectorRegistry()), window_s=0.0, lanes=2,
+                          background_share=1.0)
+    await nursery.start(scheduler.run)
+
+    async def submit(label: str, kind: str, at: float) -> None:
+        await trio.sleep(at)
+        await scheduler.submit(_request(label, kind), session=label)
+
+    async with trio.open_nursery() as jobs:
+        jobs.start_soon(submit, "p0", "partial", 0.0)
+        jobs.start_soon(submit, "p1", "partial", 0.1)  # background lane busy: waits for p0
+        jobs.start_soon(submit, "f0", "final", 0.2)  # the free lane: starts at once
+        jobs.start_soon(submit, "f1", "final", 0.3)  # both lanes busy: the first free one
+    starts = dict(zip([batch[0] for batch in runner.batches], runner.starts, strict=True))
+    # p0's lane frees at 1.0 and goes to the final; p1 gets f0's lane when it frees at 1.2.
+    assert starts == pytest.approx({"p0": 0.0, "f0": 0.2, "f1": 1.0, "p1": 1.2})
