@@ -428,3 +428,39 @@ async def test_client_ahead_of_real_time_is_held_back_not_skipped(
     assert transport.of_type("warning") == []
     assert metrics.frames_dropped_total._value.get() == 0
     assert metrics.audio_skipped_seconds_total._value.get() == 0
+
+
+async def test_an_hour_of_unbroken_speech_keeps_memory_flat() -> None:
+    import tracemalloc
+
+    engine = FakeEngine()
+    session, metrics = _session(engine)
+    session.params = SessionParams(call_id="t", partial_ms=5000)  # fewer mock decodes: faster
+    transport = FakeTransport.create()
+    # Speech with no pause long enough to end an utterance: cuts at STT_MAX_UTTERANCE_S only.
+    speech = np.concatenate([load_pcm(name) for name in
+                             ("ps_librivox_0880", "ps_librivox_0930", "ps_cards_001")])
+    speech = np.concatenate([speech, speech[::-1]])  # loops back on itself without a seam
+    seconds = speech.size / 16000
+    loops = int(3600 / seconds) + 1
+    traced: dict[int, int] = {}
+    tracemalloc.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run, transport)
+            for loop in range(loops):
+                for frame in _frames(speech, samples=16000):
+                    await transport.incoming_send.send(frame)
+                await trio.testing.wait_all_tasks_blocked()
+                if loop in (loops // 6, loops - 1):  # after ~10 min, and at the hour
+                    traced[loop] = tracemalloc.get_traced_memory()[0]
+                transport.sent.clear()  # the client consumed them
+            await transport.incoming_send.send(json.dumps({"type": "end"}))
+            await transport.closed.wait()
+    finally:
+        tracemalloc.stop()
+    assert loops * seconds >= 3600
+    # Cut at 15 s at most (the mock gives no text for cuts that are not whole fixtures).
+    assert engine.calls.count("final") >= 3600 / 15
+    early, late = traced[loops // 6], traced[loops - 1]
+    assert late - early < 512 * 1024, (early, late)  # 50 minutes more speech: flat
