@@ -19,6 +19,9 @@ off the socket to its session's VAD processing it); both p99s must be under the 
 
     uv run --group bench python benchmarks/load.py -n 1 2 4 8 16 --runs 2 \\
         --out benchmarks/results/load_whisper.json
+    # a WhisperLive server already running (see benchmarks/peers/compare.sh):
+    uv run --group bench python benchmarks/load.py --target whisperlive \\
+        --url ws://127.0.0.1:9090 --pid PID -n 1 2 4 8 --out whisperlive.json
     uv run --group bench python benchmarks/load.py --overhead --backend mock --vad energy \\
         -n 100 250 500 1000 --stagger-s 10 --out benchmarks/results/load_mock.json
 """
@@ -96,17 +99,23 @@ def _lag_quantile(before: dict[str, float], after: dict[str, float], q: float) -
     return next(bound for bound, count in buckets if count >= q * total)
 
 
-async def run_point(server_url: str, base_url: str, pid: int, n: int, audio: np.ndarray,
-                    reference: str, stagger_s: float, seed: int) -> dict[str, Any]:
+async def run_point(server_url: str, base_url: str | None, pid: int, n: int, audio: np.ndarray,
+                    reference: str, stagger_s: float, seed: int,
+                    target: str = "sttd") -> dict[str, Any]:
     rng = random.Random(seed)
     outcomes: list[Any] = [None] * n
-    before = await _scrape(base_url)
+    before = await _scrape(base_url) if base_url else {}
     samples: list[tuple[float, float]] = []
 
     async def session(index: int) -> None:
         await trio.sleep(rng.uniform(0, stagger_s))
         try:
-            outcomes[index] = await stream_file(server_url, audio)
+            if target == "whisperlive":
+                from benchmarks.peers.whisperlive_client import stream_whisperlive
+
+                outcomes[index] = await stream_whisperlive(server_url, audio)
+            else:
+                outcomes[index] = await stream_file(server_url, audio)
         except Exception as exc:  # a refused or broken session is a result, not a crash
             outcomes[index] = exc
 
@@ -118,7 +127,7 @@ async def run_point(server_url: str, base_url: str, pid: int, n: int, audio: np.
                 sessions.start_soon(session, index)
         nursery.cancel_scope.cancel()
     wall_s = time.perf_counter() - started
-    after = await _scrape(base_url)
+    after = await _scrape(base_url) if base_url else {}
     good = [o for o in outcomes if not isinstance(o, BaseException)]
     latencies = [x for o in good for x in o.latencies_s]
     send_lags = np.concatenate([o.send_lag_s for o in good]) if good else np.zeros(0)
@@ -133,6 +142,7 @@ async def run_point(server_url: str, base_url: str, pid: int, n: int, audio: np.
         "sessions_ok": sum(1 for o in good if o.close_code == 1000),
         "sessions_failed": [repr(o)[:200] for o in outcomes if isinstance(o, BaseException)],
         "finals_per_session": sorted(len(o.finals) for o in good),
+        "flushed_finals": sum(1 for o in good for f in o.finals if f.get("flushed")),
         "final_latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
                             "p99": percentile(latencies, 99), "count": len(latencies)},
         "partials_per_session_mean": statistics.fmean(o.partials for o in good) if good else 0,
@@ -200,6 +210,8 @@ def capacity(points: list[dict[str, Any]]) -> int:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     audio = np.concatenate([load(args.file), np.zeros(RATE_HZ, np.float32)])
     reference = references()[args.file]
+    if args.target == "whisperlive":
+        return await _whisperlive(args, audio, reference)
     points = []
     settings = {"STT_BACKEND": args.backend, "STT_VAD": args.vad,
                 "STT_IN_QUEUE_MAX_DROPS": str(10**9)}
@@ -216,11 +228,47 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                       f"p95={point['final_latency_s']['p95']} wer={point['wer_mean']} "
                       f"ok={point['sessions_ok']} cpu={point['server_cpu_percent']['mean']} "
                       f"batch={point['mean_batch_size']} lag={point['frame_lag_s']}", flush=True)
+            if args.until_fail and all(_fell_over(p) for p in points if p["n"] == n):
+                break  # far past any use at this N: larger N only takes longer to say so
     return {"settings": {"backend": args.backend, "vad": args.vad, "file": args.file,
                          "stagger_s": args.stagger_s, "runs": args.runs, "server_env": settings,
                          "overhead": args.overhead},
             "points": points,
             "capacity": overhead_capacity(points) if args.overhead else capacity(points)}
+
+
+async def _whisperlive(args: argparse.Namespace, audio: np.ndarray,
+                       reference: str) -> dict[str, Any]:
+    """The same sweep against a WhisperLive server started outside (see peers/compare.sh)."""
+    from benchmarks.peers.whisperlive_client import stream_whisperlive
+
+    # WhisperLive loads its model when the first session connects: warm it up unmeasured.
+    await stream_whisperlive(args.url, audio[: 3 * RATE_HZ])
+    points = []
+    for n in args.n:
+        for run in range(args.runs):
+            point = await run_point(args.url, None, args.pid, n, audio, reference,
+                                    args.stagger_s, seed=run, target="whisperlive")
+            point["run"] = run
+            points.append(point)
+            print(f"whisperlive N={n:4d} run={run} p50={point['final_latency_s']['p50']} "
+                  f"p95={point['final_latency_s']['p95']} wer={point['wer_mean']} "
+                  f"flushed={point['flushed_finals']} cpu={point['server_cpu_percent']['mean']}",
+                  flush=True)
+            if _fell_over(point):
+                break
+        if points and _fell_over(points[-1]):
+            break
+    return {"settings": {"target": "whisperlive", "url": args.url, "file": args.file,
+                         "stagger_s": args.stagger_s, "runs": args.runs},
+            "points": points, "capacity": capacity(points)}
+
+
+def _fell_over(point: dict[str, Any]) -> bool:
+    """Far past any use: the sweep stops going up in N."""
+    p95 = point["final_latency_s"]["p95"]
+    return (point["sessions_ok"] < point["n"] or p95 is None or p95 > 20 * P95_LIMIT_S
+            or (point["wer_mean"] or 1.0) > 0.5)
 
 
 def main() -> None:
@@ -231,8 +279,14 @@ def main() -> None:
     parser.add_argument("--vad", default="silero")
     parser.add_argument("--file", default="long_dev.wav")
     parser.add_argument("--stagger-s", type=float, default=2.0)
+    parser.add_argument("--target", choices=("sttd", "whisperlive"), default="sttd")
+    parser.add_argument("--url", default="ws://127.0.0.1:9090", help="whisperlive target only")
+    parser.add_argument("--pid", type=int, default=0, help="whisperlive server pid (CPU, RSS)")
     parser.add_argument("--set", action="append", default=[], metavar="STT_KEY=VALUE",
                         help="extra server setting (repeatable)")
+    parser.add_argument("--until-fail", action="store_true",
+                        help="stop going up in N once every run at an N fell over (p95 > 30 s, "
+                             "WER > 50% or a session failed)")
     parser.add_argument("--overhead", action="store_true",
                         help="capacity by frame lag (for the mock backend), not by final latency")
     parser.add_argument("--out", type=Path, default=RESULTS / "load_whisper.json")
