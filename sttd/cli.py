@@ -11,7 +11,7 @@ from functools import partial
 
 import trio
 
-from sttd.errors import SttdError
+from sttd.errors import ConfigError, SttdError
 from sttd.logs import configure_logging
 from sttd.server import serve, wait_for_signal
 from sttd.settings import Settings
@@ -50,7 +50,9 @@ def _serve() -> int:
         log.error("server.failed error=%s", type(failure).__name__)
         print(f"sttd: {failure}", file=sys.stderr)
     if failures:
-        return 1
+        # A setting found wrong only once the server starts (a key file, a model path) is a
+        # configuration error like one found while parsing: exit 2 as for those.
+        return 2 if any(isinstance(failure, ConfigError) for failure in failures) else 1
     log.info("server.stopped")
     return 0
 

@@ -1,4 +1,8 @@
-"""The quart-trio app: the file API, the WebSocket route, /health and /metrics."""
+"""The quart-trio app: the file API, the WebSocket route, /health and /metrics.
+
+Every /v1/* request passes the access policy (`sttd.auth`) first; CORS headers are added to
+every response.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from sttd.auth import Access, Cors, Unauthorized
 from sttd.engine import Engine
 from sttd.errors import ClientError, Overloaded, PayloadTooLarge
 from sttd.files import transcribe_wav
@@ -58,6 +63,8 @@ class _QuartTransport:
 def _error_response(status: int, code: str, message: str) -> Response:
     body = dumps({"error": {"code": code, "message": message}})
     response = Response(body, status=status, content_type="application/json")
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
     if request and request.method in ("POST", "PUT"):
         # The body may be unread: a kept-alive connection would read it as the next request.
         response.headers["Connection"] = "close"
@@ -70,11 +77,28 @@ def create_app(state: AppState) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = state.settings.max_upload_bytes
     app.config["RESPONSE_TIMEOUT"] = None
     metrics = state.metrics
+    settings = state.settings
+    access = Access.from_settings(settings)
+    cors = Cors.from_settings(settings)
+
+    @app.before_request
+    async def _guard() -> Response | None:
+        if not request.path.startswith("/v1/"):
+            return None
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            # A CORS preflight carries no credentials; its answer says what the browser may send.
+            response = Response(b"", status=204)
+            response.headers.update(cors.preflight_headers(request.headers.get("Origin")))
+            return response
+        if not access.allows_api(request.headers.get("Authorization")):
+            raise Unauthorized("this API needs 'Authorization: Bearer <key>' with a valid key")
+        return None
 
     @app.after_request
     async def _count(response: Response) -> Response:
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.http_requests_total.labels(route, str(response.status_code)).inc()
+        response.headers.update(cors.response_headers(request.headers.get("Origin")))
         return response
 
     @app.errorhandler(ClientError)
@@ -111,6 +135,8 @@ def create_app(state: AppState) -> QuartTrio:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        if not access.allows_metrics(request.headers.get("Authorization")):
+            raise Unauthorized("/metrics needs 'Authorization: Bearer <STT_METRICS_TOKEN>'")
         return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/stt/transcribe")
@@ -147,9 +173,15 @@ def create_app(state: AppState) -> QuartTrio:
         await websocket.accept()
         transport = _QuartTransport(websocket._get_current_object())  # type: ignore[attr-defined]  # werkzeug LocalProxy method, untyped in quart's stubs
         try:
+            # Browsers cannot set headers on a WebSocket: they may pass the key as ?token=.
+            if not access.allows_api(websocket.headers.get("Authorization"),
+                                     token=websocket.args.get("token")):
+                raise Unauthorized("this API needs 'Authorization: Bearer <key>' (or ?token=<key> "
+                                   "on the WebSocket URL) with a valid key")
+            query = websocket.args.copy()
+            query.poplist("token")
             params = SessionParams.from_query(
-                websocket.args,
-                default_partial_ms=round(state.settings.streaming_chunk_size_sec * 1000))
+                query, default_partial_ms=round(settings.streaming_chunk_size_sec * 1000))
             engine = _ready_engine(state)
             engine.check_language(params.language)
             if engine.overloaded():

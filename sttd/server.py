@@ -34,7 +34,8 @@ async def serve(
     `state` (built from `settings` with a fresh registry if omitted) lets a caller watch the
     server's sessions and metrics. Calls ``task_status.started(port)`` once listening (the engine may still be loading:
     /health says 503 until it is ready). Returns after a graceful shutdown when
-    `shutdown_trigger` returns. Raises `ConfigError` or `BackendError` if the engine cannot load.
+    `shutdown_trigger` returns. Raises `ConfigError` for a bad STT_API_KEYS_FILE, and
+    `ConfigError` or `BackendError` if the engine cannot load.
     """
     if state is None:
         state = AppState(settings, Metrics.create(CollectorRegistry()))
