@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import attrs
@@ -30,6 +31,13 @@ from sttd.settings import Settings
 __all__ = ["AppState", "create_app"]
 
 log = logging.getLogger(__name__)
+
+class _RequestTimeout(ClientError):
+    """The client stopped sending its request body."""
+
+    code = "request_timeout"
+    http_status = 408
+    ws_close_code = 1008
 
 
 @attrs.define
@@ -58,6 +66,24 @@ class _QuartTransport:
 
     async def close(self, code: int, reason: str = "") -> None:
         await self._ws.close(code, reason)
+
+
+class _PacedBody:
+    """A request body that must keep coming: a gap over `timeout_s` raises `_RequestTimeout`."""
+
+    def __init__(self, body: AsyncIterable[bytes], *, timeout_s: float) -> None:
+        self._chunks = aiter(body)
+        self._timeout_s = timeout_s
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        with trio.move_on_after(self._timeout_s):
+            return await anext(self._chunks)
+        raise _RequestTimeout(
+            f"the request body stalled: nothing arrived for STT_HTTP_READ_TIMEOUT_S="
+            f"{self._timeout_s:g} s")
 
 
 def _error_response(status: int, code: str, message: str) -> Response:
@@ -152,7 +178,8 @@ def create_app(state: AppState) -> QuartTrio:
         hotwords = parse_hotwords(request.args.get("hotwords", ""))
         engine.check_language(language)
         upload, _ = await read_multipart_file(
-            request.body, request.mimetype, request.mimetype_params, field="file",
+            _PacedBody(request.body, timeout_s=settings.http_read_timeout_s),
+            request.mimetype, request.mimetype_params, field="file",
             max_bytes=state.settings.max_upload_bytes)
         with upload:
             result = await transcribe_wav(

@@ -9,6 +9,13 @@ from collections.abc import Awaitable, Callable
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
 from prometheus_client import CollectorRegistry
 
 from sttd.backends import load_backend
@@ -21,6 +28,9 @@ __all__ = ["serve", "wait_for_signal"]
 
 log = logging.getLogger(__name__)
 
+# Bound on finishing a response once its last byte is handed over (see `_FinishResponses`).
+_RESPONSE_END_TIMEOUT_S = 5.0
+
 
 async def serve(
     settings: Settings,
@@ -32,10 +42,10 @@ async def serve(
     """Serve HTTP and WebSocket on ``settings.host:settings.port`` until cancelled or triggered.
 
     `state` (built from `settings` with a fresh registry if omitted) lets a caller watch the
-    server's sessions and metrics. Calls ``task_status.started(port)`` once listening (the engine may still be loading:
-    /health says 503 until it is ready). Returns after a graceful shutdown when
-    `shutdown_trigger` returns. Raises `ConfigError` for a bad STT_API_KEYS_FILE, and
-    `ConfigError` or `BackendError` if the engine cannot load.
+    server's sessions and metrics. Calls ``task_status.started(port)`` once listening (the
+    engine may still be loading: /health says 503 until it is ready). Returns after a graceful
+    shutdown when `shutdown_trigger` returns. Raises `ConfigError` for a bad STT_API_KEYS_FILE,
+    and `ConfigError` or `BackendError` if the engine cannot load.
     """
     if state is None:
         state = AppState(settings, Metrics.create(CollectorRegistry()))
@@ -46,13 +56,47 @@ async def serve(
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = settings.shutdown_grace_s
+    # hypercorn's idle timer runs from a connection's start until its request headers are in
+    # (and between kept-alive requests): a client stalling in its headers is closed after this.
+    # Bodies are paced by http.py; a WebSocket is bounded by its session's idle timeout.
+    config.keep_alive_timeout = settings.http_read_timeout_s
     config.websocket_max_message_size = settings.max_message_bytes
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_load_engine, state, nursery)
-        await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger,
-                              task_status=_PortStatus(task_status, settings.host))
+        await hypercorn_serve(_FinishResponses(app), config, shutdown_trigger=shutdown_trigger,
+                              task_status=_PortStatus(task_status, settings.host), mode="asgi")
         # The server has shut down; an engine still loading is of no use now.
         nursery.cancel_scope.cancel()
+
+
+class _FinishResponses:
+    """ASGI middleware: an HTTP response's last message is sent shielded, for a bounded time.
+
+    hypercorn finishes a connection's request cycle inside the app's send of the last body
+    message: it tells the app the request is over, then restarts the keep-alive timer or, for a
+    ``Connection: close`` response, closes the socket. Telling quart-trio the request is over
+    makes it cancel the very task doing that send, so the cycle stopped half way and the
+    connection was never closed nor timed out: a client could hold it forever after one request
+    (a kept-alive idle one, or one whose body was refused unread). Shielding lets it finish.
+    """
+
+    def __init__(self, app: ASGIFramework) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
+                       send: ASGISendCallable) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def send_finishing(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.move_on_after(_RESPONSE_END_TIMEOUT_S, shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await self._app(scope, receive, send_finishing)
 
 
 class _PortStatus:

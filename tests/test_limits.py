@@ -1,0 +1,157 @@
+"""Limits against the real server on loopback: stalled HTTP clients."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from sttd.audio import encode_wav, pcm16_to_float32
+from tests.conftest import (
+    RunningServer,
+    load_pcm,
+    receive_type,
+    receive_until_close,
+    reference_texts,
+    send_pcm,
+    silence,
+    start_server,
+)
+
+TIMEOUT_S = 30
+END = json.dumps({"type": "end"})
+# What a stalled client may wait for the server to close on it: far past the 0.5 s setting,
+# short of hypercorn's own 5 s keep-alive timeout.
+STALL_BOUND_S = 3
+READ_TIMEOUT_S = 0.5
+
+
+def _errors(server: RunningServer, code: str) -> float:
+    value = server.state.metrics.registry.get_sample_value("sttd_errors_total", {"code": code})
+    return value or 0.0
+
+
+async def _stream_to_end(ws: WebSocketConnection, name: str) -> list[str]:
+    """Stream fixture `name` and end; its finals (the session is ready already)."""
+    await send_pcm(ws, np.concatenate([load_pcm(name), silence(1.0)]), chunk_bytes=640)
+    await ws.send_message(END)
+    messages, code = await receive_until_close(ws)
+    assert code == 1000
+    return [m["text"] for m in messages if m["type"] == "final"]
+
+
+async def _read_until_closed(stream: trio.SocketStream) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    received = b""
+    with trio.fail_after(STALL_BOUND_S):
+        while chunk := await stream.receive_some():
+            received += chunk
+    return received
+
+
+async def test_stalled_request_headers_are_cut_off(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, http_read_timeout_s=READ_TIMEOUT_S)
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(b"POST /v1/stt/transcribe HTTP/1.1\r\nHost: sttd\r\nContent-Le")
+        assert await _read_until_closed(stream) == b""
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT_S) as client:
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_idle_kept_alive_connection_is_closed(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, http_read_timeout_s=READ_TIMEOUT_S)
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(b"GET /health HTTP/1.1\r\nHost: sttd\r\n\r\n")
+        response = await _read_until_closed(stream)
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert response.endswith(b'"sessions":0}')
+
+
+async def test_refused_upload_closes_its_connection_without_the_body(
+        nursery: trio.Nursery) -> None:
+    """The body a refusal leaves unread cannot keep the connection (the timeout is long here)."""
+    server = await start_server(nursery, max_upload_bytes=1000)
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(b"POST /v1/stt/transcribe HTTP/1.1\r\nHost: sttd\r\n"
+                              b"Content-Type: multipart/form-data; boundary=b\r\n"
+                              b"Content-Length: 10000000\r\n\r\n--b\r\n")
+        response = await _read_until_closed(stream)
+    assert response.startswith(b"HTTP/1.1 413 ")
+    assert b"connection: close" in response
+
+
+def _multipart(data: bytes, boundary: str = "b0undary") -> tuple[bytes, bytes]:
+    """A request head (with Content-Length) and body uploading `data` as field 'file'."""
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode()
+    body += data + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /v1/stt/transcribe HTTP/1.1\r\nHost: sttd\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head, body
+
+
+async def test_stalled_upload_body_gets_408_and_is_closed(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, http_read_timeout_s=READ_TIMEOUT_S)
+    head, body = _multipart(encode_wav(pcm16_to_float32(load_pcm("ps_cards_001"))))
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(head + body[: len(body) // 2])
+        response = await _read_until_closed(stream)
+    status_line, _, rest = response.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 408 "
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "request_timeout"
+    assert "STT_HTTP_READ_TIMEOUT_S=0.5 s" in error["message"]
+    assert _errors(server, "request_timeout") == 1
+
+
+async def test_slow_upload_that_keeps_coming_is_not_cut_off(nursery: trio.Nursery) -> None:
+    """Gaps shorter than the read timeout never trip it, however long the upload takes."""
+    server = await start_server(nursery, http_read_timeout_s=2 * READ_TIMEOUT_S)
+    head, body = _multipart(encode_wav(pcm16_to_float32(load_pcm("ps_cards_001"))))
+    pieces = 8
+    step = -(-len(body) // pieces)
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(head)
+        for offset in range(0, len(body), step):
+            await trio.sleep(READ_TIMEOUT_S / 2)  # 2 s in all: twice the read timeout
+            await stream.send_all(body[offset: offset + step])
+        response = await _read_until_closed_or_answered(stream)
+    status_line, _, rest = response.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 200 "
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["text"] == reference_texts()["ps_cards_001"]
+
+
+async def _read_until_closed_or_answered(stream: trio.SocketStream) -> bytes:
+    """One whole response with a Content-Length (the connection may stay open after it)."""
+    received = b""
+    with trio.fail_after(STALL_BOUND_S):
+        while True:
+            head, sep, body = received.partition(b"\r\n\r\n")
+            if sep:
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                if len(body) >= length:
+                    return received
+            chunk = await stream.receive_some()
+            if not chunk:
+                return received
+            received += chunk
+
+
+async def test_quiet_websocket_outlives_the_http_read_timeout(nursery: trio.Nursery) -> None:
+    """The read timeout is for HTTP requests: a WebSocket session waits on its idle timeout."""
+    refs = reference_texts()
+    server = await start_server(nursery, http_read_timeout_s=READ_TIMEOUT_S)
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as ws:
+            await receive_type(ws, "ready")
+            await trio.sleep(3 * READ_TIMEOUT_S)  # the timeout under test is a real one
+            assert await _stream_to_end(ws, "ps_cards_001") == [refs["ps_cards_001"]]
