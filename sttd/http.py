@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -32,6 +32,11 @@ __all__ = ["AppState", "create_app"]
 
 log = logging.getLogger(__name__)
 
+# What the session reads in place of a message over STT_MAX_MESSAGE_BYTES: an in-band end, so it
+# finalizes what it heard before the transport closes 1009.
+_END_OF_INPUT: Final = '{"type":"end"}'
+
+
 class _RequestTimeout(ClientError):
     """The client stopped sending its request body."""
 
@@ -52,19 +57,42 @@ class AppState:
 
 
 class _QuartTransport:
-    """Adapts quart's websocket object to the session's `Transport`."""
+    """Adapts quart's websocket object to the session's `Transport`, within a message limit.
 
-    def __init__(self, ws: Any) -> None:
+    A message over `max_message_bytes` ends the session's input as an ``end`` would, so that it
+    sends the finals of what it heard; the close that follows is then turned into a
+    ``payload_too_large`` error and close 1009. (server.py makes hypercorn hand such a message
+    over cut to one byte past the limit, instead of closing the socket behind the session.)
+    """
+
+    def __init__(self, ws: Any, *, max_message_bytes: int, metrics: Metrics) -> None:
         self._ws = ws
+        self._max_message_bytes = max_message_bytes
+        self._metrics = metrics
+        self._too_large = False
 
     async def receive(self) -> bytes | str | None:
         data: bytes | str | None = await self._ws.receive()
+        if self._too_large:
+            return _END_OF_INPUT
+        size = len(data.encode("utf-8", "replace") if isinstance(data, str) else data or b"")
+        if size > self._max_message_bytes:
+            self._too_large = True
+            log.info("session.message_too_large limit_bytes=%d", self._max_message_bytes)
+            return _END_OF_INPUT
         return data
 
     async def send(self, text: str) -> None:
         await self._ws.send(text)
 
     async def close(self, code: int, reason: str = "") -> None:
+        if self._too_large and code == 1000:
+            refused = PayloadTooLarge(
+                f"a WebSocket message must be at most {self._max_message_bytes} bytes "
+                "(STT_MAX_MESSAGE_BYTES); send audio in smaller frames")
+            self._metrics.errors_total.labels(refused.code).inc()
+            await self._ws.send(dumps(error_message(refused.code, str(refused))))
+            code, reason = refused.ws_close_code, refused.code
         await self._ws.close(code, reason)
 
 
@@ -198,7 +226,9 @@ def create_app(state: AppState) -> QuartTrio:
     @app.websocket("/v1/stt/ws")
     async def stream() -> None:
         await websocket.accept()
-        transport = _QuartTransport(websocket._get_current_object())  # type: ignore[attr-defined]  # werkzeug LocalProxy method, untyped in quart's stubs
+        transport = _QuartTransport(
+            websocket._get_current_object(),  # type: ignore[attr-defined]  # werkzeug LocalProxy method, untyped in quart's stubs
+            max_message_bytes=settings.max_message_bytes, metrics=metrics)
         try:
             # Browsers cannot set headers on a WebSocket: they may pass the key as ?token=.
             if not access.allows_api(websocket.headers.get("Authorization"),

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from io import BytesIO, StringIO
+from typing import Any
 
 import trio
 from hypercorn.config import Config
+from hypercorn.protocol import ws_stream
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import (
     ASGIFramework,
@@ -17,6 +20,7 @@ from hypercorn.typing import (
     Scope,
 )
 from prometheus_client import CollectorRegistry
+from wsproto.events import Message, TextMessage
 
 from sttd.backends import load_backend
 from sttd.engine import Engine
@@ -61,12 +65,35 @@ async def serve(
     # Bodies are paced by http.py; a WebSocket is bounded by its session's idle timeout.
     config.keep_alive_timeout = settings.http_read_timeout_s
     config.websocket_max_message_size = settings.max_message_bytes
+    _bound_websocket_messages()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_load_engine, state, nursery)
         await hypercorn_serve(_FinishResponses(app), config, shutdown_trigger=shutdown_trigger,
                               task_status=_PortStatus(task_status, settings.host), mode="asgi")
         # The server has shut down; an engine still loading is of no use now.
         nursery.cancel_scope.cancel()
+
+
+class _BoundedWebsocketBuffer(ws_stream.WebsocketBuffer):
+    """hypercorn's WebSocket message buffer, keeping one unit past the limit instead of failing.
+
+    hypercorn's own buffer raises past ``websocket_max_message_size``, and hypercorn 0.18 then
+    sends close 1009 behind the app's back: the session is not told (its pending finals are
+    lost), the rest of that read is not parsed (a client's close frame in it goes unanswered and
+    the connection hangs), and the oversized data stays buffered, so that a next message of the
+    other type raises TypeError in the connection handler and stops the whole server. This
+    buffer holds at most max_length + 1 units of a message (memory stays bounded the same way)
+    and hands the app a message it can tell is too long; http.py then ends the session in band:
+    finals first, then ``payload_too_large`` and close 1009.
+    """
+
+    def extend(self, event: Message[Any]) -> None:
+        if self.value is None:
+            self.value = StringIO() if isinstance(event, TextMessage) else BytesIO()
+        room = self.max_length + 1 - self.length
+        if room > 0:
+            # wsproto gives every frame of one message the same type as its first.
+            self.length += self.value.write(event.data[:room])
 
 
 class _FinishResponses:
@@ -97,6 +124,11 @@ class _FinishResponses:
                 await send(message)
 
         await self._app(scope, receive, send_finishing)
+
+
+def _bound_websocket_messages() -> None:
+    """Install `_BoundedWebsocketBuffer` for every WebSocket hypercorn accepts from now on."""
+    ws_stream.WebsocketBuffer = _BoundedWebsocketBuffer  # type: ignore[misc]  # hypercorn has no hook for this; it builds one buffer per stream by this name
 
 
 class _PortStatus:

@@ -1,4 +1,4 @@
-"""Limits against the real server on loopback: stalled HTTP clients."""
+"""Limits against the real server on loopback: message size, stalled HTTP clients."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 
 import httpx
 import numpy as np
+import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
@@ -20,6 +21,7 @@ from tests.conftest import (
     silence,
     start_server,
 )
+from tests.test_wire import _trim_trailing_quiet
 
 TIMEOUT_S = 30
 END = json.dumps({"type": "end"})
@@ -41,6 +43,72 @@ async def _stream_to_end(ws: WebSocketConnection, name: str) -> list[str]:
     messages, code = await receive_until_close(ws)
     assert code == 1000
     return [m["text"] for m in messages if m["type"] == "final"]
+
+
+OVERSIZED = [
+    pytest.param(lambda limit: bytes(limit + 1), id="binary-one-past"),
+    pytest.param(lambda limit: bytes(10 * limit), id="binary-ten-times"),
+    pytest.param(lambda limit: "x" * (limit + 1), id="text-one-past"),
+    pytest.param(lambda limit: "é" * (limit // 2 + 1), id="text-utf8-bytes-past"),
+]
+
+
+@pytest.mark.parametrize("oversized", OVERSIZED)
+async def test_oversized_message_sends_the_finals_then_closes_1009(
+        nursery: trio.Nursery, oversized: object) -> None:
+    """The session's finals (one closed utterance, one open) come before the error and 1009.
+
+    The message after the oversized one is of the other type, which used to stop hypercorn's
+    whole server; a session beside it must not notice.
+    """
+    refs = reference_texts()
+    limit = 64_000
+    server = await start_server(nursery, max_message_bytes=limit, vad="energy")
+    audio = np.concatenate([load_pcm("ps_goforward"), silence(1.0),
+                            _trim_trailing_quiet(load_pcm("ps_cards_001"))])
+    message = oversized(limit)  # type: ignore[operator]
+    after: bytes | str = END if isinstance(message, bytes) else bytes(640)
+    beside: list[list[str]] = []
+
+    async def bystander() -> None:
+        async with open_websocket_url(server.ws_url()) as ws:
+            await receive_type(ws, "ready")
+            beside.append(await _stream_to_end(ws, "ps_librivox_0930"))
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as clients:
+            clients.start_soon(bystander)
+            async with open_websocket_url(server.ws_url()) as ws:
+                await receive_type(ws, "ready")
+                await send_pcm(ws, audio)
+                await ws.send_message(message)
+                await ws.send_message(after)
+                messages, code = await receive_until_close(ws)
+    finals = [m["text"] for m in messages if m["type"] == "final"]
+    assert finals == [refs["ps_goforward"], refs["ps_cards_001"]]
+    assert messages[-1]["type"] == "error"
+    assert messages[-1]["code"] == "payload_too_large"
+    assert f"at most {limit} bytes (STT_MAX_MESSAGE_BYTES)" in messages[-1]["message"]
+    assert code == 1009
+    assert beside == [[refs["ps_librivox_0930"]]]
+    assert _errors(server, "payload_too_large") == 1
+    assert _errors(server, "internal") == 0
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT_S) as client:
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_message_at_the_limit_is_let_through(nursery: trio.Nursery) -> None:
+    refs = reference_texts()
+    pcm = np.concatenate([load_pcm("ps_goforward"), silence(1.0)]).tobytes()
+    server = await start_server(nursery, max_message_bytes=len(pcm))
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as ws:
+            await receive_type(ws, "ready")
+            await ws.send_message(pcm)  # the whole recording in one message
+            await ws.send_message(END)
+            messages, code = await receive_until_close(ws)
+    assert [m["text"] for m in messages if m["type"] == "final"] == [refs["ps_goforward"]]
+    assert code == 1000
 
 
 async def _read_until_closed(stream: trio.SocketStream) -> bytes:
