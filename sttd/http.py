@@ -241,6 +241,10 @@ def create_app(state: AppState) -> QuartTrio:
                 query, default_partial_ms=round(settings.streaming_chunk_size_sec * 1000))
             engine = _ready_engine(state)
             engine.check_language(params.language)
+            if settings.max_sessions and len(state.sessions) >= settings.max_sessions:
+                raise Overloaded(
+                    f"the server holds STT_MAX_SESSIONS={settings.max_sessions} sessions "
+                    "already; retry later")
             if engine.overloaded():
                 # Past capacity: refuse the newcomer rather than slow every live session down.
                 raise Overloaded(

@@ -1,4 +1,4 @@
-"""Limits against the real server on loopback: message size, stalled HTTP clients."""
+"""Limits against the real server on loopback: sessions, message size, stalled HTTP clients."""
 
 from __future__ import annotations
 
@@ -43,6 +43,33 @@ async def _stream_to_end(ws: WebSocketConnection, name: str) -> list[str]:
     messages, code = await receive_until_close(ws)
     assert code == 1000
     return [m["text"] for m in messages if m["type"] == "final"]
+
+
+async def test_sessions_past_the_limit_are_refused_and_the_others_go_on(
+        nursery: trio.Nursery) -> None:
+    refs = reference_texts()
+    server = await start_server(nursery, max_sessions=2)
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as first, \
+                open_websocket_url(server.ws_url()) as second:
+            await receive_type(first, "ready")
+            await receive_type(second, "ready")
+            async with open_websocket_url(server.ws_url()) as third:
+                messages, code = await receive_until_close(third)
+            assert code == 1013
+            assert [(m["type"], m["code"]) for m in messages] == [("error", "overloaded")]
+            assert "STT_MAX_SESSIONS=2" in messages[0]["message"]
+            # The two live sessions are untouched.
+            finals = [await _stream_to_end(first, "ps_goforward"),
+                      await _stream_to_end(second, "ps_cards_001")]
+        await server.state.sessions.wait_count(0)
+        # With room again, a newcomer is served.
+        async with open_websocket_url(server.ws_url()) as fourth:
+            await receive_type(fourth, "ready")
+            finals.append(await _stream_to_end(fourth, "ps_librivox_0930"))
+    assert finals == [[refs["ps_goforward"]], [refs["ps_cards_001"]], [refs["ps_librivox_0930"]]]
+    assert server.state.metrics.registry.get_sample_value(
+        "sttd_sessions_total", {"outcome": "rejected"}) == 1
 
 
 OVERSIZED = [
