@@ -1,14 +1,17 @@
 """The quart-trio app: the file API, the WebSocket route, /health and /metrics.
 
 Every /v1/* request passes the access policy (`sttd.auth`) first; CORS headers are added to
-every response.
+every response. While the server drains (`SessionRegistry.draining`), /health answers 503 and
+new sessions and uploads are refused with ``shutting_down``; `AppState.wait_drained` lets the
+server wait for the ones in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from typing import Any, Final
 
 import attrs
@@ -37,6 +40,14 @@ log = logging.getLogger(__name__)
 _END_OF_INPUT: Final = '{"type":"end"}'
 
 
+class _ShuttingDown(ClientError):
+    """The server is draining: no new sessions or uploads."""
+
+    code = "shutting_down"
+    http_status = 503
+    ws_close_code = 1001
+
+
 class _RequestTimeout(ClientError):
     """The client stopped sending its request body."""
 
@@ -54,6 +65,34 @@ class AppState:
     sessions: SessionRegistry = attrs.field(factory=SessionRegistry)
     engine: Engine | None = None
     engine_loaded: trio.Event = attrs.field(factory=trio.Event)
+    # Uploads being read or transcribed now, and a lot parked on their count.
+    uploads: int = 0
+    _uploads_changed: trio.lowlevel.ParkingLot = attrs.field(
+        factory=trio.lowlevel.ParkingLot, repr=False)
+
+    @property
+    def draining(self) -> bool:
+        return self.sessions.draining
+
+    def begin_drain(self) -> None:
+        """Refuse new sessions and uploads; tell every live session to finalize and close 1001."""
+        self.sessions.begin_drain()
+
+    async def wait_drained(self) -> None:
+        """Wait until no session is live and no upload is in flight (call after `begin_drain`)."""
+        await self.sessions.wait_count(0)
+        while self.uploads:
+            await self._uploads_changed.park()
+
+    @contextlib.contextmanager
+    def upload_in_flight(self) -> Iterator[None]:
+        """Count an upload as in flight (for `wait_drained`) while the block runs."""
+        self.uploads += 1
+        try:
+            yield
+        finally:
+            self.uploads -= 1
+            self._uploads_changed.unpark_all()
 
 
 class _QuartTransport:
@@ -180,12 +219,19 @@ def create_app(state: AppState) -> QuartTrio:
 
     @app.get("/health")
     async def health() -> Response:
-        if state.engine is None:
-            body = {"status": "loading", "backend": None, "sessions": len(state.sessions)}
-            return Response(dumps(body), status=503, content_type="application/json")
-        body = {"status": "ok", "backend": state.engine.backend_name,
-                "sessions": len(state.sessions)}
-        return Response(dumps(body), status=200, content_type="application/json")
+        engine = state.engine
+        body: dict[str, Any] = {"status": "ok",
+                                "backend": engine.backend_name if engine is not None else None,
+                                "sessions": len(state.sessions)}
+        status = 200
+        if state.draining:
+            body["status"], status = "draining", 503
+        elif engine is None:
+            body["status"], status = "loading", 503
+        elif (reason := engine.degraded()) is not None:
+            # Still serving (other calls may go on), but an operator should look.
+            body["status"], body["reason"] = "degraded", reason
+        return Response(dumps(body), status=status, content_type="application/json")
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -196,6 +242,12 @@ def create_app(state: AppState) -> QuartTrio:
     @app.post("/v1/stt/transcribe")
     async def transcribe() -> Response:
         started = time.perf_counter()
+        if state.draining:
+            raise _ShuttingDown("the server is shutting down; send the file to another instance")
+        with state.upload_in_flight():
+            return await _transcribe(started)
+
+    async def _transcribe(started: float) -> Response:
         length = request.content_length
         if length is not None and length > state.settings.max_upload_bytes:
             raise PayloadTooLarge(
@@ -235,6 +287,8 @@ def create_app(state: AppState) -> QuartTrio:
                                      token=websocket.args.get("token")):
                 raise Unauthorized("this API needs 'Authorization: Bearer <key>' (or ?token=<key> "
                                    "on the WebSocket URL) with a valid key")
+            if state.draining:
+                raise _ShuttingDown("the server is shutting down; connect to another instance")
             query = websocket.args.copy()
             query.poplist("token")
             params = SessionParams.from_query(

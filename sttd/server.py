@@ -1,10 +1,17 @@
-"""Run the server: load the engine, serve the app with hypercorn's trio worker."""
+"""Run the server: load the engine, serve the app with hypercorn's trio worker.
+
+Shutdown. When `serve`'s trigger returns (the CLI's is SIGINT or SIGTERM), the server drains
+first: /health turns 503, new sessions and uploads are refused, every session finalizes its open
+utterance, sends the final and closes 1001, and uploads in flight finish, for at most
+STT_DRAIN_S. Then hypercorn shuts down, giving what is left STT_SHUTDOWN_GRACE_S.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from functools import partial
 from io import BytesIO, StringIO
 from typing import Any
 
@@ -47,9 +54,10 @@ async def serve(
 
     `state` (built from `settings` with a fresh registry if omitted) lets a caller watch the
     server's sessions and metrics. Calls ``task_status.started(port)`` once listening (the
-    engine may still be loading: /health says 503 until it is ready). Returns after a graceful
-    shutdown when `shutdown_trigger` returns. Raises `ConfigError` for a bad STT_API_KEYS_FILE,
-    and `ConfigError` or `BackendError` if the engine cannot load.
+    engine may still be loading: /health says 503 until it is ready). When `shutdown_trigger`
+    returns, drains (see the module docstring) and returns after a graceful shutdown. Raises
+    `ConfigError` for a bad STT_API_KEYS_FILE, and `ConfigError` or `BackendError` if the engine
+    cannot load.
     """
     if state is None:
         state = AppState(settings, Metrics.create(CollectorRegistry()))
@@ -66,12 +74,29 @@ async def serve(
     config.keep_alive_timeout = settings.http_read_timeout_s
     config.websocket_max_message_size = settings.max_message_bytes
     _bound_websocket_messages()
+    trigger = None if shutdown_trigger is None else partial(_drain_after, shutdown_trigger, state)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_load_engine, state, nursery)
-        await hypercorn_serve(_FinishResponses(app), config, shutdown_trigger=shutdown_trigger,
+        await hypercorn_serve(_FinishResponses(app), config, shutdown_trigger=trigger,
                               task_status=_PortStatus(task_status, settings.host), mode="asgi")
         # The server has shut down; an engine still loading is of no use now.
         nursery.cancel_scope.cancel()
+
+
+async def _drain_after(trigger: Callable[[], Awaitable[None]], state: AppState) -> None:
+    """Wait for `trigger`, then drain for at most STT_DRAIN_S; hypercorn shuts down after.
+
+    This is hypercorn's shutdown trigger, so hypercorn keeps serving while it runs: /health
+    says draining, and the sessions' last finals and close frames go out.
+    """
+    await trigger()
+    drain_s = state.settings.drain_s
+    log.info("server.draining sessions=%d uploads=%d drain_s=%g",
+             len(state.sessions), state.uploads, drain_s)
+    state.begin_drain()
+    with trio.move_on_after(drain_s):
+        await state.wait_drained()
+    log.info("server.drained sessions_left=%d uploads_left=%d", len(state.sessions), state.uploads)
 
 
 class _BoundedWebsocketBuffer(ws_stream.WebsocketBuffer):

@@ -205,6 +205,7 @@ async def test_stalled_upload_body_gets_408_and_is_closed(nursery: trio.Nursery)
     assert error["code"] == "request_timeout"
     assert "STT_HTTP_READ_TIMEOUT_S=0.5 s" in error["message"]
     assert _errors(server, "request_timeout") == 1
+    assert server.state.uploads == 0
 
 
 async def test_slow_upload_that_keeps_coming_is_not_cut_off(nursery: trio.Nursery) -> None:
