@@ -10,6 +10,7 @@ the exact samples depend on the model's weights.
 from __future__ import annotations
 
 import functools
+from typing import Any
 from collections import deque
 from collections.abc import Callable
 
@@ -280,3 +281,43 @@ def test_reset_mid_speech_starts_afresh() -> None:
     vad.reset()
     # Like a fresh endpointer, shifted by what was fed before the reset.
     assert vad.feed(noisy) == [SpeechStart(start.sample + cut), SpeechEnd(end.sample + cut)]
+
+
+def test_a_pooled_net_is_reset_so_a_second_stream_sees_what_a_fresh_one_sees() -> None:
+    from sttd.vad import NetPool, load_silero_net
+
+    pool = NetPool()
+    speech = (np.sin(np.arange(16000) / 3) * 8000).astype(np.int16)
+    noise = (np.random.default_rng(0).standard_normal(16000) * 2000).astype(np.int16)
+
+    def probabilities(net: Any, audio: np.ndarray) -> list[float]:
+        floats = audio.astype(np.float32) / 32768
+        return [net.process(floats[i : i + 512].copy().data) for i in range(0, 15872, 512)]
+
+    first = pool.take()
+    probabilities(first, speech)  # a stream leaves state in the net...
+    pool.give(first)
+    again = pool.take()
+    assert again is first and pool.built == 1
+    # ...which the reset cleared: the same as a net fresh from the file.
+    assert probabilities(again, noise) == pytest.approx(probabilities(load_silero_net(), noise))
+    pool.give(again)
+    assert pool.idle == 1
+
+
+def test_the_pool_keeps_at_most_max_idle_nets() -> None:
+    from sttd.vad import NetPool
+
+    built: list[FakeNet] = []
+
+    def build() -> FakeNet:
+        built.append(FakeNet(deque()))
+        return built[-1]
+
+    pool = NetPool(build=build, max_idle=2)
+    nets = [pool.take() for _ in range(3)]
+    for net in nets:
+        pool.give(net)
+    assert (pool.built, pool.idle) == (3, 2)
+    assert all(net.resets >= 1 for net in nets)
+    assert pool.take_idle() is nets[1] and pool.take_idle() is nets[0] and pool.take_idle() is None
