@@ -453,18 +453,6 @@ async def test_invalid_queries_get_invalid_param_then_1008(nursery: trio.Nursery
     assert _errors(metrics, "internal") == 0
 
 
-# hypercorn 0.18 (and its main branch) keeps an oversized message in its buffer after closing
-# 1009: the next message of the other type (binary after text, or text after binary) raises
-# TypeError in its connection handler, which only catches OSError, so the whole server stops; a
-# next message of the same type leaves the close handshake undone until the idle timeout.
-_HYPERCORN_1009 = pytest.mark.xfail(
-    strict=True,
-    reason="hypercorn's WebsocketBuffer is not cleared after FrameTooLargeError: an oversized "
-           "message then one of the other type kills the server (needs a fix in sttd/server.py; "
-           "remove this marker with it)")
-
-
-@_HYPERCORN_1009
 async def test_oversized_messages_close_1009_and_the_server_goes_on() -> None:
     """Messages past STT_MAX_MESSAGE_BYTES (1 MiB by default) close that session with 1009, and only it.
 
@@ -502,6 +490,9 @@ async def test_oversized_messages_close_1009_and_the_server_goes_on() -> None:
 
     assert [m["text"] for m in clean.of_type("final")] == [reference_texts()["ps_goforward"]]
     assert [outcome.close_code for outcome in results] == [1009] * len(oversized) + [1000]
+    for outcome in results[:-1]:
+        assert [m["code"] for m in outcome.of_type("error")] == ["payload_too_large"]
+        assert "at most 1048576 bytes" in outcome.of_type("error")[0]["message"]
     assert [m["code"] for m in results[-1].of_type("error")] == ["invalid_message"]
     assert _errors(metrics, "payload_too_large") == len(oversized)
     assert _errors(metrics, "internal") == 0
