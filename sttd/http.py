@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
-from typing import Any, Final
+from typing import Any
 
 import attrs
 import trio
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # What the session reads in place of a message over STT_MAX_MESSAGE_BYTES: an in-band end, so it
 # finalizes what it heard before the transport closes 1009.
-_END_OF_INPUT: Final = '{"type":"end"}'
+
 
 
 class _ShuttingDown(ClientError):
@@ -98,40 +98,31 @@ class AppState:
 class _QuartTransport:
     """Adapts quart's websocket object to the session's `Transport`, within a message limit.
 
-    A message over `max_message_bytes` ends the session's input as an ``end`` would, so that it
-    sends the finals of what it heard; the close that follows is then turned into a
-    ``payload_too_large`` error and close 1009. (server.py makes hypercorn hand such a message
-    over cut to one byte past the limit, instead of closing the socket behind the session.)
+    A message over `max_message_bytes` raises `PayloadTooLarge` from `receive`: the session then
+    sends the finals of what it heard, the ``payload_too_large`` error and closes 1009.
+    (server.py makes hypercorn hand such a message over cut to one byte past the limit, instead
+    of closing the socket behind the session.)
     """
 
     def __init__(self, ws: Any, *, max_message_bytes: int, metrics: Metrics) -> None:
         self._ws = ws
         self._max_message_bytes = max_message_bytes
         self._metrics = metrics
-        self._too_large = False
 
     async def receive(self) -> bytes | str | None:
         data: bytes | str | None = await self._ws.receive()
-        if self._too_large:
-            return _END_OF_INPUT
         size = len(data.encode("utf-8", "replace") if isinstance(data, str) else data or b"")
         if size > self._max_message_bytes:
-            self._too_large = True
             log.info("session.message_too_large limit_bytes=%d", self._max_message_bytes)
-            return _END_OF_INPUT
+            raise PayloadTooLarge(
+                f"a WebSocket message must be at most {self._max_message_bytes} bytes "
+                "(STT_MAX_MESSAGE_BYTES); send audio in smaller frames")
         return data
 
     async def send(self, text: str) -> None:
         await self._ws.send(text)
 
     async def close(self, code: int, reason: str = "") -> None:
-        if self._too_large and code == 1000:
-            refused = PayloadTooLarge(
-                f"a WebSocket message must be at most {self._max_message_bytes} bytes "
-                "(STT_MAX_MESSAGE_BYTES); send audio in smaller frames")
-            self._metrics.errors_total.labels(refused.code).inc()
-            await self._ws.send(dumps(error_message(refused.code, str(refused))))
-            code, reason = refused.ws_close_code, refused.code
         await self._ws.close(code, reason)
 
 

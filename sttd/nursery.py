@@ -52,7 +52,7 @@ from sttd.channels import (
     open_output_channel,
 )
 from sttd.engine import Superseded, Transcriber
-from sttd.errors import BackendError, InvalidMessage
+from sttd.errors import BackendError, ClientError, InvalidMessage
 from sttd.metrics import Metrics, QueueDepths
 from sttd.protocol import (
     SessionParams,
@@ -94,7 +94,11 @@ class Transport(Protocol):
     """The accepted WebSocket, as a session sees it."""
 
     async def receive(self) -> bytes | str | None:
-        """The next message; None stands for an empty binary frame."""
+        """The next message; None stands for an empty binary frame.
+
+        Raises a `ClientError` for a message the session must refuse (one over the size limit):
+        the session sends its finals, that error, and closes with the error's close code.
+        """
         ...
 
     async def send(self, text: str) -> None: ...
@@ -201,7 +205,13 @@ class Session:
                 if self._draining:
                     scope.cancel()
                 while True:
-                    data = await transport.receive()
+                    try:
+                        data = await transport.receive()
+                    except ClientError as exc:  # e.g. a message over the size limit
+                        # Finals for what was heard, then this error, then its close code.
+                        send_audio.send_nowait(End(trio.current_time(), exc.ws_close_code,
+                                                   str(exc), "refused", error_code=exc.code))
+                        return
                     now = trio.current_time()
                     scope.deadline = min(ends_at, now + settings.idle_timeout_s)
                     if isinstance(data, str):

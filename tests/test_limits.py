@@ -120,6 +120,8 @@ async def test_oversized_message_sends_the_finals_then_closes_1009(
     assert beside == [[refs["ps_librivox_0930"]]]
     assert _errors(server, "payload_too_large") == 1
     assert _errors(server, "internal") == 0
+    sessions_total = server.state.metrics.sessions_total
+    assert sessions_total.labels("refused")._value.get() == 1  # not counted as a normal end
     async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT_S) as client:
         assert (await client.get("/health")).status_code == 200
 
