@@ -1,0 +1,108 @@
+"""Idle cost: N connected sessions streaming silence in real time; the server's CPU and calls.
+
+Sessions that send only silence must cost no inference and little CPU. This opens ``-n``
+sessions (default 200) to a ``sttd serve`` child (whisper backend, Silero VAD: the defaults),
+each sending digital silence in real time in ``--frame-ms`` frames, and for ``--seconds``
+measures the server's CPU (psutil, % of one core) and the scheduler requests it ran (from
+/metrics: must be 0). A second pass does the same with sessions that send only a
+``{"type": "keepalive"}`` every 5 s, the cheapest way to hold a session open.
+
+    uv run --group bench python benchmarks/idle.py -n 200 --out benchmarks/results/idle.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import open_websocket_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RESULTS, sttd_server, write_result  # noqa: E402
+
+
+async def requests_run(base_url: str) -> float:
+    async with httpx.AsyncClient(timeout=60) as client:
+        text = (await client.get(f"{base_url}/metrics")).text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == "sttd_scheduler_requests_total")
+
+
+async def hold(url: str, mode: str, frame_ms: int, stop: trio.Event, ready: list[int]) -> None:
+    frame = bytes(32 * frame_ms)  # 16 kHz PCM16 zeros
+    async with open_websocket_url(url) as ws:
+        await ws.get_message()
+        ready.append(1)
+        start = trio.current_time()
+        sent = 0
+        while not stop.is_set():
+            if mode == "silence":
+                sent += 1
+                await trio.sleep_until(start + sent * frame_ms / 1000)
+                await ws.send_message(frame)
+            else:
+                with trio.move_on_after(5):
+                    await stop.wait()
+                await ws.send_message(json.dumps({"type": "keepalive"}))
+        await ws.send_message(json.dumps({"type": "end"}))
+
+
+async def measure(server: Any, n: int, mode: str, frame_ms: int, seconds: float) -> dict[str, Any]:
+    url = server.ws_url("call_id=idle&sample_rate=16000")
+    process = psutil.Process(server.process.pid)
+    stop = trio.Event()
+    ready: list[int] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(hold, url, mode, frame_ms, stop, ready)
+        with trio.fail_after(120):
+            while len(ready) < n:
+                await trio.sleep(0.1)
+        await trio.sleep(3)  # let session start-up (VAD nets) settle
+        before = await requests_run(server.base_url)
+        process.cpu_percent(None)
+        samples = []
+        for _ in range(int(seconds)):
+            await trio.sleep(1)
+            samples.append(process.cpu_percent(None))
+        after = await requests_run(server.base_url)
+        stop.set()
+    return {"sessions": n, "mode": mode, "frame_ms": frame_ms if mode == "silence" else None,
+            "seconds": seconds, "server_cpu_percent_of_one_core": {
+                "mean": statistics.fmean(samples), "max": max(samples)},
+            "inference_requests": after - before}
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    points = []
+    async with sttd_server(STT_BACKEND=args.backend) as server:
+        for mode, frame_ms in (("silence", args.frame_ms), ("silence", 100), ("keepalive", 0)):
+            point = await measure(server, args.n, mode, frame_ms, args.seconds)
+            print(point, flush=True)
+            points.append(point)
+    return {"settings": {"n": args.n, "backend": args.backend}, "points": points}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-n", type=int, default=200)
+    parser.add_argument("--frame-ms", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--backend", default="whisper")
+    parser.add_argument("--out", type=Path, default=RESULTS / "idle.json")
+    args = parser.parse_args()
+    write_result(args.out, "uv run --group bench python " + " ".join(sys.argv),
+                 trio.run(main_async, args))
+
+
+if __name__ == "__main__":
+    main()
