@@ -15,23 +15,15 @@ from typing import Final
 
 import attrs
 
-from sttd.errors import ClientError, ConfigError
+from sttd.errors import ConfigError
 from sttd.settings import Settings
 
-__all__ = ["Access", "Cors", "Unauthorized"]
+__all__ = ["Access", "Cors"]
 
 # How long a browser may cache a preflight's answer, seconds.
 _PREFLIGHT_MAX_AGE_S: Final = 600
 _PREFLIGHT_METHODS: Final = "GET, POST, OPTIONS"
 _PREFLIGHT_HEADERS: Final = "Authorization, Content-Type"
-
-
-class Unauthorized(ClientError):
-    """A request without a valid bearer key where one is required."""
-
-    code = "unauthorized"
-    http_status = 401
-    ws_close_code = 1008
 
 
 @attrs.frozen

@@ -10,7 +10,10 @@ All of them derive from one base::
     │   ├── BadAudio              audio we recognise but that is broken (1003 / 400)
     │   ├── PayloadTooLarge       a body or frame over its limit (1009 / 413)
     │   ├── UnsupportedLanguage   a language the loaded model cannot transcribe (1008 / 400)
-    │   └── Overloaded            the server or this session is past capacity (1013 / 503)
+    │   ├── Overloaded            the server or this session is past capacity (1013 / 503)
+    │   ├── Unauthorized          no valid bearer key where one is required (1008 / 401)
+    │   ├── ShuttingDown          the server is draining (1001 / 503)
+    │   └── RequestTimeout        the client stopped sending its request body (408)
     ├── BackendError         a speech backend failed on a request
     │   └── InferenceTimeout      no result within STT_INFERENCE_TIMEOUT_S
     └── ConfigError          a setting is missing or invalid; stops start-up
@@ -32,7 +35,10 @@ __all__ = [
     "InvalidParam",
     "Overloaded",
     "PayloadTooLarge",
+    "RequestTimeout",
+    "ShuttingDown",
     "SttdError",
+    "Unauthorized",
     "UnsupportedLanguage",
     "UnsupportedMedia",
 ]
@@ -108,6 +114,30 @@ class Overloaded(ClientError):
     code = "overloaded"
     http_status = 503
     ws_close_code = 1013
+
+
+class Unauthorized(ClientError):
+    """A request without a valid bearer key where one is required."""
+
+    code = "unauthorized"
+    http_status = 401
+    ws_close_code = 1008
+
+
+class ShuttingDown(ClientError):
+    """The server is draining: no new sessions or uploads."""
+
+    code = "shutting_down"
+    http_status = 503
+    ws_close_code = 1001
+
+
+class RequestTimeout(ClientError):
+    """The client stopped sending its request body."""
+
+    code = "request_timeout"
+    http_status = 408
+    ws_close_code = 1008
 
 
 class BackendError(SttdError):

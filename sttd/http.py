@@ -21,9 +21,16 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from sttd.auth import Access, Cors, Unauthorized
+from sttd.auth import Access, Cors
 from sttd.engine import Engine
-from sttd.errors import ClientError, Overloaded, PayloadTooLarge
+from sttd.errors import (
+    ClientError,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    ShuttingDown,
+    Unauthorized,
+)
 from sttd.files import transcribe_wav
 from sttd.metrics import Metrics
 from sttd.nursery import Session, SessionRegistry
@@ -34,26 +41,6 @@ from sttd.settings import Settings
 __all__ = ["AppState", "create_app"]
 
 log = logging.getLogger(__name__)
-
-# What the session reads in place of a message over STT_MAX_MESSAGE_BYTES: an in-band end, so it
-# finalizes what it heard before the transport closes 1009.
-
-
-
-class _ShuttingDown(ClientError):
-    """The server is draining: no new sessions or uploads."""
-
-    code = "shutting_down"
-    http_status = 503
-    ws_close_code = 1001
-
-
-class _RequestTimeout(ClientError):
-    """The client stopped sending its request body."""
-
-    code = "request_timeout"
-    http_status = 408
-    ws_close_code = 1008
 
 
 @attrs.define
@@ -127,7 +114,7 @@ class _QuartTransport:
 
 
 class _PacedBody:
-    """A request body that must keep coming: a gap over `timeout_s` raises `_RequestTimeout`."""
+    """A request body that must keep coming: a gap over `timeout_s` raises `RequestTimeout`."""
 
     def __init__(self, body: AsyncIterable[bytes], *, timeout_s: float) -> None:
         self._chunks = aiter(body)
@@ -139,7 +126,7 @@ class _PacedBody:
     async def __anext__(self) -> bytes:
         with trio.move_on_after(self._timeout_s):
             return await anext(self._chunks)
-        raise _RequestTimeout(
+        raise RequestTimeout(
             f"the request body stalled: nothing arrived for STT_HTTP_READ_TIMEOUT_S="
             f"{self._timeout_s:g} s")
 
@@ -234,7 +221,7 @@ def create_app(state: AppState) -> QuartTrio:
     async def transcribe() -> Response:
         started = time.perf_counter()
         if state.draining:
-            raise _ShuttingDown("the server is shutting down; send the file to another instance")
+            raise ShuttingDown("the server is shutting down; send the file to another instance")
         with state.upload_in_flight():
             return await _transcribe(started)
 
@@ -279,7 +266,7 @@ def create_app(state: AppState) -> QuartTrio:
                 raise Unauthorized("this API needs 'Authorization: Bearer <key>' (or ?token=<key> "
                                    "on the WebSocket URL) with a valid key")
             if state.draining:
-                raise _ShuttingDown("the server is shutting down; connect to another instance")
+                raise ShuttingDown("the server is shutting down; connect to another instance")
             query = websocket.args.copy()
             query.poplist("token")
             params = SessionParams.from_query(
