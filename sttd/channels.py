@@ -199,6 +199,16 @@ class AudioSender:
         state.lot.unpark_all()
         return dropped
 
+    @property
+    def samples_buffered(self) -> int:
+        """Audio samples queued now (the session's backlog); cheaper than `statistics()`."""
+        return self._state.samples
+
+    @property
+    def full(self) -> bool:
+        """Whether the next frame would push out the oldest one."""
+        return self._state.frames >= self._state.max_frames
+
     async def wait_for_room(self, max_samples: int) -> None:
         """Wait until the channel holds at most `max_samples` samples and has a free frame slot.
 

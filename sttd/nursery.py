@@ -232,9 +232,9 @@ class Session:
                         continue
                     self.metrics.audio_received_seconds_total.inc(samples.size / _SAMPLE_RATE_HZ)
                     received += samples.size
-                    queued = send_audio.statistics()
-                    behind = queued.samples_buffered > skip_above
-                    if behind or queued.frames_buffered >= queued.max_frames:
+                    # Per frame, so the channel's counters rather than a statistics snapshot.
+                    behind = send_audio.samples_buffered > skip_above
+                    if behind or send_audio.full:
                         if received / _SAMPLE_RATE_HZ - (now - started) > settings.max_lag_s:
                             # Ahead of real time (a file sent fast): hold the client back.
                             scope.deadline = math.inf

@@ -435,6 +435,7 @@ def test_samples_are_counted_through_drops_and_gaps_merge() -> None:
     for i in range(3):  # the third drops the first
         send.send_nowait(frame(i))
     assert send.statistics().samples_buffered == 2 * frame(0).samples.size
+    assert send.samples_buffered == 2 * frame(0).samples.size and send.full
     send.send_nowait(Gap(100, 3.0))
     send.send_nowait(Gap(50, 4.0))
     send.send_nowait(Commit(5.0))
