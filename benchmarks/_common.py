@@ -82,14 +82,16 @@ class ServerProcess:
 
 
 @asynccontextmanager
-async def sttd_server(**settings: str) -> AsyncIterator[ServerProcess]:
-    """Run ``sttd serve`` as a child process on a free loopback port until the block exits."""
+async def sttd_server(*, argv: tuple[str, ...] = ("-m", "sttd.cli", "serve"),
+                      **settings: str) -> AsyncIterator[ServerProcess]:
+    """Run ``sttd serve`` (or `argv` under this Python, which must log like it) as a child
+    process on a free loopback port until the block exits."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STT_")}
     env.update({"STT_HOST": "127.0.0.1", "STT_PORT": "0", "STT_LOG_FORMAT": "json", **settings})
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
             lambda task_status: trio.run_process(
-                [sys.executable, "-m", "sttd.cli", "serve"], env=env, stderr=subprocess.PIPE,
+                [sys.executable, *argv], env=env, stderr=subprocess.PIPE,
                 check=False, task_status=task_status))
         assert process.stderr is not None
         buffer = b""

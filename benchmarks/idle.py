@@ -5,7 +5,12 @@ sessions (default 200) to a ``sttd serve`` child (whisper backend, Silero VAD: t
 each sending digital silence in real time in ``--frame-ms`` frames, and for ``--seconds``
 measures the server's CPU (psutil, % of one core) and the scheduler requests it ran (from
 /metrics: must be 0). A second pass does the same with sessions that send only a
-``{"type": "keepalive"}`` every 5 s, the cheapest way to hold a session open.
+``{"type": "keepalive"}`` every 5 s, the cheapest way to hold a session open. Each pass measures
+the steady state, from 5 s after the last session connected.
+
+The same three passes then run against ``bare_ws.py``: a quart-trio WebSocket route under
+hypercorn that reads and discards messages. That is the floor of the serving stack itself, and
+each sttd point reports its ratio to it.
 
     uv run --group bench python benchmarks/idle.py -n 200 --out benchmarks/results/idle.json
 """
@@ -56,7 +61,8 @@ async def hold(url: str, mode: str, frame_ms: int, stop: trio.Event, ready: list
         await ws.send_message(json.dumps({"type": "end"}))
 
 
-async def measure(server: Any, n: int, mode: str, frame_ms: int, seconds: float) -> dict[str, Any]:
+async def measure(server: Any, n: int, mode: str, frame_ms: int, seconds: float, *,
+                  settle_s: float = 5.0, count_requests: bool = True) -> dict[str, Any]:
     url = server.ws_url("call_id=idle&sample_rate=16000")
     process = psutil.Process(server.process.pid)
     stop = trio.Event()
@@ -67,35 +73,46 @@ async def measure(server: Any, n: int, mode: str, frame_ms: int, seconds: float)
         with trio.fail_after(120):
             while len(ready) < n:
                 await trio.sleep(0.1)
-        await trio.sleep(3)  # let session start-up (VAD nets) settle
-        before = await requests_run(server.base_url)
+        await trio.sleep(settle_s)  # past the connection burst: the steady state only
+        before = await requests_run(server.base_url) if count_requests else 0.0
         process.cpu_percent(None)
         samples = []
         for _ in range(int(seconds)):
             await trio.sleep(1)
             samples.append(process.cpu_percent(None))
-        after = await requests_run(server.base_url)
+        after = await requests_run(server.base_url) if count_requests else 0.0
         stop.set()
     return {"sessions": n, "mode": mode, "frame_ms": frame_ms if mode == "silence" else None,
             "seconds": seconds, "server_cpu_percent_of_one_core": {
                 "mean": statistics.fmean(samples), "max": max(samples)},
-            "inference_requests": after - before}
+            "inference_requests": after - before if count_requests else None}
+
+
+MODES = (("silence", 20), ("silence", 100), ("keepalive", 0))
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     points = []
-    async with sttd_server(STT_BACKEND=args.backend) as server:
-        for mode, frame_ms in (("silence", args.frame_ms), ("silence", 100), ("keepalive", 0)):
-            point = await measure(server, args.n, mode, frame_ms, args.seconds)
-            print(point, flush=True)
-            points.append(point)
+    for server_name, argv in (("sttd", ("-m", "sttd.cli", "serve")),
+                              ("bare_stack", (str(Path(__file__).with_name("bare_ws.py")),))):
+        async with sttd_server(argv=argv, STT_BACKEND=args.backend) as server:
+            for mode, frame_ms in MODES:
+                point = await measure(server, args.n, mode, frame_ms, args.seconds,
+                                      count_requests=server_name == "sttd")
+                point["server"] = server_name
+                print(point, flush=True)
+                points.append(point)
+    for point in points[: len(MODES)]:
+        [floor] = [p for p in points[len(MODES):]
+                   if (p["mode"], p["frame_ms"]) == (point["mode"], point["frame_ms"])]
+        point["ratio_to_bare_stack"] = (point["server_cpu_percent_of_one_core"]["mean"]
+                                        / max(floor["server_cpu_percent_of_one_core"]["mean"], 0.1))
     return {"settings": {"n": args.n, "backend": args.backend}, "points": points}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=200)
-    parser.add_argument("--frame-ms", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--backend", default="whisper")
     parser.add_argument("--out", type=Path, default=RESULTS / "idle.json")

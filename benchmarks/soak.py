@@ -8,7 +8,9 @@ opened and ended in one of these ways, at random (seeded):
 * ``reset``: mid-utterance, the TCP connection is reset (SO_LINGER 0; no close handshake);
 * ``vanish``: mid-utterance, the socket is closed without a close frame;
 * ``close``: mid-utterance, a normal close frame (1000) without ``end``;
-* ``commit``: a commit mid-utterance, wait for its final, then a close frame;
+* ``commit``: a commit mid-utterance, wait for its final, then a close frame (a cut that fell
+  in a pause the VAD had already closed gets no final, as documented: the session is then
+  ended, and counted as ``commit_in_silence``);
 * ``end``: ``end`` mid-utterance, wait for the final and the server's close;
 * ``instant``: connect and leave at once, before reading ``ready``.
 
@@ -18,8 +20,8 @@ and its live trio tasks (``sttd_tasks_live``); then the measured run. When its s
 ended, the three are read every second for up to 60 s until all are within 5% of the baseline.
 The warm-up is there because allocators keep what a process once used at its peak concurrency
 (Python's arenas, glibc's per-thread arenas, ONNX Runtime's): memory that a second run reuses
-is not a leak, memory that grows with the number of sessions is. Each steady session must get exactly one final with the reference text
-for every fixture it sent.
+is not a leak, memory that grows with the number of sessions is. Each steady session must get
+exactly one final with the reference text for every fixture it sent.
 
     uv run --group bench python benchmarks/soak.py --sessions 10000 \\
         --out benchmarks/results/soak.json
@@ -128,7 +130,8 @@ async def steady(url: str, clips: list[tuple[str, np.ndarray]], stop: trio.Event
                                 if ws.closed else None}
 
 
-async def churn_one(url: str, action: str, pcm: np.ndarray, rng: random.Random) -> None:
+async def churn_one(url: str, action: str, pcm: np.ndarray, rng: random.Random,
+                    counts: dict[str, int]) -> None:
     with trio.fail_after(60):
         async with open_websocket_url(url) as ws:
             if action == "instant":
@@ -149,9 +152,21 @@ async def churn_one(url: str, action: str, pcm: np.ndarray, rng: random.Random) 
             elif action in ("commit", "end"):
                 await ws.send_message(json.dumps({"type": action}))
                 try:
-                    while json.loads(await ws.get_message())["type"] != "final":
-                        pass
-                    if action == "end":
+                    if action == "commit":
+                        with trio.move_on_after(10) as waited:
+                            while json.loads(await ws.get_message())["type"] != "final":
+                                pass
+                        if waited.cancelled_caught:
+                            # Cut in a pause the VAD had already ended: a commit with no open
+                            # speech is documented to do nothing. The session must still be
+                            # alive: `end` must close it (else fail_after calls it stuck).
+                            counts["commit_in_silence"] = counts.get("commit_in_silence", 0) + 1
+                            await ws.send_message(json.dumps({"type": "end"}))
+                            while True:
+                                await ws.get_message()
+                    else:
+                        while json.loads(await ws.get_message())["type"] != "final":
+                            pass
                         while True:
                             await ws.get_message()
                 except ConnectionClosed:
@@ -166,7 +181,7 @@ async def churn(url: str, total: int, concurrency: int, clips: list[tuple[str, n
     async def one(action: str, pcm: np.ndarray, child_rng: random.Random) -> None:
         async with limiter:
             try:
-                await churn_one(url, action, pcm, child_rng)
+                await churn_one(url, action, pcm, child_rng, counts)
             except (ConnectionClosed, OSError, trio.BrokenResourceError):
                 counts["client_side_errors"] = counts.get("client_side_errors", 0) + 1
             except trio.TooSlowError:  # no answer within 60 s: a stuck session, a finding
