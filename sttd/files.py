@@ -25,7 +25,7 @@ from sttd.settings import Settings
 from sttd.stream import Job, UtteranceTracker
 from sttd.vad import make_endpointer
 
-__all__ = ["FileSegment", "FileTranscript", "split_at_pauses", "transcribe_wav"]
+__all__ = ["FileSegment", "FileTranscript", "FileWord", "split_at_pauses", "transcribe_wav"]
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,25 @@ _BLOCK_S: Final = 10.0
 
 
 @attrs.frozen
+class FileWord:
+    """One word of a file; times in ms from the start of the file."""
+
+    word: str
+    start_ms: int
+    end_ms: int
+    probability: float
+
+
+@attrs.frozen
 class FileSegment:
     """One transcribed piece of a file; times in ms from the start of the file."""
 
     start_ms: int
     end_ms: int
     text: str
+    # Where the backend gives word timings (whisper does), the piece's words.
+    words: tuple[FileWord, ...] = ()
+    language: str | None = None
 
 
 @attrs.frozen
@@ -51,6 +64,12 @@ class FileTranscript:
     text: str
     segments: tuple[FileSegment, ...]
     duration_s: float
+
+    @property
+    def language(self) -> str | None:
+        """The language most pieces were recognised in, where the backend says."""
+        found = [segment.language for segment in self.segments if segment.language]
+        return max(set(found), key=found.count) if found else None
 
 
 def split_at_pauses(pcm: npt.NDArray[np.int16], settings: Settings) -> list[Job]:
@@ -160,5 +179,14 @@ async def _transcribe_batch(
     """Transcribe `jobs` in one engine call; the pieces that have text."""
     requests = [Request(pcm16_to_float32(job.audio), "final", language, hotwords) for job in jobs]
     results = await engine.transcribe_batch(requests)
-    pieces = ((job, result.text.strip()) for job, result in zip(jobs, results, strict=True))
-    return [FileSegment(job.start_ms, job.end_ms, text) for job, text in pieces if text]
+    segments = []
+    for job, result in zip(jobs, results, strict=True):
+        text = result.text.strip()
+        if not text:
+            continue
+        words = tuple(
+            FileWord(word.word.strip(), job.start_ms + round(word.start_s * 1000),
+                     job.start_ms + round(word.end_s * 1000), word.probability)
+            for word in result.words)
+        segments.append(FileSegment(job.start_ms, job.end_ms, text, words, result.language))
+    return segments

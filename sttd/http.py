@@ -1,4 +1,4 @@
-"""The quart-trio app: the file API, the WebSocket route, /health and /metrics.
+"""The quart-trio app: the file APIs (ours and OpenAI's), the WebSocket route, /health, /metrics.
 
 Every /v1/* request passes the access policy (`sttd.auth`) first; CORS headers are added to
 every response. While the server drains (`SessionRegistry.draining`), /health answers 503 and
@@ -34,6 +34,7 @@ from sttd.errors import (
 from sttd.files import transcribe_wav
 from sttd.metrics import Metrics
 from sttd.nursery import Session, SessionRegistry
+from sttd.openai_api import TranscriptionForm, render
 from sttd.uploads import read_multipart_file
 from sttd.protocol import SessionParams, dumps, error_message, parse_hotwords, parse_language
 from sttd.settings import Settings
@@ -225,12 +226,15 @@ def create_app(state: AppState) -> QuartTrio:
         with state.upload_in_flight():
             return await _transcribe(started)
 
-    async def _transcribe(started: float) -> Response:
+    def _check_length() -> None:
         length = request.content_length
         if length is not None and length > state.settings.max_upload_bytes:
             raise PayloadTooLarge(
                 f"request body must be at most {state.settings.max_upload_bytes} bytes "
                 f"(STT_MAX_UPLOAD_BYTES), got {length}")
+
+    async def _transcribe(started: float) -> Response:
+        _check_length()
         engine = _ready_engine(state)
         language = parse_language(request.args.get("language", "auto"))
         hotwords = parse_hotwords(request.args.get("hotwords", ""))
@@ -252,6 +256,26 @@ def create_app(state: AppState) -> QuartTrio:
             ],
         }
         return Response(dumps(body), status=200, content_type="application/json")
+
+    @app.post("/v1/audio/transcriptions")
+    async def openai_transcriptions() -> Response:
+        """OpenAI's transcription API, so that its SDKs work unchanged (`sttd.openai_api`)."""
+        if state.draining:
+            raise ShuttingDown("the server is shutting down; send the file to another instance")
+        with state.upload_in_flight():
+            _check_length()
+            engine = _ready_engine(state)
+            upload, fields = await read_multipart_file(
+                _PacedBody(request.body, timeout_s=settings.http_read_timeout_s),
+                request.mimetype, request.mimetype_params, field="file",
+                max_bytes=state.settings.max_upload_bytes)
+            with upload:
+                form = TranscriptionForm.parse(fields)
+                engine.check_language(form.language)
+                result = await transcribe_wav(
+                    engine, upload, state.settings, language=form.language, hotwords=form.prompt)
+        body, content_type = render(result, form)
+        return Response(body, status=200, content_type=content_type)
 
     @app.websocket("/v1/stt/ws")
     async def stream() -> None:

@@ -46,6 +46,8 @@ async def read_multipart_file(
 ) -> tuple[IO[bytes], dict[str, str]]:
     """The contents of file field `field`, and the small text fields beside it.
 
+    A field named ``name[]`` may repeat: its values come joined by commas.
+
     The contents come as a temporary file positioned at its start, in memory up to 8 MiB and
     on disk beyond. The caller owns it and must close it, which also deletes it; if this
     function raises, it has closed the file itself.
@@ -127,7 +129,10 @@ async def _receive(
                         raise InvalidParam(current, f"form field {current!r} must be at most "
                                                     f"{_MAX_FIELD_BYTES} bytes")
                     if not event.more_data:
-                        fields[current] = field_bytes.decode("utf-8", "replace")
+                        value = field_bytes.decode("utf-8", "replace")
+                        if current.endswith("[]") and current in fields:
+                            value = f"{fields[current]},{value}"  # a repeated list field
+                        fields[current] = value
 
     def feed(chunk: bytes | None) -> bool:
         """Decode `chunk` (None: the end of the body); True once the body's epilogue arrived."""

@@ -1,0 +1,158 @@
+"""OpenAI's transcription API (``POST /v1/audio/transcriptions``): its form, and its answers.
+
+Sans I/O: `TranscriptionForm.parse` validates the multipart form's text fields, and `render`
+turns a `FileTranscript` into the body and content type of the ``response_format`` asked for
+(``json``, ``text``, ``verbose_json``, ``srt`` or ``vtt``), shaped as OpenAI's own server shapes
+them, so that its SDKs work against sttd unchanged. The route itself is in `sttd.http`.
+
+``model`` is required, as OpenAI requires it, but any name is accepted: the server has one
+engine. ``temperature`` is accepted and ignored (decoding is deterministic). ``stream=true`` is
+refused: live audio has the WebSocket API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+import attrs
+
+from sttd.errors import InvalidParam
+from sttd.files import FileTranscript
+from sttd.protocol import dumps, parse_hotwords, parse_language
+
+__all__ = ["RESPONSE_FORMATS", "TranscriptionForm", "render"]
+
+RESPONSE_FORMATS: Final = ("json", "text", "verbose_json", "srt", "vtt")
+_GRANULARITIES: Final = ("segment", "word")
+_MAX_PROMPT_CHARS: Final = 1000
+_MAX_QUOTED_CHARS: Final = 40
+
+# ISO 639-1 codes to the lower-case names OpenAI's verbose_json gives as ``language``.
+_LANGUAGE_NAMES: Final = {
+    "af": "afrikaans", "ar": "arabic", "bg": "bulgarian", "ca": "catalan", "cs": "czech",
+    "cy": "welsh", "da": "danish", "de": "german", "el": "greek", "en": "english",
+    "es": "spanish", "et": "estonian", "fa": "persian", "fi": "finnish", "fr": "french",
+    "he": "hebrew", "hi": "hindi", "hr": "croatian", "hu": "hungarian", "id": "indonesian",
+    "it": "italian", "ja": "japanese", "ko": "korean", "lt": "lithuanian", "lv": "latvian",
+    "ms": "malay", "nl": "dutch", "no": "norwegian", "pl": "polish", "pt": "portuguese",
+    "ro": "romanian", "ru": "russian", "sk": "slovak", "sl": "slovenian", "sr": "serbian",
+    "sv": "swedish", "th": "thai", "tr": "turkish", "uk": "ukrainian", "ur": "urdu",
+    "vi": "vietnamese", "zh": "chinese", "yue": "cantonese",
+}
+
+
+@attrs.frozen
+class TranscriptionForm:
+    """The text fields of a transcription request, checked."""
+
+    model: str
+    language: str | None = None
+    # The prompt's comma-separated phrases, passed to the engine as hotwords.
+    prompt: tuple[str, ...] = ()
+    response_format: str = "json"
+    timestamp_granularities: tuple[str, ...] = ("segment",)
+
+    @classmethod
+    def parse(cls, fields: Mapping[str, str]) -> TranscriptionForm:
+        """Check `fields` (repeated ``timestamp_granularities[]`` joined by commas).
+
+        Raises `InvalidParam` naming the first field that is missing or wrong.
+        """
+        model = fields.get("model", "").strip()
+        if not model:
+            raise InvalidParam("model", "the form needs a 'model' field (any name: this server "
+                                        "has one engine)")
+        response_format = fields.get("response_format", "json").strip() or "json"
+        if response_format not in RESPONSE_FORMATS:
+            raise InvalidParam("response_format", "response_format must be one of "
+                               f"{', '.join(RESPONSE_FORMATS)}, got {_quoted(response_format)}")
+        raw = fields.get("timestamp_granularities[]", fields.get("timestamp_granularities", ""))
+        granularities = tuple(dict.fromkeys(g.strip() for g in raw.split(",") if g.strip()))
+        for granularity in granularities:
+            if granularity not in _GRANULARITIES:
+                raise InvalidParam("timestamp_granularities[]", "each timestamp granularity "
+                                   f"must be 'segment' or 'word', got {_quoted(granularity)}")
+        if granularities and response_format != "verbose_json":
+            raise InvalidParam("timestamp_granularities[]", "timestamp_granularities needs "
+                               "response_format=verbose_json")
+        if fields.get("stream", "false").strip().lower() not in ("", "false", "0"):
+            raise InvalidParam("stream", "stream=true is not supported here; stream live audio "
+                                         "over the WebSocket API (/v1/stt/ws)")
+        prompt = fields.get("prompt", "")
+        if len(prompt) > _MAX_PROMPT_CHARS:
+            raise InvalidParam("prompt", f"prompt must be at most {_MAX_PROMPT_CHARS} "
+                                         f"characters, got {len(prompt)}")
+        return cls(
+            model=model,
+            language=parse_language(fields.get("language", ""), param="language"),
+            prompt=parse_hotwords(prompt, param="prompt"),
+            response_format=response_format,
+            timestamp_granularities=granularities or ("segment",),
+        )
+
+
+def render(transcript: FileTranscript, form: TranscriptionForm) -> tuple[str, str]:
+    """The response body and its content type, in `form.response_format`."""
+    kind = form.response_format
+    if kind == "json":
+        return dumps({"text": transcript.text}), "application/json"
+    if kind == "text":
+        return transcript.text + "\n", "text/plain; charset=utf-8"
+    if kind == "srt":
+        return _subtitles(transcript, vtt=False), "text/plain; charset=utf-8"
+    if kind == "vtt":
+        return _subtitles(transcript, vtt=True), "text/vtt; charset=utf-8"
+    return dumps(_verbose(transcript, form)), "application/json"
+
+
+def _verbose(transcript: FileTranscript, form: TranscriptionForm) -> dict[str, object]:
+    language = transcript.language or form.language or ""
+    body: dict[str, object] = {
+        "task": "transcribe",
+        "language": _LANGUAGE_NAMES.get(language.split("-")[0].lower(), language),
+        "duration": round(transcript.duration_s, 3),
+        "text": transcript.text,
+    }
+    if "segment" in form.timestamp_granularities:
+        body["segments"] = [
+            {
+                "id": index,
+                "seek": 0,
+                "start": segment.start_ms / 1000,
+                "end": segment.end_ms / 1000,
+                "text": segment.text,
+                "tokens": [],
+                "temperature": 0.0,
+                "avg_logprob": 0.0,
+                "compression_ratio": 0.0,
+                "no_speech_prob": 0.0,
+            }
+            for index, segment in enumerate(transcript.segments)
+        ]
+    if "word" in form.timestamp_granularities:
+        body["words"] = [
+            {"word": word.word, "start": word.start_ms / 1000, "end": word.end_ms / 1000}
+            for segment in transcript.segments for word in segment.words
+        ]
+    return body
+
+
+def _subtitles(transcript: FileTranscript, *, vtt: bool) -> str:
+    blocks = ["WEBVTT\n"] if vtt else []
+    for index, segment in enumerate(transcript.segments, start=1):
+        times = (f"{_timestamp(segment.start_ms, vtt=vtt)} --> "
+                 f"{_timestamp(segment.end_ms, vtt=vtt)}")
+        blocks.append(f"{times}\n{segment.text}\n" if vtt else f"{index}\n{times}\n{segment.text}\n")
+    return "\n".join(blocks)
+
+
+def _timestamp(ms: int, *, vtt: bool) -> str:
+    hours, rest = divmod(max(ms, 0), 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds, millis = divmod(rest, 1000)
+    return f"{hours:02d}:{minutes:02d}:{seconds:02d}{'.' if vtt else ','}{millis:03d}"
+
+
+def _quoted(value: str) -> str:
+    return repr(value if len(value) <= _MAX_QUOTED_CHARS else value[:_MAX_QUOTED_CHARS] + "...")

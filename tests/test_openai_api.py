@@ -1,0 +1,162 @@
+"""OpenAI's transcription API: the form and its answers, and the real `openai` SDK against sttd.
+
+The SDK is synchronous here (it runs in a worker thread); the server is the real one on loopback
+with the mock backend, so transcripts are exact.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import partial
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+import trio
+
+from sttd.audio import encode_wav, pcm16_to_float32
+from sttd.errors import InvalidParam
+from sttd.files import FileSegment, FileTranscript, FileWord
+from sttd.openai_api import TranscriptionForm, render
+from tests.conftest import RunningServer, load_pcm, reference_texts, silence, start_server
+
+# Two fixtures with a pause between them: two segments.
+NAMES = ("ps_cards_001", "ps_goforward")
+
+
+def _wav() -> bytes:
+    audio = np.concatenate([silence(0.5), load_pcm(NAMES[0]), silence(1.5), load_pcm(NAMES[1]),
+                            silence(0.5)])
+    return encode_wav(pcm16_to_float32(audio))
+
+
+def _client(server: RunningServer, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.http_url}/v1", api_key=key, max_retries=0,
+                         timeout=60)
+
+
+async def _create(client: openai.OpenAI, **kwargs: Any) -> Any:
+    kwargs.setdefault("file", ("call.wav", _wav(), "audio/wav"))
+    kwargs.setdefault("model", "whisper-1")
+    return await trio.to_thread.run_sync(partial(client.audio.transcriptions.create, **kwargs))
+
+
+# --- the form ---------------------------------------------------------------------------------
+
+
+def test_form_defaults_and_fields() -> None:
+    form = TranscriptionForm.parse({"model": "whisper-1"})
+    assert form == TranscriptionForm("whisper-1", None, (), "json", ("segment",))
+    form = TranscriptionForm.parse({
+        "model": "m", "language": "en", "prompt": "Acme, Zyx", "response_format": "verbose_json",
+        "timestamp_granularities[]": "word,segment,word", "temperature": "0.2"})
+    assert (form.language, form.prompt) == ("en", ("Acme", "Zyx"))
+    assert form.timestamp_granularities == ("word", "segment")
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({}, "model"),
+    ({"model": "  "}, "model"),
+    ({"model": "m", "response_format": "xml"}, "response_format"),
+    ({"model": "m", "timestamp_granularities[]": "word"}, "timestamp_granularities[]"),
+    ({"model": "m", "response_format": "verbose_json", "timestamp_granularities[]": "char"},
+     "timestamp_granularities[]"),
+    ({"model": "m", "stream": "true"}, "stream"),
+    ({"model": "m", "prompt": "x" * 1001}, "prompt"),
+    ({"model": "m", "language": "english please"}, "language"),
+])
+def test_form_errors_name_the_field(fields: dict[str, str], param: str) -> None:
+    with pytest.raises(InvalidParam) as caught:
+        TranscriptionForm.parse(fields)
+    assert caught.value.param == param
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+TRANSCRIPT = FileTranscript(
+    text="Hello there. General Kenobi.",
+    segments=(
+        FileSegment(500, 1750, "Hello there.",
+                    (FileWord("Hello", 500, 900, 0.9), FileWord("there.", 950, 1750, 0.8)), "en"),
+        FileSegment(3_723_004, 3_725_000, "General Kenobi.", (), "en"),
+    ),
+    duration_s=3725.5,
+)
+
+
+def test_render_json_and_text() -> None:
+    assert render(TRANSCRIPT, TranscriptionForm("m")) == (
+        '{"text":"Hello there. General Kenobi."}', "application/json")
+    body, kind = render(TRANSCRIPT, TranscriptionForm("m", response_format="text"))
+    assert (body, kind) == ("Hello there. General Kenobi.\n", "text/plain; charset=utf-8")
+
+
+def test_render_subtitles() -> None:
+    srt, _ = render(TRANSCRIPT, TranscriptionForm("m", response_format="srt"))
+    assert srt == ("1\n00:00:00,500 --> 00:00:01,750\nHello there.\n\n"
+                   "2\n01:02:03,004 --> 01:02:05,000\nGeneral Kenobi.\n")
+    vtt, kind = render(TRANSCRIPT, TranscriptionForm("m", response_format="vtt"))
+    assert kind.startswith("text/vtt")
+    assert vtt == ("WEBVTT\n\n00:00:00.500 --> 00:00:01.750\nHello there.\n\n"
+                   "01:02:03.004 --> 01:02:05.000\nGeneral Kenobi.\n")
+
+
+def test_render_verbose_json_with_words() -> None:
+    import json
+
+    form = TranscriptionForm("m", response_format="verbose_json",
+                             timestamp_granularities=("word",))
+    body = json.loads(render(TRANSCRIPT, form)[0])
+    assert (body["task"], body["language"], body["duration"]) == ("transcribe", "english", 3725.5)
+    assert "segments" not in body
+    assert body["words"] == [{"word": "Hello", "start": 0.5, "end": 0.9},
+                             {"word": "there.", "start": 0.95, "end": 1.75}]
+    form = TranscriptionForm("m", response_format="verbose_json")
+    segments = json.loads(render(TRANSCRIPT, form)[0])["segments"]
+    assert [(s["id"], s["start"], s["end"], s["text"]) for s in segments] == [
+        (0, 0.5, 1.75, "Hello there."), (1, 3723.004, 3725.0, "General Kenobi.")]
+
+
+# --- the real SDK on loopback -----------------------------------------------------------------
+
+
+async def test_openai_sdk_gets_every_response_format(server: RunningServer) -> None:
+    client = _client(server)
+    texts = reference_texts()
+    expected = f"{texts[NAMES[0]]} {texts[NAMES[1]]}"
+    assert (await _create(client)).text == expected
+    assert (await _create(client, response_format="text")).strip() == expected
+    verbose = await _create(client, response_format="verbose_json",
+                            timestamp_granularities=["word", "segment"], language="en")
+    assert verbose.text == expected
+    assert verbose.language == "english"
+    assert verbose.duration == pytest.approx(
+        (load_pcm(NAMES[0]).size + load_pcm(NAMES[1]).size) / 16000 + 2.5, abs=0.01)
+    assert [s.text for s in verbose.segments] == [texts[NAMES[0]], texts[NAMES[1]]]
+    assert verbose.segments[0].start < verbose.segments[0].end < verbose.segments[1].start
+    assert " ".join(w.word for w in verbose.words) == expected
+    srt = await _create(client, response_format="srt")
+    assert srt.startswith("1\n00:00:00,") and f"\n{texts[NAMES[1]]}\n" in srt
+    vtt = await _create(client, response_format="vtt")
+    assert vtt.startswith("WEBVTT\n\n00:00:00.") and f"\n{texts[NAMES[0]]}\n" in vtt
+
+
+async def test_openai_sdk_sees_clear_errors(server: RunningServer) -> None:
+    client = _client(server)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await _create(client, response_format="verbose_json", timestamp_granularities=["char"])
+    assert "timestamp granularity" in caught.value.message
+    with pytest.raises(openai.APIStatusError) as status:
+        await _create(client, file=("notes.txt", io.BytesIO(b"plain text, no audio"),
+                                    "text/plain"))
+    assert status.value.status_code == 415
+    # The server goes on: the next request is answered.
+    assert (await _create(client)).text
+
+
+async def test_openai_sdk_with_api_keys(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, api_keys="sk-right")
+    with pytest.raises(openai.AuthenticationError):
+        await _create(_client(server, "sk-wrong"))
+    assert (await _create(_client(server, "sk-right"))).text
