@@ -81,11 +81,13 @@ async def measure(server: Any, n: int, mode: str, frame_ms: int, seconds: float,
             await trio.sleep(1)
             samples.append(process.cpu_percent(None))
         after = await requests_run(server.base_url) if count_requests else 0.0
+        rss_mib = process.memory_info().rss / 2**20
         stop.set()
     return {"sessions": n, "mode": mode, "frame_ms": frame_ms if mode == "silence" else None,
             "seconds": seconds, "server_cpu_percent_of_one_core": {
                 "mean": statistics.fmean(samples), "max": max(samples)},
-            "inference_requests": after - before if count_requests else None}
+            "inference_requests": after - before if count_requests else None,
+            "server_rss_mib": round(rss_mib, 1)}
 
 
 MODES = (("silence", 20), ("silence", 100), ("keepalive", 0))

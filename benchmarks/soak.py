@@ -36,6 +36,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ async def steady(url: str, clips: list[tuple[str, np.ndarray]], stop: trio.Event
     silence = np.zeros(16000, np.int16)
     sent: list[str] = []
     finals: list[str] = []
+    warnings: list[str] = []  # a `lagging` skip explains a final that lost words
     rng = random.Random(index)
     async with open_websocket_url(url) as ws:
         await ws.get_message()
@@ -107,6 +109,8 @@ async def steady(url: str, clips: list[tuple[str, np.ndarray]], stop: trio.Event
                     message = json.loads(await ws.get_message())
                     if message["type"] == "final":
                         finals.append(message["text"])
+                    elif message["type"] in ("warning", "error"):
+                        warnings.append(message["code"])
             except ConnectionClosed:
                 pass
 
@@ -127,7 +131,8 @@ async def steady(url: str, clips: list[tuple[str, np.ndarray]], stop: trio.Event
     report[f"steady{index}"] = {"sent": len(sent), "finals": len(finals),
                                 "lost": sum(1 for a, b in zip(sent, finals) if a != b)
                                 + abs(len(sent) - len(finals)), "close": ws.closed.code
-                                if ws.closed else None}
+                                if ws.closed else None, "warnings": warnings,
+                                "mismatches": [[a, b] for a, b in zip(sent, finals) if a != b][:3]}
 
 
 async def churn_one(url: str, action: str, pcm: np.ndarray, rng: random.Random,
@@ -174,7 +179,8 @@ async def churn_one(url: str, action: str, pcm: np.ndarray, rng: random.Random,
 
 
 async def churn(url: str, total: int, concurrency: int, clips: list[tuple[str, np.ndarray]],
-                seed: int, counts: dict[str, int]) -> None:
+                seed: int, counts: dict[str, int],
+                checkpoint: Callable[[int], Awaitable[None]] | None = None) -> None:
     rng = random.Random(seed)
     limiter = trio.CapacityLimiter(concurrency)
 
@@ -197,20 +203,30 @@ async def churn(url: str, total: int, concurrency: int, clips: list[tuple[str, n
             nursery.start_soon(one, action, rng.choice(clips)[1], random.Random(rng.random()))
             if n % 1000 == 999:
                 print(f"churned {n + 1}", flush=True)
+                if checkpoint is not None:
+                    await checkpoint(n + 1)
 
 
 async def phase(server: Any, url: str, args: argparse.Namespace, clips: list[Any],
-                sessions: int, seed: int) -> tuple[dict[str, Any], dict[str, int], dict[str, float]]:
+                sessions: int, seed: int, trajectory: list[dict[str, float]]
+                ) -> tuple[dict[str, Any], dict[str, int], dict[str, float]]:
     """Steady sessions plus `sessions` churned ones; returns the steady report, the action
-    counts and the footprint at the end of the churn."""
+    counts and the footprint at the end of the churn. The footprint after every 1000 churned
+    sessions goes to `trajectory`: a leak climbs steadily, an allocator's high-water mark
+    levels off."""
     stop = trio.Event()
     report: dict[str, Any] = {}
     counts: dict[str, int] = {}
+
+    async def checkpoint(churned: int) -> None:
+        trajectory.append({"churned": churned,
+                           **await footprint(server.base_url, server.process.pid)})
     async with trio.open_nursery() as nursery:
         for index in range(args.steady):
             nursery.start_soon(steady, url, clips, stop, index, report)
         await wait_sessions(server.base_url, args.steady)
-        await churn(url, sessions, args.concurrency, clips, seed=seed, counts=counts)
+        await churn(url, sessions, args.concurrency, clips, seed=seed, counts=counts,
+                    checkpoint=checkpoint)
         peak = await footprint(server.base_url, server.process.pid)
         stop.set()
     await wait_sessions(server.base_url, 0)
@@ -223,12 +239,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     async with sttd_server(**settings) as server:
         url = server.ws_url("call_id=soak&sample_rate=16000")
         pid = server.process.pid
-        warm_report, _, _ = await phase(server, url, args, clips, args.warmup, seed=args.seed + 1)
+        warm_report, _, _ = await phase(server, url, args, clips, args.warmup, seed=args.seed + 1,
+                                        trajectory=[])
         await trio.sleep(1)
         baseline = await footprint(server.base_url, pid)
         print("baseline", baseline, flush=True)
         started = time.perf_counter()
-        report, counts, peak = await phase(server, url, args, clips, args.sessions, args.seed)
+        trajectory: list[dict[str, float]] = []
+        report, counts, peak = await phase(server, url, args, clips, args.sessions, args.seed,
+                                           trajectory)
         churn_s = time.perf_counter() - started
         settle_s = 0.0
         while True:
@@ -256,6 +275,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "actions": counts,
         "server_session_outcomes": outcomes,
         "baseline": baseline, "during_churn": peak, "after": after,
+        "trajectory": trajectory,
         "growth": growth,
         "steady_sessions": report,
         "steady_fixtures_sent": sum(item["sent"] for item in report.values()),
