@@ -90,8 +90,13 @@ class Engine:
         return self.scheduler.overloaded()
 
     def degraded(self) -> str | None:
-        """Why the engine is degraded (a backend call stuck past the timeout), or None."""
-        return self.scheduler.degraded()
+        """Why the engine is degraded (a backend call stuck past the timeout, or a backend
+        that reports trouble, like a remote one whose upstreams all fail), or None."""
+        reason = self.scheduler.degraded()
+        backend_check = getattr(self.backend, "degraded", None)
+        if reason is None and callable(backend_check):
+            reason = backend_check()
+        return reason
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the scheduler until cancelled."""

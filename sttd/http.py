@@ -257,6 +257,14 @@ def create_app(state: AppState) -> QuartTrio:
         }
         return Response(dumps(body), status=200, content_type="application/json")
 
+    @app.get("/v1/models")
+    async def models() -> Response:
+        """OpenAI's model list: the one engine, under its backend's name."""
+        engine = _ready_engine(state)
+        body = {"object": "list", "data": [{"id": engine.backend_name, "object": "model",
+                                            "created": 0, "owned_by": "sttd"}]}
+        return Response(dumps(body), status=200, content_type="application/json")
+
     @app.post("/v1/audio/transcriptions")
     async def openai_transcriptions() -> Response:
         """OpenAI's transcription API, so that its SDKs work unchanged (`sttd.openai_api`)."""

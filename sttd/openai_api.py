@@ -132,7 +132,9 @@ def _verbose(transcript: FileTranscript, form: TranscriptionForm) -> dict[str, o
         ]
     if "word" in form.timestamp_granularities:
         body["words"] = [
-            {"word": word.word, "start": word.start_ms / 1000, "end": word.end_ms / 1000}
+            # `probability` is ours (OpenAI's clients ignore it); another sttd reads it.
+            {"word": word.word, "start": word.start_ms / 1000, "end": word.end_ms / 1000,
+             "probability": round(word.probability, 4)}
             for segment in transcript.segments for word in segment.words
         ]
     return body

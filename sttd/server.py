@@ -82,6 +82,10 @@ async def serve(
                               task_status=_PortStatus(task_status, settings.host), mode="asgi")
         # The server has shut down; an engine still loading is of no use now.
         nursery.cancel_scope.cancel()
+    if state.engine is not None:
+        close = getattr(state.engine.backend, "close", None)
+        if callable(close):  # vLLM's engine process, pooled HTTP connections
+            await trio.to_thread.run_sync(close)
 
 
 async def _drain_after(trigger: Callable[[], Awaitable[None]], state: AppState) -> None:
@@ -178,8 +182,11 @@ async def _load_engine(state: AppState, nursery: trio.Nursery) -> None:
     settings = state.settings
     if settings.vad == "silero":
         await trio.to_thread.run_sync(silero_model)  # once, so no session waits for it
+    # A backend that batches internally (vLLM) or spreads requests out (remote) takes several
+    # batches at once; the setting can only raise that.
+    lanes = max(settings.inference_threads, int(getattr(backend, "preferred_lanes", 1)))
     engine = Engine.create(
-        backend, state.metrics, threads=settings.inference_threads,
+        backend, state.metrics, threads=lanes,
         max_batch=settings.max_inference_batch_size, window_s=settings.batch_window_ms / 1000,
         max_final_wait_s=settings.max_final_wait_s, max_batch_s=settings.max_batch_ms / 1000,
         background_share=settings.background_share,

@@ -137,6 +137,25 @@ class Settings:
     whisper_beam_size: int = attrs.field(default=5, validator=_positive)
     # CPU threads for one backend call; 0 lets CTranslate2 choose (all cores).
     whisper_cpu_threads: int = attrs.field(default=0, validator=_non_negative)
+    # Qwen3-ASR in an embedded vLLM engine (backend qwen3, extra `qwen3`): a hub id or a local
+    # path; the share of GPU memory vLLM may take; the most tokens a transcript may have; the
+    # weights' dtype ("auto": as the checkpoint says); the longest context (0: the model's).
+    vllm_model: str = attrs.field(default="Qwen/Qwen3-ASR-1.7B",
+                                  validator=lambda _i, a, v: _not_empty(a, v))
+    vllm_gpu_memory: float = attrs.field(default=0.7, validator=_share)
+    vllm_max_tokens: int = attrs.field(default=512, validator=_positive)
+    vllm_dtype: str = attrs.field(default="auto", validator=lambda _i, a, v: _not_empty(a, v))
+    vllm_max_model_len: int = attrs.field(default=0, validator=_non_negative)
+    # Remote backend: comma-separated base URLs of OpenAI-compatible transcription servers
+    # (".../v1"); the model name to ask them for (empty: the first each lists at /v1/models);
+    # their bearer key; the timeout of one attempt; retries on other upstreams after a failure;
+    # how long a failing upstream is left out (doubling while it keeps failing, up to 60 s).
+    remote_urls: str = ""
+    remote_model: str = ""
+    remote_api_key: str = attrs.field(default="", repr=False)
+    remote_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    remote_retries: int = attrs.field(default=2, validator=_non_negative)
+    remote_eject_s: float = attrs.field(default=5.0, validator=_positive)
     log_level: str = attrs.field(default="INFO", validator=_one_of(_LOG_LEVELS))
     log_format: str = attrs.field(default="text", validator=_one_of(_LOG_FORMATS))
     # Directory of mock fixtures (``refs.tsv`` + WAVs); empty means the packaged references/.

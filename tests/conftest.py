@@ -52,11 +52,12 @@ class RunningServer:
         return f"http://127.0.0.1:{self.port}"
 
 
-async def start_server(nursery: trio.Nursery, **overrides: Any) -> RunningServer:
+async def start_server(nursery: trio.Nursery, *, load_timeout_s: float = 10,
+                       **overrides: Any) -> RunningServer:
     settings = Settings(**{"backend": "mock", "host": "127.0.0.1", "port": 0, **overrides})
     state = AppState(settings, Metrics.create(CollectorRegistry()))
     port = await nursery.start(partial(serve, settings, state=state))
-    with trio.fail_after(10):
+    with trio.fail_after(load_timeout_s):
         await state.engine_loaded.wait()
     return RunningServer(port, state)
 

@@ -25,7 +25,7 @@ from sttd.backends.base import Request, Result
 from sttd.backends.mock import MockBackend
 from sttd.engine import Engine
 from sttd.errors import InvalidParam, PayloadTooLarge
-from sttd.files import FileSegment, split_at_pauses, transcribe_wav
+from sttd.files import FileSegment, FileWord, split_at_pauses, transcribe_wav
 from sttd.metrics import Metrics
 from sttd.settings import Settings
 from sttd.uploads import read_multipart_file
@@ -197,7 +197,12 @@ def _expected_segments(pcm: npt.NDArray[np.int16], settings: Settings) -> list[F
     """The pieces of `pcm` split at once and transcribed one by one with the mock backend."""
     jobs = split_at_pauses(pcm, settings)
     results = MockBackend.from_directory().transcribe([Request(pcm16_to_float32(job.audio)) for job in jobs])
-    pieces = [FileSegment(job.start_ms, job.end_ms, result.text.strip()) for job, result in zip(jobs, results)]
+    pieces = [
+        FileSegment(job.start_ms, job.end_ms, result.text.strip(), tuple(
+            FileWord(word.word.strip(), job.start_ms + round(word.start_s * 1000),
+                     job.start_ms + round(word.end_s * 1000), word.probability)
+            for word in result.words), result.language)
+        for job, result in zip(jobs, results)]
     return [piece for piece in pieces if piece.text]
 
 

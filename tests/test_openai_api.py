@@ -110,8 +110,8 @@ def test_render_verbose_json_with_words() -> None:
     body = json.loads(render(TRANSCRIPT, form)[0])
     assert (body["task"], body["language"], body["duration"]) == ("transcribe", "english", 3725.5)
     assert "segments" not in body
-    assert body["words"] == [{"word": "Hello", "start": 0.5, "end": 0.9},
-                             {"word": "there.", "start": 0.95, "end": 1.75}]
+    assert body["words"] == [{"word": "Hello", "start": 0.5, "end": 0.9, "probability": 0.9},
+                             {"word": "there.", "start": 0.95, "end": 1.75, "probability": 0.8}]
     form = TranscriptionForm("m", response_format="verbose_json")
     segments = json.loads(render(TRANSCRIPT, form)[0])["segments"]
     assert [(s["id"], s["start"], s["end"], s["text"]) for s in segments] == [

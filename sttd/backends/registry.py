@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 from sttd.backends.base import ASRBackend
@@ -17,7 +18,15 @@ def resolve_backend_name(settings: Settings) -> str:
     """The backend `settings` ask for, with ``auto`` resolved for this machine."""
     if settings.backend != "auto":
         return settings.backend
-    # The GPU engine (qwen3) is not built yet; whisper runs on any CPU and uses CUDA if present.
+    # qwen3 where vLLM is installed and a CUDA GPU is visible; whisper runs on any CPU.
+    if importlib.util.find_spec("vllm") is not None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return "qwen3"
+        except ImportError:
+            pass
     return "whisper"
 
 
@@ -42,5 +51,29 @@ def load_backend(settings: Settings) -> ASRBackend:
             beam_size=settings.whisper_beam_size,
             cpu_threads=settings.whisper_cpu_threads,
         ))
+    if name == "remote":
+        from sttd.backends.remote import RemoteBackend, RemoteOptions, parse_urls
+
+        return RemoteBackend(RemoteOptions(
+            urls=parse_urls(settings.remote_urls),
+            model=settings.remote_model,
+            api_key=settings.remote_api_key,
+            timeout_s=settings.remote_timeout_s,
+            retries=settings.remote_retries,
+            eject_s=settings.remote_eject_s,
+            max_connections=max(64, settings.max_inference_batch_size
+                                * settings.inference_threads),
+        ))
+    if name == "qwen3":
+        from sttd.backends.qwen3 import Qwen3Backend, Qwen3Options
+
+        return Qwen3Backend.load(Qwen3Options(
+            model=settings.vllm_model,
+            gpu_memory=settings.vllm_gpu_memory,
+            max_tokens=settings.vllm_max_tokens,
+            max_batch=settings.max_inference_batch_size,
+            dtype=settings.vllm_dtype,
+            max_model_len=settings.vllm_max_model_len,
+        ))
     raise ConfigError(
-        f"STT_BACKEND={name} is not available in this build; use one of: auto, whisper, mock")
+        f"STT_BACKEND={name} is not available; use one of: auto, whisper, qwen3, remote, mock")

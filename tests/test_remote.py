@@ -1,0 +1,232 @@
+"""The remote backend without a network: upstream choice and ejection, retries, the request it
+sends and the answers it reads (httpx's MockTransport stands in for the upstream servers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from sttd.backends.base import Request
+from sttd.backends.remote import RemoteBackend, RemoteOptions, UpstreamPool, parse_urls
+from sttd.errors import BackendError, ConfigError
+
+A, B, C = "http://a/v1", "http://b/v1", "http://c/v1"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _request(kind: str = "final", **kwargs: Any) -> Request:
+    return Request(np.zeros(1600, np.float32), kind, **kwargs)  # type: ignore[arg-type]
+
+
+def _answer(text: str = "hello world", **extra: Any) -> httpx.Response:
+    return httpx.Response(200, json={"text": text, **extra})
+
+
+def _backend(handler: Callable[[httpx.Request], httpx.Response], *urls: str,
+             **options: Any) -> tuple[RemoteBackend, list[float]]:
+    slept: list[float] = []
+    options.setdefault("model", "m")
+    backend = RemoteBackend(RemoteOptions(urls=urls or (A, B), **options),
+                            transport=httpx.MockTransport(handler), sleep=slept.append)
+    return backend, slept
+
+
+def _form(request: httpx.Request) -> dict[str, list[str]]:
+    """The text fields of a multipart request."""
+    body = request.content.decode("latin-1")
+    boundary = request.headers["content-type"].split("boundary=")[1]
+    fields: dict[str, list[str]] = {}
+    for part in body.split(f"--{boundary}")[1:-1]:
+        head, _, value = part.partition("\r\n\r\n")
+        if "filename=" in head:
+            continue
+        name = head.split('name="')[1].split('"')[0]
+        fields.setdefault(name, []).append(value.removesuffix("\r\n"))
+    return fields
+
+
+# --- the pool ---------------------------------------------------------------------------------
+
+
+def test_pool_prefers_fewest_outstanding_and_takes_turns_on_ties() -> None:
+    pool = UpstreamPool.of([A, B, C])
+    first = pool.acquire()
+    second = pool.acquire()
+    third = pool.acquire()
+    assert {first.url, second.url, third.url} == {A, B, C}  # each busy once
+    pool.release(second, ok=True)
+    assert pool.acquire() is second  # the only one with nothing outstanding
+    turns = set()
+    for _ in range(3):
+        upstream = pool.acquire()
+        turns.add(upstream.url)
+        pool.release(upstream, ok=True)
+    assert turns == {A, B, C}
+
+
+def test_a_failure_ejects_with_doubling_pauses_and_a_success_restores() -> None:
+    clock = Clock()
+    pool = UpstreamPool.of([A, B], eject_s=5.0, clock=clock)
+    a = next(u for u in pool.upstreams if u.url == A)
+    for expected in (5.0, 10.0, 20.0, 40.0, 60.0, 60.0):
+        pool.acquire()  # any: only bookkeeping of `a` matters here
+        a.outstanding += 1
+        pool.release(a, ok=False)
+        assert a.ejected_until == clock.now + expected
+        for upstream in pool.upstreams:
+            upstream.outstanding = 0
+    for _ in range(4):
+        assert pool.acquire().url == B  # `a` is out
+    clock.now += 60.0
+    assert not pool.all_ejected()
+    a.outstanding += 1
+    pool.release(a, ok=True)
+    assert (a.failures, a.ejected_until) == (0, 0.0)
+
+
+def test_with_every_upstream_ejected_the_one_due_first_is_tried() -> None:
+    clock = Clock()
+    pool = UpstreamPool.of([A, B], eject_s=5.0, clock=clock)
+    a, b = pool.upstreams
+    a.outstanding = b.outstanding = 1
+    pool.release(b, ok=False)
+    b.outstanding = 1
+    pool.release(b, ok=False)  # b: second failure, 10 s
+    pool.release(a, ok=False)  # a: first failure, 5 s
+    assert pool.all_ejected()
+    assert pool.acquire().url == A
+    assert pool.acquire(frozenset({A})).url == B  # avoided, if anything else is left
+
+
+def test_urls_are_checked() -> None:
+    assert parse_urls(" http://a:8000/v1/ , https://b/v1") == ("http://a:8000/v1", "https://b/v1")
+    for bad in ("", " , ", "ftp://a/v1", "a:8000", "http://a/v1,http://a/v1"):
+        with pytest.raises(ConfigError):
+            parse_urls(bad)
+
+
+# --- requests and answers ---------------------------------------------------------------------
+
+
+def test_the_request_carries_the_form_openai_servers_take() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return _answer(" Hi there. ", language="english", words=[
+            {"word": " Hi", "start": 0.1, "end": 0.3, "probability": 0.5},
+            {"word": " there.", "start": 0.3, "end": 0.6, "probability": 1.0}],
+            segments=[{"start": 0.1, "end": 0.6, "text": " Hi there."}])
+
+    backend, _ = _backend(handler, A, api_key="secret")
+    [final, partial] = backend.transcribe([_request(language="en", hotwords=("Acme", "Zyx")),
+                                           _request("partial")])
+    assert final.text == "Hi there." and final.language == "en"
+    assert [(w.word, w.start_s, w.end_s) for w in final.words] == [("Hi", 0.1, 0.3),
+                                                                   ("there.", 0.3, 0.6)]
+    assert final.confidence == pytest.approx(0.75)
+    assert final.segments[0].text == " Hi there."
+    by_kind = {("word" in "".join(_form(r).get("timestamp_granularities[]", []))): r
+               for r in seen}
+    form = _form(by_kind[True])
+    assert str(by_kind[True].url) == f"{A}/audio/transcriptions"
+    assert by_kind[True].headers["authorization"] == "Bearer secret"
+    assert form == {"model": ["m"], "response_format": ["verbose_json"],
+                    "timestamp_granularities[]": ["segment", "word"], "language": ["en"],
+                    "prompt": ["Acme, Zyx"]}
+    assert _form(by_kind[False]) == {"model": ["m"], "response_format": ["verbose_json"]}
+    assert b"RIFF" in by_kind[True].content and b"WAVE" in by_kind[True].content
+
+
+def test_a_failing_upstream_is_retried_elsewhere_then_left_out() -> None:
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(str(request.url.host))
+        if request.url.host == "a":
+            raise httpx.ConnectError("connection refused")
+        return _answer()
+
+    backend, slept = _backend(handler, A, B)
+    results = backend.transcribe([_request() for _ in range(6)])
+    assert [r.text for r in results] == ["hello world"] * 6
+    assert calls.count("a") == 1  # tried once, then ejected
+    assert calls.count("b") == 6
+    assert len(slept) == 1 and 0.05 <= slept[0] <= 0.075
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504, 408])
+def test_retryable_statuses_move_on(status: int) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, text="busy") if request.url.host == "a" else _answer()
+
+    backend, _ = _backend(handler, A, B)
+    assert all(backend.transcribe([_request()])[0].text == "hello world" for _ in range(3))
+
+
+def test_a_bad_request_is_not_retried_and_names_the_upstream() -> None:
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(str(request.url.host))
+        return httpx.Response(400, json={"error": {"message": "no such model"}})
+
+    backend, _ = _backend(handler, A, B)
+    with pytest.raises(BackendError, match="no such model"):
+        backend.transcribe([_request()])
+    assert len(calls) == 1
+    assert not backend.pool.all_ejected()
+
+
+def test_when_every_attempt_fails_the_call_fails_with_each_reason() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "a":
+            raise httpx.ReadTimeout("timed out")
+        return httpx.Response(200, text="<html>not json</html>")
+
+    backend, slept = _backend(handler, A, B, retries=2)
+    with pytest.raises(BackendError) as caught:
+        backend.transcribe([_request()])
+    message = str(caught.value)
+    assert "every attempt failed (3)" in message
+    assert "ReadTimeout" in message and "not JSON" in message
+    assert len(slept) == 2 and slept[1] > slept[0]
+    assert backend.pool.all_ejected() and backend.degraded() is not None
+
+
+def test_the_model_is_learnt_from_the_upstreams_list() -> None:
+    models: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "Qwen/Qwen3-ASR-1.7B"}]})
+        models.extend(_form(request)["model"])
+        return _answer()
+
+    backend, _ = _backend(handler, A, model="")
+    backend.transcribe([_request(), _request()])
+    assert models == ["Qwen/Qwen3-ASR-1.7B"] * 2
+
+
+def test_malformed_answers_are_failures_not_crashes() -> None:
+    answers = iter([httpx.Response(200, json={"words": []}),
+                    httpx.Response(200, json={"text": "ok", "words": [{"start": "soon"}]}),
+                    _answer("fine")])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return next(answers)
+
+    backend, _ = _backend(handler, A, B, C, retries=2)
+    assert backend.transcribe([_request()])[0].text == "fine"
+    assert sum(u.failures for u in backend.pool.upstreams) == 2
