@@ -16,8 +16,9 @@ from typing import Any
 
 import attrs
 import trio
+from hypercorn.utils import UnexpectedMessageError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Response, request, websocket
+from quart import Response, has_request_context, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -108,10 +109,18 @@ class _QuartTransport:
         return data
 
     async def send(self, text: str) -> None:
-        await self._ws.send(text)
+        try:
+            await self._ws.send(text)
+        except UnexpectedMessageError:
+            # The client's close frame came in first: it is gone, and hypercorn's disconnect
+            # event is about to cancel the session. Nothing can be delivered now.
+            log.debug("session.send_after_client_close")
 
     async def close(self, code: int, reason: str = "") -> None:
-        await self._ws.close(code, reason)
+        try:
+            await self._ws.close(code, reason)
+        except UnexpectedMessageError:
+            log.debug("session.close_after_client_close")
 
 
 class _PacedBody:
@@ -192,7 +201,10 @@ def create_app(state: AppState) -> QuartTrio:
 
     @app.errorhandler(Exception)
     async def _internal(exc: Exception) -> Response:
-        log.error("http.failed path=%s", request.path, exc_info=exc)
+        # A WebSocket handler's exception comes here too, outside any request context.
+        path = (request.path if has_request_context()
+                else websocket.path if has_websocket_context() else "?")
+        log.error("http.failed path=%s", path, exc_info=exc)
         metrics.errors_total.labels("internal").inc()
         return _error_response(500, "internal", "the server failed on this request; see its logs")
 

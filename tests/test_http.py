@@ -229,3 +229,25 @@ async def test_metrics_count_what_happened(server: RunningServer,
     assert metrics[("sttd_queue_depth", (("queue", "output"),))] == 0
     assert metrics[("sttd_engine_ready", ())] == 1
     assert metrics[("sttd_tasks_live", ())] > 0
+
+
+async def test_a_send_or_close_racing_the_clients_close_frame_is_dropped_not_an_error() -> None:
+    """hypercorn raises UnexpectedMessageError for a message sent after the client's close frame
+    came in; that is the client leaving, not a server failure (it was counted `internal`)."""
+    from hypercorn.utils import UnexpectedMessageError
+    from prometheus_client import CollectorRegistry
+
+    from sttd.http import _QuartTransport
+    from sttd.metrics import Metrics
+
+    class ClosedSocket:
+        async def send(self, text: str) -> None:
+            raise UnexpectedMessageError("ASGIWebsocketState.CLOSED", "websocket.send")
+
+        async def close(self, code: int, reason: str) -> None:
+            raise UnexpectedMessageError("ASGIWebsocketState.CLOSED", "websocket.close")
+
+    transport = _QuartTransport(ClosedSocket(), max_message_bytes=10,
+                                metrics=Metrics.create(CollectorRegistry()))
+    await transport.send('{"type": "error"}')
+    await transport.close(1008, "invalid_param")
