@@ -9,9 +9,11 @@ server wait for the ones in flight.
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from functools import partial
 from typing import Any
 
 import attrs
@@ -20,7 +22,8 @@ from hypercorn.utils import UnexpectedMessageError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, has_request_context, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import HTTPException, NotFound
 
 from sttd.auth import Access, Cors
 from sttd.engine import Engine
@@ -34,7 +37,8 @@ from sttd.errors import (
 )
 from sttd.files import transcribe_wav
 from sttd.metrics import Metrics
-from sttd.nursery import Session, SessionRegistry
+from sttd import deepgram
+from sttd.nursery import Session, SessionRegistry, Transport
 from sttd.openai_api import TranscriptionForm, render
 from sttd.uploads import read_multipart_file
 from sttd.protocol import SessionParams, dumps, error_message, parse_hotwords, parse_language
@@ -299,13 +303,32 @@ def create_app(state: AppState) -> QuartTrio:
 
     @app.websocket("/v1/stt/ws")
     async def stream() -> None:
+        default_partial_ms = round(settings.streaming_chunk_size_sec * 1000)
+        await _serve_session(
+            lambda query: SessionParams.from_query(query, default_partial_ms=default_partial_ms),
+            lambda transport: transport)
+
+    @app.websocket("/v1/listen")
+    async def deepgram_listen() -> None:
+        """Deepgram's live protocol over the same session core (see `sttd.deepgram`)."""
+        await _serve_session(partial(deepgram.params_from_query, settings=settings),
+                             deepgram.DeepgramTransport)
+
+    async def _serve_session(parse: Callable[[MultiDict[str, str]], SessionParams],
+                             wrap: Callable[[Transport], Transport]) -> None:
+        """Accept a WebSocket, check it may open a session, and run one over `wrap(transport)`.
+
+        `parse` turns the query (without ``token``) into the session's parameters; `wrap`
+        adapts the transport to the route's wire protocol (ours as it is, or Deepgram's).
+        """
         await websocket.accept()
-        transport = _QuartTransport(
+        transport = wrap(_QuartTransport(
             websocket._get_current_object(),  # type: ignore[attr-defined]  # werkzeug LocalProxy method, untyped in quart's stubs
-            max_message_bytes=settings.max_message_bytes, metrics=metrics)
+            max_message_bytes=settings.max_message_bytes, metrics=metrics))
         try:
             # Browsers cannot set headers on a WebSocket: they may pass the key as ?token=.
-            if not access.allows_api(websocket.headers.get("Authorization"),
+            # Deepgram's clients send "Authorization: Token <key>".
+            if not access.allows_api(_as_bearer(websocket.headers.get("Authorization")),
                                      token=websocket.args.get("token")):
                 raise Unauthorized("this API needs 'Authorization: Bearer <key>' (or ?token=<key> "
                                    "on the WebSocket URL) with a valid key")
@@ -313,8 +336,7 @@ def create_app(state: AppState) -> QuartTrio:
                 raise ShuttingDown("the server is shutting down; connect to another instance")
             query = websocket.args.copy()
             query.poplist("token")
-            params = SessionParams.from_query(
-                query, default_partial_ms=round(settings.streaming_chunk_size_sec * 1000))
+            params = parse(query)
             engine = _ready_engine(state)
             engine.check_language(params.language)
             if settings.max_sessions and len(state.sessions) >= settings.max_sessions:
@@ -341,7 +363,38 @@ def create_app(state: AppState) -> QuartTrio:
         finally:
             state.sessions.discard(session)
 
+    @app.get("/")
+    async def page() -> Response:
+        """The live transcription page (sttd/static/index.html)."""
+        return _static_response("index.html")
+
+    @app.get("/static/<name>")
+    async def static_file(name: str) -> Response:
+        return _static_response(name)
+
     return app
+
+
+_STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
+
+
+def _static_response(name: str) -> Response:
+    """A file of the package's static/ folder (names only: no paths), or 404."""
+    suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
+    resource = importlib.resources.files("sttd") / "static" / name
+    if "/" in name or "\\" in name or suffix not in _STATIC_TYPES or not resource.is_file():
+        raise NotFound(f"no static file {name[:40]!r}")
+    response = Response(resource.read_bytes(), status=200, content_type=_STATIC_TYPES[suffix])
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+def _as_bearer(header: str | None) -> str | None:
+    """Deepgram's ``Token <key>`` as ``Bearer <key>``; any other header as it is."""
+    if header is not None and header[:6].lower() == "token ":
+        return "Bearer " + header[6:]
+    return header
 
 
 def _ready_engine(state: AppState) -> Engine:

@@ -61,6 +61,7 @@ from sttd.protocol import (
     parse_client_message,
     ready_message,
     transcript_message,
+    utterance_end_message,
     warning_message,
 )
 from sttd.settings import Settings
@@ -121,6 +122,10 @@ class Session:
     _recv_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _draining: bool = attrs.field(init=False, default=False)
     _drops_reported: int = attrs.field(init=False, default=0)
+    # For `params.utterance_end_ms`: the stream time (ms) at which an utterance end is due if no
+    # speech comes first, and the end of the last word sent in a final since the last one.
+    _utterance_end_at_ms: int | None = attrs.field(init=False, default=None)
+    _last_word_end_ms: int | None = attrs.field(init=False, default=None)
 
     @property
     def backlog_s(self) -> float:
@@ -274,9 +279,10 @@ class Session:
             if model is None:
                 model = await trio.to_thread.run_sync(silero_model)
             net = model.stream()
+        silence_ms = self.params.vad_silence_ms
         endpointer = make_endpointer(
             self.settings.vad, threshold_rms=self.settings.vad_threshold,
-            silence_ms=self.settings.vad_silence_ms, net=net)
+            silence_ms=self.settings.vad_silence_ms if silence_ms is None else silence_ms, net=net)
         tracker = UtteranceTracker(
             endpointer,
             partial_ms=self.params.partial_ms,
@@ -290,7 +296,8 @@ class Session:
         async with send_out, recv_audio:
             max_lag = int(self.settings.max_lag_s * _SAMPLE_RATE_HZ)
             while True:
-                finals: list[tuple[Job, float, bool]] = []  # job, trigger time, forced
+                # job, trigger time, forced, cause; None marks where an utterance end is due.
+                finals: list[tuple[Job, float, bool, str] | None] = []
                 stop: Close | None = None
                 error = ""  # sent, with the close reason, after the finals and before the close
                 skipped = 0
@@ -309,41 +316,51 @@ class Session:
                     if isinstance(item, AudioFrame):
                         self.metrics.frame_lag_seconds.observe(
                             trio.current_time() - item.received_at)
-                        finals.extend((job, item.received_at, False)
-                                      for job in tracker.feed(item.samples))
+                        jobs = tracker.feed(item.samples)
+                        finals.extend((job, item.received_at, False, self._feed_cause(job, tracker))
+                                      for job in jobs)
                     elif isinstance(item, Commit):
-                        finals.extend((job, item.received_at, True) for job in tracker.commit())
+                        jobs = tracker.commit()
+                        finals.extend((job, item.received_at, True, "commit") for job in jobs)
                     elif isinstance(item, Gap):
-                        finals.extend((job, item.received_at, False)
-                                      for job in tracker.skip(item.samples))
+                        jobs = tracker.skip(item.samples)
+                        finals.extend((job, item.received_at, False, "skip") for job in jobs)
                         skipped += item.samples
                     elif isinstance(item, End):
                         # Only the client's own `end` answers with a final even when empty.
                         forced = item.outcome == "ended"
-                        finals.extend((job, item.received_at, forced) for job in tracker.commit())
+                        finals.extend((job, item.received_at, forced, "end")
+                                      for job in tracker.commit())
                         stop = Close(item.code, item.reason)
                         self.outcome = item.outcome
                         error = item.error_code
                         break
                     else:
-                        finals.extend((job, trio.current_time(), True) for job in tracker.commit())
+                        finals.extend((job, trio.current_time(), True, "end")
+                                      for job in tracker.commit())
                         stop = self._overloaded(item)
                         error = "overloaded"
                         break
+                    if self._utterance_end_due(jobs, tracker):
+                        finals.append(None)
                 if skipped:
                     await self._report_skip(skipped, send_out)
-                for job, trigger_at, forced in finals:
+                for entry in finals:
+                    if entry is None:
+                        await self._send_utterance_end(send_out)
+                        continue
+                    job, trigger_at, forced, cause = entry
                     # Any partial of this utterance is stale now: withdraw it if still queued.
                     self._finalized = job.utterance_id
                     self._withdraw_partial()
-                    await self._decode(job, send_out, trigger_at, forced=forced)
+                    await self._decode(job, send_out, trigger_at, forced=forced, cause=cause)
                 if stop is not None:
                     if error:
                         self.metrics.errors_total.labels(error).inc()
                         await send_out.send(error_message(error, stop.reason))
                     await send_out.send(stop)
                     return
-                partial = tracker.take_partial()
+                partial = tracker.take_partial() if self.params.partials else None
                 if partial is not None and not lagging:
                     # The partial task decodes it; a newer one replaces an older still queued.
                     slot.put(partial)
@@ -364,6 +381,46 @@ class Session:
                     self._partial_in_flight = (scope, started)
                     await self._decode(job, send_out, None, forced=False, started=started)
                 self._partial_in_flight = None
+
+    def _feed_cause(self, job: Job, tracker: UtteranceTracker) -> str:
+        """What ended a final that fed audio produced: the end of speech, or the length limit.
+
+        A cut at STT_MAX_UTTERANCE_S lies in the second half of the limit and leaves the next
+        utterance open while the speech goes on; an end of speech closes the utterance (unless
+        new speech opened another in the same frame, after a long utterance: then it reads as a
+        cut, which only costs the client an end-of-speech mark).
+        """
+        long = (job.end_ms - job.start_ms) * 2 >= self.settings.max_utterance_s * 1000
+        if long and tracker.open_utterance_id is not None and tracker.endpointer.in_speech:
+            return "max_length"
+        return "speech_end"
+
+    def _utterance_end_due(self, jobs: list[Job], tracker: UtteranceTracker) -> bool:
+        """Whether `params.utterance_end_ms` of audio without speech just followed a final.
+
+        `jobs` are the finals the last item produced; each re-arms the wait, and speech
+        disarms it until the next final.
+        """
+        wait_ms = self.params.utterance_end_ms
+        if wait_ms is None:
+            return False
+        if jobs:
+            self._utterance_end_at_ms = jobs[-1].end_ms + wait_ms
+        if self._utterance_end_at_ms is None:
+            return False
+        if tracker.open_utterance_id is not None:
+            self._utterance_end_at_ms = None
+            return False
+        if tracker.position * 1000 < self._utterance_end_at_ms * _SAMPLE_RATE_HZ:
+            return False
+        self._utterance_end_at_ms = None
+        return True
+
+    async def _send_utterance_end(self, send_out: OutputSender) -> None:
+        """Queue ``utterance_end`` for the last word sent, unless no word came since the last."""
+        if self._last_word_end_ms is not None:
+            await send_out.send(utterance_end_message(self._last_word_end_ms))
+            self._last_word_end_ms = None
 
     def _withdraw_partial(self) -> None:
         """Cancel the partial being waited for, unless its batch already started."""
@@ -394,12 +451,13 @@ class Session:
 
     async def _decode(
         self, job: Job, send_out: OutputSender, trigger_at: float | None, *, forced: bool,
-        started: trio.Event | None = None,
+        started: trio.Event | None = None, cause: str = "",
     ) -> None:
         """Transcribe `job` and queue its message.
 
         Empty partials, repeated partials and empty finals are not sent, except a final the
-        client forced (commit or end), which is always answered.
+        client forced (commit or end), which is always answered. A final's `cause` is what
+        ended its utterance (`FINAL_CAUSES`), sent when `params.final_causes` asks for it.
         """
         request = Request(
             audio=pcm16_to_float32(job.audio),
@@ -443,6 +501,11 @@ class Session:
         payload["text"] = text
         if job.kind == "final":
             payload["backlog_ms"] = round(self.backlog_s * 1000)
+            if self.params.final_causes:
+                payload["cause"] = cause
+            if text:
+                words = payload["words"]
+                self._last_word_end_ms = words[-1]["end_ms"] if words else job.end_ms
         if job.kind == "partial":
             payload["stable"] = stable
             payload["unstable"] = unstable

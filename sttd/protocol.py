@@ -14,12 +14,19 @@ from sttd.channels import AudioItem, Commit, End
 from sttd.errors import InvalidMessage, InvalidParam
 
 __all__ = [
+    "FINAL_CAUSES",
     "SessionParams",
     "error_message",
     "parse_client_message",
     "ready_message",
     "transcript_message",
+    "utterance_end_message",
 ]
+
+# What can end an utterance, as a final's ``cause`` says (`SessionParams.final_causes`): the
+# VAD heard the speech end; the utterance reached STT_MAX_UTTERANCE_S; the client's commit; audio
+# skipped because the session lagged; the end of the session (client's end, limits, drain).
+FINAL_CAUSES = ("speech_end", "max_length", "commit", "skip", "end")
 
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
 _MAX_HOTWORDS = 100
@@ -45,6 +52,19 @@ class SessionParams:
     # None means detect the language.
     language: str | None = None
     hotwords: tuple[str, ...] = ()
+    # What protocol adapters (`sttd.deepgram`) may ask of a session; the defaults are what
+    # /v1/stt/ws gives. Silence that ends an utterance (None: STT_VAD_SILENCE_MS), ms.
+    vad_silence_ms: int | None = None
+    # Whether partials are decoded and sent at all.
+    partials: bool = True
+    # When set, an ``utterance_end`` message follows the last word of a final once this much
+    # audio passed after that final with no new speech, ms.
+    utterance_end_ms: int | None = None
+    # Whether each final says what ended it (``cause``, see `FINAL_CAUSES`).
+    final_causes: bool = False
+    # Fields added to the ready message: how an adapter's transport, which swallows the ready
+    # message, learns the options its route parsed.
+    ready_extra: tuple[tuple[str, str | int | bool], ...] = ()
 
     @classmethod
     def from_query(cls, query: Mapping[str, str], *, default_partial_ms: int = 500) -> SessionParams:
@@ -169,6 +189,7 @@ def ready_message(session_id: str, params: SessionParams, backend: str) -> dict[
         "call_id": params.call_id,
         "sample_rate": params.sample_rate_hz,
         "backend": backend,
+        **dict(params.ready_extra),
     }
 
 
@@ -197,6 +218,11 @@ def transcript_message(
             None if result.confidence is None else round(result.confidence, 4))
         message["language"] = result.language
     return message
+
+
+def utterance_end_message(last_word_end_ms: int) -> dict[str, Any]:
+    """Sent when `SessionParams.utterance_end_ms` of audio followed the last word without speech."""
+    return {"type": "utterance_end", "last_word_end_ms": last_word_end_ms}
 
 
 def error_message(code: str, message: str) -> dict[str, Any]:

@@ -1,0 +1,549 @@
+"""Deepgram's live protocol on /v1/listen: the query, the translation, and the real SDK on the wire.
+
+The wire tests drive the real `deepgram-sdk` client (its synchronous websocket client, in a
+worker thread) against the real server on loopback with the mock backend, so transcripts are
+exact. Audio is sent as fast as the socket takes it, except where a test is about real time
+(keepalives against the idle timeout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import soxr  # type: ignore[import-untyped]
+import trio
+from deepgram import DeepgramClient
+from deepgram.environment import DeepgramClientEnvironment
+from deepgram.listen.v1.socket_client import V1SocketClient
+from deepgram.listen.v1.types import (
+    ListenV1Error,
+    ListenV1Metadata,
+    ListenV1Results,
+    ListenV1UtteranceEnd,
+)
+from websockets.exceptions import ConnectionClosed
+from werkzeug.datastructures import MultiDict
+
+from sttd.deepgram import DeepgramTranslator, params_from_query
+from sttd.errors import InvalidParam
+from sttd.protocol import SessionParams, dumps, ready_message
+from sttd.settings import Settings
+from sttd.vad import frame_rms
+from tests.conftest import RunningServer, load_pcm, reference_texts, silence, start_server
+
+TIMEOUT_S = 30
+CHUNK_MS = 100
+SETTINGS = Settings(backend="mock")
+NAMES = ("ps_cards_001", "ps_goforward")
+
+
+def _query(text: str) -> MultiDict[str, str]:
+    return MultiDict(urllib.parse.parse_qsl(text, keep_blank_values=True))
+
+
+def _params(text: str) -> SessionParams:
+    return params_from_query(_query(text), settings=SETTINGS)
+
+
+def _two_utterances(gap_s: float = 1.0) -> npt.NDArray[np.int16]:
+    return np.concatenate([part for name in NAMES for part in (load_pcm(name), silence(gap_s))])
+
+
+def _trim_trailing_quiet(pcm: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
+    """Cut `pcm` right after its last loud 20 ms frame, so no endpoint silence follows."""
+    frames = pcm[: pcm.size - pcm.size % 320].reshape(-1, 320)
+    loud = [i for i, frame in enumerate(frames) if frame_rms(frame) > 300]
+    return pcm[: (loud[-1] + 1) * 320]
+
+
+# --- the query ----------------------------------------------------------------------------------
+
+
+def test_query_defaults_follow_deepgram() -> None:
+    params = _params("model=nova-3&encoding=linear16&sample_rate=16000")
+    assert uuid.UUID(params.call_id).version == 4
+    assert params == SessionParams(
+        call_id=params.call_id, sample_rate_hz=16000, channels=1, partial_ms=500,
+        language="en",  # Deepgram's default
+        hotwords=(), vad_silence_ms=None, partials=False, utterance_end_ms=None,
+        final_causes=True, ready_extra=(("channels", 1), ("endpointing", True)))
+    assert _params("encoding=linear16&sample_rate=16000").call_id != params.call_id
+
+
+def test_query_options_map_to_the_session() -> None:
+    params = _params(
+        "encoding=LINEAR16&sample_rate=8000&channels=2&interim_results=true&endpointing=300"
+        "&utterance_end_ms=1000&language=en-US&keyterm=Acme&keyterm=tango+charlie"
+        "&keywords=zyx:2.5&keywords=plain&smart_format=true&punctuate=true&tag=t1&model=nova-2")
+    assert (params.sample_rate_hz, params.channels) == (8000, 2)
+    assert (params.partials, params.vad_silence_ms, params.utterance_end_ms) == (True, 300, 1000)
+    assert params.language == "en-US"
+    assert params.hotwords == ("Acme", "tango charlie", "zyx", "plain")
+    assert params.ready_extra == (("channels", 2), ("endpointing", True))
+
+
+@pytest.mark.parametrize(("value", "endpointing", "silence_ms"), [
+    ("false", False, None),  # finals still come at the server's pauses, never speech_final
+    ("true", True, None),
+    ("10", True, 100),  # raised to the shortest pause the VAD tells from a gap between words
+    ("0", True, 100),
+    ("800", True, 800),
+])
+def test_endpointing(value: str, endpointing: bool, silence_ms: int | None) -> None:
+    params = _params(f"encoding=linear16&sample_rate=16000&endpointing={value}")
+    assert params.vad_silence_ms == silence_ms
+    assert dict(params.ready_extra)["endpointing"] is endpointing
+
+
+def test_language_multi_detects() -> None:
+    assert _params("encoding=linear16&sample_rate=16000&language=multi").language is None
+
+
+INVALID_QUERIES = [
+    ("sample_rate=16000", "encoding", "got nothing"),
+    ("encoding=mulaw&sample_rate=8000", "encoding", "'mulaw'"),
+    ("encoding=linear16", "sample_rate", "required"),
+    ("encoding=linear16&sample_rate=abc", "sample_rate", "'abc'"),
+    ("encoding=linear16&sample_rate=1000", "sample_rate", "1000"),
+    ("encoding=linear16&sample_rate=16000&channels=0", "channels", "0"),
+    ("encoding=linear16&sample_rate=16000&channels=33", "channels", "33"),
+    ("encoding=linear16&sample_rate=16000&multichannel=true", "multichannel", "true"),
+    ("encoding=linear16&sample_rate=16000&interim_results=yes", "interim_results", "'yes'"),
+    ("encoding=linear16&sample_rate=16000&endpointing=soon", "endpointing", "'soon'"),
+    ("encoding=linear16&sample_rate=16000&endpointing=-1", "endpointing", "-1"),
+    ("encoding=linear16&sample_rate=16000&utterance_end_ms=0", "utterance_end_ms", "0"),
+    ("encoding=linear16&sample_rate=16000&language=not_a_language", "language",
+     "'not_a_language'"),
+    ("encoding=linear16&sample_rate=16000&" + "&".join(["keyterm=w"] * 101), "keyterm", "101"),
+]
+
+
+@pytest.mark.parametrize(("query", "param", "value"), INVALID_QUERIES)
+def test_invalid_query_names_the_parameter(query: str, param: str, value: str) -> None:
+    with pytest.raises(InvalidParam) as raised:
+        _params(query)
+    assert str(raised.value).startswith(f"{param} must") or f"{param} is" in str(raised.value)
+    assert value in str(raised.value)
+
+
+# --- the translation ----------------------------------------------------------------------------
+
+
+def _ready(translator: DeepgramTranslator, query: str = "encoding=linear16&sample_rate=16000",
+           backend: str = "mock") -> SessionParams:
+    params = _params(query)
+    assert translator.to_client(dumps(ready_message("sid", params, backend))) == []
+    return params
+
+
+def _final(text: str, cause: str, **fields: Any) -> str:
+    message = {"type": "final", "utterance_id": 0, "text": text, "start_ms": 1200,
+               "end_ms": 2500, "words": [], "confidence": 0.9, "language": "en",
+               "backlog_ms": 0, "cause": cause, **fields}
+    return dumps(message)
+
+
+def test_client_messages_become_the_sessions() -> None:
+    translator = DeepgramTranslator()
+    _ready(translator)
+    assert translator.from_client(b"\x01\x02\x03") == [b"\x01\x02\x03"]  # 16 kHz mono: as is
+    assert translator.from_client(dumps({"type": "KeepAlive"})) == ['{"type":"keepalive"}']
+    assert translator.from_client(dumps({"type": "Finalize", "channel": 0})) == [
+        '{"type":"commit"}']
+    assert translator.from_client(dumps({"type": "CloseStream"})) == ['{"type":"end"}']
+
+
+def test_unknown_client_messages_get_deepgrams_replies() -> None:
+    translator = DeepgramTranslator()
+    params = _ready(translator)
+    # Each is handed on as a text frame the session refuses; its refusal becomes the reply.
+    assert translator.from_client(dumps({"type": "Rewind"})) == [""]
+    assert translator.from_client("not json") == [""]
+    assert translator.from_client(dumps({"type": "Configure", "keyterms": ["x"]})) == [""]
+    refusal = dumps({"type": "error", "code": "invalid_message", "message": "ours"})
+    replies = [json.loads(reply) for _ in range(3) for reply in translator.to_client(refusal)]
+    assert replies == [
+        {"type": "Error", "variant": "SchemaError",
+         "description": "message type must be one of KeepAlive, Finalize, CloseStream, "
+                        "got 'Rewind'",
+         "message": '{"type":"Rewind"}'},
+        {"type": "Error", "variant": "SchemaError",
+         "description": "text messages must be JSON objects of at most 4096 bytes",
+         "message": "not json"},
+        {"type": "ConfigureFailure", "request_id": params.call_id,
+         "code": "CONFIGURE_KEYTERMS_NOT_SUPPORTED",
+         "description": "sttd does not reconfigure a stream: open a new one with the keyterm "
+                        "and options you want"},
+    ]
+
+
+def test_audio_is_downmixed_and_resampled_chunk_by_chunk() -> None:
+    translator = DeepgramTranslator()
+    _ready(translator, "encoding=linear16&sample_rate=8000&channels=2")
+    rng = np.random.default_rng(7)
+    mono = (rng.standard_normal(8000) * 3000).astype(np.int16)  # 1 s at 8 kHz
+    stereo = np.repeat(mono, 2).tobytes()
+    # Chunks that split samples and frames: the rest is carried, nothing is lost.
+    pieces = [stereo[i:i + 333] for i in range(0, len(stereo), 333)]
+    out = b"".join(item for piece in pieces for item in translator.from_client(piece)
+                   if isinstance(item, bytes))
+    *flushed, end = translator.from_client(dumps({"type": "CloseStream"}))
+    out += b"".join(item for item in flushed if isinstance(item, bytes))
+    assert end == '{"type":"end"}'
+    got = np.frombuffer(out, np.int16)
+    want = soxr.resample(mono.astype(np.float32) / 32768, 8000, 16000, quality="HQ")
+    assert got.size == want.size == 16000
+    assert np.abs(got / 32768 - want).max() < 1e-3
+
+
+def test_results_carry_deepgrams_fields() -> None:
+    translator = DeepgramTranslator()
+    params = _ready(translator)
+    words = [{"word": " Hello,", "start_ms": 1300, "end_ms": 1700, "probability": 0.8},
+             {"word": "world!", "start_ms": 1800, "end_ms": 2300, "probability": 1.0}]
+    [sent] = translator.to_client(_final("Hello, world!", "speech_end", words=words,
+                                         confidence=None))
+    results = json.loads(sent)
+    assert results == {
+        "type": "Results", "channel_index": [0, 1], "duration": 1.3, "start": 1.2,
+        "is_final": True, "speech_final": True, "from_finalize": False,
+        "channel": {"alternatives": [{
+            "transcript": "Hello, world!", "confidence": 0.9,
+            "words": [
+                {"word": "hello", "start": 1.3, "end": 1.7, "confidence": 0.8,
+                 "punctuated_word": "Hello,"},
+                {"word": "world", "start": 1.8, "end": 2.3, "confidence": 1.0,
+                 "punctuated_word": "world!"}]}]},
+        "metadata": {"request_id": params.call_id,
+                     "model_info": {"name": "mock", "version": "sttd", "arch": "mock"},
+                     "model_uuid": results["metadata"]["model_uuid"]},
+    }
+    ListenV1Results.model_validate(results)  # the SDK's own model accepts it
+
+
+@pytest.mark.parametrize(("cause", "query", "speech_final", "from_finalize"), [
+    ("speech_end", "", True, False),
+    ("speech_end", "&endpointing=false", False, False),
+    ("commit", "", False, True),
+    ("max_length", "", False, False),
+    ("end", "", False, False),
+])
+def test_final_flags_follow_what_ended_the_utterance(
+        cause: str, query: str, speech_final: bool, from_finalize: bool) -> None:
+    translator = DeepgramTranslator()
+    _ready(translator, "encoding=linear16&sample_rate=16000" + query)
+    [sent] = translator.to_client(_final("ten of clubs", cause))
+    results = json.loads(sent)
+    assert (results["is_final"], results["speech_final"], results["from_finalize"]) == (
+        True, speech_final, from_finalize)
+
+
+def test_partial_is_an_interim_result() -> None:
+    translator = DeepgramTranslator()
+    _ready(translator)
+    partial = {"type": "partial", "utterance_id": 0, "text": "ten of", "stable": "ten",
+               "unstable": "of", "start_ms": 0, "end_ms": 500}
+    [sent] = translator.to_client(dumps(partial))
+    results = json.loads(sent)
+    assert (results["is_final"], results["speech_final"], results["from_finalize"]) == (
+        False, False, False)
+    assert results["channel"]["alternatives"] == [
+        {"transcript": "ten of", "confidence": 0.0, "words": []}]
+    ListenV1Results.model_validate(results)
+
+
+def test_other_server_messages() -> None:
+    translator = DeepgramTranslator()
+    _ready(translator)
+    [end] = translator.to_client(dumps({"type": "utterance_end", "last_word_end_ms": 2395}))
+    assert json.loads(end) == {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": 2.395}
+    [error] = translator.to_client(dumps({"type": "error", "code": "idle_timeout",
+                                          "message": "no audio"}))
+    assert json.loads(error) == {"type": "Error", "variant": "idle_timeout",
+                                 "description": "no audio"}
+    ListenV1Error.model_validate(json.loads(error))
+    assert translator.to_client(dumps({"type": "warning", "code": "lagging", "message": "m",
+                                       "skipped_ms": 400})) == []
+
+
+def test_metadata_precedes_a_normal_close_only() -> None:
+    translator = DeepgramTranslator()
+    assert translator.before_close(1000) == []  # refused before the session started
+    params = _ready(translator, "encoding=linear16&sample_rate=8000&channels=2")
+    audio = bytes(range(256)) * 250  # 64000 bytes: 2 s of 8 kHz stereo
+    translator.from_client(audio)
+    assert translator.before_close(1008) == []
+    [sent] = translator.before_close(1000)
+    metadata = json.loads(sent)
+    assert metadata == {"type": "Metadata", "transaction_key": "deprecated",
+                        "request_id": params.call_id,
+                        "sha256": hashlib.sha256(audio).hexdigest(),
+                        "created": metadata["created"], "duration": 2.0, "channels": 2}
+    assert metadata["created"].endswith("Z")
+    ListenV1Metadata.model_validate(metadata)
+
+
+# --- the real SDK on the wire -------------------------------------------------------------------
+
+
+def _sdk(server: RunningServer, key: str = "unused") -> DeepgramClient:
+    base = f"127.0.0.1:{server.port}"
+    environment = DeepgramClientEnvironment(
+        base=f"http://{base}", production=f"ws://{base}", agent=f"ws://{base}",
+        agent_rest=f"http://{base}")
+    return DeepgramClient(api_key=key, environment=environment)
+
+
+def _send_audio(socket: V1SocketClient, pcm: bytes, *, sample_rate_hz: int = 16000,
+                channels: int = 1, paced_s: float = 0.0) -> None:
+    """Send `pcm` in CHUNK_MS chunks: its first `paced_s` in real time, the rest at once."""
+    chunk = 2 * channels * sample_rate_hz * CHUNK_MS // 1000
+    paced_bytes = 2 * channels * round(sample_rate_hz * paced_s)
+    for offset in range(0, len(pcm), chunk):
+        socket.send_media(pcm[offset:offset + chunk])
+        if offset < paced_bytes:
+            time.sleep(CHUNK_MS / 1000)
+
+
+def _until_close(socket: V1SocketClient) -> tuple[list[Any], int]:
+    """Every message until the server closes, and the close code."""
+    messages = []
+    while True:
+        try:
+            messages.append(socket.recv())
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None
+            return messages, closed.rcvd.code
+
+
+def _until(socket: V1SocketClient, done: Callable[[Any], bool]) -> list[Any]:
+    """Messages up to and including the first for which `done` is true."""
+    messages = [socket.recv()]
+    while not done(messages[-1]):
+        messages.append(socket.recv())
+    return messages
+
+
+def _stream(server: RunningServer, pcm: bytes, *, key: str = "unused", sample_rate_hz: int = 16000,
+            channels: int = 1, paced_s: float = 0.0, **options: Any) -> tuple[list[Any], int]:
+    """Stream `pcm` in CHUNK_MS chunks, send CloseStream; every message and the close code."""
+    with _sdk(server, key).listen.v1.connect(
+            model="nova-3", encoding="linear16", sample_rate=sample_rate_hz, channels=channels,
+            **options) as socket:
+        _send_audio(socket, pcm, sample_rate_hz=sample_rate_hz, channels=channels,
+                    paced_s=paced_s)
+        socket.send_close_stream()
+        return _until_close(socket)
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with trio.fail_after(TIMEOUT_S):
+        return await trio.to_thread.run_sync(partial(fn, *args, **kwargs), abandon_on_cancel=True)
+
+
+def _finals(messages: list[Any]) -> list[ListenV1Results]:
+    return [m for m in messages if isinstance(m, ListenV1Results) and m.is_final]
+
+
+def _transcript(results: ListenV1Results) -> str:
+    return results.channel.alternatives[0].transcript
+
+
+@pytest.mark.parametrize(("endpointing", "speech_final"), [(None, True), ("false", False)])
+async def test_sdk_stream_gives_reference_finals_then_metadata(
+        server: RunningServer, endpointing: str | None, speech_final: bool) -> None:
+    refs = reference_texts()
+    audio = _two_utterances().tobytes()
+    options = {} if endpointing is None else {"endpointing": endpointing}
+    messages, code = await _in_thread(_stream, server, audio, **options)
+    finals = _finals(messages)
+    assert [_transcript(f) for f in finals] == [refs[name] for name in NAMES]
+    assert [(f.speech_final, f.from_finalize) for f in finals] == [(speech_final, False)] * 2
+    assert [type(m) for m in messages] == [ListenV1Results, ListenV1Results, ListenV1Metadata]
+    # Words and times are in seconds of the stream, inside the audio sent.
+    second = finals[1].channel.alternatives[0].words
+    assert [w.word for w in second] == refs[NAMES[1]].split()
+    assert finals[0].start + finals[0].duration <= finals[1].start <= second[0].start
+    assert second[-1].end <= len(audio) / 32000
+    metadata = messages[-1]
+    assert metadata.request_id == finals[0].metadata.request_id == finals[1].metadata.request_id
+    assert metadata.sha256 == hashlib.sha256(audio).hexdigest()
+    assert (metadata.duration, metadata.channels) == (len(audio) / 32000, 1)
+    assert code == 1000
+
+
+async def test_sdk_audio_at_8_khz_stereo_is_converted(server: RunningServer) -> None:
+    refs = reference_texts()
+    mono = _two_utterances().astype(np.float32) / 32768
+    narrow = soxr.resample(mono, 16000, 8000, quality="HQ")
+    stereo = np.repeat(np.round(narrow * 32767).astype(np.int16), 2).tobytes()
+    messages, code = await _in_thread(_stream, server, stereo, sample_rate_hz=8000, channels=2)
+    assert [_transcript(f) for f in _finals(messages)] == [refs[name] for name in NAMES]
+    metadata = messages[-1]
+    assert isinstance(metadata, ListenV1Metadata)
+    assert (metadata.duration, metadata.channels) == (len(stereo) / 32000, 2)
+    assert code == 1000
+
+
+@pytest.mark.parametrize("interim", [True, False])
+async def test_sdk_interim_results_only_when_asked(server: RunningServer, interim: bool) -> None:
+    refs = reference_texts()
+    audio = np.concatenate([load_pcm("ps_goforward"), silence(1.0)]).tobytes()
+    # The first 1.5 s (no pause in that speech) in real time: an open utterance long enough
+    # for partials, which the server has all the time it needs to decode, if asked.
+    messages, code = await _in_thread(
+        _stream, server, audio, paced_s=1.5, interim_results=interim)
+    results = [m for m in messages if isinstance(m, ListenV1Results)]
+    finals = _finals(messages)
+    interims = [m for m in results if not m.is_final]
+    assert [_transcript(f) for f in finals] == [refs["ps_goforward"]]
+    assert bool(interims) is interim
+    for result in interims:
+        assert (result.speech_final, result.from_finalize) == (False, False)
+        # Each interim comes before its utterance's final and is a prefix of it.
+        final = next(f for f in finals if f.start == result.start)
+        assert results.index(result) < results.index(final)
+        assert _transcript(final).startswith(_transcript(result))
+    assert code == 1000
+
+
+async def test_sdk_utterance_cut_at_the_length_limit_is_not_speech_final(
+        nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, max_utterance_s=1.5)
+    ref = reference_texts()["ps_librivox_0880"]
+    audio = np.concatenate([load_pcm("ps_librivox_0880"), silence(1.0)]).tobytes()
+    messages, code = await _in_thread(_stream, server, audio)
+    finals = _finals(messages)
+    # (The mock transcribes each piece as the reference words that fall in it.)
+    assert all(_transcript(f) and _transcript(f).lower() in ref for f in finals)
+    # Two cuts in the speech, then its end.
+    assert [(f.speech_final, f.from_finalize) for f in finals] == [
+        (False, False), (False, False), (True, False)]
+    assert all(f.duration <= 1.5 for f in finals[:2])
+    assert code == 1000
+
+
+def _finalize_then_go_on(server: RunningServer) -> tuple[list[Any], list[Any], int]:
+    speech = _trim_trailing_quiet(load_pcm("ps_librivox_0930")).tobytes()
+    with _sdk(server).listen.v1.connect(
+            model="nova-3", encoding="linear16", sample_rate=16000) as socket:
+        _send_audio(socket, speech)
+        socket.send_finalize()
+        flushed = _until(socket, lambda m: isinstance(m, ListenV1Results) and m.is_final)
+        # The stream goes on: more audio, more finals.
+        _send_audio(socket, np.concatenate([load_pcm("ps_cards_001"), silence(1.0)]).tobytes())
+        later = _until(socket, lambda m: isinstance(m, ListenV1Results) and m.is_final)
+        socket.send_close_stream()
+        rest, code = _until_close(socket)
+    return flushed, later + rest, code
+
+
+async def test_sdk_finalize_flushes_and_the_stream_goes_on(server: RunningServer) -> None:
+    refs = reference_texts()
+    flushed, later, code = await _in_thread(_finalize_then_go_on, server)
+    [result] = flushed
+    assert _transcript(result) == refs["ps_librivox_0930"]
+    assert (result.is_final, result.from_finalize, result.speech_final) == (True, True, False)
+    assert [type(m) for m in later] == [ListenV1Results, ListenV1Metadata]
+    assert _transcript(later[0]) == refs["ps_cards_001"]
+    assert (later[0].from_finalize, later[0].speech_final) == (False, True)
+    assert code == 1000
+
+
+@pytest.mark.parametrize("utterance_end_ms", [1000, None])
+async def test_sdk_utterance_end_follows_a_long_enough_gap(
+        server: RunningServer, utterance_end_ms: int | None) -> None:
+    options = {} if utterance_end_ms is None else {"utterance_end_ms": utterance_end_ms}
+    messages, code = await _in_thread(
+        _stream, server, _two_utterances(gap_s=2.0).tobytes(), **options)
+    finals = _finals(messages)
+    if utterance_end_ms is None:
+        assert [type(m) for m in messages] == [ListenV1Results, ListenV1Results, ListenV1Metadata]
+    else:
+        assert [type(m) for m in messages] == [
+            ListenV1Results, ListenV1UtteranceEnd, ListenV1Results, ListenV1UtteranceEnd,
+            ListenV1Metadata]
+        ends = [m for m in messages if isinstance(m, ListenV1UtteranceEnd)]
+        assert [e.last_word_end for e in ends] == [
+            f.channel.alternatives[0].words[-1].end for f in finals]
+        assert [e.channel for e in ends] == [[0, 1]] * 2
+    assert code == 1000
+
+
+async def test_sdk_no_utterance_end_within_a_short_gap(server: RunningServer) -> None:
+    messages, code = await _in_thread(
+        _stream, server, _two_utterances(gap_s=1.0).tobytes(), utterance_end_ms=3000)
+    assert [type(m) for m in messages] == [ListenV1Results, ListenV1Results, ListenV1Metadata]
+    assert code == 1000
+
+
+def _idle_with_keepalives(server: RunningServer, idle_s: float, keepalive_s: float) -> tuple[
+        list[Any], int]:
+    with _sdk(server).listen.v1.connect(
+            model="nova-3", encoding="linear16", sample_rate=16000) as socket:
+        deadline = time.monotonic() + idle_s
+        while time.monotonic() < deadline:  # a client with nothing to say, in real time
+            socket.send_keep_alive()
+            time.sleep(keepalive_s)
+        _send_audio(socket, np.concatenate([load_pcm("ps_cards_001"), silence(1.0)]).tobytes())
+        socket.send_close_stream()
+        return _until_close(socket)
+
+
+async def test_sdk_keepalive_holds_an_idle_session_open(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, idle_timeout_s=1.0)
+    messages, code = await _in_thread(_idle_with_keepalives, server, 2.5, 0.25)
+    assert [_transcript(f) for f in _finals(messages)] == [reference_texts()["ps_cards_001"]]
+    assert [type(m) for m in messages] == [ListenV1Results, ListenV1Metadata]
+    assert code == 1000
+
+
+def _silent(server: RunningServer, key: str = "unused") -> tuple[list[Any], int]:
+    with _sdk(server, key).listen.v1.connect(
+            model="nova-3", encoding="linear16", sample_rate=16000) as socket:
+        return _until_close(socket)
+
+
+async def test_sdk_idle_session_without_keepalive_is_closed(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, idle_timeout_s=1.0)
+    messages, code = await _in_thread(_silent, server)
+    assert [type(m) for m in messages] == [ListenV1Error, ListenV1Metadata]
+    assert messages[0].variant == "idle_timeout"
+    assert "STT_IDLE_TIMEOUT_S=1" in messages[0].description
+    assert code == 1000
+
+
+async def test_sdk_token_auth(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, api_keys="right-key")
+    audio = np.concatenate([load_pcm("ps_cards_001"), silence(1.0)]).tobytes()
+    messages, code = await _in_thread(_stream, server, audio, key="right-key")
+    assert [_transcript(f) for f in _finals(messages)] == [reference_texts()["ps_cards_001"]]
+    assert code == 1000
+    messages, code = await _in_thread(_silent, server, key="wrong-key")
+    assert [(type(m), m.variant) for m in messages] == [(ListenV1Error, "unauthorized")]
+    assert code == 1008
+
+
+async def test_sdk_unsupported_encoding_is_refused(server: RunningServer) -> None:
+    def connect() -> tuple[list[Any], int]:
+        with _sdk(server).listen.v1.connect(
+                model="nova-3", encoding="mulaw", sample_rate=8000) as socket:
+            return _until_close(socket)
+
+    messages, code = await _in_thread(connect)
+    [error] = messages
+    assert isinstance(error, ListenV1Error)
+    assert error.variant == "invalid_param"
+    assert error.description == ("encoding must be linear16 (raw PCM16 little-endian; sttd "
+                                 "decodes no containers or codecs), got 'mulaw'")
+    assert code == 1008
