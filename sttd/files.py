@@ -1,10 +1,20 @@
-"""File transcription: read a WAV file a block at a time, cut it at pauses with the streaming VAD,
-and transcribe the pieces in batches.
+"""File transcription: read an audio file a block at a time, cut it at pauses with the streaming
+VAD, and transcribe the pieces in batches.
+
+A RIFF/WAVE file is read by `sttd.audio.WavReader` (pure numpy); anything else goes to
+`sttd.media.MediaReader` (FFmpeg through PyAV), which accepts FLAC, Ogg/Opus, MP3, M4A/AAC, WebM
+and a few more, and refuses what is not audio with `UnsupportedMedia`. Both give 16 kHz mono
+float32 blocks of `block_s` seconds.
 
 Memory does not grow with the file's length: at any time we hold one decoded block, the VAD's
 open utterance, and at most one batch of pieces plus the finals of one block; of a transcribed
 piece we keep only its text and timings. The cuts are those `split_at_pauses` finds in the whole
 file at once, which are those a live stream of the same audio would get.
+
+A compressed file may hold far more audio than its size suggests (an hour of silence is a few
+hundred kilobytes of FLAC), so its audio is capped at `MAX_MEDIA_AUDIO_S`: memory would stay
+flat, but the time spent on one request would not. A WAV file's audio is bounded by the upload
+limit itself and is not capped.
 """
 
 from __future__ import annotations
@@ -21,11 +31,19 @@ import trio
 from sttd.audio import SAMPLE_RATE_HZ, WavReader, float32_to_pcm16, pcm16_to_float32
 from sttd.backends.base import Request
 from sttd.engine import Engine
+from sttd.media import MediaReader
 from sttd.settings import Settings
 from sttd.stream import Job, UtteranceTracker
 from sttd.vad import make_endpointer
 
-__all__ = ["FileSegment", "FileTranscript", "FileWord", "split_at_pauses", "transcribe_wav"]
+__all__ = [
+    "MAX_MEDIA_AUDIO_S",
+    "FileSegment",
+    "FileTranscript",
+    "FileWord",
+    "split_at_pauses",
+    "transcribe_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +51,10 @@ _FEED_SAMPLES: Final = SAMPLE_RATE_HZ  # feed the tracker one second at a time
 # Audio decoded and cut per worker-thread call: long enough that thread hops cost little,
 # short enough that a call (and so the wait on cancellation) stays in the milliseconds.
 _BLOCK_S: Final = 10.0
+# The most audio a compressed upload may decode to (4 hours), refused with `PayloadTooLarge`
+# (413) as soon as its header declares more or its decoding passes it.
+MAX_MEDIA_AUDIO_S: Final = 4 * 3600.0
+_RIFF_HEADER_BYTES: Final = 12
 
 
 @attrs.frozen
@@ -78,7 +100,7 @@ def split_at_pauses(pcm: npt.NDArray[np.int16], settings: Settings) -> list[Job]
     return [*splitter.feed(pcm), *splitter.finish()]
 
 
-async def transcribe_wav(
+async def transcribe_file(
     engine: Engine,
     file: IO[bytes],
     settings: Settings,
@@ -87,16 +109,29 @@ async def transcribe_wav(
     hotwords: tuple[str, ...],
     block_s: float = _BLOCK_S,
 ) -> FileTranscript:
-    """Transcribe the WAV file that starts at `file`'s position, in memory independent of its length.
+    """Transcribe the audio file that starts at `file`'s position, in memory independent of its length.
 
     Reading, decoding and cutting run in worker threads, `block_s` seconds of audio per call.
     Pieces go to the engine in batches of ``max_inference_batch_size`` as soon as a batch is
     full, and the last, smaller batch at the end of the file. `file` must be seekable; it is
     not closed. Cancellation waits for the block or the engine call in flight. Raises
-    `UnsupportedMedia` if `file` is not a WAV file, `BadAudio` if it is broken, and
+    `UnsupportedMedia` if `file` is not audio in a format we accept, `BadAudio` if it is but is
+    broken, `PayloadTooLarge` if compressed audio runs past `MAX_MEDIA_AUDIO_S`, and
     `BackendError` if the engine fails.
     """
     reader, splitter = await trio.to_thread.run_sync(partial(_open, file, settings, block_s=block_s))
+    try:
+        return await _transcribe_blocks(engine, reader, splitter, settings, language=language,
+                                        hotwords=hotwords)
+    finally:
+        if isinstance(reader, MediaReader):
+            reader.close()  # no thread is in it: the calls above are not abandoned on cancel
+
+
+async def _transcribe_blocks(
+    engine: Engine, reader: WavReader | MediaReader, splitter: _PauseSplitter, settings: Settings,
+    *, language: str | None, hotwords: tuple[str, ...],
+) -> FileTranscript:
     batch_size = settings.max_inference_batch_size
     waiting: list[Job] = []
     segments: list[FileSegment] = []
@@ -156,13 +191,30 @@ class _PauseSplitter:
         return [*jobs, *self._tracker.commit()]
 
 
-def _open(file: IO[bytes], settings: Settings, *, block_s: float) -> tuple[WavReader, _PauseSplitter]:
-    """Parse the file's header, then build the VAD (Silero loads a model). Blocks: run it in a thread."""
-    reader = WavReader.from_file(file, block_s=block_s)
-    return reader, _PauseSplitter.from_settings(settings)
+def _open(
+    file: IO[bytes], settings: Settings, *, block_s: float
+) -> tuple[WavReader | MediaReader, _PauseSplitter]:
+    """Open the file's reader, then build the VAD (Silero loads a model). Blocks: run it in a thread."""
+    reader = _open_reader(file, block_s=block_s)
+    try:
+        return reader, _PauseSplitter.from_settings(settings)
+    except BaseException:
+        if isinstance(reader, MediaReader):
+            reader.close()
+        raise
 
 
-def _split_next_block(reader: WavReader, splitter: _PauseSplitter) -> tuple[list[Job], bool]:
+def _open_reader(file: IO[bytes], *, block_s: float) -> WavReader | MediaReader:
+    """A RIFF/WAVE file's numpy reader, or FFmpeg's for anything else."""
+    base = file.tell()
+    head = file.read(_RIFF_HEADER_BYTES)
+    file.seek(base)
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return WavReader.from_file(file, block_s=block_s)
+    return MediaReader.from_file(file, block_s=block_s, max_duration_s=MAX_MEDIA_AUDIO_S)
+
+
+def _split_next_block(reader: WavReader | MediaReader, splitter: _PauseSplitter) -> tuple[list[Job], bool]:
     """Cut the next block of `reader`, or finish at the end of the file.
 
     Returns the finals completed and whether the file is done. Blocks: run it in a thread.

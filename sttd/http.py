@@ -35,7 +35,7 @@ from sttd.errors import (
     ShuttingDown,
     Unauthorized,
 )
-from sttd.files import transcribe_wav
+from sttd.files import transcribe_file
 from sttd.metrics import Metrics
 from sttd import deepgram
 from sttd.nursery import Session, SessionRegistry, Transport
@@ -260,7 +260,7 @@ def create_app(state: AppState) -> QuartTrio:
             request.mimetype, request.mimetype_params, field="file",
             max_bytes=state.settings.max_upload_bytes)
         with upload:
-            result = await transcribe_wav(
+            result = await transcribe_file(
                 engine, upload, state.settings, language=language, hotwords=hotwords)
         body = {
             "text": result.text,
@@ -296,7 +296,7 @@ def create_app(state: AppState) -> QuartTrio:
             with upload:
                 form = TranscriptionForm.parse(fields)
                 engine.check_language(form.language)
-                result = await transcribe_wav(
+                result = await transcribe_file(
                     engine, upload, state.settings, language=form.language, hotwords=form.prompt)
         body, content_type = render(result, form)
         return Response(body, status=200, content_type=content_type)

@@ -25,7 +25,7 @@ from sttd.backends.base import Request, Result
 from sttd.backends.mock import MockBackend
 from sttd.engine import Engine
 from sttd.errors import InvalidParam, PayloadTooLarge
-from sttd.files import FileSegment, FileWord, split_at_pauses, transcribe_wav
+from sttd.files import FileSegment, FileWord, split_at_pauses, transcribe_file
 from sttd.metrics import Metrics
 from sttd.settings import Settings
 from sttd.uploads import read_multipart_file
@@ -163,14 +163,14 @@ class _RecordingBackend:
 async def _transcribe(
     nursery: trio.Nursery, data: bytes, settings: Settings, *, block_s: float
 ) -> tuple[list[int], list[FileSegment], float]:
-    """transcribe_wav over `data` with the mock backend: where each piece was decoded, the
+    """transcribe_file over `data` with the mock backend: where each piece was decoded, the
     pieces with text, and the duration."""
     file = io.BytesIO(data)
     backend = _RecordingBackend(MockBackend.from_directory(), file)
     engine = Engine.create(backend, Metrics.create(CollectorRegistry()),
                            max_batch=settings.max_inference_batch_size)
     await nursery.start(engine.run)
-    result = await transcribe_wav(engine, file, settings, language=None, hotwords=(), block_s=block_s)
+    result = await transcribe_file(engine, file, settings, language=None, hotwords=(), block_s=block_s)
     assert result.text == " ".join(segment.text for segment in result.segments)
     return backend.positions, list(result.segments), result.duration_s
 
