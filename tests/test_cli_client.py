@@ -260,7 +260,9 @@ async def test_stream_on_a_terminal_rewrites_the_partial_and_times_the_finals(
             try:
                 result = await trio.run_process(
                     [sys.executable, "-m", "sttd.cli", "stream",
-                     str(REFERENCES / "ps_librivox_0880.wav"), "--fast", "--url", server.http_url],
+                     # Real-time pace: sent --fast, a loaded machine may decode no partial
+                     # before the final (partials yield to finals), and the test would flake.
+                     str(REFERENCES / "ps_librivox_0880.wav"), "--url", server.http_url],
                     stdout=terminal, capture_stderr=True, check=False,
                     env=_client_env(COLUMNS="200"))
             finally:
