@@ -144,12 +144,14 @@ class BackendError(SttdError):
     """A speech backend failed to load or to transcribe."""
 
     code = "inference_failed"
+    http_status = 502  # the file routes' answer: the engine behind the server failed
 
 
 class InferenceTimeout(BackendError):
     """A request got no result within its time limit (the backend may be stuck)."""
 
     code = "inference_timeout"
+    http_status = 504
 
 
 class ConfigError(SttdError):

@@ -28,6 +28,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 from sttd.auth import Access, Cors
 from sttd.engine import Engine
 from sttd.errors import (
+    BackendError,
     ClientError,
     Overloaded,
     PayloadTooLarge,
@@ -191,6 +192,14 @@ def create_app(state: AppState) -> QuartTrio:
         metrics.errors_total.labels(exc.code).inc()
         return _error_response(exc.http_status, exc.code, str(exc))
 
+    @app.errorhandler(BackendError)
+    async def _backend_error(exc: BackendError) -> Response:
+        # A file request whose pieces the engine failed on (or that waited past
+        # STT_INFERENCE_TIMEOUT_S): the engine's failure, not the server's; retrying may work.
+        log.warning("http.%s path=%s", exc.code, _current_path(), exc_info=exc)
+        metrics.errors_total.labels(exc.code).inc()
+        return _error_response(exc.http_status, exc.code, str(exc))
+
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
@@ -206,9 +215,7 @@ def create_app(state: AppState) -> QuartTrio:
     @app.errorhandler(Exception)
     async def _internal(exc: Exception) -> Response:
         # A WebSocket handler's exception comes here too, outside any request context.
-        path = (request.path if has_request_context()
-                else websocket.path if has_websocket_context() else "?")
-        log.error("http.failed path=%s", path, exc_info=exc)
+        log.error("http.failed path=%s", _current_path(), exc_info=exc)
         metrics.errors_total.labels("internal").inc()
         return _error_response(500, "internal", "the server failed on this request; see its logs")
 
@@ -379,15 +386,29 @@ _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
 
 
+_STATIC = importlib.resources.files("sttd") / "static"
+# The files the page may load: only these names are ever looked up on disk.
+_STATIC_NAMES = frozenset(
+    entry.name for entry in _STATIC.iterdir()
+    if entry.is_file() and "." + entry.name.rsplit(".", 1)[-1] in _STATIC_TYPES)
+
+
 def _static_response(name: str) -> Response:
-    """A file of the package's static/ folder (names only: no paths), or 404."""
-    suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
-    resource = importlib.resources.files("sttd") / "static" / name
-    if "/" in name or "\\" in name or suffix not in _STATIC_TYPES or not resource.is_file():
+    """A file of the package's static/ folder, by exact name, or 404."""
+    if name not in _STATIC_NAMES:
         raise NotFound(f"no static file {name[:40]!r}")
+    resource = _STATIC / name
+    suffix = "." + name.rsplit(".", 1)[-1]
     response = Response(resource.read_bytes(), status=200, content_type=_STATIC_TYPES[suffix])
     response.headers["Cache-Control"] = "no-cache"
     return response
+
+
+def _current_path() -> str:
+    """The path being served: an error handler runs for HTTP requests and WebSockets alike."""
+    if has_request_context():
+        return str(request.path)
+    return str(websocket.path) if has_websocket_context() else "?"
 
 
 def _as_bearer(header: str | None) -> str | None:

@@ -19,7 +19,7 @@ import attrs
 
 from sttd.errors import InvalidParam
 from sttd.files import FileTranscript
-from sttd.protocol import dumps, parse_hotwords, parse_language
+from sttd.protocol import MAX_HOTWORD_CHARS, MAX_HOTWORDS, dumps, parse_hotwords, parse_language
 
 __all__ = ["RESPONSE_FORMATS", "TranscriptionForm", "render"]
 
@@ -86,10 +86,29 @@ class TranscriptionForm:
         return cls(
             model=model,
             language=parse_language(fields.get("language", ""), param="language"),
-            prompt=parse_hotwords(prompt, param="prompt"),
+            prompt=_prompt_phrases(prompt),
             response_format=response_format,
             timestamp_granularities=granularities or ("segment",),
         )
+
+
+def _prompt_phrases(prompt: str) -> tuple[str, ...]:
+    """OpenAI's free-text prompt as hotword phrases: split at commas, a phrase longer than a
+    hotword may be cut at word boundaries (a sentence is a usual prompt and must not be refused),
+    and only the first phrases the engine takes are kept."""
+    phrases: list[str] = []
+    for piece in prompt.split(","):
+        current = ""
+        for word in piece.split():
+            word = word[:MAX_HOTWORD_CHARS]
+            if current and len(current) + 1 + len(word) > MAX_HOTWORD_CHARS:
+                phrases.append(current)
+                current = word
+            else:
+                current = f"{current} {word}".strip()
+        if current:
+            phrases.append(current)
+    return parse_hotwords(",".join(phrases[:MAX_HOTWORDS]), param="prompt")
 
 
 def render(transcript: FileTranscript, form: TranscriptionForm) -> tuple[str, str]:

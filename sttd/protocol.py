@@ -15,6 +15,8 @@ from sttd.errors import InvalidMessage, InvalidParam
 
 __all__ = [
     "FINAL_CAUSES",
+    "MAX_HOTWORDS",
+    "MAX_HOTWORD_CHARS",
     "SessionParams",
     "error_message",
     "parse_client_message",
@@ -29,8 +31,8 @@ __all__ = [
 FINAL_CAUSES = ("speech_end", "max_length", "commit", "skip", "end")
 
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
-_MAX_HOTWORDS = 100
-_MAX_HOTWORD_CHARS = 64
+MAX_HOTWORDS = 100
+MAX_HOTWORD_CHARS = 64
 _MAX_CALL_ID_CHARS = 256
 _FRAME_MS_RANGE = (10, 200)
 _MIN_PARTIAL_MS = 100
@@ -125,12 +127,12 @@ def parse_language(value: str, *, param: str = "language") -> str | None:
 def parse_hotwords(value: str, *, param: str = "hotwords") -> tuple[str, ...]:
     """Split comma-separated hotwords, dropping blanks; bounded in count and length."""
     words = tuple(word.strip() for word in value.split(",") if word.strip())
-    if len(words) > _MAX_HOTWORDS:
-        raise InvalidParam(param, f"{param} must hold at most {_MAX_HOTWORDS} entries, "
+    if len(words) > MAX_HOTWORDS:
+        raise InvalidParam(param, f"{param} must hold at most {MAX_HOTWORDS} entries, "
                                   f"got {len(words)}")
     for word in words:
-        if len(word) > _MAX_HOTWORD_CHARS:
-            raise InvalidParam(param, f"each of {param} must be at most {_MAX_HOTWORD_CHARS} "
+        if len(word) > MAX_HOTWORD_CHARS:
+            raise InvalidParam(param, f"each of {param} must be at most {MAX_HOTWORD_CHARS} "
                                       f"characters, got {len(word)} in {word[:16]!r}...")
     return words
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
+import numpy as np
 import httpx
 import pytest
 import trio
@@ -190,3 +191,25 @@ async def test_per_session_settings_reach_only_their_own_session(
     for key, name in (("a", "ps_librivox_0880"), ("b", "ps_librivox_0930")):
         messages, code = outcomes[key]
         assert (code, _finals(messages)) == (1000, [refs[name]] * 2)
+
+
+async def test_a_backend_error_on_a_file_is_a_502_not_an_internal_error(
+        nursery: trio.Nursery, faulty: list[FaultyBackend]) -> None:
+    import httpx
+
+    from sttd.audio import encode_wav, pcm16_to_float32
+
+    server = await start_server(nursery)
+    wav = encode_wav(pcm16_to_float32(np.concatenate(
+        [silence(0.5), load_pcm("ps_cards_001"), silence(0.5)])))  # the poisoned fixture
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT_S) as client:
+        ours = await client.post("/v1/stt/transcribe", files={"file": ("a.wav", wav)})
+        openai = await client.post("/v1/audio/transcriptions", data={"model": "m"},
+                                   files={"file": ("a.wav", wav)})
+    for response in (ours, openai):
+        assert response.status_code == 502
+        assert response.json()["error"]["code"] == "inference_failed"
+        assert "choked" in response.json()["error"]["message"]
+    registry = server.state.metrics.registry
+    assert registry.get_sample_value("sttd_errors_total", {"code": "inference_failed"}) == 2
+    assert registry.get_sample_value("sttd_errors_total", {"code": "internal"}) is None

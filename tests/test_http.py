@@ -251,3 +251,16 @@ async def test_a_send_or_close_racing_the_clients_close_frame_is_dropped_not_an_
                                 metrics=Metrics.create(CollectorRegistry()))
     await transport.send('{"type": "error"}')
     await transport.close(1008, "invalid_param")
+
+
+async def test_static_names_are_looked_up_only_from_the_packaged_list(server: RunningServer) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as client:
+        too_long = await client.get("/static/" + "a" * 300 + ".js")  # ENAMETOOLONG on disk
+        unknown = await client.get("/static/nope.js")
+        page = await client.get("/static/index.html")
+    assert (too_long.status_code, unknown.status_code, page.status_code) == (404, 404, 200)
+    assert too_long.json()["error"]["code"] == "not_found"
+    assert server.state.metrics.registry.get_sample_value(
+        "sttd_errors_total", {"code": "internal"}) is None

@@ -55,6 +55,16 @@ def test_form_defaults_and_fields() -> None:
     assert form.timestamp_granularities == ("word", "segment")
 
 
+def test_a_sentence_prompt_becomes_hotword_sized_phrases_not_an_error() -> None:
+    sentence = ("The speakers discuss Kubernetes, the sttd server and its Prometheus metrics "
+                "during an incident review with Acme Corporation's site reliability team")
+    phrases = TranscriptionForm.parse({"model": "m", "prompt": sentence}).prompt
+    assert " ".join(phrases).split() == sentence.replace(",", "").split()
+    assert all(len(phrase) <= 64 for phrase in phrases) and len(phrases) == 3
+    many = TranscriptionForm.parse({"model": "m", "prompt": ",".join(["w"] * 300)}).prompt
+    assert len(many) == 100
+
+
 @pytest.mark.parametrize(("fields", "param"), [
     ({}, "model"),
     ({"model": "  "}, "model"),
