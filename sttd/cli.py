@@ -75,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve()
     try:
+        client.http_base_url(args.url)
+    except ValueError as exc:
+        parser.error(f"--url (or {URL_ENV}): {exc}")
+    try:
         if args.command == "stream":
             return _stream(args, parser)
         if args.command == "transcribe":

@@ -29,7 +29,7 @@ from hypercorn.typing import (
 from prometheus_client import CollectorRegistry
 from wsproto.events import Message, TextMessage
 
-from sttd.backends import load_backend
+from sttd.backends import ASRBackend, load_backend
 from sttd.engine import Engine
 from sttd.http import AppState, create_app
 from sttd.metrics import Metrics
@@ -76,16 +76,20 @@ async def serve(
     config.websocket_max_message_size = settings.max_message_bytes
     _bound_websocket_messages()
     trigger = None if shutdown_trigger is None else partial(_drain_after, shutdown_trigger, state)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_load_engine, state, nursery)
-        await hypercorn_serve(_FinishResponses(app), config, shutdown_trigger=trigger,
-                              task_status=_PortStatus(task_status, settings.host), mode="asgi")
-        # The server has shut down; an engine still loading is of no use now.
-        nursery.cancel_scope.cancel()
-    if state.engine is not None:
-        close = getattr(state.engine.backend, "close", None)
-        if callable(close):  # vLLM's engine process, pooled HTTP connections
-            await trio.to_thread.run_sync(close)
+    loaded: list[ASRBackend] = []  # the backend, as soon as it exists: closed on the way out
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_load_engine, state, nursery, loaded)
+            await hypercorn_serve(_FinishResponses(app), config, shutdown_trigger=trigger,
+                                  task_status=_PortStatus(task_status, settings.host), mode="asgi")
+            # The server has shut down; an engine still loading is of no use now.
+            nursery.cancel_scope.cancel()
+    finally:
+        for backend in loaded:
+            close = getattr(backend, "close", None)
+            if callable(close):  # vLLM's engine process, pooled HTTP connections
+                with trio.CancelScope(shield=True), trio.move_on_after(30):
+                    await trio.to_thread.run_sync(close, abandon_on_cancel=True)
 
 
 async def _drain_after(trigger: Callable[[], Awaitable[None]], state: AppState) -> None:
@@ -176,9 +180,10 @@ class _PortStatus:
         self._status.started(port)
 
 
-async def _load_engine(state: AppState, nursery: trio.Nursery) -> None:
+async def _load_engine(state: AppState, nursery: trio.Nursery, loaded: list[ASRBackend]) -> None:
     started = trio.current_time()
     backend = await trio.to_thread.run_sync(load_backend, state.settings)
+    loaded.append(backend)
     settings = state.settings
     if settings.vad == "silero":
         await trio.to_thread.run_sync(silero_model)  # once, so no session waits for it

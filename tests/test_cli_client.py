@@ -330,3 +330,12 @@ async def test_mic_that_cannot_open_is_reported(server: RunningServer, tmp_path:
     result = await _sttd("stream", "--mic", "--url", server.http_url, PYTHONPATH=str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.decode() == "sttd: cannot open the microphone: Error querying device -1\n"
+
+
+async def test_a_url_without_a_scheme_is_a_usage_error_not_a_traceback() -> None:
+    for command in (["stream", "x.wav"], ["transcribe", "x.wav"]):
+        result = await trio.run_process(
+            [sys.executable, "-m", "sttd.cli", *command, "--url", "127.0.0.1:8000"],
+            capture_stdout=True, capture_stderr=True, check=False, env=_client_env())
+        assert result.returncode == 2
+        assert b"--url" in result.stderr and b"Traceback" not in result.stderr

@@ -230,3 +230,37 @@ async def test_sttd_serve_on_qwen3_without_vllm_exits_with_one_clear_error() -> 
     assert result.returncode == 2
     assert "uv sync --extra qwen3" in stderr and "STT_BACKEND=whisper" in stderr
     assert "Traceback" not in stderr
+
+
+
+@attrs.define
+class FinalFailsEngine(FakeEngine):
+    """Fails finals at once; partials run for `delay_s` unless cancelled (which is recorded)."""
+
+    cancelled: list[str] = attrs.field(factory=list)
+    both_cancelled: threading.Event = attrs.field(factory=threading.Event)
+
+    async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *,
+                       priority: int = 0) -> AsyncIterator[FakeRequestOutput]:
+        if priority == 0:
+            raise RuntimeError("CUDA error: out of memory")
+        try:
+            async for output in super().generate(prompt, sampling_params, request_id,
+                                                 priority=priority):
+                yield output
+        except BaseException:
+            self.cancelled.append(request_id)
+            if len(self.cancelled) == 2:
+                self.both_cancelled.set()
+            raise
+
+
+def test_when_one_request_fails_the_others_are_cancelled_not_decoded_for_nobody(
+        loop: _EngineLoop) -> None:
+    engine = FinalFailsEngine(delay_s=30.0)
+    backend = _backend(engine, loop)
+    with pytest.raises(BackendError, match="out of memory"):
+        backend.transcribe([_request("partial"), _request(), _request("partial")])
+    # Both partials' generators end long before their 30 s: vLLM would abort them.
+    assert engine.both_cancelled.wait(timeout=10)
+    assert len(engine.cancelled) == 2

@@ -80,18 +80,38 @@ def test_a_failure_ejects_with_doubling_pauses_and_a_success_restores() -> None:
     pool = UpstreamPool.of([A, B], eject_s=5.0, clock=clock)
     a = next(u for u in pool.upstreams if u.url == A)
     for expected in (5.0, 10.0, 20.0, 40.0, 60.0, 60.0):
-        pool.acquire()  # any: only bookkeeping of `a` matters here
+        clock.now = max(clock.now, a.ejected_until)  # due again: the probe fails
         a.outstanding += 1
-        pool.release(a, ok=False)
+        pool.release(a, ok=False, started_at=clock.now)
         assert a.ejected_until == clock.now + expected
-        for upstream in pool.upstreams:
-            upstream.outstanding = 0
     for _ in range(4):
-        assert pool.acquire().url == B  # `a` is out
-    clock.now += 60.0
+        upstream = pool.acquire()
+        assert upstream.url == B  # `a` is out
+        pool.release(upstream, ok=True)
+    clock.now = a.ejected_until
     assert not pool.all_ejected()
     a.outstanding += 1
-    pool.release(a, ok=True)
+    pool.release(a, ok=True, started_at=clock.now)
+    assert (a.failures, a.ejected_until) == (0, 0.0)
+
+
+def test_requests_failing_together_count_once_and_late_successes_do_not_restore() -> None:
+    clock = Clock()
+    pool = UpstreamPool.of([A], eject_s=5.0, clock=clock)
+    [a] = pool.upstreams
+    sent_at = clock.now
+    a.outstanding = 10
+    clock.now += 1.0  # they fail a second later
+    for _ in range(8):  # ten requests in flight when the upstream blinks
+        pool.release(a, ok=False, started_at=sent_at)
+    assert (a.failures, a.ejected_until) == (1, clock.now + 5.0)
+    # Two sent before the ejection come back fine: they say nothing of the upstream now.
+    pool.release(a, ok=True, started_at=sent_at)
+    pool.release(a, ok=True, started_at=sent_at)
+    assert (a.failures, a.ejected_until, a.outstanding) == (1, clock.now + 5.0, 0)
+    clock.now += 5.0
+    a.outstanding += 1
+    pool.release(a, ok=True, started_at=clock.now)  # the probe after the pause succeeds
     assert (a.failures, a.ejected_until) == (0, 0.0)
 
 
@@ -99,10 +119,11 @@ def test_with_every_upstream_ejected_the_one_due_first_is_tried() -> None:
     clock = Clock()
     pool = UpstreamPool.of([A, B], eject_s=5.0, clock=clock)
     a, b = pool.upstreams
-    a.outstanding = b.outstanding = 1
-    pool.release(b, ok=False)
-    b.outstanding = 1
-    pool.release(b, ok=False)  # b: second failure, 10 s
+    b.outstanding = 2
+    pool.release(b, ok=False)  # b: first failure, out for 5 s
+    clock.now += 5.0
+    pool.release(b, ok=False)  # due again and failed again: 10 s
+    a.outstanding = 1
     pool.release(a, ok=False)  # a: first failure, 5 s
     assert pool.all_ejected()
     assert pool.acquire().url == A

@@ -264,12 +264,17 @@ class Qwen3Backend:
 
     def transcribe(self, requests: Sequence[Request]) -> list[Result]:
         futures = [self._loop.submit(self._generate(request)) for request in requests]
-        try:
-            raw = [future.result() for future in futures]
-        except BackendError:
-            raise
-        except Exception as exc:
-            raise BackendError(f"vLLM failed: {type(exc).__name__}: {exc}") from exc
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        error = _first_error(futures)
+        if error is not None:
+            # The call fails: stop the rest (cancelling the task ends vLLM's generator, which
+            # aborts the request) instead of decoding for nobody.
+            for future in futures:
+                future.cancel()
+            if isinstance(error, BackendError):
+                raise error
+            raise BackendError(f"vLLM failed: {type(error).__name__}: {error}") from error
+        raw = [future.result() for future in futures]
         return [parse_output(text, request) for text, request in zip(raw, requests, strict=True)]
 
     async def _generate(self, request: Request) -> str:
@@ -285,6 +290,14 @@ class Qwen3Backend:
         if last is None or not last.outputs:
             raise BackendError("vLLM finished a request without output")
         return str(last.outputs[0].text)
+
+
+def _first_error(futures: Sequence[concurrent.futures.Future[Any]]) -> BaseException | None:
+    """The exception of the first finished future that failed, if any did."""
+    for future in futures:
+        if future.done() and not future.cancelled() and future.exception() is not None:
+            return future.exception()
+    return None
 
 
 def _padded(audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -61,8 +61,10 @@ def load_backend(settings: Settings) -> ASRBackend:
             timeout_s=settings.remote_timeout_s,
             retries=settings.remote_retries,
             eject_s=settings.remote_eject_s,
+            # Every request of every batch in flight goes out at once: the scheduler runs up to
+            # max(STT_INFERENCE_THREADS, the backend's 8 lanes) batches.
             max_connections=max(64, settings.max_inference_batch_size
-                                * settings.inference_threads),
+                                * max(settings.inference_threads, RemoteBackend.preferred_lanes)),
         ))
     if name == "qwen3":
         from sttd.backends.qwen3 import Qwen3Backend, Qwen3Options

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import random
 import threading
 import time
@@ -86,6 +87,7 @@ class Upstream:
     outstanding: int = 0
     failures: int = 0  # in a row
     ejected_until: float = 0.0
+    ejected_at: float = -math.inf  # when the latest ejection began
     model: str = ""  # learnt from /models when no model was configured
 
 
@@ -123,19 +125,31 @@ class UpstreamPool:
             chosen.outstanding += 1
             return chosen
 
-    def release(self, upstream: Upstream, *, ok: bool) -> None:
-        """End a request to `upstream`; a failure ejects it, a success restores it."""
+    def release(self, upstream: Upstream, *, ok: bool, started_at: float | None = None) -> None:
+        """End a request to `upstream` sent at `started_at` (this pool's clock); a failure
+        ejects it, a success restores it.
+
+        Requests in flight together fail together: while `upstream` is ejected, more failures
+        do not lengthen its pause; and a success of a request sent before the latest ejection
+        says nothing of the upstream now, so it does not restore it.
+        """
         with self._lock:
             upstream.outstanding -= 1
+            now = self.clock()
             if ok:
+                if started_at is not None and started_at < upstream.ejected_at:
+                    return
                 if upstream.failures:
                     log.info("remote.upstream_restored url=%s", upstream.url)
                 upstream.failures = 0
                 upstream.ejected_until = 0.0
                 return
+            if upstream.ejected_until > now:
+                return  # already out: one outage, one failure
             upstream.failures += 1
+            upstream.ejected_at = now
             pause = min(self.eject_s * 2 ** (upstream.failures - 1), _MAX_EJECT_S)
-            upstream.ejected_until = self.clock() + pause
+            upstream.ejected_until = now + pause
             log.warning("remote.upstream_ejected url=%s failures=%d for_s=%.1f",
                         upstream.url, upstream.failures, pause)
 
@@ -185,6 +199,14 @@ class RemoteBackend:
         if len(requests) == 1:
             return [self._transcribe_one(requests[0])]
         futures = [self._threads.submit(self._transcribe_one, r) for r in requests]
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        for future in futures:
+            error = future.exception() if future.done() and not future.cancelled() else None
+            if error is not None:
+                # The call fails: do not send what has not gone out yet.
+                for other in futures:
+                    other.cancel()
+                raise error
         return [future.result() for future in futures]
 
     def _transcribe_one(self, request: Request) -> Result:
@@ -194,23 +216,25 @@ class RemoteBackend:
         for attempt in range(self.options.retries + 1):
             if attempt:
                 self._sleep(_BACKOFF_S * 2 ** (attempt - 1) * (1 + random.random() / 2))
+            started_at = self.pool.clock()
             upstream = self.pool.acquire(frozenset(tried))
             tried.add(upstream.url)
             try:
                 body = self._post(upstream, request, wav)
                 result = _parse_result(body)
             except (ValueError, TypeError) as exc:  # an answer of the wrong shape
-                self.pool.release(upstream, ok=False)
+                self.pool.release(upstream, ok=False, started_at=started_at)
                 errors.append(f"{upstream.url}: malformed answer: {exc}")
                 continue
             except _Retryable as exc:
-                self.pool.release(upstream, ok=False)
+                self.pool.release(upstream, ok=False, started_at=started_at)
                 errors.append(f"{upstream.url}: {exc}")
                 continue
             except BaseException:
-                self.pool.release(upstream, ok=True)  # the upstream answered; the request is bad
+                # The upstream answered; the request is what was bad.
+                self.pool.release(upstream, ok=True, started_at=started_at)
                 raise
-            self.pool.release(upstream, ok=True)
+            self.pool.release(upstream, ok=True, started_at=started_at)
             return result
         raise BackendError(f"every attempt failed ({len(errors)}): " + "; ".join(errors))
 
