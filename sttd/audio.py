@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import soxr  # type: ignore[import-untyped]  # soxr ships no py.typed marker; `_Resampler` types what we use
 
-from sttd.errors import BadAudio, UnsupportedMedia
+from sttd.errors import BadAudio, UnsupportedMedia, UnsupportedWavEncoding
 
 __all__ = [
     "SAMPLE_RATE_HZ",
@@ -359,7 +359,8 @@ def _parse_fmt(body: bytes) -> _WavFormat:
         (tag,) = struct.unpack_from("<H", body, _SUBFORMAT_OFFSET_BYTES)
         field = "extensible SubFormat"
     if tag not in (_FORMAT_PCM, _FORMAT_FLOAT):
-        raise BadAudio(f"WAV {field} must be 0x0001 (PCM) or 0x0003 (IEEE float), got {tag:#06x}")
+        raise UnsupportedWavEncoding(
+            f"WAV {field} must be 0x0001 (PCM) or 0x0003 (IEEE float), got {tag:#06x}")
     is_float = tag == _FORMAT_FLOAT
     allowed, kind = (_FLOAT_BITS, "IEEE float") if is_float else (_PCM_BITS, "PCM")
     if bits not in allowed:

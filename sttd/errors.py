@@ -41,6 +41,7 @@ __all__ = [
     "Unauthorized",
     "UnsupportedLanguage",
     "UnsupportedMedia",
+    "UnsupportedWavEncoding",
 ]
 
 
@@ -90,6 +91,11 @@ class BadAudio(ClientError):
     code = "bad_audio"
     http_status = 400
     ws_close_code = 1003
+
+
+class UnsupportedWavEncoding(BadAudio):
+    """A well-formed WAV header naming an encoding the numpy reader does not decode (mu-law,
+    A-law, ADPCM, ...): the file routes hand such a file to FFmpeg instead."""
 
 
 class PayloadTooLarge(ClientError):

@@ -31,6 +31,7 @@ import trio
 from sttd.audio import SAMPLE_RATE_HZ, WavReader, float32_to_pcm16, pcm16_to_float32
 from sttd.backends.base import Request
 from sttd.engine import Engine
+from sttd.errors import UnsupportedWavEncoding
 from sttd.media import MediaReader
 from sttd.settings import Settings
 from sttd.stream import Job, UtteranceTracker
@@ -210,7 +211,11 @@ def _open_reader(file: IO[bytes], *, block_s: float) -> WavReader | MediaReader:
     head = file.read(_RIFF_HEADER_BYTES)
     file.seek(base)
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return WavReader.from_file(file, block_s=block_s)
+        try:
+            return WavReader.from_file(file, block_s=block_s)
+        except UnsupportedWavEncoding:
+            # mu-law, A-law, ADPCM, GSM...: telephony WAVs that FFmpeg's wav demuxer decodes.
+            file.seek(base)
     return MediaReader.from_file(file, block_s=block_s, max_duration_s=MAX_MEDIA_AUDIO_S)
 
 

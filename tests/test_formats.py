@@ -495,3 +495,22 @@ def test_sixteen_channels() -> None:
     assert decoded.size == frames * frame_samples // 3
     # Every channel holds the tone, so their mean does too (its RMS is 0.5 / sqrt(2)).
     assert float(np.sqrt(np.mean(decoded[1600:] ** 2))) == pytest.approx(0.5 / np.sqrt(2), rel=0.1)
+
+
+# --- telephony WAVs: RIFF/WAVE whose encoding the numpy reader leaves to FFmpeg ----------------
+
+
+@pytest.mark.parametrize("codec", ["pcm_mulaw", "pcm_alaw", "adpcm_ima_wav"])
+async def test_telephony_wavs_go_to_ffmpeg(nursery: trio.Nursery, codec: str) -> None:
+    data = encode_media(_speech(), "wav", codec, rate_hz=8000, layout="mono", options={})
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    server = await start_server(nursery)
+    for route, form in ((TRANSCRIBE, {}), (OPENAI, {"model": "m"})):
+        response = await _post(server, route, "call.wav", data, **form)
+        assert response.status_code == 200, response.text
+        assert response.json()["text"] == " ".join(_expected_text())
+    # The numpy path still refuses what it cannot read, and says which encoding it was.
+    broken = bytearray(data)
+    broken[20:22] = (0x0055).to_bytes(2, "little")  # MPEG Layer 3 in a WAV of mu-law bytes
+    response = await _post(server, TRANSCRIBE, "call.wav", bytes(broken))
+    assert response.status_code in (400, 415), response.text
