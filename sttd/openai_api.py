@@ -19,6 +19,7 @@ import attrs
 
 from sttd.errors import InvalidParam
 from sttd.files import FileTranscript
+from sttd.languages import language_name
 from sttd.protocol import MAX_HOTWORD_CHARS, MAX_HOTWORDS, dumps, parse_hotwords, parse_language
 
 __all__ = ["RESPONSE_FORMATS", "TranscriptionForm", "render"]
@@ -28,18 +29,6 @@ _GRANULARITIES: Final = ("segment", "word")
 _MAX_PROMPT_CHARS: Final = 1000
 _MAX_QUOTED_CHARS: Final = 40
 
-# ISO 639-1 codes to the lower-case names OpenAI's verbose_json gives as ``language``.
-_LANGUAGE_NAMES: Final = {
-    "af": "afrikaans", "ar": "arabic", "bg": "bulgarian", "ca": "catalan", "cs": "czech",
-    "cy": "welsh", "da": "danish", "de": "german", "el": "greek", "en": "english",
-    "es": "spanish", "et": "estonian", "fa": "persian", "fi": "finnish", "fr": "french",
-    "he": "hebrew", "hi": "hindi", "hr": "croatian", "hu": "hungarian", "id": "indonesian",
-    "it": "italian", "ja": "japanese", "ko": "korean", "lt": "lithuanian", "lv": "latvian",
-    "ms": "malay", "nl": "dutch", "no": "norwegian", "pl": "polish", "pt": "portuguese",
-    "ro": "romanian", "ru": "russian", "sk": "slovak", "sl": "slovenian", "sr": "serbian",
-    "sv": "swedish", "th": "thai", "tr": "turkish", "uk": "ukrainian", "ur": "urdu",
-    "vi": "vietnamese", "zh": "chinese", "yue": "cantonese",
-}
 
 
 @attrs.frozen
@@ -129,7 +118,7 @@ def _verbose(transcript: FileTranscript, form: TranscriptionForm) -> dict[str, o
     language = transcript.language or form.language or ""
     body: dict[str, object] = {
         "task": "transcribe",
-        "language": _LANGUAGE_NAMES.get(language.split("-")[0].lower(), language),
+        "language": language_name(language),
         "duration": round(transcript.duration_s, 3),
         "text": transcript.text,
     }

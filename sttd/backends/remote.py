@@ -33,6 +33,7 @@ import httpx
 from sttd.audio import encode_wav
 from sttd.backends.base import Request, Result, Segment, Word
 from sttd.errors import BackendError, ConfigError
+from sttd.languages import language_code
 
 __all__ = ["RemoteBackend", "RemoteOptions", "Upstream", "UpstreamPool", "parse_urls"]
 
@@ -42,15 +43,6 @@ _MAX_EJECT_S = 60.0
 _BACKOFF_S = 0.05  # first retry's wait; doubles per attempt, plus up to 50% jitter
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_ERROR_CHARS = 300
-# OpenAI's verbose_json names languages; our results carry codes.
-_LANGUAGE_CODES = {
-    "english": "en", "chinese": "zh", "german": "de", "spanish": "es", "russian": "ru",
-    "korean": "ko", "french": "fr", "japanese": "ja", "portuguese": "pt", "turkish": "tr",
-    "polish": "pl", "catalan": "ca", "dutch": "nl", "arabic": "ar", "swedish": "sv",
-    "italian": "it", "indonesian": "id", "hindi": "hi", "finnish": "fi", "vietnamese": "vi",
-    "hebrew": "he", "ukrainian": "uk", "greek": "el", "malay": "ms", "czech": "cs",
-    "romanian": "ro", "danish": "da", "hungarian": "hu", "thai": "th", "cantonese": "yue",
-}
 
 
 def parse_urls(raw: str) -> tuple[str, ...]:
@@ -295,7 +287,7 @@ def _parse_result(body: dict[str, Any]) -> Result:
         for s in body.get("segments") or () if isinstance(s, dict))
     language = body.get("language")
     if isinstance(language, str) and language:
-        language = _LANGUAGE_CODES.get(language.lower(), language)
+        language = language_code(language)
     else:
         language = None
     has_probability = bool(words) and all(
