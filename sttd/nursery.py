@@ -76,6 +76,8 @@ log = logging.getLogger(__name__)
 _SAMPLE_RATE_HZ = 16000
 # Upper bound on cleanup sends (last messages, close frame) once the session is ending.
 _CLOSE_TIMEOUT_S = 5.0
+
+
 class Transport(Protocol):
     """The accepted WebSocket, as a session sees it."""
 
@@ -317,7 +319,8 @@ class Session:
                         self.metrics.frame_lag_seconds.observe(
                             trio.current_time() - item.received_at)
                         jobs = tracker.feed(item.samples)
-                        finals.extend((job, item.received_at, False, self._feed_cause(job, tracker))
+                        finals.extend((job, item.received_at, False,
+                                       "max_length" if job.cut else "speech_end")
                                       for job in jobs)
                     elif isinstance(item, Commit):
                         jobs = tracker.commit()
@@ -381,19 +384,6 @@ class Session:
                     self._partial_in_flight = (scope, started)
                     await self._decode(job, send_out, None, forced=False, started=started)
                 self._partial_in_flight = None
-
-    def _feed_cause(self, job: Job, tracker: UtteranceTracker) -> str:
-        """What ended a final that fed audio produced: the end of speech, or the length limit.
-
-        A cut at STT_MAX_UTTERANCE_S lies in the second half of the limit and leaves the next
-        utterance open while the speech goes on; an end of speech closes the utterance (unless
-        new speech opened another in the same frame, after a long utterance: then it reads as a
-        cut, which only costs the client an end-of-speech mark).
-        """
-        long = (job.end_ms - job.start_ms) * 2 >= self.settings.max_utterance_s * 1000
-        if long and tracker.open_utterance_id is not None and tracker.endpointer.in_speech:
-            return "max_length"
-        return "speech_end"
 
     def _utterance_end_due(self, jobs: list[Job], tracker: UtteranceTracker) -> bool:
         """Whether `params.utterance_end_ms` of audio without speech just followed a final.

@@ -41,6 +41,8 @@ class Job:
     audio: npt.NDArray[np.int16] = attrs.field(eq=False, repr=False)
     start_ms: int
     end_ms: int
+    # A final cut at the length limit while the speech went on (not ended by a pause).
+    cut: bool = False
 
     @property
     def duration_s(self) -> float:
@@ -192,7 +194,7 @@ class UtteranceTracker:
         cut = self.endpointer.quietest_sample(window_start, hard_end)
         if cut is None or cut <= self._open_start:
             cut = hard_end
-        job = self._close(cut)
+        job = attrs.evolve(self._close(cut), cut=True)
         # Speech goes on: the rest opens the next utterance straight away.
         self._open_start = cut
         self._partial_at = cut

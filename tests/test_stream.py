@@ -293,6 +293,7 @@ def test_long_utterance_is_cut_at_the_quiet_dip() -> None:
     source = signal(quiet(1000), sine(12_500), quiet(100), sine(7400), quiet(1000))
     track = tracker(max_utterance_s=15)
     jobs = []
+    cuts = []
     step = 100 * SAMPLES_PER_MS
     for offset in range(0, source.size, step):
         finals = track.feed(source[offset : offset + step])
@@ -300,10 +301,12 @@ def test_long_utterance_is_cut_at_the_quiet_dip() -> None:
             jobs.append((track.position // SAMPLES_PER_MS, [summary(job) for job in finals]))
         for job in finals:
             assert_audio(job, source)
+            cuts.append(job.cut)
     assert jobs == [
         (15_700, [("final", 0, 700, 13_500)]),
         (21_500, [("final", 1, 13_500, 21_200)]),
     ]
+    assert cuts == [True, False]  # cut at the limit, then ended by the pause
 
 
 def test_speech_continues_in_the_next_utterance_after_a_cut() -> None:
