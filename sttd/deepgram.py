@@ -52,6 +52,7 @@ from sttd.protocol import (
     dumps,
     parse_hotwords,
     parse_language,
+    quoted,
 )
 from sttd.settings import Settings
 
@@ -67,7 +68,6 @@ _MAX_CHANNELS = 32
 _MIN_ENDPOINTING_MS = 100
 _MAX_WAIT_MS = 60_000  # endpointing and utterance_end_ms
 _MIN_PARTIAL_MS = 100
-_MAX_QUOTED_CHARS = 40
 _MAX_ECHOED_CHARS = 256  # of a refused client message, in SchemaError's `message`
 # What the ready message carries for the transport (see `SessionParams.ready_extra`).
 _READY_CHANNELS = "channels"
@@ -85,7 +85,7 @@ def params_from_query(query: MultiDict[str, str], *, settings: Settings) -> Sess
     """
     encoding = query.get("encoding")
     if encoding is None or encoding.strip().lower() != "linear16":
-        got = "nothing" if encoding is None else _quoted(encoding)
+        got = "nothing" if encoding is None else quoted(encoding)
         raise InvalidParam(
             "encoding", f"encoding must be linear16 (raw PCM16 little-endian; sttd decodes no "
                         f"containers or codecs), got {got}")
@@ -131,7 +131,7 @@ def _endpointing(raw: str | None) -> tuple[bool, int | None]:
         value = int(raw)
     except ValueError:
         raise InvalidParam("endpointing", f"endpointing must be false or a number of "
-                                          f"milliseconds, got {_quoted(raw)}") from None
+                                          f"milliseconds, got {quoted(raw)}") from None
     if not 0 <= value <= _MAX_WAIT_MS:
         raise InvalidParam("endpointing", f"endpointing must be in 0..{_MAX_WAIT_MS} ms, "
                                           f"got {value}")
@@ -154,7 +154,7 @@ def _int(query: MultiDict[str, str], name: str, default: int, lo: int, hi: int) 
     try:
         value = int(raw)
     except ValueError:
-        raise InvalidParam(name, f"{name} must be an integer, got {_quoted(raw)}") from None
+        raise InvalidParam(name, f"{name} must be an integer, got {quoted(raw)}") from None
     if not lo <= value <= hi:
         raise InvalidParam(name, f"{name} must be in {lo}..{hi}, got {value}")
     return value
@@ -166,14 +166,8 @@ def _bool(query: MultiDict[str, str], name: str, *, default: bool) -> bool:
         return default
     value = raw.strip().lower()
     if value not in ("true", "false"):
-        raise InvalidParam(name, f"{name} must be true or false, got {_quoted(raw)}")
+        raise InvalidParam(name, f"{name} must be true or false, got {quoted(raw)}")
     return value == "true"
-
-
-def _quoted(value: str) -> str:
-    if len(value) <= _MAX_QUOTED_CHARS:
-        return repr(value)
-    return f"{value[:_MAX_QUOTED_CHARS]!r}..."
 
 
 # -- audio ---------------------------------------------------------------------------------------
@@ -294,7 +288,7 @@ class DeepgramTranslator:
                            f"{MAX_TEXT_MESSAGE_BYTES} bytes")
         else:
             description = (f"message type must be one of {', '.join(_CLIENT_MESSAGES)}, "
-                           f"got {_quoted(str(kind))}")
+                           f"got {quoted(str(kind))}")
         return {"type": "Error", "variant": "SchemaError", "description": description,
                 "message": text[:_MAX_ECHOED_CHARS]}
 

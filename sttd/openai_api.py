@@ -20,14 +20,20 @@ import attrs
 from sttd.errors import InvalidParam
 from sttd.files import FileTranscript
 from sttd.languages import language_name
-from sttd.protocol import MAX_HOTWORD_CHARS, MAX_HOTWORDS, dumps, parse_hotwords, parse_language
+from sttd.protocol import (
+    MAX_HOTWORD_CHARS,
+    MAX_HOTWORDS,
+    dumps,
+    parse_hotwords,
+    parse_language,
+    quoted,
+)
 
 __all__ = ["RESPONSE_FORMATS", "TranscriptionForm", "render"]
 
 RESPONSE_FORMATS: Final = ("json", "text", "verbose_json", "srt", "vtt")
 _GRANULARITIES: Final = ("segment", "word")
 _MAX_PROMPT_CHARS: Final = 1000
-_MAX_QUOTED_CHARS: Final = 40
 
 
 
@@ -55,13 +61,13 @@ class TranscriptionForm:
         response_format = fields.get("response_format", "json").strip() or "json"
         if response_format not in RESPONSE_FORMATS:
             raise InvalidParam("response_format", "response_format must be one of "
-                               f"{', '.join(RESPONSE_FORMATS)}, got {_quoted(response_format)}")
+                               f"{', '.join(RESPONSE_FORMATS)}, got {quoted(response_format)}")
         raw = fields.get("timestamp_granularities[]", fields.get("timestamp_granularities", ""))
         granularities = tuple(dict.fromkeys(g.strip() for g in raw.split(",") if g.strip()))
         for granularity in granularities:
             if granularity not in _GRANULARITIES:
                 raise InvalidParam("timestamp_granularities[]", "each timestamp granularity "
-                                   f"must be 'segment' or 'word', got {_quoted(granularity)}")
+                                   f"must be 'segment' or 'word', got {quoted(granularity)}")
         if granularities and response_format != "verbose_json":
             raise InvalidParam("timestamp_granularities[]", "timestamp_granularities needs "
                                "response_format=verbose_json")
@@ -162,7 +168,3 @@ def _timestamp(ms: int, *, vtt: bool) -> str:
     minutes, rest = divmod(rest, 60_000)
     seconds, millis = divmod(rest, 1000)
     return f"{hours:02d}:{minutes:02d}:{seconds:02d}{'.' if vtt else ','}{millis:03d}"
-
-
-def _quoted(value: str) -> str:
-    return repr(value if len(value) <= _MAX_QUOTED_CHARS else value[:_MAX_QUOTED_CHARS] + "...")

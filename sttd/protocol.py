@@ -20,6 +20,7 @@ __all__ = [
     "SessionParams",
     "error_message",
     "parse_client_message",
+    "quoted",
     "ready_message",
     "transcript_message",
     "utterance_end_message",
@@ -88,7 +89,7 @@ class SessionParams:
             raise InvalidParam("sample_rate", f"sample_rate must be 16000, got {sample_rate}")
         codec = query.get("codec", "pcm_s16le")
         if codec != "pcm_s16le":
-            raise InvalidParam("codec", f"codec must be pcm_s16le, got {_quoted(codec)}")
+            raise InvalidParam("codec", f"codec must be pcm_s16le, got {quoted(codec)}")
         channels = _int(query, "channels", 1)
         if channels != 1:
             raise InvalidParam("channels", f"channels must be 1, got {channels}")
@@ -120,7 +121,7 @@ def parse_language(value: str, *, param: str = "language") -> str | None:
         return None
     if not _LANGUAGE.match(value):
         raise InvalidParam(param, f"{param} must be 'auto' or a BCP-47 code such as 'en' or "
-                                  f"'en-US', got {_quoted(value)}")
+                                  f"'en-US', got {quoted(value)}")
     return value
 
 
@@ -144,10 +145,10 @@ def _int(query: Mapping[str, str], name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise InvalidParam(name, f"{name} must be an integer, got {_quoted(raw)}") from None
+        raise InvalidParam(name, f"{name} must be an integer, got {quoted(raw)}") from None
 
 
-def _quoted(value: str) -> str:
+def quoted(value: str) -> str:
     """`value` quoted for an error message; a query value can be kilobytes long."""
     if len(value) <= _MAX_QUOTED_CHARS:
         return repr(value)
