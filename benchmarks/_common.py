@@ -139,62 +139,52 @@ class StreamOutcome:
 
 async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, frame_ms: int = 20,
                       tail_ms: int = 200) -> StreamOutcome:
-    """Stream float32 `audio` over one session in real time and collect what comes back.
+    """Stream float32 `audio` over one sttd session (through `sttd.client`), in real time unless
+    `realtime` is False, and collect what comes back.
 
     A final's speech end is ``end_ms - tail_ms`` (the server keeps ``tail_ms`` of audio after the
-    last speech frame); its latency is counted from the moment that audio was sent.
+    last speech frame); its latency is counted from the moment the send of that audio began.
+    A frame's send lag is how late its send returned against its real-time schedule.
     """
-    from trio_websocket import ConnectionClosed, open_websocket_url
+    from functools import partial
 
+    from sttd import client
     from sttd.audio import float32_to_pcm16
 
-    pcm = float32_to_pcm16(audio).tobytes()
-    frame_bytes = RATE_HZ * frame_ms // 1000 * 2
-    sent_at: list[float] = []  # send time of each frame
+    sent_at: list[float] = []  # when each frame's send began
+    lags: list[float] = []
     finals: list[dict[str, Any]] = []
     latencies: list[float] = []
     partials = 0
-    code = 0
     last_stable: dict[int, str] = {}
     kept = shown = 0
-    lags: list[float] = []
-    async with open_websocket_url(url, max_message_size=2**22) as ws:
-        json.loads(await ws.get_message())
 
-        async def receive() -> None:
-            nonlocal partials, code, kept, shown
-            try:
-                while True:
-                    message = json.loads(await ws.get_message())
-                    now = trio.current_time()
-                    if message["type"] == "final":
-                        finals.append(message)
-                        stable = _plain(last_stable.pop(message["utterance_id"], ""))
-                        if stable:
-                            shown += 1
-                            kept += _plain(message["text"]).startswith(stable)
-                        frame = max(message["end_ms"] - tail_ms, 0) // frame_ms
-                        if frame < len(sent_at):
-                            latencies.append(now - sent_at[frame])
-                    elif message["type"] == "partial":
-                        partials += 1
-                        last_stable[message["utterance_id"]] = message.get("stable", "")
-            except ConnectionClosed as closed:
-                code = closed.reason.code
+    def on_sent(index: int, due: float, sent: float) -> None:
+        sent_at.append(sent)
+        if realtime:
+            lags.append(trio.current_time() - due)
 
+    # A generous connect timeout: a load point starts N sessions at once.
+    async with client.connect(url, call_id="bench", connect_timeout_s=60,
+                              max_message_bytes=2**22) as session:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(receive)
-            start = trio.current_time()
-            for index, offset in enumerate(range(0, len(pcm), frame_bytes)):
-                due = start + index * frame_ms / 1000
-                if realtime:
-                    await trio.sleep_until(due)
-                sent_at.append(trio.current_time())
-                await ws.send_message(pcm[offset : offset + frame_bytes])
-                if realtime:
-                    lags.append(trio.current_time() - due)
-            await ws.send_message(json.dumps({"type": "end"}))
-    return StreamOutcome(finals, partials, latencies, code, kept, shown,
+            nursery.start_soon(partial(client.stream_pcm, session, float32_to_pcm16(audio),
+                                       fast=not realtime, frame_ms=frame_ms, on_sent=on_sent))
+            async for message in session:
+                if isinstance(message, client.Final):
+                    finals.append(message.raw)
+                    stable = _plain(last_stable.pop(message.utterance_id, ""))
+                    if stable:
+                        shown += 1
+                        kept += _plain(message.text).startswith(stable)
+                    frame = max(message.end_ms - tail_ms, 0) // frame_ms
+                    if frame < len(sent_at):
+                        latencies.append(trio.current_time() - sent_at[frame])
+                elif isinstance(message, client.Partial):
+                    partials += 1
+                    last_stable[message.utterance_id] = message.stable
+        close_code = session.close_code or 0  # the server's, before the block closes ours
+    return StreamOutcome(finals, partials, latencies, close_code, kept, shown,
                          np.asarray(lags, np.float32))
 
 

@@ -33,7 +33,6 @@ import random
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import (  # noqa: E402
     RATE_HZ,
     RESULTS,
-    StreamOutcome,
     load,
     percentile,
     references,
+    stream_file,
     sttd_server,
     wer,
     write_result,
 )
-from sttd import client  # noqa: E402
-from sttd.audio import float32_to_pcm16  # noqa: E402
 
 P95_LIMIT_S = 1.5
 WER_SLACK = 0.02
@@ -118,7 +115,7 @@ async def run_point(server_url: str, base_url: str | None, pid: int, n: int, aud
 
                 outcomes[index] = await stream_whisperlive(server_url, audio)
             else:
-                outcomes[index] = await stream_sttd(server_url, audio)
+                outcomes[index] = await stream_file(server_url, audio)
         except Exception as exc:  # a refused or broken session is a result, not a crash
             outcomes[index] = exc
 
@@ -169,44 +166,6 @@ async def run_point(server_url: str, base_url: str | None, pid: int, n: int, aud
                                "max": max((s[0] for s in samples), default=None)},
         "server_rss_mib": {"max": max((s[1] for s in samples), default=None)},
     }
-
-
-async def stream_sttd(url: str, audio: np.ndarray, *, frame_ms: int = 20,
-                      tail_ms: int = 200) -> StreamOutcome:
-    """Stream float32 `audio` over one sttd session in real time (sttd.client) and collect
-    what comes back.
-
-    A final's speech end is ``end_ms - tail_ms`` (the server keeps ``tail_ms`` of audio after the
-    last speech frame); its latency is counted from the moment the send of that audio began.
-    A frame's send lag is how late its send returned against its real-time schedule.
-    """
-    sent_at: list[float] = []  # when each frame's send began
-    lags: list[float] = []
-    finals: list[dict[str, Any]] = []
-    latencies: list[float] = []
-    partials = 0
-
-    def on_sent(index: int, due: float, sent: float) -> None:
-        sent_at.append(sent)
-        lags.append(trio.current_time() - due)
-
-    # The WebSocket's connect timeout as before the client library: N sessions start at once.
-    async with client.connect(url, call_id="load", connect_timeout_s=60,
-                              max_message_bytes=2**22) as session:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(client.stream_pcm, session, float32_to_pcm16(audio),
-                                       frame_ms=frame_ms, on_sent=on_sent))
-            async for message in session:
-                if isinstance(message, client.Final):
-                    finals.append(message.raw)
-                    frame = max(message.end_ms - tail_ms, 0) // frame_ms
-                    if frame < len(sent_at):
-                        latencies.append(trio.current_time() - sent_at[frame])
-                elif isinstance(message, client.Partial):
-                    partials += 1
-        close_code = session.close_code or 0  # the server's, before the block closes ours
-    return StreamOutcome(finals, partials, latencies, close_code,
-                         send_lag_s=np.asarray(lags, np.float32))
 
 
 def overhead_capacity(points: list[dict[str, Any]]) -> int:
