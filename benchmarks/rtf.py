@@ -32,7 +32,7 @@ def backend_once(backend: object, data: bytes) -> tuple[float, float]:
     """Seconds for the whole file path in-process, and for the model calls alone."""
     from sttd.audio import decode_wav, float32_to_pcm16, pcm16_to_float32
     from sttd.backends.base import Request
-    from sttd.files import split_at_pauses
+    from sttd.engine import split_at_pauses
     from sttd.settings import Settings
 
     settings = Settings(backend="whisper")

@@ -1,126 +1,100 @@
-"""Messages that flow through a session, and the bounded channels that carry them.
+"""The bounded channels that link a session's tasks, and the policies they apply when full.
 
-A session links its three tasks with two channels:
+A session's tasks (`sttd.nursery`) are linked by:
 
 * the **audio channel** (`open_audio_channel`), from ``_recv`` to ``_infer``. It carries audio
   frames and, in band so that ordering holds, the client's `Commit` and `End`, the server's
-  `Overload`, and `Gap`s (audio the session skipped because it lagged; consecutive gaps merge).
-  It never blocks the sender: when it holds ``max_frames`` audio frames, the oldest *audio frame*
-  is dropped and counted. Control messages are never dropped. It also counts the samples it
-  holds: that is the session's backlog.
-* the **output channel** (`open_output_channel`), from ``_infer`` (and ``_recv``, for errors) to
-  ``_send``. It holds ``max_messages`` outbound messages. A partial offered while it is 80% full or
-  more is dropped and counted; finals, errors and the close are never dropped: their senders wait
-  for room instead, which slows that one session and nothing else.
+  `Stop`, and `Gap`s (audio the session does not have). It never blocks the sender: when it
+  holds ``max_frames`` audio frames, the oldest *frame* is dropped, counted, and left in its
+  place as a `Gap`, so stream times after it stay the client's. Control items are never
+  dropped; a commit right behind another is the same request and is coalesced, so a client
+  that floods commits cannot grow the queue; adjacent gaps of one kind merge. It counts the
+  samples it holds: that is the session's backlog.
+* the **output channel** (`open_output_channel`), from ``_infer`` (and ``_recv``, for errors
+  about the client's messages) to ``_send``. It holds ``max_messages`` events. A partial offered
+  while it is 80% full or more is dropped and counted; finals, errors and the close are never
+  dropped: their senders wait for room instead, which slows that one session and nothing else.
+* a **latest-only slot** (`LatestSlot`) from ``_infer`` to ``_partials``: a partial not yet
+  taken is replaced by a newer one, since only the newest audio is worth decoding.
 
-Both follow trio's channel semantics: closing every send end makes the receiver's ``receive``
-raise `trio.EndOfChannel` after the buffered items; both expose `statistics()`.
+`LagPolicy` decides what ``_recv`` does with a frame when the session is behind (sans I/O).
+
+All follow trio's channel semantics: closing every send end makes the receiver's ``receive``
+raise `trio.EndOfChannel` after the buffered items; the channels expose `statistics()`.
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import math
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 import attrs
-import numpy as np
-import numpy.typing as npt
 import trio
+
+from sttd.api import Commit, Partial, SessionEvent
+from sttd.audio import SAMPLE_RATE_HZ
+from sttd.session import AudioFrame, Gap, InputItem
 
 __all__ = [
     "AudioChannelStatistics",
-    "AudioFrame",
-    "AudioItem",
     "AudioReceiver",
     "AudioSender",
-    "Close",
-    "Commit",
-    "End",
-    "Gap",
+    "LagAction",
+    "LagPolicy",
     "LatestSlot",
-    "OutputItem",
     "OutputReceiver",
     "OutputSender",
     "OutputStatistics",
-    "Overload",
-    "Transcript",
     "open_audio_channel",
     "open_output_channel",
 ]
 
 PARTIAL_DROP_FILL = 0.8
+# A session tells its client about dropped frames at the first drop and every this many after.
+DROP_REPORT_EVERY = 50
 
 
-# -- inbound: what _recv hands to _infer -------------------------------------------------------
+# -- the lag policy ------------------------------------------------------------------------------
 
 
-@attrs.frozen
-class AudioFrame:
-    """PCM samples as received, with the trio clock time their last byte arrived."""
+class LagAction(enum.Enum):
+    """What to do with a frame that arrives while the session is behind."""
 
-    samples: npt.NDArray[np.int16] = attrs.field(eq=False)
-    received_at: float
-
-
-@attrs.frozen
-class Commit:
-    """The client asked to finalize the current utterance now."""
-
-    received_at: float
+    QUEUE = "queue"  # take it (a full queue drops its oldest frame)
+    SKIP = "skip"  # a live stream the server cannot keep up with: skip it, as a counted gap
+    HOLD = "hold"  # a client ahead of real time: stop reading until the backlog halves
 
 
 @attrs.frozen
-class End:
-    """Finalize everything and close: the client's ``end``, or the server ending the session."""
+class LagPolicy:
+    """How a session's input copes with a backlog (audio received but not yet processed).
 
-    received_at: float
-    code: int = 1000
-    reason: str = "end of stream"
-    outcome: str = "ended"  # the session's outcome label in metrics
-    error_code: str = ""  # when set, an error with this code and `reason` precedes the close
+    Past `max_lag_s` of backlog the session stops partials (``_infer`` asks `lagging`). Past
+    twice that, a live stream's new audio is skipped; a client that sent more audio than time
+    has passed (a file sent fast) is held back instead, so TCP slows it and nothing is lost.
+    """
 
+    max_lag_s: float = attrs.field(validator=attrs.validators.gt(0))
 
-@attrs.frozen
-class Gap:
-    """`samples` of audio the session skipped instead of queueing, because it lagged."""
+    @property
+    def skip_above_samples(self) -> int:
+        return int(2 * self.max_lag_s * SAMPLE_RATE_HZ)
 
-    samples: int
-    received_at: float
+    def lagging(self, backlog_samples: int) -> bool:
+        """Whether a session this far behind should skip its partials."""
+        return backlog_samples > self.max_lag_s * SAMPLE_RATE_HZ
 
-
-@attrs.frozen
-class Overload:
-    """The audio channel overflowed too often: finalize what we have, then close 1013."""
-
-    dropped_frames: int
-
-
-AudioItem: TypeAlias = AudioFrame | Commit | End | Overload | Gap
-
-
-# -- outbound: what _send writes ---------------------------------------------------------------
-
-
-@attrs.frozen
-class Transcript:
-    """A partial or final transcript message, plus when its triggering audio arrived."""
-
-    payload: dict[str, Any]
-    is_final: bool
-    # trio clock time the audio (or commit) that closed this utterance arrived; finals only.
-    trigger_at: float | None = None
-
-
-@attrs.frozen
-class Close:
-    """Close the WebSocket with this code once everything before it was sent."""
-
-    code: int
-    reason: str = ""
-
-
-OutputItem: TypeAlias = Transcript | Close | dict[str, Any]
+    def decide(self, *, backlog_samples: int, full: bool, received_samples: int,
+               elapsed_s: float) -> LagAction:
+        """What to do with the next frame; `received_samples` counts it."""
+        behind = backlog_samples > self.skip_above_samples
+        if not (behind or full):
+            return LagAction.QUEUE
+        if received_samples / SAMPLE_RATE_HZ - elapsed_s > self.max_lag_s:
+            return LagAction.HOLD
+        return LagAction.SKIP if behind else LagAction.QUEUE
 
 
 # -- the audio channel ---------------------------------------------------------------------------
@@ -141,7 +115,7 @@ class AudioChannelStatistics:
 @attrs.define
 class _AudioState:
     max_frames: int
-    items: collections.deque[AudioItem] = attrs.Factory(collections.deque)
+    items: collections.deque[InputItem] = attrs.Factory(collections.deque)
     frames: int = 0
     samples: int = 0
     dropped_frames: int = 0
@@ -160,6 +134,26 @@ class _AudioState:
             open_send_channels=self.senders_open,
         )
 
+    def drop_oldest_frame(self) -> bool:
+        """Replace the oldest queued frame by a `Gap` of its length (merged with a neighbour)."""
+        items = self.items
+        for index, queued in enumerate(items):
+            if isinstance(queued, AudioFrame):
+                break
+        else:
+            return False
+        gap = Gap(queued.samples.size, queued.received_at, lagged=False)
+        before = items[index - 1] if index else None
+        if isinstance(before, Gap) and not before.lagged:
+            items[index - 1] = Gap(before.samples + gap.samples, before.received_at, lagged=False)
+            del items[index]
+        else:
+            items[index] = gap
+        self.frames -= 1
+        self.samples -= gap.samples
+        self.dropped_frames += 1
+        return True
+
 
 @attrs.define
 class AudioSender:
@@ -168,7 +162,7 @@ class AudioSender:
     _state: _AudioState
     _closed: bool = False
 
-    def send_nowait(self, item: AudioItem) -> int:
+    def send_nowait(self, item: InputItem) -> int:
         """Queue `item`, dropping the oldest audio frames past capacity; returns frames dropped.
 
         Raises `trio.ClosedResourceError` if this end is closed, `trio.BrokenResourceError` if
@@ -180,21 +174,18 @@ class AudioSender:
         if not state.receiver_open:
             raise trio.BrokenResourceError("audio channel receiver is closed")
         dropped = 0
+        last = state.items[-1] if state.items else None
         if isinstance(item, AudioFrame):
-            if state.frames >= state.max_frames:
-                oldest = _drop_oldest_frame(state.items)
-                if oldest is not None:
-                    dropped = 1
-                    state.frames -= 1
-                    state.samples -= oldest.samples.size
-                    state.dropped_frames += 1
+            if state.frames >= state.max_frames and state.drop_oldest_frame():
+                dropped = 1
             state.frames += 1
             state.samples += item.samples.size
-        elif isinstance(item, Gap) and state.items and isinstance(state.items[-1], Gap):
-            last = state.items[-1]
-            state.items[-1] = Gap(last.samples + item.samples, last.received_at)
+        elif isinstance(item, Gap) and isinstance(last, Gap) and last.lagged == item.lagged:
+            state.items[-1] = Gap(last.samples + item.samples, last.received_at, item.lagged)
             state.lot.unpark_all()
             return 0
+        elif isinstance(item, Commit) and isinstance(last, Commit):
+            return 0  # the same request again: one final answers both
         state.items.append(item)
         state.lot.unpark_all()
         return dropped
@@ -244,14 +235,6 @@ class AudioSender:
         return self._state.statistics()
 
 
-def _drop_oldest_frame(items: collections.deque[AudioItem]) -> AudioFrame | None:
-    for index, queued in enumerate(items):
-        if isinstance(queued, AudioFrame):
-            del items[index]
-            return queued
-    return None
-
-
 @attrs.define
 class AudioReceiver:
     """Receive end of the audio channel."""
@@ -259,7 +242,12 @@ class AudioReceiver:
     _state: _AudioState
     _closed: bool = False
 
-    async def receive(self) -> AudioItem:
+    @property
+    def samples_buffered(self) -> int:
+        """Audio samples queued now (the session's backlog)."""
+        return self._state.samples
+
+    async def receive(self) -> InputItem:
         """Wait for the next item; raises `trio.EndOfChannel` once all senders closed and drained."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
@@ -271,7 +259,7 @@ class AudioReceiver:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return item
 
-    def receive_nowait(self) -> AudioItem:
+    def receive_nowait(self) -> InputItem:
         """Take the next item now; raises `trio.WouldBlock` when empty, `EndOfChannel` when done."""
         if self._closed:
             raise trio.ClosedResourceError("audio channel receive end is closed")
@@ -341,22 +329,22 @@ class _OutputCounters:
 class OutputSender:
     """Send end of the output channel: partials may be dropped, everything else waits for room."""
 
-    _channel: trio.MemorySendChannel[OutputItem]
+    _channel: trio.MemorySendChannel[SessionEvent]
     _max_messages: int
     _counters: _OutputCounters
     _closed: bool = False
 
-    async def send(self, item: OutputItem) -> bool:
-        """Queue `item`; returns False if it was a partial dropped because the queue is full."""
+    async def send(self, event: SessionEvent) -> bool:
+        """Queue `event`; returns False if it was a partial dropped because the queue is full."""
         if self._closed:
             raise trio.ClosedResourceError("output channel send end is closed")
-        if isinstance(item, Transcript) and not item.is_final:
+        if isinstance(event, Partial):
             used = self._channel.statistics().current_buffer_used
             if used >= math.ceil(PARTIAL_DROP_FILL * self._max_messages):
                 self._counters.dropped_partials += 1
                 await trio.lowlevel.checkpoint()
                 return False
-        await self._channel.send(item)
+        await self._channel.send(event)
         return True
 
     def clone(self) -> OutputSender:
@@ -381,14 +369,14 @@ class OutputSender:
         )
 
 
-OutputReceiver: TypeAlias = trio.MemoryReceiveChannel[OutputItem]
+OutputReceiver: TypeAlias = trio.MemoryReceiveChannel[SessionEvent]
 
 
 def open_output_channel(max_messages: int) -> tuple[OutputSender, OutputReceiver]:
-    """Open an output channel holding at most `max_messages` messages."""
+    """Open an output channel holding at most `max_messages` events."""
     if max_messages < 1:
         raise ValueError(f"max_messages must be >= 1, got {max_messages}")
-    send, receive = trio.open_memory_channel[OutputItem](max_messages)
+    send, receive = trio.open_memory_channel[SessionEvent](max_messages)
     return OutputSender(send, max_messages, _OutputCounters()), receive
 
 
@@ -403,7 +391,6 @@ class LatestSlot(Generic[T]):
 
     _item: T | None = None
     _closed: bool = False
-    replaced: int = 0
     _lot: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
 
     def put(self, item: T) -> bool:
@@ -411,7 +398,6 @@ class LatestSlot(Generic[T]):
         if self._closed:
             raise trio.ClosedResourceError("slot is closed")
         replaced = self._item is not None
-        self.replaced += replaced
         self._item = item
         self._lot.unpark_all()
         return replaced

@@ -13,7 +13,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "QueueDepths"]
+__all__ = ["SESSION_OUTCOMES", "Metrics", "QueueDepths"]
+
+# How a WebSocket session can end (the `outcome` label of sttd_sessions_total): the client's end;
+# the client went away; refused at connect; overloaded (too many dropped frames); a server bug;
+# idle; the session time limit; the server drained; a message over the size limit; a client
+# that stopped reading.
+SESSION_OUTCOMES = ("ended", "client_gone", "rejected", "overloaded", "internal_error", "idle",
+                    "session_limit", "drained", "refused", "slow_client")
 
 _LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -132,7 +139,7 @@ class Metrics:
             ),
             scheduler_requests_total=Counter(
                 "sttd_scheduler_requests_total",
-                "Scheduler requests by kind and outcome (ok, failed, superseded, withdrawn).",
+                "Scheduler requests by kind and outcome (ok, failed, timeout, withdrawn).",
                 ["kind", "outcome"], registry=registry,
             ),
         )

@@ -1,24 +1,36 @@
-"""One WebSocket session: a nursery holding a recv, an infer, a partials and a send task.
+"""A connection's nursery: the trio tasks that move one session's data, and its one close path.
 
-Lifetime. `Session.run` opens one nursery with four tasks linked by bounded channels:
+Nothing here keeps protocol or transcript state. The connection's codec (`sttd.api`) turns wire
+messages into commands and events into wire messages; the `SessionCore` (`sttd.session`)
+decides what to decode and what to say; the tasks below only carry data between them, the
+connection and the engine.
 
-* ``_recv`` reads frames from the transport and owns the audio channel's send end (and a clone
-  of the output channel, for errors about the client's messages). On ``end`` or an overload it
-  queues the marker in band and closes its end, so ``_infer`` sees the marker, then
-  `EndOfChannel`.
+Lifetime. `serve_connection` admits the connection or refuses it, then `Session.run` opens one
+nursery of four tasks linked by bounded channels (`sttd.channels`):
+
+* ``_recv`` reads the connection. Each message goes through the codec; audio is converted to
+  16 kHz mono by the one audio converter (in a worker thread when that costs more than a copy)
+  and queued as the `LagPolicy` says (queued, skipped as a gap, or held back); commits and the
+  end go in band. It owns the audio channel's send end and a clone of the output channel's
+  (for errors about the client's own messages and dropped-frame warnings). Its cancel scope
+  carries the idle and session time limits, and a drain cancels it; then, or on the client's
+  end, an overload or an oversized message, it queues the matching `End` or `Stop` and closes
+  its end, so ``_infer`` sees the item, then `EndOfChannel`.
 * ``_infer`` owns the audio channel's receive end and the output channel's send end. It feeds
-  audio to the `UtteranceTracker`, runs finals before partials through the shared engine, and
-  queues messages. When it stops it queues a `Close` and closes its end.
-* ``_partials`` decodes partials beside ``_infer``, so a session's final never queues behind its
-  own partial. ``_infer`` offers it the newest partial job through a `LatestSlot` and withdraws
-  a queued partial that a newer one (or the utterance's final) made stale; a partial whose
-  utterance was finalized meanwhile is dropped. ``_infer`` closes the slot when it stops.
-* ``_send`` owns the output channel's receive end: it writes each message and, on `Close`,
-  closes the WebSocket and cancels the nursery, which ends the others.
+  each round of items to the core, runs the finals it asks for through the engine in order,
+  queues the events, and offers the newest partial to ``_partials`` through a `LatestSlot`,
+  withdrawing a partial still waiting in the engine that a newer one or a final made stale.
+  When the core has emitted `Close` it closes its end.
+* ``_partials`` decodes partials beside ``_infer``, so a final never queues behind its own
+  session's partial.
+* ``_send`` owns the output channel's receive end: it encodes each event, writes it within
+  STT_SEND_TIMEOUT_S, and counts what reached the client. At `Close` it closes the connection
+  through `_close` and cancels the nursery, which ends the others.
 
-A client that goes away cancels the whole nursery from outside (the web framework cancels the
-handler), so no task outlives the connection. An unexpected error in any task is reported to
-the client as ``internal`` and closes the socket with 1011.
+One close path: a refusal, the session's own end, a client too slow to read and a server bug
+all close through `_close` (the events before the close, the codec's closing messages, the close
+frame, all within a bounded time). A client that goes away cancels the whole nursery from
+outside (the web framework cancels the handler), so no task outlives the connection.
 """
 
 from __future__ import annotations
@@ -26,72 +38,107 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 import trio
 
-from sttd.audio import Pcm16Framer, pcm16_to_float32
-from sttd.backends.base import Request
-from sttd.channels import (
-    AudioChannelStatistics,
-    AudioFrame,
-    AudioReceiver,
-    AudioSender,
+from sttd.api import (
+    Audio,
     Close,
+    Codec,
     Commit,
     End,
-    Gap,
+    Error,
+    Final,
+    KeepAlive,
+    Partial,
+    Ready,
+    SessionEvent,
+    SessionRequest,
+    Warning,
+)
+from sttd.audio import SAMPLE_RATE_HZ, StreamConverter
+from sttd.backends import Request, Result
+from sttd.channels import (
+    DROP_REPORT_EVERY,
+    AudioChannelStatistics,
+    AudioReceiver,
+    AudioSender,
+    LagAction,
+    LagPolicy,
     LatestSlot,
     OutputReceiver,
     OutputSender,
     OutputStatistics,
-    Overload,
-    Transcript,
     open_audio_channel,
     open_output_channel,
 )
-from sttd.engine import Superseded, Transcriber
 from sttd.errors import BackendError, ClientError, InvalidMessage
-from sttd.metrics import Metrics, QueueDepths
-from sttd.protocol import (
-    SessionParams,
-    dumps,
-    error_message,
-    parse_client_message,
-    ready_message,
-    transcript_message,
-    utterance_end_message,
-    warning_message,
-)
+from sttd.metrics import Metrics
+from sttd.session import AudioFrame, Decode, Gap, InputItem, SessionCore, Stop
 from sttd.settings import Settings
-from sttd.stability import PartialStabilizer
-from sttd.stream import Job, UtteranceTracker
-from sttd.vad import loaded_silero_model, make_endpointer, silero_model
 
-__all__ = ["Session", "SessionRegistry", "Transport"]
+__all__ = ["Admission", "Session", "SessionStatistics", "Transcriber", "Transport",
+           "serve_connection"]
 
 log = logging.getLogger(__name__)
 
-_SAMPLE_RATE_HZ = 16000
-# Upper bound on cleanup sends (last messages, close frame) once the session is ending.
+# Upper bound on each cleanup step (last messages, close frame) once the session is ending.
 _CLOSE_TIMEOUT_S = 5.0
+_MAX_CLOSE_REASON_CHARS = 120  # a close frame's reason must fit in 123 bytes
 
 
 class Transport(Protocol):
     """The accepted WebSocket, as a session sees it."""
 
-    async def receive(self) -> bytes | str | None:
-        """The next message; None stands for an empty binary frame.
+    async def receive(self) -> bytes | str:
+        """The next message.
 
         Raises a `ClientError` for a message the session must refuse (one over the size limit):
         the session sends its finals, that error, and closes with the error's close code.
         """
         ...
 
-    async def send(self, text: str) -> None: ...
+    async def send(self, text: str) -> bool:
+        """Send `text`; False when the client's close frame came first (it was not delivered)."""
+        ...
 
-    async def close(self, code: int, reason: str = "") -> None: ...
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class Transcriber(Protocol):
+    """What a session needs from the engine."""
+
+    @property
+    def backend_name(self) -> str: ...
+
+    def live_stream(self) -> AbstractContextManager[None]:
+        """Count a live stream while the block runs."""
+        ...
+
+    async def transcribe(self, request: Request, *, started: trio.Event | None = None) -> Result:
+        """Transcribe `request`; `started` is set when its batch starts.
+
+        Raises `BackendError` if the backend failed on it. Cancelling withdraws it if it has
+        not started.
+        """
+        ...
+
+
+@attrs.frozen
+class Admission:
+    """A connection the server took: the session to run and where it runs."""
+
+    request: SessionRequest
+    core: SessionCore
+    engine: Transcriber
+    # Registers the running session (for drain and /health) while the block runs.
+    register: Callable[[Session], AbstractContextManager[None]]
 
 
 @attrs.frozen
@@ -102,39 +149,53 @@ class SessionStatistics:
     output: OutputStatistics
 
 
+async def serve_connection(transport: Transport, codec: Codec,
+                           admit: Callable[[Codec], Admission], *, settings: Settings,
+                           metrics: Metrics) -> None:
+    """Admit the connection (or refuse it, then close) and run its session to its close.
+
+    `admit` parses the query through `codec` and checks the server may take the session; a
+    `ClientError` from it refuses the connection with that error and close code.
+    """
+    try:
+        admission = admit(codec)
+    except ClientError as exc:
+        metrics.sessions_total.labels("rejected").inc()
+        log.info("session.rejected code=%s", exc.code)
+        await _close(transport, codec, Close(exc.ws_close_code, exc.code), metrics,
+                     before=[Error(exc.code, str(exc))])
+        return
+    session = Session(admission, settings, metrics)
+    with admission.register(session), admission.engine.live_stream():
+        await session.run(transport, codec)
+
+
 @attrs.define(eq=False)
 class Session:
-    """One client's stream, from ready to close."""
+    """One admitted client's stream, from ready to close."""
 
-    params: SessionParams
-    engine: Transcriber
+    admission: Admission
     settings: Settings
     metrics: Metrics
     session_id: str = attrs.field(factory=lambda: secrets.token_hex(6))
-    outcome: str = attrs.field(init=False, default="client_gone")
-    _audio: tuple[AudioSender, AudioReceiver] | None = attrs.field(init=False, default=None)
-    _output: tuple[OutputSender, OutputReceiver] | None = attrs.field(init=False, default=None)
-    _last_partial: dict[int, str] = attrs.field(init=False, factory=dict)
-    _stabilizer: PartialStabilizer = attrs.field(init=False, factory=PartialStabilizer)
-    # Highest utterance id whose final was started; its partials are stale.
-    _finalized: int = attrs.field(init=False, default=-1)
+    _audio: AudioSender | None = attrs.field(init=False, default=None)
+    _output: OutputSender | None = attrs.field(init=False, default=None)
     _partial_in_flight: tuple[trio.CancelScope, trio.Event] | None = attrs.field(
         init=False, default=None)
-    # The receive loop's scope: cancelling it ends the session's input (drain, limits).
+    # The receive loop's scope: cancelling it ends the session's input (drain).
     _recv_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _draining: bool = attrs.field(init=False, default=False)
-    _drops_reported: int = attrs.field(init=False, default=0)
-    # For `params.utterance_end_ms`: the stream time (ms) at which an utterance end is due if no
-    # speech comes first, and the end of the last word sent in a final since the last one.
-    _utterance_end_at_ms: int | None = attrs.field(init=False, default=None)
-    _last_word_end_ms: int | None = attrs.field(init=False, default=None)
+    _outcome: str | None = attrs.field(init=False, default=None)  # set by the trio side
+
+    @property
+    def outcome(self) -> str:
+        """How the session ended (or ``client_gone`` while it has not): a metrics label."""
+        return self._outcome or self.admission.core.outcome
 
     @property
     def backlog_s(self) -> float:
         """Audio received but not yet processed (queued while the session waits on the engine)."""
-        if self._audio is None:
-            return 0.0
-        return self._audio[0].statistics().samples_buffered / _SAMPLE_RATE_HZ
+        return 0.0 if self._audio is None else self._audio.samples_buffered / SAMPLE_RATE_HZ
 
     def drain(self) -> None:
         """Stop taking audio, finalize the open utterance, send its final, close 1001."""
@@ -146,51 +207,51 @@ class Session:
         """Queue statistics, or None before the session's channels exist."""
         if self._audio is None or self._output is None:
             return None
-        return SessionStatistics(self._audio[0].statistics(), self._output[0].statistics())
+        return SessionStatistics(self._audio.statistics(), self._output.statistics())
 
-    async def run(self, transport: Transport) -> None:
+    async def run(self, transport: Transport, codec: Codec) -> None:
         """Serve the session until it closes or is cancelled; closes `transport` when it can."""
-        self._audio = open_audio_channel(self.settings.in_queue_size)
-        self._output = open_output_channel(self.settings.out_queue_size)
-        send_audio, recv_audio = self._audio
-        send_out, recv_out = self._output
-        log.info("session.opened sid=%s call_id=%s", self.session_id, _log_value(self.params.call_id))
+        request = self.admission.request
+        send_audio, recv_audio = open_audio_channel(self.settings.in_queue_size)
+        send_out, recv_out = open_output_channel(self.settings.out_queue_size)
+        self._audio, self._output = send_audio, send_out
+        log.info("session.opened sid=%s call_id=%s", self.session_id, _log_value(request.call_id))
         self.metrics.sessions_active.inc()
+        ready = Ready(self.session_id, request.call_id, self.admission.engine.backend_name,
+                      request.audio_format.sample_rate_hz)
         try:
-            await transport.send(dumps(ready_message(
-                self.session_id, self.params, self.engine.backend_name)))
-            slot: LatestSlot[Job] = LatestSlot()
+            if await self._send_within_timeout(transport, codec, ready) is None:
+                return
+            slot: LatestSlot[Decode] = LatestSlot()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._recv, transport, send_audio, send_out.clone())
+                nursery.start_soon(self._recv, transport, codec, send_audio, send_out.clone())
                 nursery.start_soon(self._partials, slot, send_out.clone())
                 nursery.start_soon(self._infer, recv_audio, send_out, slot)
-                nursery.start_soon(self._send, transport, recv_out, nursery.cancel_scope)
+                nursery.start_soon(self._send, transport, codec, recv_out, nursery.cancel_scope)
         except* Exception:
-            self.outcome = "internal_error"
+            self._outcome = "internal_error"
             log.error("session.failed sid=%s", self.session_id, exc_info=True)
-            self.metrics.errors_total.labels("internal").inc()
-            with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
-                await transport.send(dumps(error_message(
-                    "internal", "the server failed on this session; see its logs")))
-                await transport.close(1011, "internal error")
+            await _close(transport, codec, Close(1011, "internal error"), self.metrics,
+                         before=[Error("internal", "the server failed on this session; see "
+                                                   "its logs")])
         finally:
             self.metrics.sessions_active.dec()
             self.metrics.sessions_total.labels(self.outcome).inc()
-            dropped = send_audio.statistics().dropped_frames
-            log.info("session.closed sid=%s outcome=%s dropped_frames=%d",
-                     self.session_id, self.outcome, dropped)
+            log.info("session.closed sid=%s outcome=%s dropped_frames=%d", self.session_id,
+                     self.outcome, send_audio.statistics().dropped_frames)
 
-    async def _recv(
-        self, transport: Transport, send_audio: AudioSender, send_errors: OutputSender
-    ) -> None:
-        framer = Pcm16Framer()
+    # -- _recv ------------------------------------------------------------------------------
+
+    async def _recv(self, transport: Transport, codec: Codec, send_audio: AudioSender,
+                    send_errors: OutputSender) -> None:
         settings = self.settings
-        # Past this backlog, new audio is skipped (as a counted Gap) instead of queued.
-        skip_above = int(2 * settings.max_lag_s * _SAMPLE_RATE_HZ)
+        converter = StreamConverter.for_format(self.admission.request.audio_format)
+        policy = LagPolicy(settings.max_lag_s)
         async with send_errors, send_audio:
             started = trio.current_time()
             ends_at = started + settings.max_session_s
             received = 0  # samples
+            drops_reported = 0
             with trio.CancelScope(
                     deadline=min(ends_at, started + settings.idle_timeout_s)) as scope:
                 self._recv_scope = scope
@@ -198,219 +259,145 @@ class Session:
                     scope.cancel()
                 while True:
                     try:
-                        data = await transport.receive()
+                        message = await transport.receive()
                     except ClientError as exc:  # e.g. a message over the size limit
                         # Finals for what was heard, then this error, then its close code.
-                        send_audio.send_nowait(End(trio.current_time(), exc.ws_close_code,
-                                                   str(exc), "refused", error_code=exc.code))
+                        await self._flush(converter, send_audio)
+                        send_audio.send_nowait(Stop(trio.current_time(), exc.ws_close_code,
+                                                    str(exc), "refused", exc.code))
                         return
                     now = trio.current_time()
                     scope.deadline = min(ends_at, now + settings.idle_timeout_s)
-                    if isinstance(data, str):
-                        try:
-                            item = parse_client_message(data, now)
-                        except InvalidMessage as exc:
-                            self.metrics.errors_total.labels(exc.code).inc()
-                            await send_errors.send(error_message(exc.code, str(exc)))
-                            continue
-                        if item is None:
-                            continue  # keepalive
-                        send_audio.send_nowait(item)
-                        if isinstance(item, End):
+                    try:
+                        command = codec.decode(message, now)
+                    except InvalidMessage as exc:
+                        refused = message if isinstance(message, str) else None
+                        await send_errors.send(Error(exc.code, str(exc), refused=refused))
+                        continue
+                    if isinstance(command, KeepAlive):
+                        continue
+                    if isinstance(command, (Commit, End)):
+                        if isinstance(command, End):
+                            await self._flush(converter, send_audio)
+                        send_audio.send_nowait(command)
+                        if isinstance(command, End):
                             return
                         continue
-                    samples = framer.feed(data or b"")
+                    samples = await self._convert(converter, command)
                     if samples.size == 0:
                         continue
-                    self.metrics.audio_received_seconds_total.inc(samples.size / _SAMPLE_RATE_HZ)
+                    self.metrics.audio_received_seconds_total.inc(samples.size / SAMPLE_RATE_HZ)
                     received += samples.size
-                    # Per frame, so the channel's counters rather than a statistics snapshot.
-                    behind = send_audio.samples_buffered > skip_above
-                    if behind or send_audio.full:
-                        if received / _SAMPLE_RATE_HZ - (now - started) > settings.max_lag_s:
-                            # Ahead of real time (a file sent fast): hold the client back.
-                            scope.deadline = math.inf
-                            await send_audio.wait_for_room(skip_above // 2)
-                            scope.deadline = min(ends_at, trio.current_time()
-                                                 + settings.idle_timeout_s)
-                        elif behind:
-                            # A live stream the server cannot keep up with: skip, say so.
-                            send_audio.send_nowait(Gap(samples.size, now))
-                            continue
-                    dropped = send_audio.send_nowait(AudioFrame(samples, now))
-                    if dropped:
+                    action = policy.decide(
+                        backlog_samples=send_audio.samples_buffered, full=send_audio.full,
+                        received_samples=received, elapsed_s=now - started)
+                    if action is LagAction.HOLD:
+                        # Ahead of real time (a file sent fast): hold the client back.
+                        scope.deadline = math.inf
+                        await send_audio.wait_for_room(policy.skip_above_samples // 2)
+                        scope.deadline = min(ends_at, trio.current_time()
+                                             + settings.idle_timeout_s)
+                    elif action is LagAction.SKIP:
+                        # A live stream the server cannot keep up with: skip, say so.
+                        self.metrics.audio_skipped_seconds_total.inc(
+                            samples.size / SAMPLE_RATE_HZ)
+                        send_audio.send_nowait(Gap(samples.size, now))
+                        continue
+                    if send_audio.send_nowait(AudioFrame(samples, now)):
+                        self.metrics.frames_dropped_total.inc()
                         total = send_audio.statistics().dropped_frames
-                        await self._report_drops(dropped, total, send_errors)
+                        if not drops_reported or total - drops_reported >= DROP_REPORT_EVERY:
+                            drops_reported = total
+                            await send_errors.send(Warning(
+                                "lagging", f"the session's input queue is full: {total} audio "
+                                           "frames dropped so far", frames_dropped=total))
                         if total > settings.in_queue_max_drops:
-                            send_audio.send_nowait(Overload(total))
+                            await self._flush(converter, send_audio)
+                            send_audio.send_nowait(self._overloaded(total))
                             return
             # The scope ended the loop: a drain, the session's time limit, or an idle client.
+            await self._flush(converter, send_audio)
             send_audio.send_nowait(self._input_ended(ends_at))
 
-    def _input_ended(self, ends_at: float) -> End:
+    async def _convert(self, converter: StreamConverter, audio: Audio
+                       ) -> npt.NDArray[np.int16]:
+        if converter.costly:
+            # Resampling is real CPU work: off the event loop (one call at a time per stream).
+            return await trio.to_thread.run_sync(converter.convert_pcm16, audio.data)
+        return converter.convert_pcm16(audio.data)
+
+    async def _flush(self, converter: StreamConverter, send_audio: AudioSender) -> None:
+        """Queue the converter's held-back tail (the resampler's delay), as the stream ends."""
+        if not converter.costly:
+            return
+        tail = await trio.to_thread.run_sync(lambda: converter.convert_pcm16(b"", last=True))
+        if tail.size:
+            send_audio.send_nowait(AudioFrame(tail, trio.current_time()))
+
+    def _input_ended(self, ends_at: float) -> Stop:
         now = trio.current_time()
         if self._draining:
-            return End(now, 1001, "server shutting down", "drained")
+            return Stop(now, 1001, "server shutting down", "drained")
         if now >= ends_at:
-            code, outcome = "session_too_long", "session_limit"
-            message = (f"the session reached STT_MAX_SESSION_S={self.settings.max_session_s:g} s; "
-                       "open a new one to go on")
-        else:
-            code, outcome = "idle_timeout", "idle"
-            message = (f"no audio or keepalive for STT_IDLE_TIMEOUT_S="
-                       f"{self.settings.idle_timeout_s:g} s")
-        return End(now, 1000, message, outcome, error_code=code)
+            return Stop(now, 1000, f"the session reached STT_MAX_SESSION_S="
+                                   f"{self.settings.max_session_s:g} s; open a new one to go on",
+                        "session_limit", "session_too_long")
+        return Stop(now, 1000, f"no audio or keepalive for STT_IDLE_TIMEOUT_S="
+                               f"{self.settings.idle_timeout_s:g} s", "idle", "idle_timeout")
 
-    async def _report_drops(self, dropped: int, total: int, send_errors: OutputSender) -> None:
-        """Count dropped frames; tell the client at the first drop and every 50 after."""
-        self.metrics.frames_dropped_total.inc(dropped)
-        if self._drops_reported and total - self._drops_reported < 50:
-            return
-        self._drops_reported = total
-        self.metrics.warnings_total.labels("lagging").inc()
-        await send_errors.send(warning_message(
-            "lagging", f"the session's input queue is full: {total} audio frames dropped so far",
-            frames_dropped=total))
+    def _overloaded(self, dropped_frames: int) -> Stop:
+        return Stop(trio.current_time(), 1013,
+                    f"session dropped {dropped_frames} audio frames, more than "
+                    f"STT_IN_QUEUE_MAX_DROPS={self.settings.in_queue_max_drops}; "
+                    "the server cannot keep up with this stream", "overloaded", "overloaded")
+
+    # -- _infer and _partials ---------------------------------------------------------------
 
     async def _infer(self, recv_audio: AudioReceiver, send_out: OutputSender,
-                     slot: LatestSlot[Job]) -> None:
-        net = None
-        if self.settings.vad == "silero":
-            # A stream of the shared model; the model itself loads once, off the event loop.
-            model = loaded_silero_model()
-            if model is None:
-                model = await trio.to_thread.run_sync(silero_model)
-            net = model.stream()
-        silence_ms = self.params.vad_silence_ms
-        endpointer = make_endpointer(
-            self.settings.vad, threshold_rms=self.settings.vad_threshold,
-            silence_ms=self.settings.vad_silence_ms if silence_ms is None else silence_ms, net=net)
-        tracker = UtteranceTracker(
-            endpointer,
-            partial_ms=self.params.partial_ms,
-            max_utterance_s=self.settings.max_utterance_s,
-        )
+                     slot: LatestSlot[Decode]) -> None:
+        core = self.admission.core
+        policy = LagPolicy(self.settings.max_lag_s)
         with slot:
-            await self._infer_loop(tracker, recv_audio, send_out, slot)
+            async with send_out, recv_audio:
+                while not core.closed:
+                    items = await _receive_round(recv_audio)
+                    # How far behind the stream this round starts: past STT_MAX_LAG_S, no partial.
+                    lagging = policy.lagging(recv_audio.samples_buffered)
+                    outputs: list[Decode | SessionEvent] = []
+                    for item in items:
+                        if isinstance(item, AudioFrame):
+                            self.metrics.frame_lag_seconds.observe(
+                                trio.current_time() - item.received_at)
+                        outputs += core.feed(item)
+                    for output in outputs:
+                        if isinstance(output, Decode):
+                            self._withdraw_partial()  # its final makes it stale
+                            for event in await self._decode(output):
+                                await self._queue(send_out, event)
+                        else:
+                            await self._queue(send_out, output)
+                    partial = core.take_partial()
+                    if partial is not None and not lagging:
+                        # The partial task decodes it; a newer one replaces an older still queued.
+                        slot.put(partial)
+                        self._withdraw_partial()
 
-    async def _infer_loop(self, tracker: UtteranceTracker, recv_audio: AudioReceiver,
-                          send_out: OutputSender, slot: LatestSlot[Job]) -> None:
-        async with send_out, recv_audio:
-            max_lag = int(self.settings.max_lag_s * _SAMPLE_RATE_HZ)
-            while True:
-                # job, trigger time, forced, cause; None marks where an utterance end is due.
-                finals: list[tuple[Job, float, bool, str] | None] = []
-                stop: Close | None = None
-                error = ""  # sent, with the close reason, after the finals and before the close
-                skipped = 0
-                try:
-                    items = [await recv_audio.receive()]
-                except trio.EndOfChannel:
-                    items = [End(trio.current_time())]
-                # How far behind the stream this round starts: past STT_MAX_LAG_S, no partial.
-                lagging = recv_audio.statistics().samples_buffered > max_lag
-                while True:
-                    try:
-                        items.append(recv_audio.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                for item in items:
-                    if isinstance(item, AudioFrame):
-                        self.metrics.frame_lag_seconds.observe(
-                            trio.current_time() - item.received_at)
-                        jobs = tracker.feed(item.samples)
-                        finals.extend((job, item.received_at, False,
-                                       "max_length" if job.cut else "speech_end")
-                                      for job in jobs)
-                    elif isinstance(item, Commit):
-                        jobs = tracker.commit()
-                        finals.extend((job, item.received_at, True, "commit") for job in jobs)
-                    elif isinstance(item, Gap):
-                        jobs = tracker.skip(item.samples)
-                        finals.extend((job, item.received_at, False, "skip") for job in jobs)
-                        skipped += item.samples
-                    elif isinstance(item, End):
-                        # Only the client's own `end` answers with a final even when empty.
-                        forced = item.outcome == "ended"
-                        finals.extend((job, item.received_at, forced, "end")
-                                      for job in tracker.commit())
-                        stop = Close(item.code, item.reason)
-                        self.outcome = item.outcome
-                        error = item.error_code
-                        break
-                    else:
-                        finals.extend((job, trio.current_time(), True, "end")
-                                      for job in tracker.commit())
-                        stop = self._overloaded(item)
-                        error = "overloaded"
-                        break
-                    if self._utterance_end_due(jobs, tracker):
-                        finals.append(None)
-                if skipped:
-                    await self._report_skip(skipped, send_out)
-                for entry in finals:
-                    if entry is None:
-                        await self._send_utterance_end(send_out)
-                        continue
-                    job, trigger_at, forced, cause = entry
-                    # Any partial of this utterance is stale now: withdraw it if still queued.
-                    self._finalized = job.utterance_id
-                    self._withdraw_partial()
-                    await self._decode(job, send_out, trigger_at, forced=forced, cause=cause)
-                if stop is not None:
-                    if error:
-                        self.metrics.errors_total.labels(error).inc()
-                        await send_out.send(error_message(error, stop.reason))
-                    await send_out.send(stop)
-                    return
-                partial = tracker.take_partial() if self.params.partials else None
-                if partial is not None and not lagging:
-                    # The partial task decodes it; a newer one replaces an older still queued.
-                    slot.put(partial)
-                    self._withdraw_partial()
-
-    async def _partials(self, slot: LatestSlot[Job], send_out: OutputSender) -> None:
-        """Decode the newest partial job, one at a time, beside the infer task."""
+    async def _partials(self, slot: LatestSlot[Decode], send_out: OutputSender) -> None:
+        """Decode the newest partial, one at a time, beside the infer task."""
         async with send_out:
             while True:
                 try:
-                    job = await slot.take()
+                    decode = await slot.take()
                 except trio.EndOfChannel:
                     return
-                if job.utterance_id <= self._finalized:
-                    continue
                 started = trio.Event()
+                events: list[SessionEvent] = []
                 with trio.CancelScope() as scope:
                     self._partial_in_flight = (scope, started)
-                    await self._decode(job, send_out, None, forced=False, started=started)
+                    events = await self._decode(decode, started=started)
                 self._partial_in_flight = None
-
-    def _utterance_end_due(self, jobs: list[Job], tracker: UtteranceTracker) -> bool:
-        """Whether `params.utterance_end_ms` of audio without speech just followed a final.
-
-        `jobs` are the finals the last item produced; each re-arms the wait, and speech
-        disarms it until the next final.
-        """
-        wait_ms = self.params.utterance_end_ms
-        if wait_ms is None:
-            return False
-        if jobs:
-            self._utterance_end_at_ms = jobs[-1].end_ms + wait_ms
-        if self._utterance_end_at_ms is None:
-            return False
-        if tracker.open_utterance_id is not None:
-            self._utterance_end_at_ms = None
-            return False
-        if tracker.position * 1000 < self._utterance_end_at_ms * _SAMPLE_RATE_HZ:
-            return False
-        self._utterance_end_at_ms = None
-        return True
-
-    async def _send_utterance_end(self, send_out: OutputSender) -> None:
-        """Queue ``utterance_end`` for the last word sent, unless no word came since the last."""
-        if self._last_word_end_ms is not None:
-            await send_out.send(utterance_end_message(self._last_word_end_ms))
-            self._last_word_end_ms = None
+                for event in events:
+                    await self._queue(send_out, event)
 
     def _withdraw_partial(self) -> None:
         """Cancel the partial being waited for, unless its batch already started."""
@@ -419,159 +406,105 @@ class Session:
             if not started.is_set():
                 scope.cancel()
 
-    async def _report_skip(self, samples: int, send_out: OutputSender) -> None:
-        self.metrics.audio_skipped_seconds_total.inc(samples / _SAMPLE_RATE_HZ)
-        self.metrics.warnings_total.labels("lagging").inc()
-        skipped_ms = samples * 1000 // _SAMPLE_RATE_HZ
-        await send_out.send(warning_message(
-            "lagging",
-            f"the session fell more than {2 * self.settings.max_lag_s:g} s behind "
-            f"(2 x STT_MAX_LAG_S): {skipped_ms} ms of audio were skipped; the open utterance "
-            "was finalized first and stream times stay those of your stream",
-            skipped_ms=skipped_ms))
-
-    def _overloaded(self, item: Overload) -> Close:
-        self.outcome = "overloaded"
-        return Close(
-            1013,
-            f"session dropped {item.dropped_frames} audio frames, more than "
-            f"STT_IN_QUEUE_MAX_DROPS={self.settings.in_queue_max_drops}; "
-            "the server cannot keep up with this stream",
-        )
-
-    async def _decode(
-        self, job: Job, send_out: OutputSender, trigger_at: float | None, *, forced: bool,
-        started: trio.Event | None = None, cause: str = "",
-    ) -> None:
-        """Transcribe `job` and queue its message.
-
-        Empty partials, repeated partials and empty finals are not sent, except a final the
-        client forced (commit or end), which is always answered. A final's `cause` is what
-        ended its utterance (`FINAL_CAUSES`), sent when `params.final_causes` asks for it.
-        """
-        request = Request(
-            audio=pcm16_to_float32(job.audio),
-            kind=job.kind,
-            language=self.params.language,
-            hotwords=self.params.hotwords,
-            # Partials keep the words already shown as stable; a final is a fresh decode of the
-            # whole utterance (forcing the prefix into finals cost ~5 WER points on the dev set).
-            prefix=self._stabilizer.stable_text if job.kind == "partial" else "",
-        )
+    async def _decode(self, decode: Decode, *, started: trio.Event | None = None
+                      ) -> list[SessionEvent]:
+        """Run `decode` through the engine; the events the core has for its outcome."""
+        core = self.admission.core
         try:
-            result = await self.engine.transcribe(request, session=self, started=started)
-        except Superseded:
-            return
+            result = await self.admission.engine.transcribe(decode.request, started=started)
         except BackendError as exc:
-            log.warning("session.%s sid=%s kind=%s", exc.code, self.session_id, job.kind,
+            log.warning("session.%s sid=%s kind=%s", exc.code, self.session_id, decode.kind,
                         exc_info=True)
-            self.metrics.errors_total.labels(exc.code).inc()
-            if job.kind == "final":
-                self._stabilizer.reset()
-            await send_out.send(error_message(
-                exc.code,
-                f"transcribing utterance {job.utterance_id} failed ({exc}); the session goes on"))
-            return
-        text = result.text.strip()
-        stable = unstable = ""
-        if job.kind == "partial" and job.utterance_id <= self._finalized:
-            return  # its final was decided while this partial was in flight
-        if job.kind == "partial":
-            stable, unstable = self._stabilizer.update(text)
-            text = f"{stable} {unstable}".strip()
-            if not text or self._last_partial.get(job.utterance_id) == text:
-                return
-            self._last_partial[job.utterance_id] = text
-        else:
-            self._last_partial.pop(job.utterance_id, None)
-            self._stabilizer.reset()
-            if not text and not forced:
-                return
-        payload = transcript_message(job.kind, job.utterance_id, result, job.start_ms, job.end_ms)
-        payload["text"] = text
-        if job.kind == "final":
-            payload["backlog_ms"] = round(self.backlog_s * 1000)
-            if self.params.final_causes:
-                payload["cause"] = cause
-            if text:
-                words = payload["words"]
-                self._last_word_end_ms = words[-1]["end_ms"] if words else job.end_ms
-        if job.kind == "partial":
-            payload["stable"] = stable
-            payload["unstable"] = unstable
-        sent = await send_out.send(Transcript(payload, job.kind == "final", trigger_at))
-        if not sent:
+            return core.failed(decode, exc)
+        return core.decoded(decode, result, backlog_ms=round(self.backlog_s * 1000))
+
+    async def _queue(self, send_out: OutputSender, event: SessionEvent) -> None:
+        if not await send_out.send(event):
             self.metrics.partials_dropped_total.inc()
 
-    async def _send(
-        self, transport: Transport, recv_out: OutputReceiver, scope: trio.CancelScope
-    ) -> None:
+    # -- _send ------------------------------------------------------------------------------
+
+    async def _send(self, transport: Transport, codec: Codec, recv_out: OutputReceiver,
+                    scope: trio.CancelScope) -> None:
         async with recv_out:
-            async for item in recv_out:
-                if isinstance(item, Close):
-                    with trio.move_on_after(_CLOSE_TIMEOUT_S):
-                        await transport.close(item.code, item.reason[:120])
+            async for event in recv_out:
+                if isinstance(event, Close):
+                    await _close(transport, codec, event, self.metrics)
                     scope.cancel()
                     return
-                if isinstance(item, Transcript):
-                    await transport.send(dumps(item.payload))
-                    if item.is_final:
-                        self.metrics.finals_sent_total.inc()
-                        if item.trigger_at is not None:
-                            self.metrics.final_latency_seconds.observe(
-                                max(trio.current_time() - item.trigger_at, 0.0))
-                    else:
-                        self.metrics.partials_sent_total.inc()
-                else:
-                    await transport.send(dumps(item))
+                if await self._send_within_timeout(transport, codec, event) is None:
+                    scope.cancel()
+                    return
+
+    async def _send_within_timeout(self, transport: Transport, codec: Codec,
+                                   event: SessionEvent) -> bool | None:
+        """Send `event` within STT_SEND_TIMEOUT_S: whether it reached the client, or None if
+        the client stopped reading (the connection is then closed)."""
+        with trio.move_on_after(self.settings.send_timeout_s) as stalled:
+            return await _write(transport, codec, event, self.metrics)
+        # Its sends would hold the session (and its memory) for as long as the socket lives.
+        self._outcome = "slow_client"
+        log.info("session.slow_client sid=%s send_timeout_s=%g", self.session_id,
+                 self.settings.send_timeout_s)
+        with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+            await transport.close(1008, "client not reading")
+        assert stalled.cancelled_caught
+        return None
 
 
-@attrs.define
-class SessionRegistry:
-    """The live sessions of one server, for /health and queue metrics."""
+async def _receive_round(recv_audio: AudioReceiver) -> list[InputItem]:
+    """What the audio channel holds: wait for one item, then take all that are there."""
+    try:
+        items = [await recv_audio.receive()]
+    except trio.EndOfChannel:
+        # _recv always ends its input with End or Stop; this is the same, should it not.
+        return [End(trio.current_time())]
+    while True:
+        try:
+            items.append(recv_audio.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return items
 
-    _live: set[Session] = attrs.field(factory=set)
-    _changed: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
-    _draining: bool = False
 
-    def __len__(self) -> int:
-        return len(self._live)
+async def _close(transport: Transport, codec: Codec, close: Close, metrics: Metrics, *,
+                 before: list[SessionEvent] | tuple[()] = ()) -> None:
+    """The one way a connection closes: `before`, the codec's closing messages, the close frame.
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
+    Each step is bounded and shielded: a client that stopped reading cannot hold it.
+    """
+    with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+        for event in [*before, close]:
+            await _write(transport, codec, event, metrics)
+    with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+        await transport.close(close.code, close.reason[:_MAX_CLOSE_REASON_CHARS])
 
-    def begin_drain(self) -> None:
-        """Tell every live session (and any added later) to finalize and close 1001."""
-        self._draining = True
-        for session in self._live:
-            session.drain()
 
-    def add(self, session: Session) -> None:
-        self._live.add(session)
-        if self._draining:
-            session.drain()
-        self._changed.unpark_all()
+async def _write(transport: Transport, codec: Codec, event: SessionEvent,
+                 metrics: Metrics) -> bool:
+    """Send `event` as its protocol says and count it; False if the client had gone first.
 
-    def discard(self, session: Session) -> None:
-        self._live.discard(session)
-        self._changed.unpark_all()
+    An event the protocol has no message for (a warning on Deepgram's) still counts.
+    """
+    delivered = True
+    for text in codec.encode(event):
+        delivered = await transport.send(text) and delivered
+    if delivered:
+        _count_sent(metrics, event)
+    return delivered
 
-    async def wait_count(self, count: int) -> None:
-        """Wait until exactly `count` sessions are live."""
-        while len(self._live) != count:
-            await self._changed.park()
 
-    def queue_depths(self) -> QueueDepths:
-        audio = output = 0
-        backlog = 0.0
-        for session in self._live:
-            stats = session.statistics()
-            if stats is not None:
-                audio += stats.audio.frames_buffered
-                output += stats.output.messages_buffered
-                backlog = max(backlog, stats.audio.samples_buffered / _SAMPLE_RATE_HZ)
-        return QueueDepths(audio_frames=audio, output_messages=output, max_backlog_s=backlog)
+def _count_sent(metrics: Metrics, event: SessionEvent) -> None:
+    """Count an event that reached the client."""
+    if isinstance(event, Final):
+        metrics.finals_sent_total.inc()
+        if event.ended_at is not None:
+            metrics.final_latency_seconds.observe(max(trio.current_time() - event.ended_at, 0.0))
+    elif isinstance(event, Partial):
+        metrics.partials_sent_total.inc()
+    elif isinstance(event, Error):
+        metrics.errors_total.labels(event.code).inc()
+    elif isinstance(event, Warning):
+        metrics.warnings_total.labels(event.code).inc()
 
 
 def _log_value(value: str) -> str:

@@ -22,6 +22,8 @@ VADS = ("energy", "silero")
 _WHISPER_DEVICES = ("auto", "cpu", "cuda")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LOG_FORMATS = ("text", "json")
+# Settings whose name changed: the old name stops start-up with the new one.
+_RENAMED = {"STT_INFERENCE_THREADS": "STT_INFERENCE_LANES"}
 
 
 def _finite(attribute: attrs.Attribute[Any], value: float) -> None:
@@ -99,8 +101,9 @@ class Settings:
     background_share: float = attrs.field(default=0.5, validator=_share)
     # New sessions are refused while finals wait longer than this in the scheduler (on average).
     max_final_wait_s: float = attrs.field(default=1.0, validator=_positive)
-    # Worker threads that may run backend calls at once.
-    inference_threads: int = attrs.field(default=1, validator=_positive)
+    # Backend calls (scheduler lanes) that may run at once; 0 lets the backend choose (1 for
+    # whisper and mock, 8 for qwen3 and remote, whose engines batch across calls).
+    inference_lanes: int = attrs.field(default=0, validator=_non_negative)
     # Seconds hypercorn waits for open connections on shutdown.
     shutdown_grace_s: float = attrs.field(default=5.0, validator=_non_negative)
     # Access. Comma-separated bearer keys, and/or a file of keys (one per line, # comments);
@@ -120,6 +123,11 @@ class Settings:
     max_message_bytes: int = attrs.field(default=1 << 20, validator=_positive)
     # A client must deliver a request's headers and body with no gap longer than this, seconds.
     http_read_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    # Longest a WebSocket send may wait for the client to read (then the session is closed as
+    # a slow client), seconds.
+    send_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    # Uploads being read or transcribed at once; past it new ones get 503 overloaded.
+    max_uploads: int = attrs.field(default=8, validator=_positive)
     # Backlog (audio received but not yet transcribed) past which a session stops partials;
     # past twice this, audio is skipped with a `lagging` warning.
     max_lag_s: float = attrs.field(default=1.5, validator=_positive)
@@ -171,6 +179,8 @@ class Settings:
                 continue
             name = key[len("STT_") :].lower()
             field = fields.get(name) if key == key.upper() else None
+            if key in _RENAMED:
+                raise ConfigError(f"{key} was renamed {_RENAMED[key]}; set that instead")
             if field is None:
                 known = ", ".join(f"STT_{n.upper()}" for n in fields)
                 raise ConfigError(f"unknown setting {key}; known settings are: {known}")

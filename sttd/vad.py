@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime
 
-from sttd.audio import pcm16_to_float32
+from sttd.audio import SAMPLE_RATE_HZ, pcm16_to_float32
 
 __all__ = [
     "EnergyClassifier",
@@ -53,7 +53,6 @@ __all__ = [
     "silero_model",
 ]
 
-SAMPLE_RATE_HZ = 16000
 _RMS_HISTORY_S = 30.0
 # Silero VAD's window at 16 kHz, fixed by the model: 32 ms.
 _SILERO_FRAME_SAMPLES = 512

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from sttd.audio import decode_wav, float32_to_pcm16
-from sttd.http import AppState
+from sttd.admission import AppState
 from sttd.metrics import Metrics
 from sttd.server import serve
 from sttd.settings import Settings

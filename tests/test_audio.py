@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from sttd.audio import (
     SAMPLE_RATE_HZ,
-    Pcm16Framer,
+    AudioFormat,
+    StreamConverter,
     WavReader,
     decode_wav,
     encode_wav,
@@ -511,24 +512,30 @@ def test_pcm16_to_float32_rejects_other_dtypes() -> None:
         pcm16_to_float32(np.zeros(2, np.int32))
 
 
+def _framer() -> StreamConverter:
+    """The converter a native session uses: 16 kHz mono PCM16 in, int16 out."""
+    return StreamConverter.for_format(AudioFormat())
+
+
 def test_framer_carries_odd_byte() -> None:
-    framer = Pcm16Framer()
-    first = framer.feed(b"\x01\x02\x03")
+    framer = _framer()
+    assert not framer.costly
+    first = framer.convert_pcm16(b"\x01\x02\x03")
     assert first.dtype == np.int16
     np.testing.assert_array_equal(first, np.array([0x0201], np.int16))
     assert framer.pending_bytes == 1
-    np.testing.assert_array_equal(framer.feed(b"\xff"), np.array([-253], np.int16))  # 0xff03
+    np.testing.assert_array_equal(framer.convert_pcm16(b"\xff"), np.array([-253], np.int16))  # 0xff03
     assert framer.pending_bytes == 0
-    assert framer.feed(b"").shape == (0,)
-    assert framer.feed(b"\x80").shape == (0,)
+    assert framer.convert_pcm16(b"").shape == (0,)
+    assert framer.convert_pcm16(b"\x80").shape == (0,)
     assert framer.pending_bytes == 1
-    np.testing.assert_array_equal(framer.feed(b"\x00\xff\xff"), np.array([128, -1], np.int16))
+    np.testing.assert_array_equal(framer.convert_pcm16(b"\x00\xff\xff"), np.array([128, -1], np.int16))
     assert framer.pending_bytes == 0
 
 
 def test_framer_output_does_not_alias_input() -> None:
     buf = bytearray(b"\x01\x00\x02\x00")
-    out = Pcm16Framer().feed(buf)  # type: ignore[arg-type]
+    out = _framer().convert_pcm16(buf)
     buf[0] = 9
     out[1] = 7  # writeable: a copy, not a read-only view of the bytes
     np.testing.assert_array_equal(out, np.array([1, 7], np.int16))
@@ -537,11 +544,47 @@ def test_framer_output_does_not_alias_input() -> None:
 @given(data=st.binary(max_size=200), cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=12))
 def test_framer_any_split_matches_one_feed(data: bytes, cuts: list[int]) -> None:
     bounds = [0, *sorted(min(c, len(data)) for c in cuts), len(data)]
-    framer = Pcm16Framer()
-    parts = [framer.feed(data[a:b]) for a, b in zip(bounds, bounds[1:])]
+    framer = _framer()
+    parts = [framer.convert_pcm16(data[a:b]) for a, b in zip(bounds, bounds[1:])]
     expected = np.frombuffer(data[: len(data) - len(data) % 2], dtype="<i2")
     np.testing.assert_array_equal(np.concatenate([np.zeros(0, np.int16), *parts]), expected)
     assert framer.pending_bytes == len(data) % 2
+
+
+@pytest.mark.parametrize("rate_hz, channels", [(8000, 1), (48000, 2), (44100, 6), (16000, 2)])
+@given(cuts=st.lists(st.integers(min_value=0, max_value=4800), max_size=8))
+@settings(max_examples=20, deadline=None)
+def test_converter_any_split_matches_one_call(rate_hz: int, channels: int, cuts: list[int]) -> None:
+    """The converter every live stream and file goes through: chunks of any size, partial
+    frames among them, give exactly the samples of one call over the whole stream."""
+    rng = np.random.default_rng(rate_hz + channels)
+    data = (rng.normal(0, 8000, rate_hz // 10 * channels).clip(-32768, 32767)
+            .astype("<i2").tobytes() + b"\x07")  # a partial frame at the very end
+    fmt = AudioFormat(rate_hz, channels)
+    whole = StreamConverter.for_format(fmt).convert_pcm16(data, last=True)
+    converter = StreamConverter.for_format(fmt)
+    assert converter.costly
+    bounds = [0, *sorted(min(c, len(data)) for c in cuts), len(data)]
+    parts = [converter.convert_pcm16(data[a:b]) for a, b in zip(bounds, bounds[1:])]
+    parts.append(converter.convert_pcm16(b"", last=True))
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    assert whole.size == pytest.approx(len(data) // (2 * channels) * SAMPLE_RATE_HZ / rate_hz,
+                                       abs=2)
+    assert converter.pending_bytes == 0
+
+
+def test_converter_downmixes_and_resamples_like_a_wav_file() -> None:
+    """A stereo 48 kHz stream converted live equals the same audio read as a WAV file."""
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(48000) / 48000)).astype(np.float32)
+    wav = encode_wav(tone, 48000, channels=2)
+    pcm = wav[44:]  # the data chunk of encode_wav's canonical header
+    live = StreamConverter.for_format(AudioFormat(48000, 2)).convert_pcm16(pcm, last=True)
+    np.testing.assert_array_equal(live, float32_to_pcm16(decode_wav(wav)))
+
+
+def test_convert_mono_refuses_an_interleaved_stream() -> None:
+    with pytest.raises(ValueError, match="mono"):
+        StreamConverter.for_format(AudioFormat(48000, 2)).convert_mono(np.zeros(4, np.float32))
 
 
 # --- fuzzing ---------------------------------------------------------------------------------

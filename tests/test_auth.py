@@ -14,7 +14,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from sttd.audio import encode_wav, pcm16_to_float32
-from sttd.auth import Access
+from sttd.admission import Access
 from sttd.errors import ConfigError
 from sttd.server import serve
 from sttd.settings import Settings
@@ -175,7 +175,7 @@ def test_every_key_is_compared_even_after_a_match(monkeypatch: pytest.MonkeyPatc
         compared.append(key)
         return compare_digest(presented, key)
 
-    monkeypatch.setattr("sttd.auth.hmac.compare_digest", recording)
+    monkeypatch.setattr("sttd.admission._auth.hmac.compare_digest", recording)
     access = Access(api_keys=(b"a", b"b", b"c"))
     assert access.allows_api("Bearer a")
     assert not access.allows_api("Bearer z")

@@ -9,23 +9,21 @@ import pytest
 import trio
 import trio.testing
 
+from sttd.api import Close, Commit, End, Error, Final, Partial, SessionEvent
 from sttd.channels import (
     AudioChannelStatistics,
-    AudioFrame,
-    AudioItem,
     AudioReceiver,
-    Close,
-    Commit,
-    End,
-    Gap,
-    OutputItem,
+    LagAction,
+    LagPolicy,
     OutputReceiver,
     OutputStatistics,
-    Overload,
-    Transcript,
     open_audio_channel,
     open_output_channel,
 )
+from sttd.session import AudioFrame, Gap, InputItem, Stop
+
+AudioItem = InputItem
+OutputItem = SessionEvent
 
 
 # Async tests take `autojump_clock`, so this guard fails a deadlocked test at once, in virtual time.
@@ -37,12 +35,20 @@ def frame(tag: int) -> AudioFrame:
     return AudioFrame(np.full(4, tag, np.int16), float(tag))
 
 
-def partial(n: int) -> Transcript:
-    return Transcript({"type": "partial", "n": n}, is_final=False)
+def partial(n: int) -> Partial:
+    return Partial(n, "", str(n), 0, 0)
 
 
-def final(n: int) -> Transcript:
-    return Transcript({"type": "final", "n": n}, is_final=True, trigger_at=float(n))
+def final(n: int) -> Final:
+    return Final(n, str(n), 0, 0, ended_at=float(n))
+
+
+def dropped(tag: int, frames: int = 1) -> Gap:
+    """The gap `frames` dropped frames leave, the first of them `frame(tag)`."""
+    return Gap(frames * frame(tag).samples.size, float(tag), lagged=False)
+
+
+STOP = Stop(2.5, 1013, "too much", "overloaded", "overloaded")
 
 
 def drain_nowait(receiver: AudioReceiver) -> list[AudioItem]:
@@ -84,14 +90,16 @@ def test_audio_frames_pass_in_order_below_capacity() -> None:
     assert receive.statistics().samples_buffered == 0
 
 
-def test_full_audio_channel_drops_oldest_frame() -> None:
+def test_full_audio_channel_drops_oldest_frame_and_leaves_a_gap_in_its_place() -> None:
     send, receive = open_audio_channel(3)
     returns = [send.send_nowait(frame(i)) for i in range(7)]
     assert returns == [0, 0, 0, 1, 1, 1, 1]
     stats = send.statistics()
-    assert (stats.frames_buffered, stats.items_buffered, stats.dropped_frames) == (3, 3, 4)
+    assert (stats.frames_buffered, stats.items_buffered, stats.dropped_frames) == (3, 4, 4)
     received = drain_nowait(receive)
-    assert received == [frame(4), frame(5), frame(6)]
+    # The four oldest went; one gap of their length keeps later stream times true.
+    assert received == [dropped(0, frames=4), frame(4), frame(5), frame(6)]
+    assert isinstance(received[0], Gap) and received[0].samples == 16
     assert [int(item.samples[0]) for item in received if isinstance(item, AudioFrame)] == [4, 5, 6]
     assert receive.statistics().dropped_frames == 4  # the count survives draining
 
@@ -99,25 +107,51 @@ def test_full_audio_channel_drops_oldest_frame() -> None:
 def test_control_items_are_never_dropped_and_keep_their_place() -> None:
     send, receive = open_audio_channel(2)
     sent: list[AudioItem] = [
-        frame(0), Commit(0.5), frame(1), End(1.5), frame(2), Overload(7), frame(3), Commit(3.5), frame(4),
+        frame(0), Commit(0.5), frame(1), End(1.5), frame(2), STOP, frame(3), Commit(3.5), frame(4),
     ]
-    dropped = [send.send_nowait(item) for item in sent]
-    assert dropped == [0, 0, 0, 0, 1, 0, 1, 0, 1]
+    returns = [send.send_nowait(item) for item in sent]
+    assert returns == [0, 0, 0, 0, 1, 0, 1, 0, 1]
     stats = send.statistics()
-    assert (stats.frames_buffered, stats.items_buffered, stats.dropped_frames) == (2, 6, 3)
-    # Frames 0, 1 and 2 went; every control item stayed, in order, between the frames it came between.
-    assert drain_nowait(receive) == [Commit(0.5), End(1.5), Overload(7), frame(3), Commit(3.5), frame(4)]
+    assert (stats.frames_buffered, stats.items_buffered, stats.dropped_frames) == (2, 9, 3)
+    # Frames 0, 1 and 2 went, each leaving its gap; every control item stayed, in order, between
+    # the frames it came between.
+    assert drain_nowait(receive) == [dropped(0), Commit(0.5), dropped(1), End(1.5), dropped(2),
+                                     STOP, frame(3), Commit(3.5), frame(4)]
 
 
 def test_control_items_do_not_count_towards_capacity() -> None:
     send, receive = open_audio_channel(1)
-    assert [send.send_nowait(Commit(float(i))) for i in range(50)] == [0] * 50
+    controls: list[AudioItem] = [Commit(float(i)) if i % 2 else Gap(1, float(i)) for i in range(50)]
+    assert [send.send_nowait(item) for item in controls] == [0] * 50
     assert send.send_nowait(frame(0)) == 0
     assert send.statistics().frames_buffered == 1
     assert send.statistics().items_buffered == 51
     assert send.send_nowait(frame(1)) == 1
     items = drain_nowait(receive)
-    assert items == [Commit(float(i)) for i in range(50)] + [frame(1)]
+    assert items == [*controls, dropped(0), frame(1)]
+
+
+def test_a_flood_of_commits_coalesces_instead_of_growing_the_queue() -> None:
+    """Control items are never dropped, so a client sending commit after commit would grow the
+    queue without bound; back to back they are one request, answered by one final."""
+    send, receive = open_audio_channel(4)
+    for i in range(10_000):
+        send.send_nowait(Commit(float(i)))
+    send.send_nowait(frame(1))
+    send.send_nowait(Commit(2.0))
+    send.send_nowait(Commit(3.0))
+    assert send.statistics().items_buffered == 3
+    assert drain_nowait(receive) == [Commit(0.0), frame(1), Commit(2.0)]
+
+
+def test_gaps_merge_only_with_their_own_kind() -> None:
+    send, receive = open_audio_channel(1)
+    send.send_nowait(frame(0))
+    send.send_nowait(frame(1))  # drops frame 0
+    send.send_nowait(Gap(10, 2.0))  # skipped (lagged): not the same as dropped
+    send.send_nowait(Gap(5, 3.0))
+    send.send_nowait(frame(4))  # drops frame 1: its gap is before the skipped one
+    assert drain_nowait(receive) == [dropped(0, frames=2), Gap(15, 2.0), frame(4)]
 
 
 def test_receiving_makes_room_again() -> None:
@@ -330,7 +364,7 @@ async def test_partials_pass_below_80_percent(max_messages: int, autojump_clock:
 async def test_finals_errors_and_close_fill_the_channel_without_drops(autojump_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(HANG_S):
         send, receive = open_output_channel(5)
-        items: list[OutputItem] = [final(0), {"type": "error", "code": "x"}, final(1), Close(1000, "bye"), final(2)]
+        items: list[OutputItem] = [final(0), Error("x", "m"), final(1), Close(1000, "bye"), final(2)]
         assert [await send.send(item) for item in items] == [True] * 5
         assert send.statistics() == OutputStatistics(messages_buffered=5, max_messages=5, dropped_partials=0)
         assert drain_output(receive) == items
@@ -340,7 +374,7 @@ async def test_non_partials_wait_for_room_and_keep_order(autojump_clock: trio.te
     with trio.fail_after(HANG_S):
         send, receive = open_output_channel(2)
         sent_order: list[int] = []
-        items: list[OutputItem] = [final(0), final(1), {"type": "error", "n": 2}, final(3), Close(1000)]
+        items: list[OutputItem] = [final(0), final(1), Error("x", "2"), final(3), Close(1000)]
 
         async def sender() -> None:
             for index, item in enumerate(items):
@@ -440,7 +474,8 @@ def test_samples_are_counted_through_drops_and_gaps_merge() -> None:
     send.send_nowait(Gap(50, 4.0))
     send.send_nowait(Commit(5.0))
     send.send_nowait(Gap(7, 6.0))
-    assert drain_nowait(receive) == [frame(1), frame(2), Gap(150, 3.0), Commit(5.0), Gap(7, 6.0)]
+    assert drain_nowait(receive) == [dropped(0), frame(1), frame(2), Gap(150, 3.0), Commit(5.0),
+                                     Gap(7, 6.0)]
     assert receive.statistics().samples_buffered == 0
 
 
@@ -474,3 +509,22 @@ async def test_wait_for_room_returns_when_the_receiver_closes(
             nursery.start_soon(send.wait_for_room, 0)
             await trio.sleep(1)
             receive.close()
+
+
+# --- the lag policy ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("backlog_s", "full", "received_s", "elapsed_s", "action"), [
+    (0.5, False, 10.0, 10.0, LagAction.QUEUE),   # keeping up
+    (2.9, False, 10.0, 10.0, LagAction.QUEUE),   # behind, but within 2 x max_lag_s
+    (3.1, False, 10.0, 10.0, LagAction.SKIP),    # a live stream too far behind: skip
+    (3.1, False, 20.0, 10.0, LagAction.HOLD),    # ahead of real time (a file sent fast): hold
+    (0.5, True, 10.0, 10.0, LagAction.QUEUE),    # queue full but live: the oldest frame drops
+    (0.5, True, 12.0, 10.0, LagAction.HOLD),     # queue full and ahead of real time: hold
+])
+def test_lag_policy(backlog_s: float, full: bool, received_s: float, elapsed_s: float,
+                    action: LagAction) -> None:
+    policy = LagPolicy(max_lag_s=1.5)
+    assert policy.decide(backlog_samples=int(backlog_s * 16000), full=full,
+                         received_samples=int(received_s * 16000), elapsed_s=elapsed_s) is action
+    assert policy.lagging(int(1.6 * 16000)) and not policy.lagging(int(1.4 * 16000))

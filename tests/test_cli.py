@@ -89,3 +89,32 @@ class _Lines:
             if not chunk:
                 raise AssertionError(f"stderr ended before {needle!r}; saw:\n{self.seen}")
             self._buffer += chunk
+
+
+SERVER_ONLY = ("hypercorn", "quart", "quart_trio", "onnxruntime")
+
+
+async def test_the_client_commands_do_not_import_the_server() -> None:
+    probe = (
+        "import sys\n"
+        "import sttd.cli\n"
+        "try:\n"
+        "    sttd.cli.main(['stream', '--help'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        "import sttd.client._cli  # what stream and transcribe run\n"
+        f"print(sorted({{name.split('.')[0] for name in sys.modules}} & {set(SERVER_ONLY)!r}))\n")
+    with trio.fail_after(TIMEOUT_S):
+        result = await trio.run_process([sys.executable, "-c", probe], capture_stdout=True,
+                                        capture_stderr=True, check=False, env=_env())
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout.decode().splitlines()[-1] == "[]"
+    assert result.stdout.decode().startswith("usage: sttd stream")
+
+
+async def test_python_m_sttd_is_the_command() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        result = await trio.run_process([sys.executable, "-m", "sttd", "--help"],
+                                        capture_stdout=True, check=False, env=_env())
+    assert result.returncode == 0
+    assert result.stdout.decode().startswith("usage: sttd [-h] {serve,stream,transcribe}")

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import trio
+from rich.console import Console
 
+from sttd import client
 from sttd.audio import encode_wav, pcm16_to_float32
 from tests.conftest import (
     REFERENCES,
@@ -239,7 +241,6 @@ async def test_transcribe_refuses_two_inputs_with_one_output(tmp_path: Path) -> 
     assert "would both write" in result.stderr.decode()
 
 
-
 async def test_stream_on_a_terminal_rewrites_the_partial_and_times_the_finals(
         server: RunningServer) -> None:
     ref = reference_texts()["ps_librivox_0880"]
@@ -264,55 +265,174 @@ async def test_stream_on_a_terminal_rewrites_the_partial_and_times_the_finals(
                      # before the final (partials yield to finals), and the test would flake.
                      str(REFERENCES / "ps_librivox_0880.wav"), "--url", server.http_url],
                     stdout=terminal, capture_stderr=True, check=False,
-                    env=_client_env(COLUMNS="200"))
+                    env=_client_env(COLUMNS="200", TERM="xterm"))
             finally:
                 os.close(terminal)
     assert (result.returncode, result.stderr) == (0, b"")
     screen = output.decode().replace("\r\n", "\n")  # the terminal turns \n into \r\n
-    # Each partial rewrites the line: stable words plain, the rest dim.
-    partials = re.findall(r"\r\x1b\[2K\[00:00\.\d\] ([^\r\n]*)\x1b\[0m", screen)
+    # Each partial rewrites the line (rich's carriage return and erase-line, then the line,
+    # with no newline): stable words plain, the rest dim.
+    partials = [_partial_frame(line) for line in
+                re.findall(r"\r\x1b\[2K\[00:00\.\d\] ([^\r\n]*)(?=\r)", screen)]
     assert partials, screen
-    for line in partials:
-        stable, _, unstable = line.partition("\x1b[2m")
-        assert ref.startswith(stable + unstable), line  # the space between is part of stable
-    # The final replaces the partial, with its start time; nothing is left on the line after it.
-    assert re.search(r"\r\x1b\[2K\[00:00\.\d\] " + ref + "\n$", screen), screen
+    for stable, unstable in partials:
+        assert ref.startswith(stable + unstable), (stable, unstable)  # stable ends in a space
+    assert any(unstable for _, unstable in partials), partials
+    # The final replaces the partial, with its start time, and is all the terminal shows at
+    # the end: a partial that was not rewritten in place would have left a row (or text) behind.
+    assert re.search(r"\r\x1b\[2K\[00:00\.\d\] " + re.escape(ref) + "\n", screen), screen
+    assert _screen(screen)[0].startswith("[00:00.")
+    assert [row[10:] for row in _screen(screen)] == [ref], _screen(screen)
 
 
-def test_progress_line_shows_the_upload_of_one_file_and_the_count_of_many() -> None:
-    from sttd.cli import _Progress
+def _partial_frame(line: str) -> tuple[str, str]:
+    """A partial's line as rich writes it: (plain words, dim words)."""
+    stable, dim, rest = line.partition("\x1b[2m")
+    unstable = rest.removesuffix("\x1b[0m")
+    assert "\x1b" not in stable + unstable, repr(line)
+    assert not dim or rest.endswith("\x1b[0m"), repr(line)
+    return stable, unstable
+
+
+def _screen(output: str) -> list[str]:
+    """The rows a terminal shows after `output`, without styles or trailing blank rows.
+
+    Knows what rich writes: text, CR, LF, erase line (ESC[2K), cursor up (ESC[nA); other
+    sequences (styles, cursor visibility) change no text.
+    """
+    rows, row, column = [""], 0, 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|[^\x1b\r\n]", output):
+        if token == "\r":
+            column = 0
+        elif token == "\n":
+            row, column = row + 1, 0
+            rows += [""] * (row + 1 - len(rows))
+        elif token == "\x1b[2K":
+            rows[row] = ""
+        elif up := re.fullmatch(r"\x1b\[(\d*)A", token):
+            row = max(row - int(up.group(1) or 1), 0)
+        elif not token.startswith("\x1b"):
+            line = rows[row].ljust(column)
+            rows[row] = line[:column] + token + line[column + 1:]
+            column += 1
+    while rows and not rows[-1].strip():
+        rows.pop()
+    return [row.rstrip() for row in rows]
+
+
+def _terminal(file: io.StringIO, width: int) -> Console:
+    return Console(file=file, force_terminal=True, width=width, color_system="standard",
+                   markup=False, highlight=False, emoji=False)
+
+
+def test_live_display_rewrites_one_line_and_prints_finals_above_it() -> None:
+    from sttd.client._cli import _Display
+
+    out, err = io.StringIO(), io.StringIO()
+    display = _Display(out, err, False, _terminal(out, 40))
+    with display.shown():
+        display.status("listening (Ctrl-C to stop)")
+        assert _screen(out.getvalue()) == ["listening (Ctrl-C to stop)"]
+        display.show(client.Partial(0, "", "go", 100, 500))
+        display.show(client.Partial(0, "go", "forward", 100, 900))
+        assert _screen(out.getvalue()) == ["[00:00.1] go forward"]
+        assert out.getvalue().endswith("\r\x1b[2K[00:00.1] go \x1b[2mforward\x1b[0m")
+        display.show(client.Warning("lagging", "the session lags"))
+        assert err.getvalue() == "sttd: warning lagging: the session lags\n"
+        assert _screen(out.getvalue()) == ["[00:00.1] go forward"]  # drawn again after it
+        # A long partial keeps its newest words on one row: the start gives way.
+        display.show(client.Partial(0, "go forward ten meters then turn", "left 字字", 100, 900))
+        assert _screen(out.getvalue()) == ["[00:00.1] …n meters then turn left 字字"]
+        display.show(client.Final(0, "go forward ten meters", 100, 2000))
+        assert _screen(out.getvalue()) == ["[00:00.1] go forward ten meters",
+                                           "listening (Ctrl-C to stop)"]
+        display.show(client.Error("backend_failed", "it broke"))
+        display.show(client.UtteranceEnd(2000))
+    assert _screen(out.getvalue()) == ["[00:00.1] go forward ten meters"]
+    assert err.getvalue().splitlines() == ["sttd: warning lagging: the session lags",
+                                           "sttd: error backend_failed: it broke"]
+    assert display.errors == 1
+
+
+def test_piped_display_prints_only_the_finals_text_or_their_raw_json() -> None:
+    from sttd.client._cli import _Display
+
+    raw = '{"type":"final","utterance_id":0,"text":"go","start_ms":0,"end_ms":9,"extra":[1]}'
+    messages = [client.Partial(0, "", "go", 0, 5), client.parse_message(raw),
+                client.Final(1, "", 10, 20), client.Final(2, "on", 30, 40)]
+    plain, as_json, err = io.StringIO(), io.StringIO(), io.StringIO()
+    for out, json_lines in ((plain, False), (as_json, True)):
+        display = _Display(out, err, json_lines, None)
+        with display.shown():
+            for message in messages:
+                assert not isinstance(message, client.Ready)
+                display.show(message)
+    assert plain.getvalue() == "go\non\n"
+    assert [json.loads(line) for line in as_json.getvalue().splitlines()] == [
+        json.loads(raw),  # as it came, with what this client does not know
+        {"type": "final", "utterance_id": 1, "text": "", "start_ms": 10, "end_ms": 20,
+         "words": [], "confidence": None, "language": None, "backlog_ms": None},
+        {"type": "final", "utterance_id": 2, "text": "on", "start_ms": 30, "end_ms": 40,
+         "words": [], "confidence": None, "language": None, "backlog_ms": None}]
+    assert err.getvalue() == ""
+
+
+def test_progress_shows_the_upload_of_one_file_and_the_count_of_many() -> None:
+    from sttd.client._cli import _upload_progress, _Uploads
 
     one = io.StringIO()
-    progress = _Progress(one, enabled=True, files=1)
-    progress.start("talk.wav")
-    progress.uploaded(3 * 2**20, 4 * 2**20)  # within the redraw period of start: not drawn
-    progress.uploaded(4 * 2**20, 4 * 2**20)  # the upload's end is always drawn
-    progress.clear()
-    assert one.getvalue().split("\r\x1b[2K") == [
-        "", "talk.wav [------------------------] ",
-        "talk.wav [########################] transcribing", ""]
+    progress = _upload_progress(_terminal(one, 100), auto_refresh=False, get_time=lambda: 0.0)
+    uploads = _Uploads(one, progress, 1)
+    with uploads.shown():
+        uploads.start("talk.wav")
+        uploads.uploaded(3 * 2**20, 4 * 2**20)
+        assert [(t.description, t.completed, t.total, t.fields["state"])
+                for t in progress.tasks] == [
+            ("talk.wav", 3 * 2**20, 4 * 2**20, "uploading 3.0 of 4.0 MiB")]
+        progress.refresh()
+        [row] = _screen(one.getvalue())
+        assert row.startswith("talk.wav ") and " 75% uploading 3.0 of 4.0 MiB 0:00:00" in row
+        uploads.uploaded(4 * 2**20, 4 * 2**20)  # the server transcribes: no total, a clock
+        assert [(t.completed, t.total, t.fields["state"]) for t in progress.tasks] == [
+            (0, None, "transcribing")]
+        progress.refresh()
+        [row] = _screen(one.getvalue())
+        assert row.startswith("talk.wav ") and row.endswith(" transcribing 0:00:00")
+        uploads.notice("wrote talk.txt", only_on_terminal=True)
+        uploads.finish_file()
+    assert _screen(one.getvalue()) == ["wrote talk.txt"]  # the bar is gone, the notice stays
 
     many = io.StringIO()
-    progress = _Progress(many, enabled=True, files=4)
-    progress.start("a.wav")
-    progress.finish_file()
-    progress.start("b.wav")
-    progress.notice("sttd: b.wav: bad_audio: broken")
-    assert many.getvalue().split("\r\x1b[2K") == [
-        "", "[------------------------] 0/4 files  a.wav ",
-        "[######------------------] 1/4 files  a.wav ",
-        "[######------------------] 1/4 files  b.wav ", "sttd: b.wav: bad_audio: broken\n"]
+    progress = _upload_progress(_terminal(many, 100), auto_refresh=False, get_time=lambda: 0.0)
+    uploads = _Uploads(many, progress, 4)
+    with uploads.shown():
+        uploads.start("a.wav")
+        uploads.uploaded(10, 10)
+        uploads.finish_file()
+        uploads.start("b.wav")
+        uploads.notice("sttd: b.wav: bad_audio: broken")
+        assert [(t.description, t.completed, t.total, t.fields["state"])
+                for t in progress.tasks] == [("files", 1, 4, "1/4"), ("b.wav", 0, None, "")]
+        progress.refresh()
+        notice, files, upload = _screen(many.getvalue())
+        assert notice == "sttd: b.wav: bad_audio: broken"
+        assert files.startswith("files ") and " 25% 1/4 " in files
+        assert upload.startswith("b.wav ")
+    assert _screen(many.getvalue()) == ["sttd: b.wav: bad_audio: broken"]
 
     quiet = io.StringIO()  # stderr is not a terminal: only notices
-    progress = _Progress(quiet, enabled=False, files=2)
-    progress.start("a.wav")
-    progress.notice("wrote a.txt", only_on_terminal=True)
-    progress.notice("sttd: b.wav: failed")
+    uploads = _Uploads(quiet, None, 2)
+    with uploads.shown():
+        uploads.start("a.wav")
+        uploads.uploaded(5, 10)
+        uploads.notice("wrote a.txt", only_on_terminal=True)
+        uploads.notice("sttd: b.wav: failed")
+        uploads.finish_file()
     assert quiet.getvalue() == "sttd: b.wav: failed\n"
 
 
 def test_stream_times_read_as_a_clock() -> None:
-    from sttd.cli import _clock
+    from sttd.client._cli import _clock
 
     assert [_clock(ms) for ms in (0, 1250, 61999, 3_600_000 + 62_300)] == [
         "00:00.0", "00:01.2", "01:01.9", "1:01:02.3"]

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from sttd import client
-from sttd.audio import decode_wav, encode_wav, float32_to_pcm16, pcm16_to_float32
+from sttd.audio import MediaReader, decode_wav, encode_wav, float32_to_pcm16, pcm16_to_float32
 from sttd.errors import UnsupportedMedia
 from tests.conftest import (
     REFERENCES,
@@ -49,9 +49,10 @@ async def test_connect_waits_for_ready_and_describes_the_session(server: Running
             await session.end()
             assert await _collect(session) == []
         assert session.close_code == 1000
-    assert (ready.call_id, ready.sample_rate, ready.backend) == ("abc-1", 16000, "mock")
+    assert (ready.call_id, ready.sample_rate_hz, ready.backend) == ("abc-1", 16000, "mock")
     assert len(ready.session_id) == 12
-    assert ready.raw["type"] == "ready"
+    assert ready.raw == {"type": "ready", "session_id": ready.session_id, "call_id": "abc-1",
+                         "sample_rate": 16000, "backend": "mock"}  # the message as it came
 
 
 async def test_stream_file_fast_gives_typed_finals_then_close_1000(
@@ -74,7 +75,7 @@ async def test_stream_file_fast_gives_typed_finals_then_close_1000(
     assert [w.word for w in finals[0].words] == refs["ps_goforward"].split()
     assert all(f.start_ms <= w.start_ms <= w.end_ms <= f.end_ms
                for f in finals for w in f.words)
-    assert finals[0].raw["text"] == finals[0].text
+    assert finals[0].raw is not None and finals[0].raw["text"] == finals[0].text
     partials = [m for m in messages if isinstance(m, client.Partial)]
     assert partials, "the mock backend answers partials for prefixes"
     for partial in partials:
@@ -326,6 +327,15 @@ def test_urls_that_are_not_http_or_ws_are_refused(url: str) -> None:
         client.websocket_url(url)
 
 
+def test_messages_are_the_servers_own_events() -> None:
+    import sttd.api
+    import sttd.audio
+
+    names = ["Ready", "Partial", "Final", "UtteranceEnd", "Error", "Warning", "Word", "Unknown"]
+    assert [getattr(client, name) is getattr(sttd.api, name) for name in names] == [True] * 8
+    assert client.read_audio is sttd.audio.read_audio  # the server's readers and resampler
+
+
 def test_parse_message_types_the_protocol() -> None:
     warning = client.parse_message(
         '{"type":"warning","code":"lagging","message":"m","skipped_ms":300}')
@@ -335,9 +345,20 @@ def test_parse_message_types_the_protocol() -> None:
                                  '"probability":1}],"confidence":null,"language":null}')
     assert final == client.Final(2, "hi", 0, 10, (client.Word("hi", 1, 9, 1.0),), None, None,
                                  None, raw={})
-    unknown = client.parse_message('{"type":"utterance_end","last_word_end_ms":5}')
-    assert unknown == client.Unknown("utterance_end", raw={})
-    assert unknown.raw == {"type": "utterance_end", "last_word_end_ms": 5}
+    assert final.raw == {"type": "final", "utterance_id": 2, "text": "hi", "start_ms": 0,
+                         "end_ms": 10, "words": [{"word": "hi", "start_ms": 1, "end_ms": 9,
+                                                  "probability": 1}],
+                         "confidence": None, "language": None}
+    partial = client.parse_message('{"type":"partial","utterance_id":0,"text":"go for",'
+                                   '"stable":"go","unstable":"for","start_ms":0,"end_ms":5}')
+    assert partial == client.Partial(0, "go", "for", 0, 5, raw={})
+    assert partial.text == "go for"
+    utterance_end = client.parse_message('{"type":"utterance_end","last_word_end_ms":5}')
+    assert utterance_end == client.UtteranceEnd(5, raw={})
+    assert utterance_end.raw == {"type": "utterance_end", "last_word_end_ms": 5}
+    unknown = client.parse_message('{"type":"made_up","n":1}')  # from a newer server
+    assert unknown == client.Unknown("made_up", raw={})
+    assert unknown.raw == {"type": "made_up", "n": 1}
 
 
 @pytest.mark.parametrize("text", [
@@ -346,8 +367,11 @@ def test_parse_message_types_the_protocol() -> None:
     '{"type":"final","utterance_id":0,"text":"","start_ms":0,"end_ms":1,"words":"no"}',
 ])
 def test_parse_message_refuses_what_it_cannot_read(text: str) -> None:
-    with pytest.raises(client.ProtocolError):
+    with pytest.raises(client.ProtocolError) as refused:
         client.parse_message(text)
+    # The protocol module's ServerMessageError, translated at the boundary and not chained.
+    assert (refused.value.code, refused.value.__cause__) == ("protocol_error", None)
+    assert refused.value.__suppress_context__
 
 
 def test_pcm_bytes_takes_bytes_or_int16_arrays_only() -> None:
@@ -387,7 +411,24 @@ def test_read_audio_reads_pcm16_wav_other_wavs_and_ffmpeg_formats(tmp_path: Path
     flac.write_bytes(buffer.getvalue())
     np.testing.assert_array_equal(client.read_audio(flac), pcm)
 
+    # At another rate the client resamples exactly as the server does with an upload (one
+    # converter), so a file streamed live sounds the same as the file uploaded.
+    resampled = tmp_path / "go44.flac"
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=44100)
+        stream.layout = "mono"
+        tone = (8000 * np.sin(np.arange(44100) / 7)).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(tone.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = 44100
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    resampled.write_bytes(buffer.getvalue())
+    with resampled.open("rb") as file, MediaReader.from_file(file) as reader:
+        served = float32_to_pcm16(np.concatenate(list(reader)))
+    np.testing.assert_array_equal(client.read_audio(resampled), served)
+
     text = tmp_path / "notes.txt"
     text.write_text("hello\n")
-    with pytest.raises(UnsupportedMedia, match="FFmpeg cannot decode it"):
+    with pytest.raises(UnsupportedMedia, match="it looks like text"):
         client.read_audio(text)

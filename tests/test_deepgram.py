@@ -34,9 +34,25 @@ from deepgram.listen.v1.types import (
 from websockets.exceptions import ConnectionClosed
 from werkzeug.datastructures import MultiDict
 
-from sttd.deepgram import DeepgramTranslator, params_from_query
-from sttd.errors import InvalidParam
-from sttd.protocol import SessionParams, dumps, ready_message
+from sttd.api import (
+    Audio,
+    Close,
+    Commit,
+    DeepgramCodec,
+    End,
+    Error,
+    Final,
+    KeepAlive,
+    Partial,
+    Ready,
+    SessionOptions,
+    SessionRequest,
+    UtteranceEnd,
+    Warning,
+    Word,
+)
+from sttd.audio import AudioFormat, StreamConverter
+from sttd.errors import InvalidMessage, InvalidParam
 from sttd.settings import Settings
 from sttd.vad import frame_rms
 from tests.conftest import RunningServer, load_pcm, reference_texts, silence, start_server
@@ -51,8 +67,12 @@ def _query(text: str) -> MultiDict[str, str]:
     return MultiDict(urllib.parse.parse_qsl(text, keep_blank_values=True))
 
 
-def _params(text: str) -> SessionParams:
-    return params_from_query(_query(text), settings=SETTINGS)
+def _accept(text: str, codec: DeepgramCodec | None = None) -> SessionRequest:
+    return (codec or DeepgramCodec()).accept(_query(text), SETTINGS)
+
+
+def _params(text: str) -> SessionOptions:
+    return _accept(text).options
 
 
 def _two_utterances(gap_s: float = 1.0) -> npt.NDArray[np.int16]:
@@ -70,26 +90,26 @@ def _trim_trailing_quiet(pcm: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
 
 
 def test_query_defaults_follow_deepgram() -> None:
-    params = _params("model=nova-3&encoding=linear16&sample_rate=16000")
-    assert uuid.UUID(params.call_id).version == 4
-    assert params == SessionParams(
-        call_id=params.call_id, sample_rate_hz=16000, channels=1, partial_ms=500,
-        language="en",  # Deepgram's default
-        hotwords=(), vad_silence_ms=None, partials=False, utterance_end_ms=None,
-        final_causes=True, ready_extra=(("channels", 1), ("endpointing", True)))
-    assert _params("encoding=linear16&sample_rate=16000").call_id != params.call_id
+    request = _accept("model=nova-3&encoding=linear16&sample_rate=16000")
+    assert uuid.UUID(request.call_id).version == 4
+    assert request == SessionRequest(
+        call_id=request.call_id, audio_format=AudioFormat(16000, 1),
+        options=SessionOptions(
+            partial_ms=500, language="en",  # Deepgram's default
+            hotwords=(), vad_silence_ms=None, partials=False, utterance_end_ms=None))
+    assert _accept("encoding=linear16&sample_rate=16000").call_id != request.call_id
 
 
 def test_query_options_map_to_the_session() -> None:
-    params = _params(
+    request = _accept(
         "encoding=LINEAR16&sample_rate=8000&channels=2&interim_results=true&endpointing=300"
         "&utterance_end_ms=1000&language=en-US&keyterm=Acme&keyterm=tango+charlie"
         "&keywords=zyx:2.5&keywords=plain&smart_format=true&punctuate=true&tag=t1&model=nova-2")
-    assert (params.sample_rate_hz, params.channels) == (8000, 2)
+    params = request.options
+    assert request.audio_format == AudioFormat(8000, 2)
     assert (params.partials, params.vad_silence_ms, params.utterance_end_ms) == (True, 300, 1000)
     assert params.language == "en-US"
     assert params.hotwords == ("Acme", "tango charlie", "zyx", "plain")
-    assert params.ready_extra == (("channels", 2), ("endpointing", True))
 
 
 @pytest.mark.parametrize(("value", "endpointing", "silence_ms"), [
@@ -100,9 +120,12 @@ def test_query_options_map_to_the_session() -> None:
     ("800", True, 800),
 ])
 def test_endpointing(value: str, endpointing: bool, silence_ms: int | None) -> None:
-    params = _params(f"encoding=linear16&sample_rate=16000&endpointing={value}")
-    assert params.vad_silence_ms == silence_ms
-    assert dict(params.ready_extra)["endpointing"] is endpointing
+    codec = DeepgramCodec()
+    assert _accept(f"encoding=linear16&sample_rate=16000&endpointing={value}",
+                   codec).options.vad_silence_ms == silence_ms
+    codec.encode(Ready("sid", "call", "mock", 16000))
+    [sent] = codec.encode(_final("ten of clubs", "speech_end"))
+    assert json.loads(sent)["speech_final"] is endpointing
 
 
 def test_language_multi_detects() -> None:
@@ -136,42 +159,46 @@ def test_invalid_query_names_the_parameter(query: str, param: str, value: str) -
     assert value in str(raised.value)
 
 
-# --- the translation ----------------------------------------------------------------------------
+# --- the codec --------------------------------------------------------------------------------
 
 
-def _ready(translator: DeepgramTranslator, query: str = "encoding=linear16&sample_rate=16000",
-           backend: str = "mock") -> SessionParams:
-    params = _params(query)
-    assert translator.to_client(dumps(ready_message("sid", params, backend))) == []
-    return params
+def _ready(codec: DeepgramCodec, query: str = "encoding=linear16&sample_rate=16000",
+           backend: str = "mock") -> SessionRequest:
+    request = _accept(query, codec)
+    assert codec.encode(Ready("sid", request.call_id, backend, 16000)) == []
+    return request
 
 
-def _final(text: str, cause: str, **fields: Any) -> str:
-    message = {"type": "final", "utterance_id": 0, "text": text, "start_ms": 1200,
-               "end_ms": 2500, "words": [], "confidence": 0.9, "language": "en",
-               "backlog_ms": 0, "cause": cause, **fields}
-    return dumps(message)
+def _final(text: str, cause: Any, **fields: Any) -> Final:
+    return Final(**{"utterance_id": 0, "text": text, "start_ms": 1200, "end_ms": 2500,
+                    "words": (), "confidence": 0.9, "language": "en", "backlog_ms": 0,
+                    "cause": cause, **fields})
 
 
-def test_client_messages_become_the_sessions() -> None:
-    translator = DeepgramTranslator()
-    _ready(translator)
-    assert translator.from_client(b"\x01\x02\x03") == [b"\x01\x02\x03"]  # 16 kHz mono: as is
-    assert translator.from_client(dumps({"type": "KeepAlive"})) == ['{"type":"keepalive"}']
-    assert translator.from_client(dumps({"type": "Finalize", "channel": 0})) == [
-        '{"type":"commit"}']
-    assert translator.from_client(dumps({"type": "CloseStream"})) == ['{"type":"end"}']
+def _refusal(codec: DeepgramCodec, text: str) -> dict[str, Any]:
+    """What the client gets for a text message the codec refuses (the session's error event)."""
+    with pytest.raises(InvalidMessage) as raised:
+        codec.decode(text, 0.0)
+    [reply] = codec.encode(Error(raised.value.code, str(raised.value), refused=text))
+    message: dict[str, Any] = json.loads(reply)
+    return message
+
+
+def test_client_messages_become_commands() -> None:
+    codec = DeepgramCodec()
+    _ready(codec)
+    assert codec.decode(b"\x01\x02\x03", 0.0) == Audio(b"\x01\x02\x03")  # the session converts
+    assert codec.decode(json.dumps({"type": "KeepAlive"}), 1.0) == KeepAlive()
+    assert codec.decode(json.dumps({"type": "Finalize", "channel": 0}), 2.0) == Commit(2.0)
+    assert codec.decode(json.dumps({"type": "CloseStream"}), 3.0) == End(3.0)
 
 
 def test_unknown_client_messages_get_deepgrams_replies() -> None:
-    translator = DeepgramTranslator()
-    params = _ready(translator)
-    # Each is handed on as a text frame the session refuses; its refusal becomes the reply.
-    assert translator.from_client(dumps({"type": "Rewind"})) == [""]
-    assert translator.from_client("not json") == [""]
-    assert translator.from_client(dumps({"type": "Configure", "keyterms": ["x"]})) == [""]
-    refusal = dumps({"type": "error", "code": "invalid_message", "message": "ours"})
-    replies = [json.loads(reply) for _ in range(3) for reply in translator.to_client(refusal)]
+    codec = DeepgramCodec()
+    request = _ready(codec)
+    replies = [_refusal(codec, json.dumps({"type": "Rewind"}, separators=(",", ":"))),
+               _refusal(codec, "not json"),
+               _refusal(codec, json.dumps({"type": "Configure", "keyterms": ["x"]}))]
     assert replies == [
         {"type": "Error", "variant": "SchemaError",
          "description": "message type must be one of KeepAlive, Finalize, CloseStream, "
@@ -180,7 +207,7 @@ def test_unknown_client_messages_get_deepgrams_replies() -> None:
         {"type": "Error", "variant": "SchemaError",
          "description": "text messages must be JSON objects of at most 4096 bytes",
          "message": "not json"},
-        {"type": "ConfigureFailure", "request_id": params.call_id,
+        {"type": "ConfigureFailure", "request_id": request.call_id,
          "code": "CONFIGURE_KEYTERMS_NOT_SUPPORTED",
          "description": "sttd does not reconfigure a stream: open a new one with the keyterm "
                         "and options you want"},
@@ -188,31 +215,26 @@ def test_unknown_client_messages_get_deepgrams_replies() -> None:
 
 
 def test_audio_is_downmixed_and_resampled_chunk_by_chunk() -> None:
-    translator = DeepgramTranslator()
-    _ready(translator, "encoding=linear16&sample_rate=8000&channels=2")
+    """The stream's format goes to the session's converter, the one every audio path uses."""
+    request = _accept("encoding=linear16&sample_rate=8000&channels=2")
+    converter = StreamConverter.for_format(request.audio_format)
     rng = np.random.default_rng(7)
     mono = (rng.standard_normal(8000) * 3000).astype(np.int16)  # 1 s at 8 kHz
     stereo = np.repeat(mono, 2).tobytes()
     # Chunks that split samples and frames: the rest is carried, nothing is lost.
     pieces = [stereo[i:i + 333] for i in range(0, len(stereo), 333)]
-    out = b"".join(item for piece in pieces for item in translator.from_client(piece)
-                   if isinstance(item, bytes))
-    *flushed, end = translator.from_client(dumps({"type": "CloseStream"}))
-    out += b"".join(item for item in flushed if isinstance(item, bytes))
-    assert end == '{"type":"end"}'
-    got = np.frombuffer(out, np.int16)
+    got = np.concatenate([*(converter.convert_pcm16(piece) for piece in pieces),
+                          converter.convert_pcm16(b"", last=True)])
     want = soxr.resample(mono.astype(np.float32) / 32768, 8000, 16000, quality="HQ")
     assert got.size == want.size == 16000
     assert np.abs(got / 32768 - want).max() < 1e-3
 
 
 def test_results_carry_deepgrams_fields() -> None:
-    translator = DeepgramTranslator()
-    params = _ready(translator)
-    words = [{"word": " Hello,", "start_ms": 1300, "end_ms": 1700, "probability": 0.8},
-             {"word": "world!", "start_ms": 1800, "end_ms": 2300, "probability": 1.0}]
-    [sent] = translator.to_client(_final("Hello, world!", "speech_end", words=words,
-                                         confidence=None))
+    codec = DeepgramCodec()
+    request = _ready(codec)
+    words = (Word(" Hello,", 1300, 1700, 0.8), Word("world!", 1800, 2300, 1.0))
+    [sent] = codec.encode(_final("Hello, world!", "speech_end", words=words, confidence=None))
     results = json.loads(sent)
     assert results == {
         "type": "Results", "channel_index": [0, 1], "duration": 1.3, "start": 1.2,
@@ -224,7 +246,7 @@ def test_results_carry_deepgrams_fields() -> None:
                  "punctuated_word": "Hello,"},
                 {"word": "world", "start": 1.8, "end": 2.3, "confidence": 1.0,
                  "punctuated_word": "world!"}]}]},
-        "metadata": {"request_id": params.call_id,
+        "metadata": {"request_id": request.call_id,
                      "model_info": {"name": "mock", "version": "sttd", "arch": "mock"},
                      "model_uuid": results["metadata"]["model_uuid"]},
     }
@@ -240,20 +262,18 @@ def test_results_carry_deepgrams_fields() -> None:
 ])
 def test_final_flags_follow_what_ended_the_utterance(
         cause: str, query: str, speech_final: bool, from_finalize: bool) -> None:
-    translator = DeepgramTranslator()
-    _ready(translator, "encoding=linear16&sample_rate=16000" + query)
-    [sent] = translator.to_client(_final("ten of clubs", cause))
+    codec = DeepgramCodec()
+    _ready(codec, "encoding=linear16&sample_rate=16000" + query)
+    [sent] = codec.encode(_final("ten of clubs", cause))
     results = json.loads(sent)
     assert (results["is_final"], results["speech_final"], results["from_finalize"]) == (
         True, speech_final, from_finalize)
 
 
 def test_partial_is_an_interim_result() -> None:
-    translator = DeepgramTranslator()
-    _ready(translator)
-    partial = {"type": "partial", "utterance_id": 0, "text": "ten of", "stable": "ten",
-               "unstable": "of", "start_ms": 0, "end_ms": 500}
-    [sent] = translator.to_client(dumps(partial))
+    codec = DeepgramCodec()
+    _ready(codec)
+    [sent] = codec.encode(Partial(0, "ten", "of", 0, 500))
     results = json.loads(sent)
     assert (results["is_final"], results["speech_final"], results["from_finalize"]) == (
         False, False, False)
@@ -263,30 +283,28 @@ def test_partial_is_an_interim_result() -> None:
 
 
 def test_other_server_messages() -> None:
-    translator = DeepgramTranslator()
-    _ready(translator)
-    [end] = translator.to_client(dumps({"type": "utterance_end", "last_word_end_ms": 2395}))
+    codec = DeepgramCodec()
+    _ready(codec)
+    [end] = codec.encode(UtteranceEnd(2395))
     assert json.loads(end) == {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": 2.395}
-    [error] = translator.to_client(dumps({"type": "error", "code": "idle_timeout",
-                                          "message": "no audio"}))
+    [error] = codec.encode(Error("idle_timeout", "no audio"))
     assert json.loads(error) == {"type": "Error", "variant": "idle_timeout",
                                  "description": "no audio"}
     ListenV1Error.model_validate(json.loads(error))
-    assert translator.to_client(dumps({"type": "warning", "code": "lagging", "message": "m",
-                                       "skipped_ms": 400})) == []
+    assert codec.encode(Warning("lagging", "m", skipped_ms=400)) == []
 
 
 def test_metadata_precedes_a_normal_close_only() -> None:
-    translator = DeepgramTranslator()
-    assert translator.before_close(1000) == []  # refused before the session started
-    params = _ready(translator, "encoding=linear16&sample_rate=8000&channels=2")
+    codec = DeepgramCodec()
+    assert codec.encode(Close(1000)) == []  # refused before the session started
+    request = _ready(codec, "encoding=linear16&sample_rate=8000&channels=2")
     audio = bytes(range(256)) * 250  # 64000 bytes: 2 s of 8 kHz stereo
-    translator.from_client(audio)
-    assert translator.before_close(1008) == []
-    [sent] = translator.before_close(1000)
+    codec.decode(audio, 0.0)
+    assert codec.encode(Close(1008)) == []
+    [sent] = codec.encode(Close(1000))
     metadata = json.loads(sent)
     assert metadata == {"type": "Metadata", "transaction_key": "deprecated",
-                        "request_id": params.call_id,
+                        "request_id": request.call_id,
                         "sha256": hashlib.sha256(audio).hexdigest(),
                         "created": metadata["created"], "duration": 2.0, "channels": 2}
     assert metadata["created"].endswith("Z")

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from sttd.audio import encode_wav, pcm16_to_float32
-from sttd.http import AppState
+from sttd.admission import AppState
 from sttd.metrics import Metrics
 from sttd.server import serve
 from sttd.settings import Settings

@@ -20,7 +20,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-import sttd.server
+import sttd.server._serve
 from sttd.backends.base import ASRBackend, Request, Result
 from sttd.errors import BackendError
 from sttd.settings import Settings
@@ -38,7 +38,7 @@ TIMEOUT_S = 30
 
 
 @attrs.define
-class FaultyBackend:
+class FaultyBackend(ASRBackend):
     """The mock, except that it raises on `poison` and blocks on `hang` until released."""
 
     inner: ASRBackend
@@ -82,7 +82,7 @@ def faulty(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[FaultyBackend]]:
                                     refs["ps_goforward"]))
         return holder[0]
 
-    monkeypatch.setattr(sttd.server, "load_backend", load)
+    monkeypatch.setattr(sttd.server._serve, "load_backend", load)
     yield holder
     for backend in holder:
         backend.release.set()  # never leave a worker thread blocked

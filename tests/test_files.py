@@ -21,14 +21,14 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from sttd.audio import decode_wav, encode_wav, float32_to_pcm16, pcm16_to_float32
-from sttd.backends.base import Request, Result
+from sttd.api import FileSegment, Word
+from sttd.backends.base import ASRBackend, Request, Result
 from sttd.backends.mock import MockBackend
-from sttd.engine import Engine
+from sttd.engine import Engine, split_at_pauses, transcribe_file
 from sttd.errors import InvalidParam, PayloadTooLarge
-from sttd.files import FileSegment, FileWord, split_at_pauses, transcribe_file
 from sttd.metrics import Metrics
 from sttd.settings import Settings
-from sttd.uploads import read_multipart_file
+from sttd.admission._multipart import read_multipart_file
 from tests.conftest import load_pcm, reference_texts, silence, start_server
 
 TRANSCRIBE = "/v1/stt/transcribe"
@@ -141,7 +141,7 @@ async def test_one_hour_file(nursery: trio.Nursery, tmp_path: Path) -> None:
 
 
 @attrs.define
-class _RecordingBackend:
+class _RecordingBackend(ASRBackend):
     """The mock backend, noting for each piece how far `file` had been read when it was decoded."""
 
     inner: MockBackend
@@ -167,8 +167,7 @@ async def _transcribe(
     pieces with text, and the duration."""
     file = io.BytesIO(data)
     backend = _RecordingBackend(MockBackend.from_directory(), file)
-    engine = Engine.create(backend, Metrics.create(CollectorRegistry()),
-                           max_batch=settings.max_inference_batch_size)
+    engine = Engine.from_settings(backend, settings, Metrics.create(CollectorRegistry()))
     await nursery.start(engine.run)
     result = await transcribe_file(engine, file, settings, language=None, hotwords=(), block_s=block_s)
     assert result.text == " ".join(segment.text for segment in result.segments)
@@ -199,7 +198,7 @@ def _expected_segments(pcm: npt.NDArray[np.int16], settings: Settings) -> list[F
     results = MockBackend.from_directory().transcribe([Request(pcm16_to_float32(job.audio)) for job in jobs])
     pieces = [
         FileSegment(job.start_ms, job.end_ms, result.text.strip(), tuple(
-            FileWord(word.word.strip(), job.start_ms + round(word.start_s * 1000),
+            Word(word.word.strip(), job.start_ms + round(word.start_s * 1000),
                      job.start_ms + round(word.end_s * 1000), word.probability)
             for word in result.words), result.language)
         for job, result in zip(jobs, results)]

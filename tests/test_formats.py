@@ -29,10 +29,9 @@ import pytest
 import soxr
 import trio
 
-from sttd.audio import WavReader, encode_wav, pcm16_to_float32
+from sttd.audio import ACCEPTED_FORMATS, MediaReader, WavReader, encode_wav, pcm16_to_float32
+from sttd.engine import MAX_MEDIA_AUDIO_S
 from sttd.errors import PayloadTooLarge
-from sttd.files import MAX_MEDIA_AUDIO_S
-from sttd.media import ACCEPTED_FORMATS, MediaReader
 from tests.conftest import REFERENCES, RunningServer, load_pcm, reference_texts, silence, start_server
 
 TRANSCRIBE: Final = "/v1/stt/transcribe"
@@ -75,7 +74,7 @@ def _packed_frame(mono: npt.NDArray[np.float32], channels: int, layout: str, *, 
     """`mono` on every channel, as interleaved float.
 
     Not `AudioFrame.from_ndarray` with planar audio: from 8 channels on, PyAV walks past a planar
-    frame's plane pointers (see `sttd.media._interleave`). A packed frame has one plane.
+    frame's plane pointers (see `sttd.audio._media._interleave`). A packed frame has one plane.
     """
     frame = av.AudioFrame(format="flt", layout=layout, samples=mono.size)
     frame.planes[0].update(np.repeat(mono.astype(np.float32), channels).tobytes())
@@ -329,11 +328,11 @@ async def test_damaged_packets_are_skipped(nursery: trio.Nursery, caplog: pytest
     for _, position, size in damaged:
         data[position : position + size] = rng.integers(0, 256, size, np.uint8).tobytes()
     server = await start_server(nursery)
-    with caplog.at_level(logging.WARNING, logger="sttd.media"):
+    with caplog.at_level(logging.WARNING, logger="sttd.audio._media"):
         response = await _post(server, TRANSCRIBE, "damaged.m4a", bytes(data))
     assert response.status_code == 200, response.text
     assert [segment["text"] for segment in response.json()["segments"]] == _expected_text()
-    [record] = [record for record in caplog.records if record.name == "sttd.media"]
+    [record] = [record for record in caplog.records if record.name == "sttd.audio._media"]
     assert record.getMessage().startswith(
         f"media.damaged format=mov,mp4,m4a,3gp,3g2,mj2 codec=aac packets_skipped={len(damaged)} ")
 

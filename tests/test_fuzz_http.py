@@ -30,7 +30,7 @@ from trio_websocket import open_websocket_url
 
 from sttd.audio import decode_wav, encode_wav, pcm16_to_float32
 from sttd.errors import BadAudio, PayloadTooLarge, UnsupportedMedia, UnsupportedWavEncoding
-from sttd.media import MediaReader
+from sttd.audio import MediaReader
 from tests.conftest import (
     RunningServer,
     load_pcm,
@@ -277,7 +277,7 @@ async def test_broken_wavs_get_the_parsers_error(nursery: trio.Nursery) -> None:
 
 
 def _media_error(data: bytes) -> UnsupportedMedia | BadAudio | PayloadTooLarge | None:
-    """The error `sttd.media` gives for a file the WAV parser handed over, or None if FFmpeg
+    """The error `sttd.audio.MediaReader` gives for a file the WAV parser handed over, or None if FFmpeg
     decodes it."""
     try:
         with MediaReader.from_file(io.BytesIO(data)) as reader:

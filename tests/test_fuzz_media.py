@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sttd.errors import BadAudio, PayloadTooLarge, UnsupportedMedia
-from sttd.media import MediaReader
+from sttd.audio import MediaReader
 from tests.conftest import load_pcm, silence
 from tests.test_formats import encode_media
 

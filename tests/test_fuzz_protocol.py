@@ -1,6 +1,6 @@
 """Fuzzing the WebSocket protocol (issue 6, bad input): the parsers alone, then the real server.
 
-The parsers (`parse_client_message`, `SessionParams.from_query`) get hypothesis: any text, any
+The parsers (`NativeCodec.decode` and `NativeCodec.accept`) get hypothesis: any text, any
 JSON, deep nesting, lone surrogates from JSON escapes, sizes around the 4096-byte limit, any
 query. Each input parses to exactly what it says or raises the protocol's error, with a short
 message that can go out in a text frame.
@@ -33,9 +33,20 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from sttd.channels import Commit, End
+from werkzeug.datastructures import MultiDict
+
+from sttd.api import (
+    MAX_TEXT_MESSAGE_BYTES,
+    ClientCommand,
+    Commit,
+    End,
+    Error,
+    KeepAlive,
+    NativeCodec,
+    SessionRequest,
+)
 from sttd.errors import InvalidMessage, InvalidParam
-from sttd.protocol import MAX_TEXT_MESSAGE_BYTES, SessionParams, dumps, error_message, parse_client_message
+from sttd.settings import Settings
 from tests.conftest import RunningServer, load_pcm, reference_texts, silence, start_server
 
 _FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -51,10 +62,15 @@ def _assert_sendable(error: InvalidMessage | InvalidParam) -> None:
     message = str(error)
     assert message
     assert len(message) <= _MAX_ERROR_CHARS, message
-    dumps(error_message(error.code, message)).encode("utf-8")
+    [frame] = NativeCodec().encode(Error(error.code, message))
+    frame.encode("utf-8")
 
 
-# --- parse_client_message ------------------------------------------------------------------------
+def parse_client_message(text: str, received_at: float) -> ClientCommand:
+    return NativeCodec().decode(text, received_at)
+
+
+# --- NativeCodec.decode ------------------------------------------------------------------------
 
 
 # Any code point, lone surrogates included (they reach a server only through JSON escapes).
@@ -65,7 +81,7 @@ _JSON = st.recursive(_JSON_SCALARS, lambda inner: st.lists(inner, max_size=4)
 _TYPES = st.sampled_from(["commit", "end", "keepalive", "COMMIT", " end", "end ", "keep-alive", "", "\ud800",
                           "comm\u0000it"]) | _JSON
 _EXPECTED_ITEMS: dict[object, Callable[[float], object]] = {
-    "commit": Commit, "end": End, "keepalive": lambda _at: None}
+    "commit": Commit, "end": End, "keepalive": lambda _at: KeepAlive()}
 
 
 def _expected_item(message: object) -> object:
@@ -156,7 +172,7 @@ def test_huge_strings_are_measured_in_utf8_bytes(size: int, char: str) -> None:
         assert f"at most {MAX_TEXT_MESSAGE_BYTES} bytes, got {len(text.encode('utf-8'))}" in str(outcome)
 
 
-# --- SessionParams.from_query --------------------------------------------------------------------
+# --- NativeCodec.accept --------------------------------------------------------------------
 
 
 _DIGITS = st.sampled_from(["16000", "1", "20", "10", "200", "100", "99", "201", "0", "-1", " 16000", "16_000",
@@ -166,10 +182,13 @@ _QUERY_VALUES = st.one_of(_DIGITS, st.text(_ANY_CHAR, max_size=30),
 _QUERIES = st.dictionaries(st.sampled_from(_PARAMS) | st.text(max_size=5), _QUERY_VALUES, max_size=10)
 
 
-def _assert_valid(params: SessionParams, query: dict[str, str]) -> None:
-    assert params.call_id == query["call_id"].strip() and 1 <= len(params.call_id) <= 256
-    assert params.sample_rate_hz == 16000 and params.codec == "pcm_s16le" and params.channels == 1
-    assert 10 <= params.frame_ms <= 200 and params.partial_ms >= 100
+def _assert_valid(request: SessionRequest, query: dict[str, str]) -> None:
+    assert request.call_id == query["call_id"].strip() and 1 <= len(request.call_id) <= 256
+    assert request.audio_format.is_native
+    assert query.get("codec", "pcm_s16le") == "pcm_s16le"
+    assert 10 <= int(query.get("frame_ms", "20")) <= 200
+    params = request.options
+    assert params.partial_ms >= 100
     assert params.language is None or params.language == query["language"].strip()
     assert len(params.hotwords) <= 100
     assert all(word and word == word.strip() and len(word) <= 64 for word in params.hotwords)
@@ -181,14 +200,14 @@ def test_any_query_gives_params_or_names_the_bad_one(query: dict[str, str], base
     if base:  # most of the draws then get past the required parameters
         query = {"call_id": "c", "sample_rate": "16000", **query}
     try:
-        params = SessionParams.from_query(query)
+        request = NativeCodec().accept(MultiDict(query), Settings())
     except InvalidParam as exc:
         assert exc.param in _PARAMS
         assert exc.param in str(exc)
         assert exc.code == "invalid_param" and exc.ws_close_code == 1008
         _assert_sendable(exc)
         return
-    _assert_valid(params, query)
+    _assert_valid(request, query)
 
 
 # --- the real server -----------------------------------------------------------------------------
@@ -412,12 +431,13 @@ async def test_invalid_queries_get_invalid_param_then_1008(nursery: trio.Nursery
     for _ in range(_RANDOM_QUERIES):
         query = _random_query(rng)
         try:
-            params = SessionParams.from_query(query)
+            request = NativeCodec().accept(MultiDict(query), Settings())
         except InvalidParam as exc:
             cases.append((urlencode(query), exc.param, None))
         else:
-            language_ok = params.language is None or params.language.split("-")[0].lower() == "en"
-            cases.append((urlencode(query), None if language_ok else "language!", params.call_id))
+            language = request.options.language
+            language_ok = language is None or language.split("-")[0].lower() == "en"
+            cases.append((urlencode(query), None if language_ok else "language!", request.call_id))
     cases.extend((raw, param, None) for raw, param in _RAW_QUERIES)
     clean_frames = _interleave(rng, _speech_frames("ps_cards_001", rng, nasty=False), [])
     results: list[_Outcome] = []

@@ -253,3 +253,32 @@ async def test_quiet_websocket_outlives_the_http_read_timeout(nursery: trio.Nurs
             await receive_type(ws, "ready")
             await trio.sleep(3 * READ_TIMEOUT_S)  # the timeout under test is a real one
             assert await _stream_to_end(ws, "ps_cards_001") == [refs["ps_cards_001"]]
+
+
+async def test_uploads_past_the_limit_are_refused_and_the_one_in_flight_goes_on(
+        nursery: trio.Nursery) -> None:
+    """Each upload may spool STT_MAX_UPLOAD_BYTES to disk and keeps the engine busy: past
+    STT_MAX_UPLOADS in flight, newcomers get 503 overloaded; the upload in flight finishes."""
+    server = await start_server(nursery, max_uploads=1)
+    head, body = _multipart(encode_wav(pcm16_to_float32(load_pcm("ps_cards_001"))))
+    first = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with first, httpx.AsyncClient(base_url=server.http_url, timeout=10) as client:
+        await first.send_all(head + body[: len(body) // 2])  # in flight: its body still coming
+        with trio.fail_after(STALL_BOUND_S):
+            await server.state.wait_uploads(1)
+        refused = await client.post("/v1/stt/transcribe", content=body,
+                                    headers={"Content-Type": head.split(b"Content-Type: ")[1]
+                                             .split(b"\r\n")[0].decode()})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "overloaded"
+        assert "STT_MAX_UPLOADS=1" in refused.json()["error"]["message"]
+        await first.send_all(body[len(body) // 2:])
+        response = await _read_until_closed_or_answered(first)
+        assert response.startswith(b"HTTP/1.1 200 ")
+        assert json.loads(response.partition(b"\r\n\r\n")[2])["text"] == (
+            reference_texts()["ps_cards_001"])
+        again = await client.post("/v1/stt/transcribe", content=body,
+                                  headers={"Content-Type": head.split(b"Content-Type: ")[1]
+                                           .split(b"\r\n")[0].decode()})
+        assert again.status_code == 200
+    assert _errors(server, "overloaded") == 1

@@ -51,6 +51,9 @@ def test_references_hold_four_fixtures() -> None:
 
 def test_from_directory_loads_every_fixture(backend: MockBackend) -> None:
     assert backend.name == "mock"
+    # The protocol's defaults: one lane, never degraded, nothing to close.
+    assert (backend.preferred_lanes, backend.degraded()) == (1, None)
+    backend.close()
     assert sorted(f.name for f in backend.fixtures) == NAMES
     assert {f.name: " ".join(f.words) for f in backend.fixtures} == REFS
     assert MockBackend.from_directory(REFERENCES) == backend
@@ -100,7 +103,7 @@ def test_each_fixture_gives_its_reference_text(backend: MockBackend, name: str) 
     assert result.text == REFS[name]
     assert [word.word for word in result.words] == REFS[name].split()
     assert (result.language, result.confidence) == ("en", 1.0)
-    assert [segment.text for segment in result.segments] == [REFS[name]]
+    assert " ".join(word.word for word in result.words) == result.text
     starts = [word.start_s for word in result.words]
     assert starts == sorted(starts)
     assert all(0 <= word.start_s < word.end_s <= load(name).size / 16000 for word in result.words)

@@ -17,8 +17,8 @@ import trio
 
 from sttd.audio import encode_wav, pcm16_to_float32
 from sttd.errors import InvalidParam
-from sttd.files import FileSegment, FileTranscript, FileWord
-from sttd.openai_api import TranscriptionForm, render
+from sttd.api import FileSegment, FileTranscript, Word
+from sttd.api import TranscriptionForm, render
 from tests.conftest import RunningServer, load_pcm, reference_texts, silence, start_server
 
 # Two fixtures with a pause between them: two segments.
@@ -88,7 +88,7 @@ TRANSCRIPT = FileTranscript(
     text="Hello there. General Kenobi.",
     segments=(
         FileSegment(500, 1750, "Hello there.",
-                    (FileWord("Hello", 500, 900, 0.9), FileWord("there.", 950, 1750, 0.8)), "en"),
+                    (Word("Hello", 500, 900, 0.9), Word("there.", 950, 1750, 0.8)), "en"),
         FileSegment(3_723_004, 3_725_000, "General Kenobi.", (), "en"),
     ),
     duration_s=3725.5,

@@ -1,75 +1,104 @@
-"""Tests for sttd.protocol: query parameters, client text frames and outbound messages."""
+"""Tests for sttd's own protocol (`sttd.api.NativeCodec`): the query, client text frames, and
+the JSON of every server message."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from werkzeug.datastructures import MultiDict
 
-from sttd.backends.base import Result, Segment, Word
-from sttd.channels import Commit, End
-from sttd.errors import InvalidMessage, InvalidParam
-from sttd.protocol import (
+from sttd.api import (
     MAX_TEXT_MESSAGE_BYTES,
-    SessionParams,
+    Audio,
+    ClientCommand,
+    Close,
+    Commit,
+    End,
+    Error,
+    Final,
+    KeepAlive,
+    NativeCodec,
+    Partial,
+    Ready,
+    SessionOptions,
+    SessionRequest,
+    UtteranceEnd,
+    Warning,
+    Word,
     dumps,
-    error_message,
-    parse_client_message,
-    ready_message,
-    transcript_message,
+    parse_server_message,
 )
+from sttd.audio import AudioFormat
+from sttd.errors import InvalidMessage, InvalidParam
+from sttd.settings import Settings
 
 VALID = {"call_id": "call-1", "sample_rate": "16000"}
+SETTINGS = Settings()
 
 
 def with_(**changes: str) -> dict[str, str]:
     return {**VALID, **changes}
 
 
+def accept(query: dict[str, str], settings: Settings = SETTINGS) -> SessionRequest:
+    return NativeCodec().accept(MultiDict(query), settings)
+
+
+def options(query: dict[str, str]) -> SessionOptions:
+    return accept(query).options
+
+
+def parse_client_message(text: str, received_at: float) -> ClientCommand:
+    return NativeCodec().decode(text, received_at)
+
+
 # --- SessionParams: valid ------------------------------------------------------------------------
 
 
 def test_minimal_query_gives_defaults() -> None:
-    assert SessionParams.from_query(VALID) == SessionParams(
-        call_id="call-1", sample_rate_hz=16000, codec="pcm_s16le", channels=1, frame_ms=20,
-        partial_ms=500, language=None, hotwords=())
+    assert accept(VALID) == SessionRequest(
+        call_id="call-1", audio_format=AudioFormat(16000, 1, "pcm16"),
+        options=SessionOptions(partial_ms=500, partials=True, language=None, hotwords=()))
 
 
 def test_every_parameter_parses() -> None:
     query = with_(call_id="  abc  ", codec="pcm_s16le", channels="1", frame_ms="200", partial_ms="100",
                   language="en-US", hotwords="a, b,,c")
-    assert SessionParams.from_query(query) == SessionParams(
-        call_id="abc", frame_ms=200, partial_ms=100, language="en-US", hotwords=("a", "b", "c"))
+    assert accept(query) == SessionRequest(
+        call_id="abc", audio_format=AudioFormat(),
+        options=SessionOptions(partial_ms=100, language="en-US", hotwords=("a", "b", "c")))
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("auto", None), ("", None), (" auto ", None), ("en", "en"),
                                                ("en-US", "en-US"), ("yue", "yue"), ("zh-Hant-TW", "zh-Hant-TW")])
 def test_language(raw: str, expected: str | None) -> None:
-    assert SessionParams.from_query(with_(language=raw)).language == expected
+    assert options(with_(language=raw)).language == expected
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("", ()), (" , ,", ()), ("a, b,,c", ("a", "b", "c")),
                                                ("Kubernetes , gRPC", ("Kubernetes", "gRPC")),
                                                (",".join(["w"] * 100), ("w",) * 100), ("x" * 64, ("x" * 64,))])
 def test_hotwords(raw: str, expected: tuple[str, ...]) -> None:
-    assert SessionParams.from_query(with_(hotwords=raw)).hotwords == expected
+    assert options(with_(hotwords=raw)).hotwords == expected
 
 
 @pytest.mark.parametrize(("default_partial_ms", "query_partial_ms", "expected"),
                          [(1000, None, 1000), (1000, "300", 300), (50, None, 100), (100, None, 100)])
 def test_default_partial_ms(default_partial_ms: int, query_partial_ms: str | None, expected: int) -> None:
     query = VALID if query_partial_ms is None else with_(partial_ms=query_partial_ms)
-    params = SessionParams.from_query(query, default_partial_ms=default_partial_ms)
-    assert params.partial_ms == expected
+    settings = Settings(streaming_chunk_size_sec=default_partial_ms / 1000)
+    assert accept(query, settings).options.partial_ms == expected
 
 
 @pytest.mark.parametrize("frame_ms", [10, 20, 200])
 def test_frame_ms_bounds_accepted(frame_ms: int) -> None:
-    assert SessionParams.from_query(with_(frame_ms=str(frame_ms))).frame_ms == frame_ms
+    # The client's intended frame size: checked, not kept (frames of any size are taken).
+    assert accept(with_(frame_ms=str(frame_ms))) == accept(VALID)
 
 
 def test_call_id_of_256_characters_accepted() -> None:
-    assert SessionParams.from_query(with_(call_id="c" * 256)).call_id == "c" * 256
+    assert accept(with_(call_id="c" * 256)).call_id == "c" * 256
 
 
 # --- SessionParams: invalid ----------------------------------------------------------------------
@@ -109,7 +138,7 @@ def test_call_id_of_256_characters_accepted() -> None:
 )
 def test_invalid_param_names_the_parameter(query: dict[str, str], param: str, message: str) -> None:
     with pytest.raises(InvalidParam) as info:
-        SessionParams.from_query(query)
+        accept(query)
     assert str(info.value) == message
     assert info.value.param == param
     assert (info.value.code, info.value.http_status, info.value.ws_close_code) == ("invalid_param", 400, 1008)
@@ -117,7 +146,7 @@ def test_invalid_param_names_the_parameter(query: dict[str, str], param: str, me
 
 def test_first_bad_parameter_is_reported() -> None:
     with pytest.raises(InvalidParam) as info:
-        SessionParams.from_query({"call_id": "x", "sample_rate": "8000", "codec": "opus", "channels": "2"})
+        accept({"call_id": "x", "sample_rate": "8000", "codec": "opus", "channels": "2"})
     assert info.value.param == "sample_rate"
 
 
@@ -130,12 +159,16 @@ def test_first_bad_parameter_is_reported() -> None:
         ('{"type": "commit"}', Commit(1.5)),
         ('{"type": "end"}', End(1.5)),
         ('{"type":"end","extra":[1,2]}', End(1.5)),
-        ('{"type": "keepalive"}', None),
+        ('{"type": "keepalive"}', KeepAlive()),
         ('  {"type": "commit"}  ', Commit(1.5)),
     ],
 )
-def test_client_messages(text: str, expected: Commit | End | None) -> None:
+def test_client_messages(text: str, expected: ClientCommand) -> None:
     assert parse_client_message(text, 1.5) == expected
+
+
+def test_binary_frames_are_audio_as_sent() -> None:
+    assert NativeCodec().decode(b"\x01\x02\x03", 0.0) == Audio(b"\x01\x02\x03")
 
 
 @pytest.mark.parametrize(
@@ -190,17 +223,20 @@ def test_long_invalid_text_is_quoted_shortly() -> None:
 # --- outbound messages ---------------------------------------------------------------------------
 
 
-_RESULT = Result(
-    text="go forward",
-    segments=(Segment(0.1, 0.9, "go forward"),),
-    words=(Word("go", 0.1, 0.3, 0.98765), Word("forward", 0.3004, 0.9, 1.0)),
-    language="en",
-    confidence=0.912345,
-)
+_FINAL = Final(
+    utterance_id=3, text="go forward", start_ms=12_000, end_ms=13_000,
+    words=(Word("go", 12_100, 12_300, 0.98765), Word("forward", 12_300, 12_900, 1.0)),
+    confidence=0.912345, language="en", backlog_ms=40, cause="commit", ended_at=5.0)
 
 
-def test_final_message_has_words_at_absolute_ms() -> None:
-    assert transcript_message("final", 3, _RESULT, 12_000, 13_000) == {
+def encode(event: Ready | Partial | Final | UtteranceEnd | Error | Warning) -> dict[str, object]:
+    [text] = NativeCodec().encode(event)
+    message: dict[str, object] = json.loads(text)
+    return message
+
+
+def test_final_message_rounds_for_the_wire_and_keeps_server_fields_off_it() -> None:
+    assert encode(_FINAL) == {
         "type": "final",
         "utterance_id": 3,
         "text": "go forward",
@@ -212,25 +248,51 @@ def test_final_message_has_words_at_absolute_ms() -> None:
         ],
         "confidence": 0.9123,
         "language": "en",
+        "backlog_ms": 40,
     }
 
 
 def test_final_message_without_confidence_or_words() -> None:
-    message = transcript_message("final", 0, Result(text=""), 0, 500)
+    message = encode(Final(0, "", 0, 500, backlog_ms=0))
     assert message == {"type": "final", "utterance_id": 0, "text": "", "start_ms": 0, "end_ms": 500,
-                       "words": [], "confidence": None, "language": None}
+                       "words": [], "confidence": None, "language": None, "backlog_ms": 0}
 
 
 def test_partial_message_has_no_words() -> None:
-    assert transcript_message("partial", 1, _RESULT, 500, 1500) == {
-        "type": "partial", "utterance_id": 1, "text": "go forward", "start_ms": 500, "end_ms": 1500}
+    assert encode(Partial(1, "go", "forward", 500, 1500)) == {
+        "type": "partial", "utterance_id": 1, "text": "go forward", "stable": "go",
+        "unstable": "forward", "start_ms": 500, "end_ms": 1500}
 
 
-def test_ready_and_error_messages() -> None:
-    params = SessionParams.from_query(VALID)
-    assert ready_message("s1", params, "mock") == {
-        "type": "ready", "session_id": "s1", "call_id": "call-1", "sample_rate": 16000, "backend": "mock"}
-    assert error_message("overloaded", "too much") == {"type": "error", "code": "overloaded", "message": "too much"}
+def test_ready_error_warning_and_utterance_end_messages() -> None:
+    assert encode(Ready("s1", "call-1", "mock", 16000)) == {
+        "type": "ready", "session_id": "s1", "call_id": "call-1", "sample_rate": 16000,
+        "backend": "mock"}
+    assert encode(Error("overloaded", "too much")) == {
+        "type": "error", "code": "overloaded", "message": "too much"}
+    assert encode(Warning("lagging", "behind", skipped_ms=700)) == {
+        "type": "warning", "code": "lagging", "message": "behind", "skipped_ms": 700}
+    assert encode(Warning("lagging", "dropped", frames_dropped=51)) == {
+        "type": "warning", "code": "lagging", "message": "dropped", "frames_dropped": 51}
+    assert encode(UtteranceEnd(2395)) == {"type": "utterance_end", "last_word_end_ms": 2395}
+    assert NativeCodec().encode(Close(1000, "end of stream")) == []
+
+
+@pytest.mark.parametrize("event", [
+    Ready("s1", "call-1", "mock", 16000), Partial(1, "go", "forward", 500, 1500), _FINAL,
+    UtteranceEnd(2395), Error("overloaded", "too much"), Warning("lagging", "x", skipped_ms=7)])
+def test_what_the_server_writes_the_client_reads_back(
+        event: Ready | Partial | Final | UtteranceEnd | Error | Warning) -> None:
+    """One module writes and reads the protocol: a round trip keeps every field on the wire."""
+    [text] = NativeCodec().encode(event)
+    back = parse_server_message(text)
+    assert back.raw == json.loads(text)
+    if isinstance(event, Final):  # the wire rounds probabilities and carries no cause
+        assert back == Final(3, "go forward", 12_000, 13_000, words=(
+            Word("go", 12_100, 12_300, 0.9877), Word("forward", 12_300, 12_900, 1.0)),
+            confidence=0.9123, language="en", backlog_ms=40)
+    else:
+        assert back == event
 
 
 def test_dumps_is_compact_utf8() -> None:

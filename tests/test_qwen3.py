@@ -138,6 +138,7 @@ class FakeEngine:
     most_in_flight: int = 0
     fail: bool = False
     lock: threading.Lock = attrs.field(factory=threading.Lock)
+    shut_down: bool = False
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *,
                        priority: int = 0) -> AsyncIterator[FakeRequestOutput]:
@@ -157,7 +158,7 @@ class FakeEngine:
             self.in_flight -= 1
 
     def shutdown(self) -> None:
-        pass
+        self.shut_down = True
 
 
 @pytest.fixture
@@ -170,6 +171,14 @@ def loop() -> Any:
 def _backend(engine: FakeEngine, loop: _EngineLoop) -> Qwen3Backend:
     return Qwen3Backend(engine, loop, Qwen3Options(max_tokens=512),
                         sampling_params=FakeSamplingParams)
+
+
+def test_the_scheduler_may_run_eight_calls_at_once_and_close_stops_the_engine() -> None:
+    engine, loop = FakeEngine(), _EngineLoop()
+    backend = _backend(engine, loop)
+    assert (Qwen3Backend.preferred_lanes, backend.degraded()) == (8, None)
+    backend.close()
+    assert engine.shut_down and not loop.loop.is_running()
 
 
 def test_each_request_reaches_the_engine_with_its_audio_prompt_and_priority(

@@ -10,9 +10,11 @@ import httpx
 import numpy as np
 import pytest
 
-from sttd.backends.base import Request
+from sttd.backends import load_backend
+from sttd.backends.base import Request, Result
 from sttd.backends.remote import RemoteBackend, RemoteOptions, UpstreamPool, parse_urls
 from sttd.errors import BackendError, ConfigError
+from sttd.settings import Settings
 
 A, B, C = "http://a/v1", "http://b/v1", "http://c/v1"
 
@@ -130,6 +132,19 @@ def test_with_every_upstream_ejected_the_one_due_first_is_tried() -> None:
     assert pool.acquire(frozenset({A})).url == B  # avoided, if anything else is left
 
 
+@pytest.mark.parametrize(("inference_lanes", "connections"), [(0, 40 * 8), (3, 40 * 3), (1, 64)])
+def test_the_connection_pool_covers_every_request_of_every_lane(
+        inference_lanes: int, connections: int) -> None:
+    # Eight lanes unless STT_INFERENCE_LANES says otherwise; never fewer than 64 connections.
+    backend = load_backend(Settings(backend="remote", remote_urls=A, max_inference_batch_size=40,
+                                    inference_lanes=inference_lanes))
+    try:
+        assert isinstance(backend, RemoteBackend)
+        assert (backend.preferred_lanes, backend.options.max_connections) == (8, connections)
+    finally:
+        backend.close()
+
+
 def test_urls_are_checked() -> None:
     assert parse_urls(" http://a:8000/v1/ , https://b/v1") == ("http://a:8000/v1", "https://b/v1")
     for bad in ("", " , ", "ftp://a/v1", "a:8000", "http://a/v1,http://a/v1"):
@@ -157,7 +172,9 @@ def test_the_request_carries_the_form_openai_servers_take() -> None:
     assert [(w.word, w.start_s, w.end_s) for w in final.words] == [("Hi", 0.1, 0.3),
                                                                    ("there.", 0.3, 0.6)]
     assert final.confidence == pytest.approx(0.75)
-    assert final.segments[0].text == " Hi there."
+    # The answer's segments add nothing to its text and words: the result is exactly these.
+    assert final == Result("Hi there.", words=final.words, language="en",
+                           confidence=final.confidence)
     by_kind = {("word" in "".join(_form(r).get("timestamp_granularities[]", []))): r
                for r in seen}
     form = _form(by_kind[True])

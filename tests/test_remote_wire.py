@@ -72,7 +72,7 @@ async def test_a_live_stream_loses_no_final_when_an_upstream_dies() -> None:
         async with trio.open_nursery() as nursery:
             upstreams = [await _upstream(nursery), await _upstream(nursery)]
             front = await start_server(
-                nursery, backend="remote", vad="energy", inference_threads=4,
+                nursery, backend="remote", vad="energy", inference_lanes=4,
                 remote_urls=",".join(u.url for u in upstreams), remote_timeout_s=5.0,
                 remote_eject_s=30.0)
             assert front.state.engine is not None

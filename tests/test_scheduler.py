@@ -1,8 +1,12 @@
-"""The cross-session scheduler against a fake batch runner, on trio's MockClock."""
+"""The cross-session scheduler against a fake batch runner, on trio's MockClock; and the engine
+around it, against fake backends (real worker threads, so the real clock)."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import numpy as np
@@ -11,10 +15,11 @@ import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
-from sttd.backends.base import Request, Result
+from sttd.backends.base import ASRBackend, Request, Result
+from sttd.engine import Engine, LiveStreams, Priority, Scheduler, SchedulerConfig
 from sttd.errors import BackendError, InferenceTimeout
 from sttd.metrics import Metrics
-from sttd.scheduler import Priority, Scheduler, Superseded
+from sttd.settings import Settings
 
 
 @attrs.define
@@ -25,7 +30,9 @@ class FakeRunner:
     per_request_s: float = 0.0
     batches: list[list[str]] = attrs.field(factory=list)
     starts: list[float] = attrs.field(factory=list)
-    poison: str | None = None
+    poison: str | None = None  # fails the call it is in, as a backend would
+    bug: str | None = None  # breaks the runner itself (not a BackendError)
+    short: bool = False  # returns one result too few
 
     async def __call__(self, requests: Sequence[Request]) -> list[Result]:
         labels = [r.hotwords[0] for r in requests]
@@ -34,11 +41,26 @@ class FakeRunner:
         await trio.sleep(self.seconds + self.per_request_s * len(requests))
         if self.poison in labels:
             raise BackendError(f"{self.poison} broke the model")
-        return [Result(text=label) for label in labels]
+        if self.bug in labels:
+            raise RuntimeError(f"{self.bug} found a bug")
+        return [Result(text=label) for label in labels][: -1 if self.short else None]
 
 
 def _request(label: str, kind: str = "final") -> Request:
     return Request(np.zeros(1600, np.float32), kind=kind, hotwords=(label,))  # type: ignore[arg-type]
+
+
+def _config(*, lanes: int = 1, **settings: Any) -> SchedulerConfig:
+    """The scheduler's config from `Settings` defaults, with `settings` overriding them."""
+    return SchedulerConfig.from_settings(Settings(**settings), lanes=lanes)
+
+
+def _scheduler(runner: FakeRunner, metrics: Metrics | None = None, *,
+               live_streams: LiveStreams | None = None, lanes: int = 1,
+               **settings: Any) -> Scheduler:
+    return Scheduler(runner, _config(lanes=lanes, **settings),
+                     metrics or Metrics.create(CollectorRegistry()),
+                     live_streams if live_streams is not None else LiveStreams())
 
 
 @attrs.define
@@ -46,15 +68,14 @@ class Harness:
     scheduler: Scheduler
     runner: FakeRunner
     metrics: Metrics
+    live: LiveStreams
     results: dict[str, str | BaseException] = attrs.field(factory=dict)
 
-    async def submit(self, label: str, kind: str = "final", session: object = None,
+    async def submit(self, label: str, kind: str = "final",
                      priority: Priority | None = None) -> None:
         try:
-            result = await self.scheduler.submit(
-                _request(label, kind), session=session if session is not None else label,
-                priority=priority)
-        except (Superseded, BackendError) as exc:
+            result = await self.scheduler.submit(_request(label, kind), priority=priority)
+        except BackendError as exc:
             self.results[label] = exc
         else:
             self.results[label] = result.text
@@ -64,9 +85,12 @@ class Harness:
 async def harness(nursery: trio.Nursery) -> Harness:
     metrics = Metrics.create(CollectorRegistry())
     runner = FakeRunner()
-    scheduler = Scheduler(runner, metrics, max_batch=4, window_s=0.005, max_final_wait_s=1.0)
+    live = LiveStreams()
+    # Batches of 4; the Settings defaults otherwise: a 5 ms window, max_final_wait_s 1.0,
+    # max_batch_ms 250, background_share 0.5, inference_timeout_s 30.
+    scheduler = _scheduler(runner, metrics, live_streams=live, max_inference_batch_size=4)
     await nursery.start(scheduler.run)
-    return Harness(scheduler, runner, metrics)
+    return Harness(scheduler, runner, metrics, live)
 
 
 def _count(metrics: Metrics, kind: str, outcome: str) -> float:
@@ -108,43 +132,16 @@ async def test_finals_go_before_partials_before_files(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(harness.submit, "busy")
         await trio.sleep(0.01)  # past the batching window: "busy" runs, the rest queues
-        nursery.start_soon(harness.submit, "file1", "final", None, Priority.FILE)
+        nursery.start_soon(harness.submit, "file1", "final", Priority.FILE)
         nursery.start_soon(harness.submit, "p1", "partial")
         nursery.start_soon(harness.submit, "f1")
         nursery.start_soon(harness.submit, "p2", "partial")
         nursery.start_soon(harness.submit, "f2")
-        nursery.start_soon(harness.submit, "file2", "final", None, Priority.FILE)
+        nursery.start_soon(harness.submit, "file2", "final", Priority.FILE)
     # One class per batch, so finals never wait for partials riding in their call; tasks
     # started together queue in any order, hence the sorting.
     assert [sorted(batch) for batch in harness.runner.batches] == [
         ["busy"], ["f1", "f2"], ["p1", "p2"], ["file1", "file2"]]
-
-
-async def test_a_newer_partial_supersedes_the_queued_one(
-        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
-    harness.runner.seconds = 1.0
-    session = object()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(harness.submit, "busy")
-        await trio.sleep(0.01)  # past the batching window: "busy" runs, the rest queues
-        nursery.start_soon(harness.submit, "old", "partial", session)
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(harness.submit, "new", "partial", session)
-        nursery.start_soon(harness.submit, "other", "partial", object())
-    assert isinstance(harness.results["old"], Superseded)
-    assert harness.results["new"] == "new"
-    assert [sorted(batch) for batch in harness.runner.batches] == [["busy"], ["new", "other"]]
-    assert _count(harness.metrics, "partial", "superseded") == 1
-
-
-async def test_a_started_partial_is_not_superseded(
-        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
-    session = object()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(harness.submit, "first", "partial", session)
-        await trio.sleep(0.01)  # its batch has started
-        nursery.start_soon(harness.submit, "second", "partial", session)
-    assert harness.results == {"first": "first", "second": "second"}
 
 
 async def test_cancelled_waiter_withdraws_its_request(
@@ -187,9 +184,9 @@ async def test_one_busy_session_cannot_crowd_out_another(
         await trio.sleep(0.01)  # past the batching window: "busy" runs, the rest queues
         # Session x floods file work; session y then asks for one final.
         for n in range(12):
-            nursery.start_soon(harness.submit, f"x{n}", "final", ("x", n), Priority.FILE)
+            nursery.start_soon(harness.submit, f"x{n}", "final", Priority.FILE)
         await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(harness.submit, "y", "final", "y")
+        nursery.start_soon(harness.submit, "y", "final")
     assert harness.runner.batches[1][0] == "y"
 
 
@@ -225,18 +222,15 @@ async def test_file_batches_are_cut_only_while_live_streams_exist(
         harness: Harness, autojump_clock: trio.abc.Clock) -> None:
     harness.runner.seconds = 0.0
     harness.runner.per_request_s = 0.1
-    live = [1]
-    harness.scheduler.live_streams = lambda: live[0]
 
     async def files(prefix: str) -> None:
         async with trio.open_nursery() as nursery:
             for n in range(4):
-                nursery.start_soon(harness.submit, f"{prefix}{n}", "final", (prefix, n),
-                                   Priority.FILE)
+                nursery.start_soon(harness.submit, f"{prefix}{n}", "final", Priority.FILE)
 
-    await files("w")  # learns the cost; with a live stream: 2 per call
-    await files("a")
-    live[0] = 0
+    with harness.live.counting():
+        await files("w")  # learns the cost; with a live stream: 2 per call
+        await files("a")
     await files("b")  # nobody to protect: one call
     sizes = [len(batch) for batch in harness.runner.batches]
     assert sizes[-3:] == [2, 2, 4]
@@ -272,24 +266,21 @@ async def test_partials_keep_to_their_share_and_finals_do_not_wait_for_it(
 async def test_a_full_share_never_pauses(autojump_clock: trio.abc.Clock,
                                          nursery: trio.Nursery) -> None:
     runner = FakeRunner(seconds=0.2)
-    scheduler = Scheduler(runner, Metrics.create(CollectorRegistry()), window_s=0.0,
-                          background_share=1.0)
+    scheduler = _scheduler(runner, batch_window_ms=0.0, background_share=1.0)
     await nursery.start(scheduler.run)
     for n in range(3):
-        await scheduler.submit(_request(f"p{n}", "partial"), session="s")
+        await scheduler.submit(_request(f"p{n}", "partial"))
     assert runner.starts == pytest.approx([0.0, 0.2, 0.4])
 
 
 async def test_files_are_paced_only_while_live_streams_exist(
         harness: Harness, autojump_clock: trio.abc.Clock) -> None:
     harness.runner.seconds = 0.2
-    live = [0]
-    harness.scheduler.live_streams = lambda: live[0]
     for n in range(2):
-        await harness.submit(f"a{n}", "final", ("a", n), Priority.FILE)
-    live[0] = 1
-    for n in range(2):
-        await harness.submit(f"b{n}", "final", ("b", n), Priority.FILE)
+        await harness.submit(f"a{n}", "final", Priority.FILE)
+    with harness.live.counting():
+        for n in range(2):
+            await harness.submit(f"b{n}", "final", Priority.FILE)
     gaps = [later - earlier for earlier, later in zip(harness.runner.starts, harness.runner.starts[1:])]
     # no live stream: back to back (plus the gather window); then paused by the share
     assert gaps[0] == pytest.approx(0.205)
@@ -300,13 +291,13 @@ async def test_a_stuck_call_times_out_its_requests_and_marks_the_engine_degraded
         autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
     runner = FakeRunner(seconds=100.0)
     metrics = Metrics.create(CollectorRegistry())
-    scheduler = Scheduler(runner, metrics, window_s=0.0, request_timeout_s=30.0)
+    scheduler = _scheduler(runner, metrics, batch_window_ms=0.0, inference_timeout_s=30.0)
     await nursery.start(scheduler.run)
     outcomes: dict[str, float] = {}
 
     async def submit(label: str) -> None:
         with pytest.raises(InferenceTimeout, match="STT_INFERENCE_TIMEOUT_S=30"):
-            await scheduler.submit(_request(label), session=label)
+            await scheduler.submit(_request(label))
         outcomes[label] = trio.current_time()
 
     nursery.start_soon(submit, "stuck")
@@ -329,13 +320,12 @@ async def test_a_stuck_call_times_out_its_requests_and_marks_the_engine_degraded
 async def test_with_two_lanes_a_final_runs_beside_a_partial_batch(
         autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
     runner = FakeRunner(seconds=1.0)
-    scheduler = Scheduler(runner, Metrics.create(CollectorRegistry()), window_s=0.0, lanes=2,
-                          background_share=1.0)
+    scheduler = _scheduler(runner, lanes=2, batch_window_ms=0.0, background_share=1.0)
     await nursery.start(scheduler.run)
 
     async def submit(label: str, kind: str, at: float) -> None:
         await trio.sleep(at)
-        await scheduler.submit(_request(label, kind), session=label)
+        await scheduler.submit(_request(label, kind))
 
     async with trio.open_nursery() as jobs:
         jobs.start_soon(submit, "p0", "partial", 0.0)
@@ -345,3 +335,188 @@ async def test_with_two_lanes_a_final_runs_beside_a_partial_batch(
     starts = dict(zip([batch[0] for batch in runner.batches], runner.starts, strict=True))
     # p0's lane frees at 1.0 and goes to the final; p1 gets f0's lane when it frees at 1.2.
     assert starts == pytest.approx({"p0": 0.0, "f0": 0.2, "f1": 1.0, "p1": 1.2})
+
+
+@pytest.mark.parametrize(("bug", "message"), [
+    ("raises", "RuntimeError('x found a bug')"),
+    ("short", "ValueError('zip() argument 2 is shorter than argument 1')"),
+])
+async def test_a_bug_in_a_lane_fails_its_batch_and_not_the_scheduler(
+        harness: Harness, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture,
+        bug: str, message: str) -> None:
+    if bug == "raises":
+        harness.runner.bug = "x"
+    else:
+        harness.runner.short = True
+    with trio.fail_after(60):  # virtual seconds: a waiter left hanging fails fast
+        async with trio.open_nursery() as nursery:
+            for label in ("a", "x", "c"):
+                nursery.start_soon(harness.submit, label)
+        harness.runner.bug, harness.runner.short = None, False
+        await harness.submit("after")  # the scheduler still runs
+    errors = [harness.results[label] for label in ("a", "x", "c")]
+    expected = f"the scheduler failed running this request's batch: {message}"
+    assert [(type(error), str(error)) for error in errors] == [(BackendError, expected)] * 3
+    assert len({id(error) for error in errors}) == 3  # each waiter raises its own
+    assert harness.results["after"] == "after"
+    first, later = harness.runner.batches
+    assert (sorted(first), later) == (["a", "c", "x"], ["after"])  # a bug is not retried
+    assert _count(harness.metrics, "final", "failed") == 3
+    [record] = [r for r in caplog.records if r.name == "sttd.engine._scheduler"]
+    assert (record.levelno, record.getMessage()) == (logging.ERROR,
+                                                     "scheduler.failed kind=final size=3")
+    assert record.exc_info is not None
+    assert type(record.exc_info[1]) is (RuntimeError if bug == "raises" else ValueError)
+
+
+async def test_cancelling_the_scheduler_is_not_a_failure_of_its_batch(
+        autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture) -> None:
+    scheduler = _scheduler(FakeRunner(seconds=10.0), batch_window_ms=0.0,
+                           inference_timeout_s=30.0)
+    outcome: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            await scheduler.submit(_request("a"))
+        except BackendError as exc:
+            outcome.append(exc)
+
+    with trio.fail_after(60):  # virtual seconds
+        async with trio.open_nursery() as waiters:
+            async with trio.open_nursery() as engine:
+                await engine.start(scheduler.run)
+                waiters.start_soon(wait)
+                await trio.sleep(1)  # the batch is in flight
+                engine.cancel_scope.cancel()
+    # Cancelled went through the lane: the waiter was not told the scheduler failed; it waited
+    # out its timeout like any request whose engine stopped.
+    assert [type(error) for error in outcome] == [InferenceTimeout]
+    assert not [r for r in caplog.records if r.name == "sttd.engine._scheduler"]
+
+
+# --- the engine around the scheduler ---------------------------------------------------------
+
+
+@attrs.define
+class FakeBackend(ASRBackend):
+    """Answers each request with its first hotword; one starting with "bad" fails its call."""
+
+    trouble: str | None = None
+    # Two calls must be in flight at once to pass, where set.
+    together: threading.Barrier | None = None
+    closed_in: list[str] = attrs.field(factory=list)  # the threads close ran in
+
+    @property
+    def name(self) -> str:
+        return "fake"
+
+    def check_language(self, language: str | None) -> None:
+        return None
+
+    def transcribe(self, requests: Sequence[Request]) -> list[Result]:
+        labels = [r.hotwords[0] for r in requests]
+        if self.together is not None:
+            self.together.wait(timeout=2)
+        if any(label.startswith("bad") for label in labels):
+            raise BackendError(f"{labels} broke the model")
+        return [Result(text=label) for label in labels]
+
+    def degraded(self) -> str | None:
+        return self.trouble
+
+    def close(self) -> None:
+        self.closed_in.append(threading.current_thread().name)
+
+
+class WideBackend(FakeBackend):
+    preferred_lanes = 8
+
+
+def _engine(backend: ASRBackend, **settings: Any) -> Engine:
+    return Engine.from_settings(backend, Settings(**settings), Metrics.create(CollectorRegistry()))
+
+
+@pytest.mark.parametrize(("backend", "inference_lanes", "lanes", "source"), [
+    (FakeBackend(), 0, 1, "backend"),
+    (WideBackend(), 0, 8, "backend"),
+    (WideBackend(), 2, 2, "settings"),
+    (FakeBackend(), 3, 3, "settings"),
+])
+async def test_lanes_are_the_backends_choice_unless_the_settings_give_them(
+        caplog: pytest.LogCaptureFixture, backend: ASRBackend, inference_lanes: int, lanes: int,
+        source: str) -> None:
+    caplog.set_level(logging.INFO, logger="sttd.engine")
+    engine = _engine(backend, inference_lanes=inference_lanes)
+    assert engine.scheduler.config.lanes == lanes
+    assert [r.getMessage() for r in caplog.records if r.name == "sttd.engine._engine"] == [
+        f"engine.lanes lanes={lanes} source={source}"]
+
+
+@pytest.mark.parametrize(("inference_lanes", "together"), [(0, True), (1, False)])
+async def test_the_engine_runs_as_many_backend_calls_at_once_as_it_has_lanes(
+        nursery: trio.Nursery, inference_lanes: int, together: bool) -> None:
+    backend = WideBackend(together=threading.Barrier(2))
+    engine = _engine(backend, inference_lanes=inference_lanes, batch_window_ms=0.0)
+    await nursery.start(engine.run)
+    outcomes: list[str] = []
+
+    async def final(label: str, started: trio.Event | None = None) -> None:
+        try:
+            outcomes.append((await engine.transcribe(_request(label), started=started)).text)
+        except BackendError:
+            outcomes.append("failed")
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as calls:
+            started = trio.Event()
+            calls.start_soon(final, "a", started)
+            await started.wait()  # a's call is in flight: b needs a call of its own
+            calls.start_soon(final, "b")
+    # Each call waits at the barrier for another; one lane at a time breaks it.
+    assert sorted(outcomes) == (["a", "b"] if together else ["failed", "failed"])
+
+
+async def test_the_engine_counts_its_live_streams_for_its_scheduler() -> None:
+    engine = _engine(FakeBackend())
+    read = engine.scheduler.live_streams
+    assert read.count == 0
+    with engine.live_stream():
+        with engine.live_stream():
+            assert read.count == 2
+        assert read.count == 1
+    with pytest.raises(RuntimeError), engine.live_stream():
+        raise RuntimeError("the session failed")
+    assert read.count == 0
+
+
+async def test_a_failing_file_piece_fails_transcribe_batch_with_one_backend_error(
+        nursery: trio.Nursery) -> None:
+    engine = _engine(FakeBackend())
+    await nursery.start(engine.run)
+    with trio.fail_after(10):
+        assert [r.text for r in await engine.transcribe_batch(
+            [_request("a"), _request("b")])] == ["a", "b"]
+        # One call, then one by one: both bad pieces fail, each with its own error.
+        with pytest.raises(BackendError, match=r"^\['bad\d'\] broke the model$") as info:
+            await engine.transcribe_batch([_request("a"), _request("bad1"), _request("bad2")])
+    assert type(info.value) is BackendError  # not an ExceptionGroup
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await engine.transcribe_batch([_request("a")])
+    assert scope.cancelled_caught  # Cancelled went through, and nothing else came out
+
+
+async def test_the_engine_is_degraded_when_its_backend_says_so() -> None:
+    assert _engine(FakeBackend()).degraded() is None
+    assert _engine(FakeBackend(trouble="every upstream is failing")).degraded() == (
+        "every upstream is failing")
+
+
+async def test_aclose_closes_the_backend_once_in_a_thread_even_when_cancelled() -> None:
+    backend = FakeBackend()
+    engine = _engine(backend)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await engine.aclose()
+    assert len(backend.closed_in) == 1
+    assert backend.closed_in[0] != threading.current_thread().name

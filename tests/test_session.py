@@ -5,22 +5,31 @@ No sockets and no threads here, so these run on trio's MockClock where time matt
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import numpy as np
+import numpy.typing as npt
 import pytest
+import soxr  # type: ignore[import-untyped]
 import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
+from werkzeug.datastructures import MultiDict
+
+from sttd.admission import session_core
+from sttd.api import DeepgramCodec, NativeCodec
+from sttd.audio import StreamConverter, float32_to_pcm16, pcm16_to_float32
 from sttd.backends.base import Request, Result
 from sttd.backends.mock import MockBackend
 from sttd.errors import BackendError
 from sttd.metrics import Metrics
-from sttd.nursery import Session
-from sttd.protocol import SessionParams
+from sttd.nursery import Admission, Session
 from sttd.settings import Settings
 from tests.conftest import load_pcm, reference_texts, silence
 
@@ -45,13 +54,15 @@ class FakeTransport:
             transport.readable.set()
         return transport
 
-    async def receive(self) -> bytes | str | None:
-        return await self.incoming.receive()
+    async def receive(self) -> bytes | str:
+        message = await self.incoming.receive()
+        return b"" if message is None else message  # None: an empty binary frame
 
-    async def send(self, text: str) -> None:
+    async def send(self, text: str) -> bool:
         if self.sent:  # the ready message always goes through
             await self.readable.wait()
         self.sent.append(json.loads(text))
+        return True
 
     async def close(self, code: int, reason: str = "") -> None:
         self.close_code = code
@@ -81,8 +92,11 @@ class FakeEngine:
     def overloaded(self) -> bool:
         return False
 
-    async def transcribe(self, request: Request, *, session: object,
-                         started: trio.Event | None = None) -> Result:
+    @contextlib.contextmanager
+    def live_stream(self) -> Iterator[None]:
+        yield
+
+    async def transcribe(self, request: Request, *, started: trio.Event | None = None) -> Result:
         self.calls.append(request.kind)
         if started is not None:
             started.set()
@@ -96,12 +110,21 @@ class FakeEngine:
         return self.backend.transcribe([request])[0]
 
 
+CODEC = NativeCodec()  # sttd's own protocol keeps no state between messages
+
+
+@contextlib.contextmanager
+def _unregistered(session: Session) -> Iterator[None]:
+    yield
+
+
 def _session(engine: FakeEngine, **settings: Any) -> tuple[Session, Metrics]:
+    """A session admitted as the server admits one, with its core, on the energy VAD."""
     metrics = Metrics.create(CollectorRegistry())
-    session = Session(
-        SessionParams(call_id="t"), engine,
-        Settings(**{"backend": "mock", "vad": "energy", **settings}), metrics)
-    return session, metrics
+    config = Settings(**{"backend": "mock", "vad": "energy", **settings})
+    request = CODEC.accept(MultiDict({"call_id": "t", "sample_rate": "16000"}), config)
+    admission = Admission(request, session_core(request, config), engine, _unregistered)
+    return Session(admission, config, metrics), metrics
 
 
 def _frames(pcm: np.ndarray, samples: int = 320) -> list[bytes]:
@@ -117,7 +140,7 @@ async def test_overflow_drops_oldest_then_finalizes_and_closes_1013(
     transport = FakeTransport.create()
     speech = load_pcm("ps_librivox_0880")
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run, transport)
+        nursery.start_soon(session.run, transport, CODEC)
         # An utterance and just enough silence to end it: the infer task asks for a final,
         # which blocks (more silence would already overflow the queue behind it).
         # A live client: frames arrive in real time (a client ahead of it is held back instead).
@@ -163,7 +186,7 @@ async def test_slow_reader_loses_partials_never_finals(autojump_clock: trio.abc.
     names = ["ps_goforward", "ps_cards_001", "ps_librivox_0880", "ps_librivox_0930"]
     audio = np.concatenate([part for name in names for part in (load_pcm(name), silence(1.0))])
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run, transport)
+        nursery.start_soon(session.run, transport, CODEC)
         for frame in _frames(audio, samples=1600):
             await transport.incoming_send.send(frame)
             await trio.sleep(0.1)  # real-time pacing on the mock clock
@@ -190,7 +213,7 @@ async def test_cancelling_the_session_ends_all_tasks_and_counts_it() -> None:
     speech = load_pcm("ps_librivox_0880")
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run, transport)
+            nursery.start_soon(session.run, transport, CODEC)
             for frame in _frames(speech[: speech.size // 2]):
                 await transport.incoming_send.send(frame)
             await trio.testing.wait_all_tasks_blocked()
@@ -208,7 +231,7 @@ async def test_failed_inference_is_reported_and_the_session_goes_on() -> None:
     session, metrics = _session(engine)
     transport = FakeTransport.create()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run, transport)
+        nursery.start_soon(session.run, transport, CODEC)
         for frame in _frames(np.concatenate([load_pcm("ps_cards_001"), silence(1.0)])):
             await transport.incoming_send.send(frame)
         await trio.testing.wait_all_tasks_blocked()
@@ -231,7 +254,7 @@ async def test_unexpected_error_reports_internal_and_closes_1011() -> None:
     session, metrics = _session(engine)
     transport = FakeTransport.create()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run, transport)
+        nursery.start_soon(session.run, transport, CODEC)
         for frame in _frames(np.concatenate([load_pcm("ps_cards_001"), silence(1.0)])):
             await transport.incoming_send.send(frame)
         await transport.closed.wait()
@@ -251,7 +274,7 @@ async def test_commit_mid_speech_gives_one_final_whatever_the_framing(chunk_samp
     transport = FakeTransport.create()
     speech = load_pcm("ps_goforward")
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run, transport)
+        nursery.start_soon(session.run, transport, CODEC)
         # Odd byte counts: every frame but the last splits a sample.
         data = speech.tobytes()
         step = 2 * chunk_samples + 1
@@ -274,7 +297,7 @@ async def test_unrecognised_speech_gives_no_final_unless_the_client_forces_one()
     # Loud audio the mock cannot match: time-reversed speech.
     babble = load_pcm("ps_librivox_0880")[::-1].copy()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run, transport)
+        nursery.start_soon(session.run, transport, CODEC)
         for frame in _frames(np.concatenate([babble, silence(1.0)])):
             await transport.incoming_send.send(frame)
         await trio.testing.wait_all_tasks_blocked()
@@ -302,7 +325,7 @@ async def test_idle_session_closes_after_the_idle_timeout_and_keepalive_holds_it
     session, metrics = _session(FakeEngine(), idle_timeout_s=10.0)
     transport = FakeTransport.create()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run, transport)
+        nursery.start_soon(session.run, transport, CODEC)
         await trio.sleep(8)
         await transport.incoming_send.send(json.dumps({"type": "keepalive"}))
         await trio.sleep(8)  # 16 s since the start, 8 since the keepalive: still open
@@ -322,7 +345,7 @@ async def test_session_time_limit_finalizes_open_speech_then_closes(
     session, metrics = _session(FakeEngine(), max_session_s=speech.size / 16000 - 0.5)
     transport = FakeTransport.create()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run, transport)
+        nursery.start_soon(session.run, transport, CODEC)
         for frame in _frames(speech, samples=1600):
             await transport.incoming_send.send(frame)
             await trio.sleep(0.1)
@@ -340,7 +363,7 @@ async def test_drain_finalizes_open_speech_and_closes_1001() -> None:
     session, metrics = _session(FakeEngine())
     transport = FakeTransport.create()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run, transport)
+        nursery.start_soon(session.run, transport, CODEC)
         for frame in _frames(load_pcm("ps_goforward")):  # no silence after: still open
             await transport.incoming_send.send(frame)
         await trio.testing.wait_all_tasks_blocked()
@@ -358,7 +381,7 @@ async def test_a_session_drained_before_it_reads_closes_at_once() -> None:
     transport = FakeTransport.create()
     session.drain()
     with trio.fail_after(5):
-        await session.run(transport)
+        await session.run(transport, CODEC)
     assert [m["type"] for m in transport.sent] == ["ready"]
     assert transport.close_code == 1001
 
@@ -373,7 +396,7 @@ async def test_live_stream_that_lags_skips_audio_with_a_warning_and_keeps_stream
     filler = silence(4.0)
     last = np.concatenate([load_pcm("ps_goforward"), silence(1.0)])
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run, transport)
+        nursery.start_soon(session.run, transport, CODEC)
         frames = _frames(np.concatenate([first, filler, last]))
         for index, frame in enumerate(frames):
             await transport.incoming_send.send(frame)
@@ -408,7 +431,7 @@ async def test_client_ahead_of_real_time_is_held_back_not_skipped(
     names = ["ps_cards_001", "ps_goforward", "ps_librivox_0880", "ps_librivox_0930"]
     audio = np.concatenate([part for name in names for part in (load_pcm(name), silence(1.0))])
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run, transport)
+        nursery.start_soon(session.run, transport, CODEC)
 
         async def client() -> None:  # as fast as it can: no pacing at all
             for frame in _frames(audio):
@@ -434,8 +457,7 @@ async def test_an_hour_of_unbroken_speech_keeps_memory_flat() -> None:
     import tracemalloc
 
     engine = FakeEngine()
-    session, metrics = _session(engine)
-    session.params = SessionParams(call_id="t", partial_ms=5000)  # fewer mock decodes: faster
+    session, metrics = _session(engine, streaming_chunk_size_sec=5.0)  # fewer mock decodes: faster
     transport = FakeTransport.create()
     # Speech with no pause long enough to end an utterance: cuts at STT_MAX_UTTERANCE_S only.
     speech = np.concatenate([load_pcm(name) for name in
@@ -447,7 +469,7 @@ async def test_an_hour_of_unbroken_speech_keeps_memory_flat() -> None:
     tracemalloc.start()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run, transport)
+            nursery.start_soon(session.run, transport, CODEC)
             for loop in range(loops):
                 for frame in _frames(speech, samples=16000):
                     await transport.incoming_send.send(frame)
@@ -466,3 +488,117 @@ async def test_an_hour_of_unbroken_speech_keeps_memory_flat() -> None:
     # 50 minutes more speech (~96 MB of PCM) must not show: an untrimmed buffer would grow by
     # tens of MB. Runs have measured 0.0-0.6 MiB of drift, not explained yet.
     assert late - early < 2 * 1024 * 1024, (early, late)
+
+
+# --- correctness fixes of the redesign (issue 13) -------------------------------------------------
+
+
+async def test_dropped_frames_leave_a_gap_so_later_stream_times_stay_true(
+        autojump_clock: trio.abc.Clock) -> None:
+    gate = trio.Event()
+    engine = FakeEngine(gate=gate)
+    session, metrics = _session(engine, in_queue_size=10, in_queue_max_drops=10_000,
+                                max_lag_s=60.0)
+    transport = FakeTransport.create()
+    first = np.concatenate([load_pcm("ps_cards_001"), silence(0.6)])
+    stall = silence(2.0)
+    last = np.concatenate([load_pcm("ps_goforward"), silence(1.0)])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, transport, CODEC)
+        for part in (first, stall):  # the first final blocks: the stall's frames overflow
+            for frame in _frames(part):
+                await transport.incoming_send.send(frame)
+                await trio.sleep(0.02)
+        gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        for frame in _frames(last):
+            await transport.incoming_send.send(frame)
+            await trio.sleep(0.02)
+        await transport.incoming_send.send(json.dumps({"type": "end"}))
+        await transport.closed.wait()
+    dropped = metrics.frames_dropped_total._value.get()
+    assert dropped >= 80  # most of the 2 s stall could not be queued
+    finals = transport.of_type("final")
+    refs = reference_texts()
+    assert [f["text"] for f in finals] == [refs["ps_cards_001"], refs["ps_goforward"]]
+    # The dropped audio counts as stream time: the second utterance starts where it was sent
+    # (less the 300 ms of pre-roll), not `dropped` frames of 20 ms earlier.
+    expected_start_ms = (first.size + stall.size) // 16
+    assert abs(finals[1]["start_ms"] - expected_start_ms) < 400
+
+
+async def test_a_client_that_never_reads_is_closed_after_the_send_timeout(
+        autojump_clock: trio.abc.Clock) -> None:
+    session, metrics = _session(FakeEngine(), send_timeout_s=5.0)
+    transport = FakeTransport.create(reading=False)  # reads the ready message, then nothing
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, transport, CODEC)
+        for frame in _frames(np.concatenate([load_pcm("ps_goforward"), silence(1.0)])):
+            await transport.incoming_send.send(frame)
+            await trio.sleep(0.02)
+        with trio.fail_after(60):  # virtual: held for hours before the send timeout
+            await transport.closed.wait()
+    assert transport.close_code == 1008
+    assert session.outcome == "slow_client"
+    assert metrics.sessions_total.labels("slow_client")._value.get() == 1
+    assert metrics.finals_sent_total._value.get() == 0
+    assert metrics.sessions_active._value.get() == 0
+
+
+@attrs.define
+class ClosingTransport(FakeTransport):
+    """The client's close frame came in first: finals are not delivered any more."""
+
+    async def send(self, text: str) -> bool:
+        if json.loads(text)["type"] == "final":
+            return False
+        return await super().send(text)
+
+
+async def test_a_final_not_delivered_is_not_counted_as_sent() -> None:
+    session, metrics = _session(FakeEngine())
+    send, receive = trio.open_memory_channel[bytes | str | None](1000)
+    transport = ClosingTransport(send, receive)
+    transport.readable.set()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, transport, CODEC)
+        for frame in _frames(np.concatenate([load_pcm("ps_goforward"), silence(1.0)])):
+            await transport.incoming_send.send(frame)
+        await transport.incoming_send.send(json.dumps({"type": "end"}))
+        await transport.closed.wait()
+    assert transport.of_type("final") == []
+    assert metrics.finals_sent_total._value.get() == 0
+    assert metrics.final_latency_seconds._sum.get() == 0
+
+
+async def test_resampling_a_client_stream_runs_off_the_event_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Deepgram client at 8 kHz: each frame is resampled in a worker thread, not on the loop
+    every other session shares, and the session hears the same words."""
+    calls: list[bool] = []
+    convert = StreamConverter.convert_pcm16
+
+    def recording(self: StreamConverter, data: bytes | memoryview, *, last: bool = False
+                  ) -> npt.NDArray[np.int16]:
+        calls.append(threading.current_thread() is threading.main_thread())
+        return convert(self, data, last=last)
+
+    monkeypatch.setattr(StreamConverter, "convert_pcm16", recording)
+    metrics = Metrics.create(CollectorRegistry())
+    config = Settings(backend="mock", vad="energy")
+    codec = DeepgramCodec()
+    request = codec.accept(MultiDict({"encoding": "linear16", "sample_rate": "8000"}), config)
+    admission = Admission(request, session_core(request, config), FakeEngine(), _unregistered)
+    session = Session(admission, config, metrics)
+    speech = np.concatenate([load_pcm("ps_goforward"), silence(1.0)])
+    narrow = float32_to_pcm16(soxr.resample(pcm16_to_float32(speech), 16000, 8000))
+    transport = FakeTransport.create()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, transport, codec)
+        for frame in _frames(narrow, samples=160):
+            await transport.incoming_send.send(frame)
+        await transport.incoming_send.send(json.dumps({"type": "CloseStream"}))
+        await transport.closed.wait()
+    assert calls and not any(calls)
+    [final] = [m for m in transport.of_type("Results") if m["is_final"]]
+    assert final["channel"]["alternatives"][0]["transcript"] == reference_texts()["ps_goforward"]

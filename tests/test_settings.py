@@ -35,9 +35,10 @@ INT_VARS = [
     "STT_MAX_UPLOAD_BYTES",
     "STT_VAD_SILENCE_MS",
     "STT_MAX_INFERENCE_BATCH_SIZE",
-    "STT_INFERENCE_THREADS",
+    "STT_INFERENCE_LANES",
     "STT_MAX_SESSIONS",
     "STT_MAX_MESSAGE_BYTES",
+    "STT_MAX_UPLOADS",
 ]
 FLOAT_VARS = [
     "STT_VAD_THRESHOLD",
@@ -50,6 +51,7 @@ FLOAT_VARS = [
     "STT_MAX_LAG_S",
     "STT_DRAIN_S",
     "STT_INFERENCE_TIMEOUT_S",
+    "STT_SEND_TIMEOUT_S",
 ]
 # Variables that must be > 0 (zero is refused).
 POSITIVE_VARS = [
@@ -61,7 +63,8 @@ POSITIVE_VARS = [
     "STT_MAX_UTTERANCE_S",
     "STT_STREAMING_CHUNK_SIZE_SEC",
     "STT_MAX_INFERENCE_BATCH_SIZE",
-    "STT_INFERENCE_THREADS",
+    "STT_MAX_UPLOADS",
+    "STT_SEND_TIMEOUT_S",
     "STT_MAX_SESSION_S",
     "STT_IDLE_TIMEOUT_S",
     "STT_MAX_MESSAGE_BYTES",
@@ -71,7 +74,7 @@ POSITIVE_VARS = [
 ]
 # Variables where zero is allowed but a negative value is not.
 NON_NEGATIVE_VARS = ["STT_IN_QUEUE_MAX_DROPS", "STT_SHUTDOWN_GRACE_S", "STT_MAX_SESSIONS",
-                     "STT_DRAIN_S"]
+                     "STT_DRAIN_S", "STT_INFERENCE_LANES"]
 
 
 def _field(variable: str) -> str:
@@ -260,3 +263,8 @@ def test_secrets_stay_out_of_the_settings_repr() -> None:
     assert settings.api_keys == "sk-one,sk-two"
     for secret in ("sk-one", "sk-two", "mt-x"):
         assert secret not in repr(settings)
+
+
+def test_a_renamed_setting_names_its_new_name() -> None:
+    with pytest.raises(ConfigError, match="STT_INFERENCE_THREADS was renamed STT_INFERENCE_LANES"):
+        Settings.from_env({"STT_INFERENCE_THREADS": "2"})

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sttd.stability import PartialStabilizer
+from sttd.session import PartialStabilizer
 
 
 def test_words_become_stable_when_three_decodes_agree() -> None:

@@ -50,6 +50,11 @@ def _noises() -> dict[str, np.ndarray]:
     }
 
 
+def test_whisper_takes_the_whole_machine_in_one_call(backend: WhisperBackend) -> None:
+    # The protocol's defaults: one lane unless STT_INFERENCE_LANES says otherwise.
+    assert (backend.preferred_lanes, backend.degraded()) == (1, None)
+
+
 def test_transcribes_speech_with_word_timings(backend: WhisperBackend) -> None:
     clips = [_fixture("ps_goforward"), _fixture("ps_librivox_0930")]
     first, second = backend.transcribe([Request(clip) for clip in clips])

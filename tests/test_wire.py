@@ -249,7 +249,7 @@ async def test_new_sessions_are_refused_while_the_engine_is_overloaded(
     with trio.fail_after(TIMEOUT_S):
         async with open_websocket_url(server.ws_url()) as live:
             await receive_type(live, "ready")
-            engine.scheduler._final_wait_ewma_s = 2 * engine.scheduler.max_final_wait_s
+            engine.scheduler._final_wait_ewma_s = 2 * engine.scheduler.config.max_final_wait_s
             engine.scheduler._final_wait_at = trio.current_time()  # as if a final just waited
             async with open_websocket_url(server.ws_url()) as refused:
                 messages, code = await receive_until_close(refused)

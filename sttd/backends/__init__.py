@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from sttd.backends.base import ASRBackend, Request, Result, Segment, Word
-from sttd.backends.registry import load_backend, resolve_backend_name
+from sttd.backends.base import ASRBackend, Request, Result, Word
+from sttd.backends.registry import load_backend, resolve_backend_name, resolve_lanes
 
 __all__ = [
     "ASRBackend",
     "Request",
     "Result",
-    "Segment",
     "Word",
     "load_backend",
     "resolve_backend_name",
+    "resolve_lanes",
 ]

@@ -1,15 +1,22 @@
-"""The one protocol every speech backend implements, and the values it exchanges."""
+"""The one protocol every speech backend implements, and the values it exchanges.
+
+A backend subclasses `ASRBackend` explicitly: it must give `name`, `check_language` and
+`transcribe`, and inherits the optional capabilities (`preferred_lanes`, `degraded`, `close`)
+where it has nothing to add.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ASRBackend", "Request", "Result", "Segment", "Word"]
+from sttd.audio import SAMPLE_RATE_HZ
+
+__all__ = ["ASRBackend", "Request", "Result", "Word"]
 
 
 @attrs.frozen
@@ -27,7 +34,7 @@ class Request:
 
     @property
     def duration_s(self) -> float:
-        return self.audio.size / 16000
+        return self.audio.size / SAMPLE_RATE_HZ
 
 
 @attrs.frozen
@@ -41,20 +48,10 @@ class Word:
 
 
 @attrs.frozen
-class Segment:
-    """A stretch of recognised text; times in seconds from the start of the request's audio."""
-
-    start_s: float
-    end_s: float
-    text: str
-
-
-@attrs.frozen
 class Result:
     """What a backend recognised in one request."""
 
     text: str
-    segments: tuple[Segment, ...] = ()
     words: tuple[Word, ...] = ()
     language: str | None = None
     # Mean word probability in [0, 1], where the backend has one.
@@ -62,7 +59,16 @@ class Result:
 
 
 class ASRBackend(Protocol):
-    """A speech recogniser. `transcribe` blocks: callers run it in a worker thread."""
+    """A speech recogniser. `transcribe` blocks: callers run it in a worker thread.
+
+    The engine may run up to its number of lanes `transcribe` calls at once, each in its own
+    worker thread (``STT_INFERENCE_LANES``, or `preferred_lanes` where that is 0), so a backend
+    with more than one lane must be thread-safe.
+    """
+
+    # Backend calls the engine runs at once when STT_INFERENCE_LANES=0: 1 for a backend that
+    # uses the whole machine in one call, more for one that merges or spreads calls out itself.
+    preferred_lanes: ClassVar[int] = 1
 
     @property
     def name(self) -> str: ...
@@ -77,3 +83,12 @@ class ASRBackend(Protocol):
         Raises `BackendError` when the whole call failed.
         """
         ...
+
+    def degraded(self) -> str | None:
+        """Why /health should say degraded (the backend is up but failing), or None."""
+        return None
+
+    def close(self) -> None:
+        """Release what the backend holds (engine processes, connections); the default holds
+        nothing. Blocks: `Engine.aclose` runs it in a thread, once, when the server stops."""
+        return None

@@ -17,14 +17,14 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from sttd.audio import decode_wav
-from sttd.backends.base import Request, Result, Segment, Word
+from sttd.audio import SAMPLE_RATE_HZ, decode_wav
+from sttd.backends.base import ASRBackend, Request, Result, Word
 from sttd.errors import BackendError, UnsupportedLanguage
 
 __all__ = ["MockBackend", "default_references_dir"]
 
-_HOP = 160  # 10 ms at 16 kHz
-_HOP_S = _HOP / 16000
+_HOP = SAMPLE_RATE_HZ // 100  # 10 ms
+_HOP_S = _HOP / SAMPLE_RATE_HZ
 # Frames louder than this (RMS, full scale = 1.0; about -40 dBFS) count as active.
 _ACTIVE_RMS = 0.01
 _MIN_CORRELATION = 0.8
@@ -53,7 +53,7 @@ class _Fixture:
 
 
 @attrs.frozen
-class MockBackend:
+class MockBackend(ASRBackend):
     """Replays reference transcripts for audio cut from the fixtures."""
 
     fixtures: tuple[_Fixture, ...]
@@ -130,9 +130,8 @@ class MockBackend:
             )
             for i in chosen
         )
-        text = " ".join(word.word for word in words)
-        segment = Segment(start_s=words[0].start_s, end_s=words[-1].end_s, text=text)
-        return Result(text=text, segments=(segment,), words=words, language="en", confidence=1.0)
+        return Result(text=" ".join(word.word for word in words), words=words, language="en",
+                      confidence=1.0)
 
 
 def _envelope(audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:

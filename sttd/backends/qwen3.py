@@ -35,7 +35,8 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from sttd.backends.base import Request, Result
+from sttd.audio import SAMPLE_RATE_HZ
+from sttd.backends.base import ASRBackend, Request, Result
 from sttd.errors import BackendError, ConfigError, UnsupportedLanguage
 
 __all__ = ["LANGUAGES", "Qwen3Backend", "Qwen3Options", "build_prompt", "parse_output"]
@@ -43,12 +44,11 @@ __all__ = ["LANGUAGES", "Qwen3Backend", "Qwen3Options", "build_prompt", "parse_o
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_SAMPLE_RATE_HZ: Final = 16000
 _ASR_TEXT: Final = "<asr_text>"
 _AUDIO: Final = "<|audio_start|><|audio_pad|><|audio_end|>"
 _SPECIAL_TOKEN: Final = re.compile(r"<\|[^|<>]*\|>")
 # Shortest clip the audio encoder takes (qwen-asr pads to this too).
-_MIN_SAMPLES: Final = _SAMPLE_RATE_HZ // 2
+_MIN_SAMPLES: Final = SAMPLE_RATE_HZ // 2
 # Output tokens allowed: a floor plus per second of audio (speech runs at 3-6 tokens a second),
 # so a decode that loops is cut off early; never above STT_VLLM_MAX_TOKENS.
 _MIN_NEW_TOKENS: Final = 24
@@ -191,7 +191,7 @@ class _EngineLoop:
         self._thread.join(timeout=10)
 
 
-class Qwen3Backend:
+class Qwen3Backend(ASRBackend):
     """Qwen3-ASR on vLLM; see the module docstring. `load` builds the real engine."""
 
     name = "qwen3"

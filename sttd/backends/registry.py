@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import Literal
 
 from sttd.backends.base import ASRBackend
 from sttd.errors import ConfigError
 from sttd.settings import Settings
 
-__all__ = ["load_backend", "resolve_backend_name"]
+__all__ = ["load_backend", "resolve_backend_name", "resolve_lanes"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,15 @@ def resolve_backend_name(settings: Settings) -> str:
         except ImportError:
             pass
     return "whisper"
+
+
+def resolve_lanes(settings: Settings,
+                  preferred_lanes: int) -> tuple[int, Literal["settings", "backend"]]:
+    """Backend calls the engine may run at once, and who chose: ``"settings"``
+    (STT_INFERENCE_LANES) or, where that is 0, ``"backend"`` (its `preferred_lanes`)."""
+    if settings.inference_lanes > 0:
+        return settings.inference_lanes, "settings"
+    return preferred_lanes, "backend"
 
 
 def load_backend(settings: Settings) -> ASRBackend:
@@ -54,6 +64,7 @@ def load_backend(settings: Settings) -> ASRBackend:
     if name == "remote":
         from sttd.backends.remote import RemoteBackend, RemoteOptions, parse_urls
 
+        lanes, _ = resolve_lanes(settings, RemoteBackend.preferred_lanes)
         return RemoteBackend(RemoteOptions(
             urls=parse_urls(settings.remote_urls),
             model=settings.remote_model,
@@ -61,10 +72,9 @@ def load_backend(settings: Settings) -> ASRBackend:
             timeout_s=settings.remote_timeout_s,
             retries=settings.remote_retries,
             eject_s=settings.remote_eject_s,
-            # Every request of every batch in flight goes out at once: the scheduler runs up to
-            # max(STT_INFERENCE_THREADS, the backend's 8 lanes) batches.
-            max_connections=max(64, settings.max_inference_batch_size
-                                * max(settings.inference_threads, RemoteBackend.preferred_lanes)),
+            # Every request of every batch in flight goes out at once, and the engine runs up to
+            # `lanes` batches at once.
+            max_connections=max(64, settings.max_inference_batch_size * lanes),
         ))
     if name == "qwen3":
         from sttd.backends.qwen3 import Qwen3Backend, Qwen3Options

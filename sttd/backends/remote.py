@@ -31,9 +31,9 @@ import attrs
 import httpx
 
 from sttd.audio import encode_wav
-from sttd.backends.base import Request, Result, Segment, Word
+from sttd.backends.base import ASRBackend, Request, Result, Word
 from sttd.errors import BackendError, ConfigError
-from sttd.languages import language_code
+from sttd.api import language_code
 
 __all__ = ["RemoteBackend", "RemoteOptions", "Upstream", "UpstreamPool", "parse_urls"]
 
@@ -155,7 +155,7 @@ class _Retryable(Exception):
     """An attempt failed in a way another attempt may not."""
 
 
-class RemoteBackend:
+class RemoteBackend(ASRBackend):
     """Sends each request to an upstream transcription server; see the module docstring."""
 
     name = "remote"
@@ -282,9 +282,6 @@ def _parse_result(body: dict[str, Any]) -> Result:
         Word(str(w.get("word", "")).strip(), float(w.get("start", 0.0)), float(w.get("end", 0.0)),
              float(w.get("probability", 1.0)))
         for w in body.get("words") or () if isinstance(w, dict))
-    segments = tuple(
-        Segment(float(s.get("start", 0.0)), float(s.get("end", 0.0)), str(s.get("text", "")))
-        for s in body.get("segments") or () if isinstance(s, dict))
     language = body.get("language")
     if isinstance(language, str) and language:
         language = language_code(language)
@@ -293,5 +290,5 @@ def _parse_result(body: dict[str, Any]) -> Result:
     has_probability = bool(words) and all(
         isinstance(w, dict) and "probability" in w for w in body.get("words") or ())
     confidence = (sum(w.probability for w in words) / len(words)) if has_probability else None
-    return Result(text=body["text"].strip(), segments=segments, words=words, language=language,
+    return Result(text=body["text"].strip(), words=words, language=language,
                   confidence=confidence)

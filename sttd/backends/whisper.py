@@ -29,14 +29,14 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from sttd.backends.base import Request, Result, Segment, Word
+from sttd.audio import SAMPLE_RATE_HZ
+from sttd.backends.base import ASRBackend, Request, Result, Word
 from sttd.errors import BackendError, UnsupportedLanguage
 
 __all__ = ["WhisperBackend", "WhisperOptions"]
 
 log = logging.getLogger(__name__)
 
-_SAMPLE_RATE_HZ = 16000
 _HOP_SAMPLES = 160  # one mel frame = 10 ms
 _WINDOW_FRAMES = 3000  # Whisper's 30 s input
 _MIN_FRAMES = 1000  # shortest padding that does not make short clips loop (measured)
@@ -82,7 +82,7 @@ class _Decoded:
     hit_cap: bool
 
 
-class WhisperBackend:
+class WhisperBackend(ASRBackend):
     """Whisper through faster-whisper's CTranslate2 model, batched at the lowest level."""
 
     def __init__(self, model: Any, options: WhisperOptions, model_name: str) -> None:
@@ -276,12 +276,12 @@ class WhisperBackend:
             for start in range(0, request.audio.size, _WINDOW_SAMPLES)
         ]
         parts = self._transcribe_short(windows)
-        offset_s = _WINDOW_SAMPLES / _SAMPLE_RATE_HZ
+        offset_s = _WINDOW_SAMPLES / SAMPLE_RATE_HZ
         words = tuple(
             attrs.evolve(word, start_s=word.start_s + n * offset_s, end_s=word.end_s + n * offset_s)
             for n, part in enumerate(parts) for word in part.words)
         text = " ".join(part.text for part in parts if part.text)
-        return _with_words(text, words, parts[0].language if parts else None, request)
+        return _with_words(text, words, parts[0].language if parts else None)
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -383,15 +383,11 @@ def _result(request: Request, output: _Decoded, words: list[Word], language: str
     if request.kind == "partial":
         return Result(text=output.text, language=language,
                       confidence=math.exp(min(output.avg_logprob, 0.0)))
-    return _with_words(output.text, tuple(words), language, request)
+    return _with_words(output.text, tuple(words), language)
 
 
-def _with_words(text: str, words: tuple[Word, ...], language: str | None,
-                request: Request) -> Result:
+def _with_words(text: str, words: tuple[Word, ...], language: str | None) -> Result:
     if not text:
         return Result(text="", language=language)
-    end_s = words[-1].end_s if words else request.duration_s
-    start_s = words[0].start_s if words else 0.0
     confidence = float(np.mean([w.probability for w in words])) if words else None
-    return Result(text=text, segments=(Segment(start_s, end_s, text),), words=words,
-                  language=language, confidence=confidence)
+    return Result(text=text, words=words, language=language, confidence=confidence)

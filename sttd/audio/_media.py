@@ -3,9 +3,9 @@
 `MediaReader` opens a seekable file object with FFmpeg (through PyAV's Python I/O, so MP4 files
 whose index sits at the end work), decodes its first audio stream one packet at a time, and
 hands out 16 kHz mono float32 blocks of a fixed length, so that memory does not grow with the
-length of the file. Conversion mirrors `sttd.audio`'s WAV path: samples are scaled to float in
-numpy, channels are averaged, and the rate is converted with soxr's HQ filter, whose state is
-kept across frames; NaN and out-of-range values never reach the audio.
+length of the file. Samples are scaled to float in numpy and channels averaged, then the one
+audio converter (`StreamConverter`) converts the rate with the state kept across frames, as for
+WAV files; NaN and out-of-range values never reach the audio.
 
 Only the demuxers in `_DEMUXERS` may open an upload: FFmpeg's playlist and concat demuxers
 (HLS, DASH, ffconcat) would open other files or URLs named inside it.
@@ -32,20 +32,26 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterator
-from typing import IO, Final, Protocol
+from typing import IO, Final
 
 import attrs
 import av
 import av.error
 import numpy as np
 import numpy.typing as npt
-import soxr  # type: ignore[import-untyped]  # soxr ships no py.typed marker; `_Resampler` types what we use
 from av.audio.frame import AudioFrame
 from av.audio.stream import AudioStream
 from av.container import InputContainer
 from av.packet import Packet
 
-from sttd.audio import SAMPLE_RATE_HZ
+from sttd.audio._convert import (
+    MAX_SAMPLE_RATE_HZ,
+    MIN_SAMPLE_RATE_HZ,
+    AudioFormat,
+    StreamConverter,
+)
+from sttd.audio._pcm import SAMPLE_RATE_HZ, clean
+from sttd.audio._wav import is_wav
 from sttd.errors import BadAudio, PayloadTooLarge, UnsupportedMedia
 
 __all__ = ["ACCEPTED_FORMATS", "MediaReader"]
@@ -65,8 +71,6 @@ _CONTAINER_OPTIONS: Final = {
 _CONTAINER_NAMES: Final = {"mov": "MP4", "matroska": "WebM/Matroska", "asf": "WMA/ASF", "ogg": "Ogg",
                             "flac": "FLAC", "mp3": "MP3", "aac": "AAC", "aiff": "AIFF", "caf": "CAF",
                             "amr": "AMR", "wav": "WAV", "w64": "Wave64"}
-_MIN_SAMPLE_RATE_HZ: Final = 4000  # as for WAV; also bounds the upsampling factor to 4
-_MAX_SAMPLE_RATE_HZ: Final = 384_000
 _MAX_CHANNELS: Final = 255  # Opus's limit, the highest of the accepted codecs
 _AV_NUM_DATA_POINTERS: Final = 8  # see `_interleave`
 # A run this long is not a glitch but a stream we cannot decode: 1 to 2 s of audio for most
@@ -84,12 +88,6 @@ _SAMPLE_SCALES: Final[dict[str, tuple[float, float]]] = {
 }
 
 _Float32Array = npt.NDArray[np.float32]
-
-
-class _Resampler(Protocol):
-    """The part of `soxr.ResampleStream` we use."""
-
-    def resample_chunk(self, x: _Float32Array, last: bool = False) -> _Float32Array: ...
 
 
 @attrs.define
@@ -110,8 +108,8 @@ class MediaReader:
     _max_duration_s: float | None
     # Output converted but not yet handed out, oldest first: at most a packet's worth.
     _pending: deque[_Float32Array] = attrs.field(init=False, factory=deque)
-    _resampler: _Resampler | None = attrs.field(default=None, init=False)
-    _rate_hz: int = attrs.field(default=0, init=False)
+    # The converter for the rate of the frames now coming (it can change mid-file).
+    _converter: StreamConverter | None = attrs.field(default=None, init=False)
     _samples_out: int = attrs.field(default=0, init=False)
     _packets_read: int = attrs.field(default=0, init=False)
     _bad_packets: int = attrs.field(default=0, init=False)
@@ -232,25 +230,21 @@ class MediaReader:
     def _convert(self, frame: AudioFrame) -> _Float32Array:
         """One frame as 16 kHz mono float32; the resampler's delay is held back until `_finish`."""
         rate_hz = frame.sample_rate
-        if not _MIN_SAMPLE_RATE_HZ <= rate_hz <= _MAX_SAMPLE_RATE_HZ:
+        if not MIN_SAMPLE_RATE_HZ <= rate_hz <= MAX_SAMPLE_RATE_HZ:
             raise BadAudio(f"the {self._describe()} audio's sample rate must be between "
-                           f"{_MIN_SAMPLE_RATE_HZ} and {_MAX_SAMPLE_RATE_HZ} Hz, got {rate_hz}")
+                           f"{MIN_SAMPLE_RATE_HZ} and {MAX_SAMPLE_RATE_HZ} Hz, got {rate_hz}")
         mono = _to_mono(frame)
-        if rate_hz != self._rate_hz:
+        if self._converter is None or self._converter.format.sample_rate_hz != rate_hz:
             # A chained Ogg stream or a new ADTS configuration can change the rate mid-file.
             self._flush_resampler()
-            self._rate_hz = rate_hz
-            self._resampler = None if rate_hz == SAMPLE_RATE_HZ else soxr.ResampleStream(
-                rate_hz, SAMPLE_RATE_HZ, 1, dtype="float32", quality="HQ")
-        if self._resampler is None:
-            return mono
-        return _clip(self._resampler.resample_chunk(mono))
+            self._converter = StreamConverter.for_format(
+                AudioFormat(rate_hz, 1, "float32"))
+        return self._converter.convert_mono(mono)
 
     def _flush_resampler(self) -> None:
-        if self._resampler is not None:
-            tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
-            self._add(_clip(tail))
-            self._resampler = None
+        if self._converter is not None:
+            self._add(self._converter.convert_mono(np.zeros(0, np.float32), last=True))
+            self._converter = None
 
     def _add(self, samples: _Float32Array) -> None:
         if not samples.size:
@@ -392,7 +386,7 @@ def _to_mono(frame: AudioFrame) -> _Float32Array:
         mono = by_channel.mean(axis=0, dtype=np.float64 if fmt.name.startswith("dbl") else np.float32)
     if offset or full_scale != 1.0:
         mono = (mono - np.float32(offset)) / np.float32(full_scale)
-    return _clip(mono)
+    return clean(mono)
 
 
 def _interleave(frame: AudioFrame) -> AudioFrame:
@@ -411,16 +405,6 @@ def _interleave(frame: AudioFrame) -> AudioFrame:
     if len(converted) != 1 or converted[0].samples != frame.samples:  # a format change buffers nothing
         raise BadAudio(f"the file's {frame.layout.nb_channels}-channel audio could not be converted")
     return converted[0]
-
-
-def _clip(samples: npt.NDArray[np.floating]) -> _Float32Array:
-    """Finite float32 in [-1, 1]: float decoders (and the resampler) overshoot full scale.
-
-    Cleaned in the source precision, so that float64 beyond float32's range cannot overflow.
-    """
-    cleaned: npt.NDArray[np.floating] = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
-    np.clip(cleaned, -1.0, 1.0, out=cleaned)
-    return cleaned.astype(np.float32, copy=False)
 
 
 def _ffmpeg_reason(exc: av.error.FFmpegError) -> str:
@@ -454,6 +438,8 @@ def _sniff(head: bytes) -> tuple[str, bool]:
     for offset, signature, name, is_audio in _SIGNATURES:
         if head[offset : offset + len(signature)] == signature:
             return name, is_audio
+    if is_wav(head):
+        return "WAV", True
     if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
         return "AIFF", True
     if head[:4] == b"RIFF":

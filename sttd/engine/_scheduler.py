@@ -1,28 +1,33 @@
-"""The cross-session inference scheduler: many sessions, one batched backend call at a time.
+"""The cross-session inference scheduler: many sessions, a few batched backend calls at a time.
 
 Theory of operation. Sessions `submit` requests and wait for their results. One task (`run`,
 started in the app-level nursery) waits for work, gives late arrivals up to ``window_s`` to
-join, then takes up to ``max_batch`` pending requests and runs them as ONE backend call. The
-order it takes them in is the policy:
+join, then takes up to ``max_batch`` pending requests and runs them as ONE call of the
+`run_batch` it was given (the engine's: one batched backend call in a worker thread). The order
+it takes them in is the policy:
 
 * priority classes, highest first: streaming finals, then partials, then file pieces
   (`Priority`), so under load partials slow down before finals do, and a big upload never
   delays a live caller's final. A batch holds one class only: finals never wait for partials
   riding along in their call. Partial batches, and file batches while any live stream is open
-  (``live_streams``), are cut to ``max_batch_s`` of expected work (from a running average of
-  seconds per request), so a final that arrives meanwhile waits at most about that long;
-* with ``lanes`` > 1, that many batches run at once, at most one of them background work, so
-  a final starts in a free lane even while a partial batch is running;
+  (`LiveStreams`, which the engine counts for its sessions), are cut to ``max_batch_s`` of
+  expected work (from a running average of seconds per request), so a final that arrives
+  meanwhile waits at most about that long;
+* up to ``lanes`` batches run at once (STT_INFERENCE_LANES, or the backend's preferred number),
+  at most one of them background work, so a final starts in a free lane even while a partial
+  batch is running. With one lane, calls run one after another;
 * background work (partials, and file pieces while live streams are open) may use at most
   ``background_share`` of the engine's time: after a background batch that took T seconds the
   next one waits T * (1 / share - 1), while finals start at once. Under load this lowers the
   partial rate of every session evenly, and leaves the engine (and the CPU the event loop shares
   with it) free for finals when an utterance ends, instead of always busy with partials;
-* first come, first served inside a class; a session has at most one pending partial (a newer
-  one supersedes the older, whose waiter gets `Superseded`: only the latest audio is worth
-  decoding), so no session can crowd out the others;
-* a batch that fails is retried one request at a time, so a request that breaks the backend
-  fails only its own session;
+* first come, first served inside a class; a session keeps at most one partial queued (it
+  withdraws a stale one by cancelling its wait), so no session can crowd out the others;
+* a batch that fails with `BackendError` is retried one request at a time, so a request that
+  breaks the backend fails only its own session;
+* any other exception in a lane (a bug in the batch runner, the metrics, the cost bookkeeping)
+  is logged and fails the requests of that batch still waiting, each with a `BackendError`
+  saying the scheduler failed; the other lanes and `run` go on. Cancellation is never caught;
 * a request without a result ``request_timeout_s`` after it was submitted fails with
   `InferenceTimeout` (its session reports it and goes on), and while a backend call has run
   longer than that, `degraded()` says so (for /health). A stuck call cannot be killed: its
@@ -36,11 +41,11 @@ in flight always completes (worker threads are never abandoned).
 
 from __future__ import annotations
 
+import contextlib
 import enum
-import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import attrs
 import trio
@@ -48,8 +53,9 @@ import trio
 from sttd.backends.base import Request, Result
 from sttd.errors import BackendError, InferenceTimeout
 from sttd.metrics import Metrics
+from sttd.settings import Settings
 
-__all__ = ["Priority", "Scheduler", "SchedulerStatistics", "Superseded"]
+__all__ = ["LiveStreams", "Priority", "Scheduler", "SchedulerConfig", "SchedulerStatistics"]
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +68,6 @@ _COST_EWMA_WEIGHT = 0.2
 _OVERLOAD_MEMORY_S = 5.0
 
 
-class Superseded(Exception):
-    """A newer partial from the same session replaced this one before it was decoded."""
-
-
 class Priority(enum.IntEnum):
     """Scheduling classes, most urgent first."""
 
@@ -74,18 +76,74 @@ class Priority(enum.IntEnum):
     FILE = 2
 
 
+@attrs.frozen(kw_only=True)
+class SchedulerConfig:
+    """How the scheduler batches and orders requests. `from_settings` is the one place its
+    values come from; tests that build one directly give every field."""
+
+    # Most requests in one backend call (STT_MAX_INFERENCE_BATCH_SIZE).
+    max_batch: int = attrs.field(validator=attrs.validators.gt(0))
+    # How long requests may gather before a batch starts (STT_BATCH_WINDOW_MS).
+    window_s: float = attrs.field(validator=attrs.validators.ge(0))
+    # Average queue wait of finals past which `overloaded()` is true (STT_MAX_FINAL_WAIT_S).
+    max_final_wait_s: float = attrs.field(validator=attrs.validators.gt(0))
+    # Expected work in one background batch (STT_MAX_BATCH_MS).
+    max_batch_s: float = attrs.field(validator=attrs.validators.gt(0))
+    # Most of the engine's time background work may take (STT_BACKGROUND_SHARE).
+    background_share: float = attrs.field(
+        validator=[attrs.validators.gt(0), attrs.validators.le(1)])
+    # A request without a result this long after it was submitted fails
+    # (STT_INFERENCE_TIMEOUT_S).
+    request_timeout_s: float = attrs.field(validator=attrs.validators.gt(0))
+    # Batches that may run at once, at most one of them background.
+    lanes: int = attrs.field(validator=attrs.validators.gt(0))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, lanes: int) -> SchedulerConfig:
+        """The scheduler's part of `settings`, with `lanes` as the engine chose them."""
+        return cls(
+            max_batch=settings.max_inference_batch_size,
+            window_s=settings.batch_window_ms / 1000,
+            max_final_wait_s=settings.max_final_wait_s,
+            max_batch_s=settings.max_batch_ms / 1000,
+            background_share=settings.background_share,
+            request_timeout_s=settings.inference_timeout_s,
+            lanes=lanes,
+        )
+
+
+@attrs.define
+class LiveStreams:
+    """How many live streams are open: the engine counts them, the scheduler reads the count
+    (file batches only yield to live traffic while there is some)."""
+
+    _count: int = attrs.field(init=False, default=0)
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        """Count one more live stream while the block runs."""
+        self._count += 1
+        try:
+            yield
+        finally:
+            self._count -= 1
+
+
 @attrs.define(eq=False)
-class _Job:
+class _Pending:
+    """A submitted request, until its waiter has the outcome."""
+
     request: Request
-    session: Hashable
     priority: Priority
-    order: int
     submitted_at: float
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Result | None = None
-    error: BaseException | None = None
+    error: BackendError | None = None
     started: bool = False
-    superseded: bool = False
     on_start: trio.Event | None = None
 
 
@@ -102,25 +160,15 @@ class SchedulerStatistics:
 
 @attrs.define
 class Scheduler:
-    """Batches requests from all sessions into single backend calls."""
+    """Batches requests from all sessions into single `run_batch` calls; see the module
+    docstring."""
 
     run_batch: RunBatch
+    config: SchedulerConfig
     metrics: Metrics
-    max_batch: int = attrs.field(default=32, validator=attrs.validators.gt(0))
-    window_s: float = attrs.field(default=0.005, validator=attrs.validators.ge(0))
-    max_final_wait_s: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
-    max_batch_s: float = attrs.field(default=0.25, validator=attrs.validators.gt(0))
-    background_share: float = attrs.field(
-        default=0.5, validator=[attrs.validators.gt(0), attrs.validators.le(1)])
-    request_timeout_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
-    # Batches that may run at once (STT_INFERENCE_THREADS); at most one of them background.
-    lanes: int = attrs.field(default=1, validator=attrs.validators.gt(0))
-    # How many live streams are open; file batches only need cutting when some are.
-    live_streams: Callable[[], int] = lambda: 1
-    _queues: dict[Priority, list[_Job]] = attrs.field(
+    live_streams: LiveStreams
+    _queues: dict[Priority, list[_Pending]] = attrs.field(
         init=False, factory=lambda: {p: [] for p in Priority})
-    _partials: dict[Hashable, _Job] = attrs.field(init=False, factory=dict)
-    _counter: itertools.count[int] = attrs.field(init=False, factory=itertools.count)
     _work: trio.lowlevel.ParkingLot = attrs.field(init=False, factory=trio.lowlevel.ParkingLot)
     _batches: int = attrs.field(init=False, default=0)
     _final_wait_ewma_s: float = attrs.field(init=False, default=0.0)
@@ -147,10 +195,10 @@ class Scheduler:
         if not self._calls_started_at:
             return None
         running = trio.current_time() - min(self._calls_started_at.values())
-        if running <= self.request_timeout_s:
+        if running <= self.config.request_timeout_s:
             return None
         return (f"a backend call has been running for {running:.0f} s "
-                f"(STT_INFERENCE_TIMEOUT_S={self.request_timeout_s:g})")
+                f"(STT_INFERENCE_TIMEOUT_S={self.config.request_timeout_s:g})")
 
     def overloaded(self) -> bool:
         """Whether finals wait too long: new sessions should be refused.
@@ -160,49 +208,37 @@ class Scheduler:
         """
         idle_s = max(trio.current_time() - self._final_wait_at, 0.0)
         recent = self._final_wait_ewma_s * math.exp(-idle_s / _OVERLOAD_MEMORY_S)
-        return recent > self.max_final_wait_s
+        return recent > self.config.max_final_wait_s
 
-    async def submit(self, request: Request, *, session: Hashable,
-                     priority: Priority | None = None, started: trio.Event | None = None
-                     ) -> Result:
+    async def submit(self, request: Request, *, priority: Priority | None = None,
+                     started: trio.Event | None = None) -> Result:
         """Queue `request` and wait for its result; `started` is set when its batch starts.
 
-        Raises `Superseded` if a newer partial of `session` replaced it, and `BackendError` if
-        the backend failed on it. Cancellation withdraws it if it has not started.
+        `priority` defaults to the request's kind (a final or a partial). Raises
+        `BackendError` if the backend, or the scheduler, failed on it, and `InferenceTimeout`
+        if it has no result within ``request_timeout_s``. Cancellation withdraws it if it has
+        not started.
         """
         if priority is None:
             priority = Priority.FINAL if request.kind == "final" else Priority.PARTIAL
-        job = _Job(request, session, priority, next(self._counter), trio.current_time(),
-                   on_start=started)
-        if priority is Priority.PARTIAL:
-            older = self._partials.pop(session, None)
-            if older is not None and not older.started:
-                self._withdraw(older)
-                older.superseded = True
-                older.done.set()
-                self.metrics.scheduler_requests_total.labels("partial", "superseded").inc()
-            self._partials[session] = job
-        self._queues[priority].append(job)
+        pending = _Pending(request, priority, trio.current_time(), on_start=started)
+        self._queues[priority].append(pending)
         self._work.unpark_all()
         try:
-            with trio.move_on_after(self.request_timeout_s):
-                await job.done.wait()
+            with trio.move_on_after(self.config.request_timeout_s):
+                await pending.done.wait()
         finally:
-            if not job.done.is_set() and not job.started:
-                self._withdraw(job)
+            if not pending.done.is_set() and not pending.started:
+                self._withdraw(pending)
                 self.metrics.scheduler_requests_total.labels(request.kind, "withdrawn").inc()
-            if self._partials.get(session) is job:
-                del self._partials[session]
-        if not job.done.is_set():
+        if not pending.done.is_set():
             self.metrics.scheduler_requests_total.labels(request.kind, "timeout").inc()
             raise InferenceTimeout(
-                f"no result within STT_INFERENCE_TIMEOUT_S={self.request_timeout_s:g} s")
-        if job.superseded:
-            raise Superseded
-        if job.error is not None:
-            raise job.error
-        assert job.result is not None
-        return job.result
+                f"no result within STT_INFERENCE_TIMEOUT_S={self.config.request_timeout_s:g} s")
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve batches until cancelled; cancellation waits for the batches in flight."""
@@ -211,31 +247,35 @@ class Scheduler:
             while True:
                 while not self._runnable():
                     # Woken by new work or a finished batch, or when the background pause ends.
-                    paused = (self._pending() and self._lanes_busy < self.lanes
+                    paused = (self._pending() and self._lanes_busy < self.config.lanes
                               and not self._background_busy)
                     with trio.move_on_at(self._background_at if paused else math.inf):
                         await self._work.park()
-                if self.window_s > 0 and self._runnable() < self.max_batch:
-                    await trio.sleep(self.window_s)  # let requests arriving together share a call
+                if self.config.window_s > 0 and self._runnable() < self.config.max_batch:
+                    # Let requests arriving together share a call.
+                    await trio.sleep(self.config.window_s)
                 batch = self._take()
                 if batch:
+                    # Decided once: the live-stream count may change before the lane ends.
+                    background = self._is_background(batch[0].priority)
                     self._lanes_busy += 1
-                    if self._is_background(batch[0].priority):
+                    if background:
                         self._background_busy = True
-                    nursery.start_soon(self._run_in_lane, batch)
+                    nursery.start_soon(self._run_in_lane, batch, background)
 
-    async def _run_in_lane(self, batch: list[_Job]) -> None:
-        background = self._is_background(batch[0].priority)
+    async def _run_in_lane(self, batch: list[_Pending], background: bool) -> None:
         started = trio.current_time()
         try:
             await self._run(batch)
+        except Exception as exc:  # a bug of ours must fail this batch, not the server
+            self._fail(batch, exc)
         finally:
             self._lanes_busy -= 1
             if background:
                 self._background_busy = False
                 busy = trio.current_time() - started
                 self._background_at = trio.current_time() + busy * (
-                    1 / self.background_share - 1)
+                    1 / self.config.background_share - 1)
             self._work.unpark_all()
 
     def _pending(self) -> int:
@@ -246,7 +286,7 @@ class Scheduler:
 
     def _runnable(self) -> int:
         """How many pending requests may start now (0 while every lane is busy)."""
-        if self._lanes_busy >= self.lanes:
+        if self._lanes_busy >= self.config.lanes:
             return 0
         if self._background_allowed():
             return self._pending()
@@ -255,30 +295,30 @@ class Scheduler:
 
     def _is_background(self, priority: Priority) -> bool:
         return priority is Priority.PARTIAL or (
-            priority is Priority.FILE and self.live_streams() > 0)
+            priority is Priority.FILE and self.live_streams.count > 0)
 
-    def _take(self) -> list[_Job]:
-        batch: list[_Job] = []
+    def _take(self) -> list[_Pending]:
+        batch: list[_Pending] = []
         paused = not self._background_allowed()
         for priority in Priority:
             queue = self._queues[priority]
             if not queue or (paused and self._is_background(priority)):
                 continue
-            room = self.max_batch
+            room = self.config.max_batch
             cost = self._cost_s.get(priority)
             if self._is_background(priority) and cost:
-                room = max(1, min(room, int(self.max_batch_s / cost)))
+                room = max(1, min(room, int(self.config.max_batch_s / cost)))
             batch = queue[:room]
             del queue[:room]
             break
         now = trio.current_time()
-        for job in batch:
-            job.started = True
-            if job.on_start is not None:
-                job.on_start.set()
-            wait = now - job.submitted_at
-            self.metrics.scheduler_queue_wait_seconds.labels(job.request.kind).observe(wait)
-            if job.priority is Priority.FINAL:
+        for pending in batch:
+            pending.started = True
+            if pending.on_start is not None:
+                pending.on_start.set()
+            wait = now - pending.submitted_at
+            self.metrics.scheduler_queue_wait_seconds.labels(pending.request.kind).observe(wait)
+            if pending.priority is Priority.FINAL:
                 self._final_wait_ewma_s += _WAIT_EWMA_WEIGHT * (wait - self._final_wait_ewma_s)
                 self._final_wait_at = now
         if not self._queues[Priority.FINAL] and not _has_final(batch):
@@ -286,7 +326,7 @@ class Scheduler:
             self._final_wait_ewma_s *= 1 - _WAIT_EWMA_WEIGHT
         return batch
 
-    async def _run(self, batch: list[_Job]) -> None:
+    async def _run(self, batch: list[_Pending]) -> None:
         self._batches += 1
         self.metrics.scheduler_batch_size.observe(len(batch))
         started = self._calls_started_at[id(batch)] = trio.current_time()
@@ -295,42 +335,57 @@ class Scheduler:
         finally:
             del self._calls_started_at[id(batch)]
 
-    async def _call(self, batch: list[_Job], started: float) -> None:
+    async def _call(self, batch: list[_Pending], started: float) -> None:
         try:
-            results = await self.run_batch([job.request for job in batch])
+            results = await self.run_batch([pending.request for pending in batch])
             self._learn_cost(batch[0].priority, (trio.current_time() - started) / len(batch))
         except BackendError as exc:
             if len(batch) == 1:
                 self._finish(batch[0], None, exc)
                 return
             log.warning("scheduler.batch_failed size=%d retrying=one_by_one", len(batch))
-            for job in batch:
+            for pending in batch:
                 try:
-                    [result] = await self.run_batch([job.request])
+                    [result] = await self.run_batch([pending.request])
                 except BackendError as single:
-                    self._finish(job, None, single)
+                    self._finish(pending, None, single)
                 else:
-                    self._finish(job, result, None)
+                    self._finish(pending, result, None)
             return
-        for job, result in zip(batch, results, strict=True):
-            self._finish(job, result, None)
+        # Paired before any is answered: results that do not match fail the whole batch.
+        for pending, result in list(zip(batch, results, strict=True)):
+            self._finish(pending, result, None)
 
     def _learn_cost(self, priority: Priority, seconds: float) -> None:
         old = self._cost_s.get(priority)
         self._cost_s[priority] = seconds if old is None else old + _COST_EWMA_WEIGHT * (
             seconds - old)
 
-    def _finish(self, job: _Job, result: Result | None, error: BaseException | None) -> None:
-        job.result, job.error = result, error
+    def _finish(self, pending: _Pending, result: Result | None,
+                error: BackendError | None) -> None:
+        pending.result, pending.error = result, error
+        pending.done.set()  # before the metrics: should counting fail, the waiter has its answer
         outcome = "ok" if error is None else "failed"
-        self.metrics.scheduler_requests_total.labels(job.request.kind, outcome).inc()
-        job.done.set()
+        self.metrics.scheduler_requests_total.labels(pending.request.kind, outcome).inc()
 
-    def _withdraw(self, job: _Job) -> None:
-        queue = self._queues[job.priority]
-        if job in queue:
-            queue.remove(job)
+    def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+        """Fail the requests of `batch` still waiting: the scheduler broke running it."""
+        log.error("scheduler.failed kind=%s size=%d", batch[0].request.kind, len(batch),
+                  exc_info=True)
+        waiting = [pending for pending in batch if not pending.done.is_set()]
+        for pending in waiting:  # each waiter raises its own error (tracebacks are per object)
+            error = BackendError(f"the scheduler failed running this request's batch: {exc!r}")
+            error.__cause__ = exc
+            pending.error = error
+            pending.done.set()
+        for pending in waiting:
+            self.metrics.scheduler_requests_total.labels(pending.request.kind, "failed").inc()
+
+    def _withdraw(self, pending: _Pending) -> None:
+        queue = self._queues[pending.priority]
+        if pending in queue:
+            queue.remove(pending)
 
 
-def _has_final(batch: Sequence[_Job]) -> bool:
-    return any(job.priority is Priority.FINAL for job in batch)
+def _has_final(batch: Sequence[_Pending]) -> bool:
+    return any(pending.priority is Priority.FINAL for pending in batch)

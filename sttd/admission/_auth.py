@@ -61,11 +61,6 @@ class Access:
         token = _keys("STT_METRICS_TOKEN", [settings.metrics_token])
         return cls(api_keys=keys, metrics_token=token[0] if token else b"")
 
-    @property
-    def api_protected(self) -> bool:
-        """Whether /v1/* needs a key."""
-        return bool(self.api_keys)
-
     def allows_api(self, authorization: str | None, token: str | None = None) -> bool:
         """Whether an ``Authorization`` header (or the WebSocket's `token` query value) has a key.
 

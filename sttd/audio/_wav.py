@@ -1,15 +1,16 @@
-"""WAV decoding and PCM16 helpers.
+"""WAV files: a pure-numpy RIFF/WAVE reader and writer.
 
-Two pure-numpy RIFF/WAVE readers share one chunk walker and one sample converter:
+Two readers share one chunk walker and the one audio converter (`StreamConverter`):
 `decode_wav` decodes a whole file held in memory, and `WavReader` decodes a seekable file object
 a bounded block at a time, so that memory does not grow with the length of the file. The walker
 reads only chunk headers and the `fmt ` body, seeking past everything else, so that it can
 accept what streaming writers produce (a `data` size of 0 or 0xFFFFFFFF) and so that it never
 allocates from a declared size: every read is bounded by the bytes actually present. The
-converter turns whole interleaved frames into 16 kHz mono float32 and keeps the resampler's
-state between blocks, so both readers return the same samples. Any input raises only
-`UnsupportedMedia` (not RIFF/WAVE) or `BadAudio` (RIFF/WAVE but broken), or gives finite
-16 kHz mono float32 samples in [-1, 1].
+converter keeps the resampler's state between blocks, so both readers return the same samples.
+Any input raises only `UnsupportedMedia` (not RIFF/WAVE) or `BadAudio` (RIFF/WAVE but broken;
+`UnsupportedWavEncoding` for a well-formed header in an encoding other than PCM or IEEE float,
+which FFmpeg can decode instead), or gives finite 16 kHz mono float32 samples in [-1, 1].
+`is_wav` is the one test of a file's first bytes for RIFF/WAVE.
 """
 
 from __future__ import annotations
@@ -18,29 +19,24 @@ import io
 import math
 import struct
 from collections.abc import Iterator
-from typing import IO, Final, Protocol
+from typing import IO, Final
 
 import attrs
 import numpy as np
 import numpy.typing as npt
-import soxr  # type: ignore[import-untyped]  # soxr ships no py.typed marker; `_Resampler` types what we use
 
+from sttd.audio._convert import (
+    MAX_SAMPLE_RATE_HZ,
+    MIN_SAMPLE_RATE_HZ,
+    AudioFormat,
+    SampleFormat,
+    StreamConverter,
+)
+from sttd.audio._pcm import SAMPLE_RATE_HZ, quantise
 from sttd.errors import BadAudio, UnsupportedMedia, UnsupportedWavEncoding
 
-__all__ = [
-    "SAMPLE_RATE_HZ",
-    "Pcm16Framer",
-    "WavReader",
-    "decode_wav",
-    "encode_wav",
-    "float32_to_pcm16",
-    "pcm16_to_float32",
-]
+__all__ = ["WavReader", "decode_wav", "encode_wav", "is_wav"]
 
-SAMPLE_RATE_HZ: Final[int] = 16000
-
-_MIN_SAMPLE_RATE_HZ: Final = 4000  # below telephony rates; also bounds the upsampling factor
-_MAX_SAMPLE_RATE_HZ: Final = 384_000
 _MAX_CHANNELS: Final = 32
 _RIFF_HEADER_BYTES: Final = 12  # "RIFF", u32 size, "WAVE"
 _CHUNK_HEADER_BYTES: Final = 8  # 4-byte id, u32 little-endian size
@@ -62,7 +58,7 @@ _MAX_BLOCK_READ_BYTES: Final = 4 * 1024 * 1024
 # KSDATAFORMAT_SUBTYPE_* GUIDs are the format tag followed by this fixed tail.
 _SUBFORMAT_GUID_TAIL: Final = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
 # sample_format -> (format tag, bits per sample)
-_SAMPLE_FORMATS: Final = {
+_SAMPLE_FORMATS: Final[dict[SampleFormat, tuple[int, int]]] = {
     "pcm8": (_FORMAT_PCM, 8),
     "pcm16": (_FORMAT_PCM, 16),
     "pcm24": (_FORMAT_PCM, 24),
@@ -70,19 +66,16 @@ _SAMPLE_FORMATS: Final = {
     "float32": (_FORMAT_FLOAT, 32),
     "float64": (_FORMAT_FLOAT, 64),
 }
+_FORMAT_NAMES: Final = {tag_bits: name for name, tag_bits in _SAMPLE_FORMATS.items()}
 
 _Float32Array = npt.NDArray[np.float32]
-_Int16Array = npt.NDArray[np.int16]
 
 
 @attrs.frozen
 class _WavFormat:
     """The fields of a validated `fmt ` chunk."""
 
-    is_float: bool
-    channels: int
-    sample_rate_hz: int
-    bits_per_sample: int
+    audio: AudioFormat
     block_align: int
 
 
@@ -96,40 +89,9 @@ class _WavHeader:
     data_bytes: int | None
 
 
-class _Resampler(Protocol):
-    """The part of `soxr.ResampleStream` we use."""
-
-    def resample_chunk(self, x: _Float32Array, last: bool = False) -> _Float32Array: ...
-
-
-@attrs.define
-class _SampleConverter:
-    """Turns interleaved frames of one format into 16 kHz mono float32 in [-1, 1], block by block."""
-
-    _format: _WavFormat
-    _resampler: _Resampler | None
-
-    @classmethod
-    def for_format(cls, fmt: _WavFormat) -> _SampleConverter:
-        if fmt.sample_rate_hz == SAMPLE_RATE_HZ:
-            return cls(fmt, None)
-        resampler = soxr.ResampleStream(fmt.sample_rate_hz, SAMPLE_RATE_HZ, 1, dtype="float32", quality="HQ")
-        return cls(fmt, resampler)
-
-    def convert(self, raw: bytes | memoryview, *, last: bool) -> _Float32Array:
-        """The samples of the whole frames in `raw` (a trailing partial frame is dropped).
-
-        The resampler holds back its filter's delay until `last`, so the blocks of one file,
-        concatenated, equal the samples of the file converted at once.
-        """
-        align = self._format.block_align
-        frames = len(raw) // align
-        mono = _downmix(_to_float32(raw[: frames * align], self._format), self._format.channels)
-        if self._resampler is not None and (mono.size or last):
-            resampled = self._resampler.resample_chunk(mono, last=last)
-            # The HQ filter rings past full scale on steep edges, so clip again.
-            mono = np.clip(np.asarray(resampled, dtype=np.float32), -1.0, 1.0)
-        return np.ascontiguousarray(mono, dtype=np.float32)
+def is_wav(head: bytes) -> bool:
+    """Whether a file's first 12 bytes are a RIFF/WAVE header."""
+    return head[:4] == b"RIFF" and head[8:12] == b"WAVE"
 
 
 def decode_wav(data: bytes) -> _Float32Array:
@@ -141,7 +103,8 @@ def decode_wav(data: bytes) -> _Float32Array:
     header = _read_header(io.BytesIO(data))  # BytesIO shares the bytes; only headers are copied
     view = memoryview(data)
     end = len(view) if header.data_bytes is None else header.data_start + header.data_bytes
-    return _SampleConverter.for_format(header.fmt).convert(view[header.data_start : end], last=True)
+    converter = StreamConverter.for_format(header.fmt.audio)
+    return converter.convert(view[header.data_start : end], last=True)
 
 
 @attrs.define
@@ -155,7 +118,7 @@ class WavReader:
     """
 
     _file: IO[bytes]
-    _converter: _SampleConverter
+    _converter: StreamConverter
     _read_bytes: int
     # Bytes of the data chunk not yet read, or None to read to the end of the file.
     _remaining_bytes: int | None
@@ -178,9 +141,10 @@ class WavReader:
         header = _read_header(file)
         file.seek(base + header.data_start)
         fmt = header.fmt
-        frames = min(round(block_s * fmt.sample_rate_hz), _MAX_BLOCK_READ_BYTES // fmt.block_align)
+        frames = min(round(block_s * fmt.audio.sample_rate_hz),
+                     _MAX_BLOCK_READ_BYTES // fmt.block_align)
         read_bytes = max(frames, 1) * fmt.block_align
-        return cls(file, _SampleConverter.for_format(fmt), read_bytes, header.data_bytes)
+        return cls(file, StreamConverter.for_format(fmt.audio), read_bytes, header.data_bytes)
 
     def read_block(self) -> _Float32Array | None:
         """The next non-empty block of samples, or None once the data chunk is exhausted."""
@@ -203,23 +167,11 @@ class WavReader:
             yield block
 
 
-def pcm16_to_float32(pcm: _Int16Array) -> _Float32Array:
-    """Convert int16 samples to float32 in [-1, 1) by dividing by 32768."""
-    if pcm.dtype != np.int16:
-        raise ValueError(f"pcm dtype must be int16, got {pcm.dtype}")
-    return pcm.astype(np.float32) / np.float32(32768)
-
-
-def float32_to_pcm16(x: npt.NDArray[np.floating]) -> _Int16Array:
-    """Convert float samples to int16: NaN to 0, clip to [-1, 1], scale by 32768 and round."""
-    return _quantise(x, 16).astype(np.int16)
-
-
 def encode_wav(
     samples: npt.NDArray[np.floating],
     sample_rate_hz: int = SAMPLE_RATE_HZ,
     *,
-    sample_format: str = "pcm16",
+    sample_format: SampleFormat = "pcm16",
     channels: int = 1,
     extensible: bool = False,
 ) -> bytes:
@@ -232,9 +184,9 @@ def encode_wav(
         raise ValueError(f"sample_format must be one of {', '.join(_SAMPLE_FORMATS)}, got {sample_format!r}")
     if samples.ndim != 1:
         raise ValueError(f"samples must be 1-D (mono), got shape {samples.shape}")
-    if not _MIN_SAMPLE_RATE_HZ <= sample_rate_hz <= _MAX_SAMPLE_RATE_HZ:
+    if not MIN_SAMPLE_RATE_HZ <= sample_rate_hz <= MAX_SAMPLE_RATE_HZ:
         raise ValueError(
-            f"sample_rate_hz must be between {_MIN_SAMPLE_RATE_HZ} and {_MAX_SAMPLE_RATE_HZ}, got {sample_rate_hz}"
+            f"sample_rate_hz must be between {MIN_SAMPLE_RATE_HZ} and {MAX_SAMPLE_RATE_HZ}, got {sample_rate_hz}"
         )
     if not 1 <= channels <= _MAX_CHANNELS:
         raise ValueError(f"channels must be between 1 and {_MAX_CHANNELS}, got {channels}")
@@ -243,12 +195,12 @@ def encode_wav(
     if tag == _FORMAT_FLOAT:
         payload = frames.astype(f"<f{bits // 8}").tobytes()
     elif bits == 8:
-        payload = (_quantise(frames, bits) + 128).astype(np.uint8).tobytes()
+        payload = (quantise(frames, bits) + 128).astype(np.uint8).tobytes()
     elif bits == 24:
         # Keep the low three bytes of each little-endian int32.
-        payload = _quantise(frames, bits).astype("<i4")[..., np.newaxis].view(np.uint8)[..., :3].tobytes()
+        payload = quantise(frames, bits).astype("<i4")[..., np.newaxis].view(np.uint8)[..., :3].tobytes()
     else:
-        payload = _quantise(frames, bits).astype(f"<i{bits // 8}").tobytes()
+        payload = quantise(frames, bits).astype(f"<i{bits // 8}").tobytes()
     block_align = channels * bits // 8
     fmt = struct.pack(
         "<HHIIHH",
@@ -267,30 +219,11 @@ def encode_wav(
     return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WAVE" + body
 
 
-@attrs.define
-class Pcm16Framer:
-    """Turns a stream of byte chunks of any length into int16 sample arrays, carrying an odd trailing byte to the next chunk."""
-
-    _carry: bytes = attrs.field(default=b"", init=False)
-
-    def feed(self, data: bytes) -> _Int16Array:
-        """Return the little-endian int16 samples completed by `data` (a copy, possibly empty)."""
-        buf = self._carry + data
-        usable = len(buf) - len(buf) % 2
-        self._carry = buf[usable:]
-        return np.frombuffer(buf, dtype="<i2", count=usable // 2).astype(np.int16)
-
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes held back until the next `feed` completes their sample (0 or 1)."""
-        return len(self._carry)
-
-
 def _read_header(file: IO[bytes]) -> _WavHeader:
     """Walk the chunk list from `file`'s position, seeking past the chunks it does not need."""
     base = file.tell()
     head = _read_up_to(file, _RIFF_HEADER_BYTES)
-    if len(head) < _RIFF_HEADER_BYTES or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+    if len(head) < _RIFF_HEADER_BYTES or not is_wav(head):
         raise UnsupportedMedia(f"expected a WAV file (RIFF/WAVE header), got {head!r}")
     fmt_body: bytes | None = None
     data_start: int | None = None
@@ -367,54 +300,14 @@ def _parse_fmt(body: bytes) -> _WavFormat:
         raise BadAudio(f"WAV bits_per_sample must be one of {', '.join(map(str, allowed))} for {kind}, got {bits}")
     if not 1 <= channels <= _MAX_CHANNELS:
         raise BadAudio(f"WAV channels must be between 1 and {_MAX_CHANNELS}, got {channels}")
-    if not _MIN_SAMPLE_RATE_HZ <= rate_hz <= _MAX_SAMPLE_RATE_HZ:
+    if not MIN_SAMPLE_RATE_HZ <= rate_hz <= MAX_SAMPLE_RATE_HZ:
         raise BadAudio(
-            f"WAV sample_rate_hz must be between {_MIN_SAMPLE_RATE_HZ} and {_MAX_SAMPLE_RATE_HZ}, got {rate_hz}"
+            f"WAV sample_rate_hz must be between {MIN_SAMPLE_RATE_HZ} and {MAX_SAMPLE_RATE_HZ}, got {rate_hz}"
         )
     expected_align = channels * bits // 8
     if block_align != expected_align:
         raise BadAudio(f"WAV block_align must be channels * bits_per_sample / 8 = {expected_align}, got {block_align}")
-    return _WavFormat(is_float, channels, rate_hz, bits, block_align)
-
-
-def _to_float32(raw: bytes | memoryview, fmt: _WavFormat) -> _Float32Array:
-    """Interleaved samples as finite float32 in [-1, 1]; `raw` holds whole frames."""
-    bits = fmt.bits_per_sample
-    if fmt.is_float:
-        values = np.frombuffer(raw, dtype=f"<f{bits // 8}")
-        # One copy (the buffer is read-only), cleaned in place. Clip in the source precision so
-        # that float64 beyond float32's range cannot overflow.
-        cleaned: npt.NDArray[np.floating] = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=-1.0)
-        np.clip(cleaned, -1.0, 1.0, out=cleaned)
-        return cleaned.astype(np.float32, copy=False)
-    if bits == 8:
-        unsigned = np.frombuffer(raw, dtype=np.uint8)
-        return (unsigned.astype(np.float32) - np.float32(128)) / np.float32(128)
-    if bits == 24:
-        # Place each 3-byte sample in the top of an int32, then shift right to sign-extend.
-        widened = np.zeros((len(raw) // 3, 4), dtype=np.uint8)
-        widened[:, 1:] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3)
-        ints = widened.view("<i4")[:, 0] >> 8
-    else:
-        ints = np.frombuffer(raw, dtype=f"<i{bits // 8}")
-    # int -> float32 rounds once; dividing by a power of two is then exact.
-    return ints.astype(np.float32) / np.float32(2 ** (bits - 1))
-
-
-def _downmix(interleaved: _Float32Array, channels: int) -> _Float32Array:
-    """Average interleaved channels to one."""
-    if channels == 1:
-        return interleaved
-    mixed: _Float32Array = interleaved.reshape(-1, channels).mean(axis=1, dtype=np.float32)
-    return mixed
-
-
-def _quantise(x: npt.NDArray[np.floating], bits: int) -> npt.NDArray[np.int64]:
-    """Signed integer codes for `bits`-bit PCM: NaN to 0, clip to [-1, 1], scale, round."""
-    full_scale = 2 ** (bits - 1)
-    clipped = np.clip(np.nan_to_num(x.astype(np.float64), nan=0.0), -1.0, 1.0)
-    codes: npt.NDArray[np.int64] = np.clip(np.rint(clipped * full_scale), -full_scale, full_scale - 1).astype(np.int64)
-    return codes
+    return _WavFormat(AudioFormat(rate_hz, channels, _FORMAT_NAMES[tag, bits]), block_align)
 
 
 def _chunk(chunk_id: bytes, body: bytes) -> bytes:

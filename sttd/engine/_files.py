@@ -1,10 +1,10 @@
 """File transcription: read an audio file a block at a time, cut it at pauses with the streaming
 VAD, and transcribe the pieces in batches.
 
-A RIFF/WAVE file is read by `sttd.audio.WavReader` (pure numpy); anything else goes to
-`sttd.media.MediaReader` (FFmpeg through PyAV), which accepts FLAC, Ogg/Opus, MP3, M4A/AAC, WebM
-and a few more, and refuses what is not audio with `UnsupportedMedia`. Both give 16 kHz mono
-float32 blocks of `block_s` seconds.
+`sttd.audio.open_audio` picks the reader: a RIFF/WAVE file is read in pure numpy; anything else
+goes to FFmpeg (through PyAV), which accepts FLAC, Ogg/Opus, MP3, M4A/AAC, WebM and a few more,
+and refuses what is not audio with `UnsupportedMedia`. Both give 16 kHz mono float32 blocks of
+`block_s` seconds.
 
 Memory does not grow with the file's length: at any time we hold one decoded block, the VAD's
 open utterance, and at most one batch of pieces plus the finals of one block; of a transcribed
@@ -28,20 +28,23 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from sttd.audio import SAMPLE_RATE_HZ, WavReader, float32_to_pcm16, pcm16_to_float32
+from sttd.api import FileSegment, FileTranscript, Word
+from sttd.audio import (
+    SAMPLE_RATE_HZ,
+    AudioReader,
+    MediaReader,
+    float32_to_pcm16,
+    open_audio,
+    pcm16_to_float32,
+)
 from sttd.backends.base import Request
-from sttd.engine import Engine
-from sttd.errors import UnsupportedWavEncoding
-from sttd.media import MediaReader
+from sttd.engine._engine import Engine
 from sttd.settings import Settings
-from sttd.stream import Job, UtteranceTracker
+from sttd.session import Utterance, UtteranceTracker
 from sttd.vad import make_endpointer
 
 __all__ = [
     "MAX_MEDIA_AUDIO_S",
-    "FileSegment",
-    "FileTranscript",
-    "FileWord",
     "split_at_pauses",
     "transcribe_file",
 ]
@@ -55,47 +58,9 @@ _BLOCK_S: Final = 10.0
 # The most audio a compressed upload may decode to (4 hours), refused with `PayloadTooLarge`
 # (413) as soon as its header declares more or its decoding passes it.
 MAX_MEDIA_AUDIO_S: Final = 4 * 3600.0
-_RIFF_HEADER_BYTES: Final = 12
 
 
-@attrs.frozen
-class FileWord:
-    """One word of a file; times in ms from the start of the file."""
-
-    word: str
-    start_ms: int
-    end_ms: int
-    probability: float
-
-
-@attrs.frozen
-class FileSegment:
-    """One transcribed piece of a file; times in ms from the start of the file."""
-
-    start_ms: int
-    end_ms: int
-    text: str
-    # Where the backend gives word timings (whisper does), the piece's words.
-    words: tuple[FileWord, ...] = ()
-    language: str | None = None
-
-
-@attrs.frozen
-class FileTranscript:
-    """The text of a whole file, its timed pieces, and the length of its audio."""
-
-    text: str
-    segments: tuple[FileSegment, ...]
-    duration_s: float
-
-    @property
-    def language(self) -> str | None:
-        """The language most pieces were recognised in, where the backend says."""
-        found = [segment.language for segment in self.segments if segment.language]
-        return max(set(found), key=found.count) if found else None
-
-
-def split_at_pauses(pcm: npt.NDArray[np.int16], settings: Settings) -> list[Job]:
+def split_at_pauses(pcm: npt.NDArray[np.int16], settings: Settings) -> list[Utterance]:
     """Utterances of `pcm`, found exactly as a live stream would find them."""
     splitter = _PauseSplitter.from_settings(settings)
     return [*splitter.feed(pcm), *splitter.finish()]
@@ -130,11 +95,11 @@ async def transcribe_file(
 
 
 async def _transcribe_blocks(
-    engine: Engine, reader: WavReader | MediaReader, splitter: _PauseSplitter, settings: Settings,
+    engine: Engine, reader: AudioReader, splitter: _PauseSplitter, settings: Settings,
     *, language: str | None, hotwords: tuple[str, ...],
 ) -> FileTranscript:
     batch_size = settings.max_inference_batch_size
-    waiting: list[Job] = []
+    waiting: list[Utterance] = []
     segments: list[FileSegment] = []
     finished = False
     while not finished:
@@ -175,17 +140,17 @@ class _PauseSplitter:
         """Samples given so far."""
         return self._tracker.position + self._carry.size
 
-    def feed(self, pcm: npt.NDArray[np.int16]) -> list[Job]:
+    def feed(self, pcm: npt.NDArray[np.int16]) -> list[Utterance]:
         """Add audio; returns the finals it completes, oldest first."""
         audio = np.concatenate((self._carry, pcm)) if self._carry.size else pcm
         whole = audio.size - audio.size % _FEED_SAMPLES
-        jobs: list[Job] = []
+        jobs: list[Utterance] = []
         for offset in range(0, whole, _FEED_SAMPLES):
             jobs.extend(self._tracker.feed(audio[offset : offset + _FEED_SAMPLES]))
         self._carry = audio[whole:].copy()
         return jobs
 
-    def finish(self) -> list[Job]:
+    def finish(self) -> list[Utterance]:
         """Feed the last partial second and finalize the open utterance; returns the finals."""
         jobs = self._tracker.feed(self._carry) if self._carry.size else []
         self._carry = self._carry[:0]
@@ -194,9 +159,9 @@ class _PauseSplitter:
 
 def _open(
     file: IO[bytes], settings: Settings, *, block_s: float
-) -> tuple[WavReader | MediaReader, _PauseSplitter]:
+) -> tuple[AudioReader, _PauseSplitter]:
     """Open the file's reader, then build the VAD (Silero loads a model). Blocks: run it in a thread."""
-    reader = _open_reader(file, block_s=block_s)
+    reader = open_audio(file, block_s=block_s, max_duration_s=MAX_MEDIA_AUDIO_S)
     try:
         return reader, _PauseSplitter.from_settings(settings)
     except BaseException:
@@ -205,21 +170,7 @@ def _open(
         raise
 
 
-def _open_reader(file: IO[bytes], *, block_s: float) -> WavReader | MediaReader:
-    """A RIFF/WAVE file's numpy reader, or FFmpeg's for anything else."""
-    base = file.tell()
-    head = file.read(_RIFF_HEADER_BYTES)
-    file.seek(base)
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        try:
-            return WavReader.from_file(file, block_s=block_s)
-        except UnsupportedWavEncoding:
-            # mu-law, A-law, ADPCM, GSM...: telephony WAVs that FFmpeg's wav demuxer decodes.
-            file.seek(base)
-    return MediaReader.from_file(file, block_s=block_s, max_duration_s=MAX_MEDIA_AUDIO_S)
-
-
-def _split_next_block(reader: WavReader | MediaReader, splitter: _PauseSplitter) -> tuple[list[Job], bool]:
+def _split_next_block(reader: AudioReader, splitter: _PauseSplitter) -> tuple[list[Utterance], bool]:
     """Cut the next block of `reader`, or finish at the end of the file.
 
     Returns the finals completed and whether the file is done. Blocks: run it in a thread.
@@ -231,7 +182,7 @@ def _split_next_block(reader: WavReader | MediaReader, splitter: _PauseSplitter)
 
 
 async def _transcribe_batch(
-    engine: Engine, jobs: list[Job], *, language: str | None, hotwords: tuple[str, ...]
+    engine: Engine, jobs: list[Utterance], *, language: str | None, hotwords: tuple[str, ...]
 ) -> list[FileSegment]:
     """Transcribe `jobs` in one engine call; the pieces that have text."""
     requests = [Request(pcm16_to_float32(job.audio), "final", language, hotwords) for job in jobs]
@@ -242,7 +193,7 @@ async def _transcribe_batch(
         if not text:
             continue
         words = tuple(
-            FileWord(word.word.strip(), job.start_ms + round(word.start_s * 1000),
+            Word(word.word.strip(), job.start_ms + round(word.start_s * 1000),
                      job.start_ms + round(word.end_s * 1000), word.probability)
             for word in result.words)
         segments.append(FileSegment(job.start_ms, job.end_ms, text, words, result.language))

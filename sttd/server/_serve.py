@@ -1,4 +1,4 @@
-"""Run the server: load the engine, serve the app with hypercorn's trio worker.
+"""Run the server: load the engine, serve the app with hypercorn's trio worker, drain on a signal.
 
 Shutdown. When `serve`'s trigger returns (the CLI's is SIGINT or SIGTERM), the server drains
 first: /health turns 503, new sessions and uploads are refused, every session finalizes its open
@@ -29,9 +29,10 @@ from hypercorn.typing import (
 from prometheus_client import CollectorRegistry
 from wsproto.events import Message, TextMessage
 
-from sttd.backends import ASRBackend, load_backend
+from sttd.admission import AppState
+from sttd.backends import load_backend
 from sttd.engine import Engine
-from sttd.http import AppState, create_app
+from sttd.http import create_app
 from sttd.metrics import Metrics
 from sttd.settings import Settings
 from sttd.vad import silero_model
@@ -76,7 +77,7 @@ async def serve(
     config.websocket_max_message_size = settings.max_message_bytes
     _bound_websocket_messages()
     trigger = None if shutdown_trigger is None else partial(_drain_after, shutdown_trigger, state)
-    loaded: list[ASRBackend] = []  # the backend, as soon as it exists: closed on the way out
+    loaded: list[Engine] = []  # the engine, as soon as it exists: closed on the way out
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_load_engine, state, nursery, loaded)
@@ -85,11 +86,8 @@ async def serve(
             # The server has shut down; an engine still loading is of no use now.
             nursery.cancel_scope.cancel()
     finally:
-        for backend in loaded:
-            close = getattr(backend, "close", None)
-            if callable(close):  # vLLM's engine process, pooled HTTP connections
-                with trio.CancelScope(shield=True), trio.move_on_after(30):
-                    await trio.to_thread.run_sync(close, abandon_on_cancel=True)
+        for engine in loaded:
+            await engine.aclose()  # vLLM's engine process, pooled HTTP connections
 
 
 async def _drain_after(trigger: Callable[[], Awaitable[None]], state: AppState) -> None:
@@ -117,7 +115,7 @@ class _BoundedWebsocketBuffer(ws_stream.WebsocketBuffer):
     the connection hangs), and the oversized data stays buffered, so that a next message of the
     other type raises TypeError in the connection handler and stops the whole server. This
     buffer holds at most max_length + 1 units of a message (memory stays bounded the same way)
-    and hands the app a message it can tell is too long; http.py then ends the session in band:
+    and hands the app a message it can tell is too long; the session then ends in band:
     finals first, then ``payload_too_large`` and close 1009.
     """
 
@@ -180,23 +178,14 @@ class _PortStatus:
         self._status.started(port)
 
 
-async def _load_engine(state: AppState, nursery: trio.Nursery, loaded: list[ASRBackend]) -> None:
+async def _load_engine(state: AppState, nursery: trio.Nursery, loaded: list[Engine]) -> None:
     started = trio.current_time()
-    backend = await trio.to_thread.run_sync(load_backend, state.settings)
-    loaded.append(backend)
     settings = state.settings
+    backend = await trio.to_thread.run_sync(load_backend, settings)
+    engine = Engine.from_settings(backend, settings, state.metrics)
+    loaded.append(engine)
     if settings.vad == "silero":
         await trio.to_thread.run_sync(silero_model)  # once, so no session waits for it
-    # A backend that batches internally (vLLM) or spreads requests out (remote) takes several
-    # batches at once; the setting can only raise that.
-    lanes = max(settings.inference_threads, int(getattr(backend, "preferred_lanes", 1)))
-    engine = Engine.create(
-        backend, state.metrics, threads=lanes,
-        max_batch=settings.max_inference_batch_size, window_s=settings.batch_window_ms / 1000,
-        max_final_wait_s=settings.max_final_wait_s, max_batch_s=settings.max_batch_ms / 1000,
-        background_share=settings.background_share,
-        request_timeout_s=settings.inference_timeout_s,
-        live_streams=lambda: len(state.sessions))
     await nursery.start(engine.run)
     state.engine = engine
     state.metrics.engine_ready.set(1)

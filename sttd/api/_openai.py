@@ -18,9 +18,9 @@ from typing import Final
 import attrs
 
 from sttd.errors import InvalidParam
-from sttd.files import FileTranscript
-from sttd.languages import language_name
-from sttd.protocol import (
+from sttd.api._events import FileTranscript
+from sttd.api._languages import language_name
+from sttd.api._params import (
     MAX_HOTWORD_CHARS,
     MAX_HOTWORDS,
     dumps,

@@ -1,4 +1,4 @@
-"""Tests for sttd.stream: the absolute-index sample buffer and utterance bookkeeping."""
+"""Tests for sttd.session's utterance tracker: the absolute-index sample buffer and utterance bookkeeping."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sttd.stream import Job, SampleBuffer, UtteranceTracker
+from sttd.session import SampleBuffer, Utterance, UtteranceTracker
 from sttd.vad import EnergyClassifier, Endpointer
 
 SAMPLES_PER_MS = 16
@@ -34,16 +34,16 @@ def tracker(silence_ms: int = 500, **kwargs: Any) -> UtteranceTracker:
     return UtteranceTracker(Endpointer(EnergyClassifier(300.0), silence_ms=silence_ms), **kwargs)
 
 
-def feed_chunks(track: UtteranceTracker, samples: npt.NDArray[np.int16], chunk_ms: int) -> list[Job]:
+def feed_chunks(track: UtteranceTracker, samples: npt.NDArray[np.int16], chunk_ms: int) -> list[Utterance]:
     step = chunk_ms * SAMPLES_PER_MS
     return [job for offset in range(0, samples.size, step) for job in track.feed(samples[offset : offset + step])]
 
 
-def summary(job: Job) -> tuple[str, int, int, int]:
+def summary(job: Utterance) -> tuple[str, int, int, int]:
     return job.kind, job.utterance_id, job.start_ms, job.end_ms
 
 
-def assert_audio(job: Job, source: npt.NDArray[np.int16]) -> None:
+def assert_audio(job: Utterance, source: npt.NDArray[np.int16]) -> None:
     """The job's audio is exactly `source` between its start and end times."""
     assert job.audio.dtype == np.int16
     assert job.audio.size == (job.end_ms - job.start_ms) * SAMPLES_PER_MS
@@ -246,8 +246,8 @@ def test_partials_every_partial_ms_cover_the_utterance_so_far(partial_ms: int) -
     source = signal(quiet(1000), sine(1800), quiet(1000))
     track = tracker(partial_ms=partial_ms)
     assert track.take_partial() is None
-    partials: list[Job] = []
-    finals: list[Job] = []
+    partials: list[Utterance] = []
+    finals: list[Utterance] = []
     step = 100 * SAMPLES_PER_MS
     for offset in range(0, source.size, step):
         finals.extend(track.feed(source[offset : offset + step]))

@@ -1,17 +1,18 @@
 """Utterance bookkeeping for one stream: which audio to decode, and when, sans I/O.
 
 Theory of operation. `UtteranceTracker` owns the stream's recent audio and an `Endpointer`.
-Audio goes in with `feed`; decode jobs come out:
+Audio goes in with `feed`; `Utterance`s to decode come out:
 
-* a **final** `Job` when the endpointer reports the end of speech, when `commit` is called while
-  speech is open, or when an utterance reaches ``max_utterance_s`` (then it is cut
-  at the quietest frame of its last few seconds and the rest opens the next utterance);
-* a **partial** `Job` from `take_partial` once ``partial_ms`` of new audio arrived in the open
-  utterance since the last partial. A partial covers the whole open utterance so far.
+* a **final** `Utterance` (all of its audio) when the endpointer reports the end of speech, when
+  `commit` is called while speech is open, or when an utterance reaches ``max_utterance_s``
+  (then it is cut at the quietest frame of its last few seconds and the rest opens the next
+  utterance);
+* a **partial** `Utterance` (its audio so far) from `take_partial` once ``partial_ms`` of new
+  audio arrived in the open utterance since the last partial.
 
 An utterance's audio runs from ``preroll_ms`` before the detected speech start (never before the
 previous utterance's end) to ``tail_ms`` after the last speech frame (when that audio exists).
-Times are absolute stream positions; `Job.start_ms`/`end_ms` are what the client is told.
+Times are absolute stream positions; `Utterance.start_ms`/`end_ms` are what the client is told.
 Memory is bounded: outside speech only the pre-roll is kept.
 """
 
@@ -23,9 +24,10 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from sttd.vad import SAMPLE_RATE_HZ, Endpointer, SpeechEnd, SpeechStart
+from sttd.audio import SAMPLE_RATE_HZ
+from sttd.vad import Endpointer, SpeechEnd, SpeechStart
 
-__all__ = ["Job", "SampleBuffer", "UtteranceTracker"]
+__all__ = ["SampleBuffer", "Utterance", "UtteranceTracker"]
 
 _SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000
 # How far back from the length limit we look for a quiet place to cut.
@@ -33,8 +35,8 @@ _CUT_SEARCH_S = 3.0
 
 
 @attrs.frozen
-class Job:
-    """Decode `audio` as a partial or final transcript of utterance `utterance_id`."""
+class Utterance:
+    """Utterance `utterance_id`'s audio to decode: all of it (a final) or so far (a partial)."""
 
     kind: Literal["partial", "final"]
     utterance_id: int
@@ -122,47 +124,47 @@ class UtteranceTracker:
     def open_utterance_id(self) -> int | None:
         return self._next_id if self._open_start is not None else None
 
-    def feed(self, samples: npt.NDArray[np.int16]) -> list[Job]:
+    def feed(self, samples: npt.NDArray[np.int16]) -> list[Utterance]:
         """Add audio; returns the finals it completes, oldest first."""
         self._buffer.append(samples)
-        jobs: list[Job] = []
+        finals: list[Utterance] = []
         for event in self.endpointer.feed(samples):
             if isinstance(event, SpeechStart):
                 self._open(event.sample)
             elif isinstance(event, SpeechEnd) and self._open_start is not None:
                 end = min(event.sample + self.tail_ms * _SAMPLES_PER_MS, self.position)
-                jobs.append(self._close(end))
-        jobs.extend(self._cut_if_too_long())
+                finals.append(self._close(end))
+        finals.extend(self._cut_if_too_long())
         self._trim()
-        return jobs
+        return finals
 
-    def commit(self) -> list[Job]:
+    def commit(self) -> list[Utterance]:
         """Finalize the open utterance now; returns its final, or nothing if none is open."""
         if self._open_start is None:
             return []
         self.endpointer.reset()
         return [self._close(self.position)]
 
-    def skip(self, samples: int) -> list[Job]:
+    def skip(self, samples: int) -> list[Utterance]:
         """Advance the stream clock over `samples` that were not kept (the session lagged).
 
         Finalizes the open utterance first and returns its final, so nothing heard is lost;
         stream times after the gap stay those of the client's stream.
         """
-        jobs = self.commit()
+        finals = self.commit()
         self.endpointer.skip(samples)
         self._buffer.skip(samples)
         self._floor = self._partial_at = self.position
-        return jobs
+        return finals
 
-    def take_partial(self) -> Job | None:
-        """A partial job if ``partial_ms`` of new audio arrived in the open utterance."""
+    def take_partial(self) -> Utterance | None:
+        """A partial if ``partial_ms`` of new audio arrived in the open utterance."""
         if self._open_start is None:
             return None
         if (self.position - self._partial_at) < self.partial_ms * _SAMPLES_PER_MS:
             return None
         self._partial_at = self.position
-        return self._job("partial", self._open_start, self.position)
+        return self._utterance("partial", self._open_start, self.position)
 
     def _open(self, speech_start: int) -> None:
         if self._open_start is not None:
@@ -171,22 +173,22 @@ class UtteranceTracker:
                                self._buffer.start)
         self._partial_at = speech_start
 
-    def _close(self, end: int) -> Job:
+    def _close(self, end: int) -> Utterance:
         assert self._open_start is not None
-        job = self._job("final", self._open_start, end)
+        utterance = self._utterance("final", self._open_start, end)
         self._next_id += 1
         self._open_start = None
         self._floor = end
-        return job
+        return utterance
 
-    def _cut_if_too_long(self) -> list[Job]:
-        jobs: list[Job] = []
+    def _cut_if_too_long(self) -> list[Utterance]:
+        finals: list[Utterance] = []
         limit = int(self.max_utterance_s * SAMPLE_RATE_HZ)
         while self._open_start is not None and self.position - self._open_start >= limit:
-            jobs.append(self._cut(limit))
-        return jobs
+            finals.append(self._cut(limit))
+        return finals
 
-    def _cut(self, limit: int) -> Job:
+    def _cut(self, limit: int) -> Utterance:
         assert self._open_start is not None
         hard_end = self._open_start + limit
         window_start = max(self._open_start + limit // 2,
@@ -194,14 +196,14 @@ class UtteranceTracker:
         cut = self.endpointer.quietest_sample(window_start, hard_end)
         if cut is None or cut <= self._open_start:
             cut = hard_end
-        job = attrs.evolve(self._close(cut), cut=True)
+        utterance = attrs.evolve(self._close(cut), cut=True)
         # Speech goes on: the rest opens the next utterance straight away.
         self._open_start = cut
         self._partial_at = cut
-        return job
+        return utterance
 
-    def _job(self, kind: Literal["partial", "final"], start: int, end: int) -> Job:
-        return Job(
+    def _utterance(self, kind: Literal["partial", "final"], start: int, end: int) -> Utterance:
+        return Utterance(
             kind=kind,
             utterance_id=self._next_id,
             audio=self._buffer.slice(start, end),

@@ -1,0 +1,253 @@
+"""What a session says and hears, as typed values shared by every wire protocol.
+
+A session emits *events* (`Ready`, `Partial`, `Final`, `UtteranceEnd`, `Error`, `Warning`, and
+last `Close`); each wire protocol's codec encodes them in its own shape. Codecs decode client
+messages into *commands* (`Audio`, `Commit`, `End`, `KeepAlive`). `SessionRequest` is what a
+route's query asked of the session: who it is, the audio format the client sends, and the
+`SessionOptions` the session core works with. A file's transcript is a `FileTranscript` of
+timed `FileSegment`s, whichever API asked for it.
+
+No event carries wire details: times are ms of the client's stream, confidences are plain
+floats, and rounding or renaming is the codec's business. The two fields a wire never carries
+say so: `Final.ended_at` (the server's clock, for its latency metric) and ``raw`` (the decoded
+message, set only when a client library decoded the event from the wire).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final as Constant, Literal, TypeAlias
+
+import attrs
+
+from sttd.audio import AudioFormat
+
+__all__ = [
+    "FINAL_CAUSES",
+    "Audio",
+    "ClientCommand",
+    "Close",
+    "Commit",
+    "End",
+    "Error",
+    "FileSegment",
+    "FileTranscript",
+    "Final",
+    "FinalCause",
+    "KeepAlive",
+    "Partial",
+    "Ready",
+    "SessionEvent",
+    "SessionOptions",
+    "SessionRequest",
+    "UtteranceEnd",
+    "Warning",
+    "Word",
+]
+
+# What ended an utterance: the VAD heard the speech end; it reached STT_MAX_UTTERANCE_S; the
+# client's commit; audio skipped or dropped because the session lagged; the end of the session
+# (the client's end, a limit, a drain).
+FinalCause = Literal["speech_end", "max_length", "commit", "skip", "end"]
+FINAL_CAUSES: Constant[tuple[FinalCause, ...]] = (
+    "speech_end", "max_length", "commit", "skip", "end")
+
+_Raw = Mapping[str, Any] | None
+
+
+def _raw_field() -> Any:
+    return attrs.field(default=None, eq=False, repr=False, kw_only=True)
+
+
+# -- what the session asks for ------------------------------------------------------------------
+
+
+@attrs.frozen
+class SessionOptions:
+    """What a client may ask of the session core (its protocol's query, validated)."""
+
+    # A partial is decoded every `partial_ms` of new speech, when `partials` is on.
+    partial_ms: int = attrs.field(default=500, validator=attrs.validators.gt(0))
+    partials: bool = True
+    # None lets the backend detect the language; otherwise a BCP-47 code.
+    language: str | None = None
+    hotwords: tuple[str, ...] = ()
+    # Silence that ends an utterance; None: the server's STT_VAD_SILENCE_MS.
+    vad_silence_ms: int | None = None
+    # When set, an `UtteranceEnd` follows a final once this much audio passed after it without
+    # new speech (the last word's end is reported).
+    utterance_end_ms: int | None = None
+
+
+@attrs.frozen
+class SessionRequest:
+    """A client's validated request for a session."""
+
+    call_id: str
+    # What the client's binary frames hold; the session converts it to 16 kHz mono.
+    audio_format: AudioFormat
+    options: SessionOptions
+
+
+# -- server -> client ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Ready:
+    """The session is open."""
+
+    session_id: str
+    call_id: str
+    backend: str
+    sample_rate_hz: int
+    raw: _Raw = _raw_field()
+
+
+@attrs.frozen
+class Word:
+    """One word of a final; times in ms of the client's stream."""
+
+    word: str
+    start_ms: int
+    end_ms: int
+    probability: float
+
+
+@attrs.frozen
+class Partial:
+    """A tentative transcript of the open utterance: `stable` will not change, `unstable` may."""
+
+    utterance_id: int
+    stable: str
+    unstable: str
+    start_ms: int
+    end_ms: int
+    raw: _Raw = _raw_field()
+
+    @property
+    def text(self) -> str:
+        """The whole partial: the stable words, then the rest."""
+        return f"{self.stable} {self.unstable}".strip()
+
+
+@attrs.frozen
+class Final:
+    """The transcript of record of one utterance."""
+
+    utterance_id: int
+    text: str
+    start_ms: int
+    end_ms: int
+    words: tuple[Word, ...] = ()
+    confidence: float | None = None
+    language: str | None = None
+    # The session's backlog when the final was ready: audio received but not yet processed.
+    backlog_ms: int | None = None
+    cause: FinalCause = "speech_end"
+    # Not sent: the server's trio clock time when the audio (or commit) that ended the
+    # utterance arrived, for sttd_final_latency_seconds. None when decoded from the wire.
+    ended_at: float | None = attrs.field(default=None, eq=False, kw_only=True)
+    raw: _Raw = _raw_field()
+
+
+@attrs.frozen
+class UtteranceEnd:
+    """`SessionOptions.utterance_end_ms` passed after the last final without new speech."""
+
+    last_word_end_ms: int
+    raw: _Raw = _raw_field()
+
+
+@attrs.frozen
+class Error:
+    """Something failed; a `Close` follows unless the error concerns one utterance or message."""
+
+    code: str
+    message: str
+    # The client's text message this error refuses, when it answers one (some protocols echo it).
+    refused: str | None = None
+    raw: _Raw = _raw_field()
+
+
+@attrs.frozen
+class Warning:  # the protocol's name; it shadows the builtin in this module only
+    """Something the client should know that does not end the session (``lagging``)."""
+
+    code: str
+    message: str
+    skipped_ms: int | None = None
+    frames_dropped: int | None = None
+    raw: _Raw = _raw_field()
+
+
+@attrs.frozen
+class Close:
+    """The session is over: the connection closes with `code` after what came before."""
+
+    code: int
+    reason: str = ""
+
+
+SessionEvent: TypeAlias = Ready | Partial | Final | UtteranceEnd | Error | Warning | Close
+
+
+# -- client -> server ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Audio:
+    """Audio as the client sent it, in its `SessionRequest.audio_format`."""
+
+    data: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
+
+
+@attrs.frozen
+class Commit:
+    """Finalize the open utterance now; the session goes on."""
+
+    received_at: float
+
+
+@attrs.frozen
+class End:
+    """Finalize everything, then close (1000)."""
+
+    received_at: float
+
+
+@attrs.frozen
+class KeepAlive:
+    """Nothing, but the client is there."""
+
+
+ClientCommand: TypeAlias = Audio | Commit | End | KeepAlive
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class FileSegment:
+    """One transcribed piece of a file; times in ms from the start of the file."""
+
+    start_ms: int
+    end_ms: int
+    text: str
+    # Where the backend gives word timings (whisper does), the piece's words.
+    words: tuple[Word, ...] = ()
+    language: str | None = None
+
+
+@attrs.frozen
+class FileTranscript:
+    """The text of a whole file, its timed pieces, and the length of its audio."""
+
+    text: str
+    segments: tuple[FileSegment, ...]
+    duration_s: float
+
+    @property
+    def language(self) -> str | None:
+        """The language most pieces were recognised in, where the backend says."""
+        found = [segment.language for segment in self.segments if segment.language]
+        return max(set(found), key=found.count) if found else None

@@ -1,0 +1,340 @@
+"""One session's transcript bookkeeping, sans I/O: what it hears in; what to decode and what to
+say out.
+
+Theory of operation. The session's trio tasks (`sttd.nursery`) feed `SessionCore` the items of
+its audio channel in order (`feed`): `AudioFrame`s, `Gap`s (audio skipped or dropped, so stream
+times stay the client's), the client's `Commit` and `End`, and the server's `Stop`. The core
+runs them through an `UtteranceTracker` and answers with what to do, in order:
+
+* `Decode` requests: transcribe this utterance (all of it for a final, so far for a partial),
+  then hand the outcome back with `decoded` or `failed`. Finals come out of `feed` as their
+  utterances end; a partial comes out of `take_partial` when one is due.
+* events (`sttd.api`) to send: partials, finals, utterance ends, errors, warnings, and last
+  the `Close`.
+
+Order. An event waits until every final requested before it has its outcome: a final's event,
+an `UtteranceEnd` due after it, the error and `Close` that end the session. So the client gets
+finals in utterance order however their decodes interleave. Warnings about skipped audio go out
+at once. A partial is only the newest guess at the open utterance: one whose utterance was
+finalized meanwhile, or that comes back while a final is outstanding, is dropped (and so is its
+failure), and one whose text did not change is not sent.
+
+Stability. Each partial's decode is forced to start with the words already shown as stable
+(`PartialStabilizer`), so no partial takes a stable word back; requesting a final resets it.
+The final is a fresh decode of the whole utterance: the transcript of record.
+
+A final with no text (a cough, noise) is not sent unless the client forced it (commit or end),
+so a client waiting on it is answered. After `End` or `Stop` the open utterance is finalized;
+its final, the error that ended the session (if any) and the `Close` come out in that order,
+then `closed` is true. `outcome` says how the session ended, for metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from sttd.api._events import (
+    Close,
+    Commit,
+    End,
+    Error,
+    Final,
+    FinalCause,
+    Partial,
+    SessionEvent,
+    SessionOptions,
+    UtteranceEnd,
+    Warning,
+    Word,
+)
+from sttd.audio import SAMPLE_RATE_HZ, pcm16_to_float32
+from sttd.backends.base import Request, Result
+from sttd.errors import BackendError
+from sttd.session._stability import PartialStabilizer
+from sttd.session._utterances import Utterance, UtteranceTracker
+
+__all__ = ["AudioFrame", "Decode", "Gap", "InputItem", "SessionCore", "Stop"]
+
+_SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000
+
+
+# -- inputs: the audio channel's items, in band so that ordering holds ------------------------
+
+
+@attrs.frozen
+class AudioFrame:
+    """16 kHz mono samples as received, with the trio clock time their last byte arrived."""
+
+    samples: npt.NDArray[np.int16] = attrs.field(eq=False, repr=lambda s: f"<{s.size} samples>")
+    received_at: float
+
+
+@attrs.frozen
+class Gap:
+    """`samples` of the client's stream the session does not have.
+
+    `lagged`: skipped because the session fell behind (the client is warned here); otherwise
+    dropped from a full input queue (reported where they were dropped).
+    """
+
+    samples: int
+    received_at: float
+    lagged: bool = True
+
+
+@attrs.frozen
+class Stop:
+    """The server ends the session: finalize what was heard, then close with `code`.
+
+    With `error_code`, an error with that code and `reason` goes before the close.
+    """
+
+    received_at: float
+    code: int
+    reason: str
+    outcome: str  # the session's outcome label in metrics
+    error_code: str = ""
+
+
+InputItem = AudioFrame | Gap | Commit | End | Stop
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+
+@attrs.frozen(eq=False)
+class Decode:
+    """Transcribe `utterance`; give the outcome to `SessionCore.decoded` or `failed`."""
+
+    utterance: Utterance
+    request: Request
+    # Finals: when the audio (or commit) that ended the utterance arrived; what ended it; and
+    # whether the client asked for it (then it is answered even when empty).
+    ended_at: float | None = None
+    cause: FinalCause = "speech_end"
+    forced: bool = False
+
+    @property
+    def kind(self) -> str:
+        return self.utterance.kind
+
+
+@attrs.define(eq=False)
+class _Slot:
+    """A place in the order of events: a final waiting for its outcome, or events to send."""
+
+    decode: Decode | None = None
+    events: list[SessionEvent] = attrs.Factory(list)
+    # An utterance end is due here: whether to send one is decided when the slot's turn comes.
+    utterance_end: bool = False
+
+    @property
+    def waiting(self) -> bool:
+        return self.decode is not None
+
+
+@attrs.define
+class SessionCore:
+    """Cuts one session's audio into utterances and turns decodes into its events, in order."""
+
+    tracker: UtteranceTracker
+    options: SessionOptions = attrs.field(factory=SessionOptions)
+    # For the lagging warning's text: past twice this backlog, audio is skipped.
+    max_lag_s: float = 1.5
+    outcome: str = attrs.field(init=False, default="client_gone")
+    _stabilizer: PartialStabilizer = attrs.field(init=False, factory=PartialStabilizer)
+    _slots: collections.deque[_Slot] = attrs.field(init=False, factory=collections.deque)
+    # The highest utterance id whose final was requested: its partials are stale.
+    _finalized: int = attrs.field(init=False, default=-1)
+    _last_partial: tuple[int, str] | None = attrs.field(init=False, default=None)
+    # For `options.utterance_end_ms`: the stream time (ms) at which an utterance end is due if
+    # no speech comes first, and the end of the last word sent in a final since the last one.
+    _utterance_end_at_ms: int | None = attrs.field(init=False, default=None)
+    _last_word_end_ms: int | None = attrs.field(init=False, default=None)
+    _ending: bool = attrs.field(init=False, default=False)
+    _closed: bool = attrs.field(init=False, default=False)
+
+    @property
+    def ending(self) -> bool:
+        """Whether `End` or `Stop` came: the core takes nothing more."""
+        return self._ending
+
+    @property
+    def closed(self) -> bool:
+        """Whether the `Close` event has come out."""
+        return self._closed
+
+    def feed(self, item: InputItem) -> list[Decode | SessionEvent]:
+        """Take the next item of the session's input; what to decode and send now, in order."""
+        if self._ending:
+            return []
+        out: list[Decode | SessionEvent] = []
+        finals: list[Utterance] = []
+        if isinstance(item, AudioFrame):
+            finals = self.tracker.feed(item.samples)
+            out += [self._final(u, item.received_at, "max_length" if u.cut else "speech_end")
+                    for u in finals]
+        elif isinstance(item, Commit):
+            finals = self.tracker.commit()
+            out += [self._final(u, item.received_at, "commit", forced=True) for u in finals]
+        elif isinstance(item, Gap):
+            if item.lagged:
+                out.append(self._skip_warning(item.samples))
+            finals = self.tracker.skip(item.samples)
+            out += [self._final(u, item.received_at, "skip") for u in finals]
+        else:
+            # Only the client's own end answers with a final even when it is empty.
+            forced = isinstance(item, End)
+            out += [self._final(u, item.received_at, "end", forced=forced)
+                    for u in self.tracker.commit()]
+            self._ending = True
+            self._slots.append(_Slot(events=self._ending_events(item)))
+            return [*out, *self._release()]
+        if self._utterance_end_due(finals):
+            self._slots.append(_Slot(utterance_end=True))
+        return [*out, *self._release()]
+
+    def take_partial(self) -> Decode | None:
+        """A partial to decode, if ``partial_ms`` of new speech came since the last one."""
+        if self._ending or not self.options.partials:
+            return None
+        utterance = self.tracker.take_partial()
+        if utterance is None:
+            return None
+        return Decode(utterance, self._request(utterance, prefix=self._stabilizer.stable_text))
+
+    def decoded(self, decode: Decode, result: Result, *, backlog_ms: int = 0
+                ) -> list[SessionEvent]:
+        """`decode`'s result came: the events that are now ready, in order.
+
+        `backlog_ms` is the session's backlog now, which a final reports.
+        """
+        utterance = decode.utterance
+        text = result.text.strip()
+        if utterance.kind == "partial":
+            return self._partial(utterance, text)
+        event: Final | None = None
+        if text or decode.forced:
+            event = Final(
+                utterance_id=utterance.utterance_id, text=text,
+                start_ms=utterance.start_ms, end_ms=utterance.end_ms,
+                words=tuple(Word(word.word, utterance.start_ms + round(word.start_s * 1000),
+                                 utterance.start_ms + round(word.end_s * 1000), word.probability)
+                            for word in result.words) if text else (),
+                confidence=result.confidence, language=result.language,
+                backlog_ms=backlog_ms, cause=decode.cause, ended_at=decode.ended_at)
+        return self._resolve(decode, [event] if event is not None else [])
+
+    def failed(self, decode: Decode, error: BackendError) -> list[SessionEvent]:
+        """`decode` failed: the error, reported in its turn; the session goes on.
+
+        A partial whose utterance was finalized meanwhile fails silently: its final answers for
+        that utterance.
+        """
+        utterance_id = decode.utterance.utterance_id
+        event = Error(error.code, f"transcribing utterance {utterance_id} failed ({error}); "
+                                  "the session goes on")
+        if decode.kind == "partial":
+            return [] if utterance_id <= self._finalized else [event]
+        return self._resolve(decode, [event])
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _request(self, utterance: Utterance, *, prefix: str = "") -> Request:
+        return Request(audio=pcm16_to_float32(utterance.audio), kind=utterance.kind,
+                       language=self.options.language, hotwords=self.options.hotwords,
+                       prefix=prefix)
+
+    def _final(self, utterance: Utterance, ended_at: float, cause: FinalCause, *,
+               forced: bool = False) -> Decode:
+        # Any partial of this utterance is stale now, and its stable words promise nothing
+        # about the next one.
+        self._finalized = utterance.utterance_id
+        self._stabilizer.reset()
+        decode = Decode(utterance, self._request(utterance), ended_at=ended_at, cause=cause,
+                        forced=forced)
+        self._slots.append(_Slot(decode=decode))
+        return decode
+
+    def _partial(self, utterance: Utterance, text: str) -> list[SessionEvent]:
+        stale = utterance.utterance_id <= self._finalized or any(s.waiting for s in self._slots)
+        if stale:
+            return []
+        stable, unstable = self._stabilizer.update(text)
+        joined = f"{stable} {unstable}".strip()
+        key = (utterance.utterance_id, joined)
+        if not joined or self._last_partial == key:
+            return []
+        self._last_partial = key
+        return [Partial(utterance.utterance_id, stable, unstable, utterance.start_ms,
+                        utterance.end_ms)]
+
+    def _resolve(self, decode: Decode, events: list[SessionEvent]) -> list[SessionEvent]:
+        for slot in self._slots:
+            if slot.decode is decode:
+                slot.decode, slot.events = None, events
+                break
+        else:
+            raise ValueError(f"no final of utterance {decode.utterance.utterance_id} is waiting")
+        return self._release()
+
+    def _release(self) -> list[SessionEvent]:
+        """The events at the head of the order whose turn has come."""
+        out: list[SessionEvent] = []
+        while self._slots and not self._slots[0].waiting:
+            slot = self._slots.popleft()
+            if slot.utterance_end and self._last_word_end_ms is not None:
+                out.append(UtteranceEnd(self._last_word_end_ms))
+                self._last_word_end_ms = None
+            for event in slot.events:
+                if isinstance(event, Final) and event.text:
+                    self._last_word_end_ms = (event.words[-1].end_ms if event.words
+                                              else event.end_ms)
+                self._closed = self._closed or isinstance(event, Close)
+            out.extend(slot.events)
+        return out
+
+    def _ending_events(self, item: End | Stop) -> list[SessionEvent]:
+        if isinstance(item, End):
+            self.outcome = "ended"
+            return [Close(1000, "end of stream")]
+        self.outcome = item.outcome
+        events: list[SessionEvent] = []
+        if item.error_code:
+            events.append(Error(item.error_code, item.reason))
+        events.append(Close(item.code, item.reason))
+        return events
+
+    def _skip_warning(self, samples: int) -> Warning:
+        skipped_ms = samples // _SAMPLES_PER_MS
+        return Warning(
+            "lagging",
+            f"the session fell more than {2 * self.max_lag_s:g} s behind (2 x STT_MAX_LAG_S): "
+            f"{skipped_ms} ms of audio were skipped; the open utterance was finalized first and "
+            "stream times stay those of your stream",
+            skipped_ms=skipped_ms)
+
+    def _utterance_end_due(self, finals: list[Utterance]) -> bool:
+        """Whether `options.utterance_end_ms` of audio without speech just followed a final.
+
+        `finals` are those the last item produced; each re-arms the wait, and speech disarms
+        it until the next final.
+        """
+        wait_ms = self.options.utterance_end_ms
+        if wait_ms is None:
+            return False
+        if finals:
+            self._utterance_end_at_ms = finals[-1].end_ms + wait_ms
+        if self._utterance_end_at_ms is None:
+            return False
+        if self.tracker.open_utterance_id is not None:
+            self._utterance_end_at_ms = None
+            return False
+        if self.tracker.position < self._utterance_end_at_ms * _SAMPLES_PER_MS:
+            return False
+        self._utterance_end_at_ms = None
+        return True

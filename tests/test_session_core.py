@@ -1,0 +1,160 @@
+"""The sans-I/O session core: inputs in, decode requests and events out, in order.
+
+No trio, no engine: the test plays the engine, resolving decodes in any order it likes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sttd.api import Close, Commit, End, Error, Final, Partial, SessionOptions, UtteranceEnd, Warning
+from sttd.api import Word as StreamWord
+from sttd.backends.base import Result, Word
+from sttd.errors import BackendError
+from sttd.session import AudioFrame, Decode, Gap, SessionCore, Stop, UtteranceTracker
+from sttd.vad import make_endpointer
+
+LOUD = np.full(16000, 3000, np.int16)  # 1 s above the energy threshold
+QUIET = np.zeros(16000, np.int16)
+
+
+def core(**options: object) -> SessionCore:
+    tracker = UtteranceTracker(make_endpointer("energy", threshold_rms=300.0, silence_ms=500),
+                               partial_ms=500)
+    return SessionCore(tracker, SessionOptions(**options))  # type: ignore[arg-type]
+
+
+def decodes(outputs: list[object]) -> list[Decode]:
+    return [out for out in outputs if isinstance(out, Decode)]
+
+
+def events(outputs: list[object]) -> list[object]:
+    return [out for out in outputs if not isinstance(out, Decode)]
+
+
+def utterance(c: SessionCore, at: float) -> Decode:
+    """One second of speech and one of silence: the final it asks for."""
+    out = c.feed(AudioFrame(LOUD, at)) + c.feed(AudioFrame(QUIET, at + 1))
+    [final] = decodes(out)
+    assert final.kind == "final" and final.cause == "speech_end" and final.ended_at == at + 1
+    return final
+
+
+def test_finals_come_out_in_utterance_order_whatever_order_their_decodes_finish() -> None:
+    c = core()
+    first, second = utterance(c, 0.0), utterance(c, 2.0)
+    # The second decode finishes first: its final waits for the first's.
+    assert c.decoded(second, Result("two")) == []
+    out = c.decoded(first, Result("one"))
+    assert [(e.utterance_id, e.text) for e in out if isinstance(e, Final)] == [(0, "one"), (1, "two")]
+
+
+def test_a_failed_final_is_reported_in_its_turn_and_the_next_goes_on() -> None:
+    c = core()
+    first, second = utterance(c, 0.0), utterance(c, 2.0)
+    assert c.decoded(second, Result("two")) == []
+    [error, final] = c.failed(first, BackendError("model fell over"))
+    assert isinstance(error, Error) and error.code == "inference_failed"
+    assert "utterance 0" in error.message
+    assert isinstance(final, Final) and final.text == "two"
+
+
+def test_final_words_are_in_stream_time_and_empty_finals_are_not_sent() -> None:
+    c = core()
+    first = utterance(c, 0.0)
+    [final] = c.decoded(first, Result("go", words=(Word("go", 0.1, 0.4, 0.9),), confidence=0.9),
+                        backlog_ms=40)
+    assert isinstance(final, Final)
+    start = first.utterance.start_ms
+    assert final.words == (StreamWord("go", start + 100, start + 400, 0.9),)
+    assert (final.backlog_ms, final.confidence) == (40, 0.9)
+    assert c.decoded(utterance(c, 2.0), Result("  ")) == []  # noise: nothing to say
+
+
+def test_a_commit_forces_an_answer_even_when_empty() -> None:
+    c = core()
+    c.feed(AudioFrame(LOUD, 0.0))
+    [final] = decodes(c.feed(Commit(1.0)))
+    assert (final.cause, final.forced) == ("commit", True)
+    assert c.decoded(final, Result("")) == [Final(0, "", final.utterance.start_ms,
+                                                  final.utterance.end_ms, backlog_ms=0,
+                                                  cause="commit")]
+
+
+def test_partials_are_dropped_when_stale_and_when_unchanged() -> None:
+    c = core()
+    c.feed(AudioFrame(LOUD, 0.0))
+    partial = c.take_partial()
+    assert partial is not None and partial.kind == "partial"
+    assert c.take_partial() is None  # no new speech since
+    [shown] = c.decoded(partial, Result("go forward"))
+    assert isinstance(shown, Partial) and shown.text == "go forward"
+    c.feed(AudioFrame(LOUD[:8000], 1.0))
+    again = c.take_partial()
+    assert again is not None
+    assert c.decoded(again, Result("go forward")) == []  # the same text: not sent twice
+    c.feed(AudioFrame(LOUD[:8000], 1.5))
+    late = c.take_partial()
+    assert late is not None
+    [final] = decodes(c.feed(AudioFrame(QUIET, 2.0)))
+    # The utterance was finalized while the partial decoded: neither it nor its failure shows.
+    assert c.decoded(late, Result("go forward ten")) == []
+    assert c.failed(late, BackendError("x")) == []
+    assert [type(e) for e in c.decoded(final, Result("go forward ten meters"))] == [Final]
+
+
+def test_the_stable_prefix_is_forced_on_later_partials_and_reset_by_the_final() -> None:
+    c = core()
+    texts = ["go", "go forward", "go forward ten", "go forward ten meters"]
+    prefixes = []
+    for index, text in enumerate(texts):
+        c.feed(AudioFrame(LOUD[:8000], index / 2))
+        partial = c.take_partial()
+        assert partial is not None
+        prefixes.append(partial.request.prefix)
+        c.decoded(partial, Result(text))
+    assert prefixes == ["", "", "", "go"]  # three decodes agreed on "go"
+    [final] = decodes(c.feed(AudioFrame(QUIET, 3.0)))
+    assert final.request.prefix == ""  # a fresh decode of the whole utterance
+    c.decoded(final, Result("go forward ten meters"))
+    c.feed(AudioFrame(LOUD, 4.0))
+    next_partial = c.take_partial()
+    assert next_partial is not None and next_partial.request.prefix == ""
+
+
+def test_utterance_end_follows_its_final_even_when_the_final_is_late() -> None:
+    c = core(utterance_end_ms=1000)
+    first = decodes(c.feed(AudioFrame(LOUD, 0.0)) + c.feed(AudioFrame(QUIET, 1.0)))[0]
+    assert c.feed(AudioFrame(QUIET, 2.0)) == []  # due now, but behind the final still decoding
+    [final, end] = c.decoded(first, Result("one", words=(Word("one", 0.2, 0.5, 1.0),)))
+    assert isinstance(final, Final) and end == UtteranceEnd(final.words[-1].end_ms)
+    assert c.feed(AudioFrame(QUIET, 3.0)) == []  # once per final
+
+
+def test_skipped_audio_is_warned_at_once_and_finalizes_the_open_utterance() -> None:
+    c = core()
+    c.feed(AudioFrame(LOUD, 0.0))
+    warning, final = c.feed(Gap(8000, 1.0))
+    assert warning == Warning("lagging", warning.message, skipped_ms=500)  # type: ignore[union-attr]
+    assert isinstance(final, Decode) and final.cause == "skip"
+    assert c.feed(Gap(160, 1.1, lagged=False)) == []  # dropped frames: reported where dropped
+    assert c.tracker.position == 16000 + 8000 + 160  # stream time counts the gaps
+
+
+@pytest.mark.parametrize("stop", [End(5.0), Stop(5.0, 1013, "too much", "overloaded", "overloaded")])
+def test_the_end_finalizes_then_errors_then_closes(stop: End | Stop) -> None:
+    c = core()
+    c.feed(AudioFrame(LOUD, 0.0))
+    [final] = decodes(c.feed(stop))
+    assert final.cause == "end" and final.forced == isinstance(stop, End)
+    assert not c.closed and c.ending
+    assert c.feed(AudioFrame(LOUD, 6.0)) == []  # nothing after the end
+    out = c.decoded(final, Result("bye"))
+    if isinstance(stop, End):
+        assert [type(e) for e in out] == [Final, Close] and c.outcome == "ended"
+        assert out[-1] == Close(1000, "end of stream")
+    else:
+        assert [type(e) for e in out] == [Final, Error, Close] and c.outcome == "overloaded"
+        assert out[1] == Error("overloaded", "too much") and out[2] == Close(1013, "too much")
+    assert c.closed
