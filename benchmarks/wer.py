@@ -108,7 +108,9 @@ async def served(names: list[str], vad: str) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=RESULTS / "wer.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the JSON (default: results/wer.json; a --quick "
+                             "smoke run writes nothing unless this is given)")
     parser.add_argument("--vad", default="silero")
     parser.add_argument("--quick", action="store_true", help="3 short files, for a smoke run")
     args = parser.parse_args()
@@ -143,7 +145,9 @@ def main() -> None:
     for way, numbers in result["wer"].items():  # type: ignore[union-attr]
         print(f"{way:>24}: " + ", ".join(f"{k}={v:.3f}" for k, v in numbers.items()))
     print("final latency:", result["final_latency_s"])
-    write_result(args.out, COMMAND + (f" --vad {args.vad}" if args.vad != "silero" else ""), result)
+    if args.quick and args.out is None:
+        return  # a smoke run must not overwrite the committed results
+    write_result(args.out or RESULTS / "wer.json", COMMAND + (f" --vad {args.vad}" if args.vad != "silero" else ""), result)
 
 
 if __name__ == "__main__":

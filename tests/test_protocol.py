@@ -53,7 +53,7 @@ def parse_client_message(text: str, received_at: float) -> ClientCommand:
     return NativeCodec().decode(text, received_at)
 
 
-# --- SessionParams: valid ------------------------------------------------------------------------
+# --- the query: valid ---------------------------------------------------------------------------
 
 
 def test_minimal_query_gives_defaults() -> None:
@@ -101,7 +101,7 @@ def test_call_id_of_256_characters_accepted() -> None:
     assert accept(with_(call_id="c" * 256)).call_id == "c" * 256
 
 
-# --- SessionParams: invalid ----------------------------------------------------------------------
+# --- the query: invalid -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

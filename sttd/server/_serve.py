@@ -72,7 +72,8 @@ async def serve(
     config.graceful_timeout = settings.shutdown_grace_s
     # hypercorn's idle timer runs from a connection's start until its request headers are in
     # (and between kept-alive requests): a client stalling in its headers is closed after this.
-    # Bodies are paced by http.py; a WebSocket is bounded by its session's idle timeout.
+    # Upload bodies are paced by `sttd.admission.read_upload`; a WebSocket is bounded by its
+    # session's idle timeout.
     config.keep_alive_timeout = settings.http_read_timeout_s
     config.websocket_max_message_size = settings.max_message_bytes
     _bound_websocket_messages()
