@@ -283,8 +283,8 @@ class AudioReceiver:
         self._state.items.clear()
         self._state.frames = 0
         self._state.samples = 0
-        self._state.lot.unpark_all()
-        self._state.room.unpark_all()  # a task parked in receive() wakes to ClosedResourceError
+        self._state.lot.unpark_all()  # a task parked in receive() wakes to ClosedResourceError
+        self._state.room.unpark_all()  # and a sender in wait_for_room() returns
 
     async def aclose(self) -> None:
         self.close()
@@ -393,14 +393,12 @@ class LatestSlot(Generic[T]):
     _closed: bool = False
     _lot: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
 
-    def put(self, item: T) -> bool:
-        """Offer `item`; returns True if it replaced one nobody had taken."""
+    def put(self, item: T) -> None:
+        """Offer `item`, replacing one nobody has taken yet."""
         if self._closed:
             raise trio.ClosedResourceError("slot is closed")
-        replaced = self._item is not None
         self._item = item
         self._lot.unpark_all()
-        return replaced
 
     async def take(self) -> T:
         """Wait for an item; raises `trio.EndOfChannel` once closed and empty."""

@@ -6,6 +6,7 @@ Names use the ``sttd_`` prefix and base units; labels come from closed sets only
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Final, Literal, get_args
 
 import attrs
 import trio
@@ -13,14 +14,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["SESSION_OUTCOMES", "Metrics", "QueueDepths"]
+__all__ = ["SESSION_OUTCOMES", "Metrics", "QueueDepths", "SessionOutcome"]
 
 # How a WebSocket session can end (the `outcome` label of sttd_sessions_total): the client's end;
 # the client went away; refused at connect; overloaded (too many dropped frames); a server bug;
 # idle; the session time limit; the server drained; a message over the size limit; a client
 # that stopped reading.
-SESSION_OUTCOMES = ("ended", "client_gone", "rejected", "overloaded", "internal_error", "idle",
-                    "session_limit", "drained", "refused", "slow_client")
+SessionOutcome = Literal["ended", "client_gone", "rejected", "overloaded", "internal_error",
+                         "idle", "session_limit", "drained", "refused", "slow_client"]
+SESSION_OUTCOMES: Final = get_args(SessionOutcome)
 
 _LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)

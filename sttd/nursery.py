@@ -9,7 +9,7 @@ Lifetime. `serve_connection` admits the connection or refuses it, then `Session.
 nursery of four tasks linked by bounded channels (`sttd.channels`):
 
 * ``_recv`` reads the connection. Each message goes through the codec; audio is converted to
-  16 kHz mono by the one audio converter (in a worker thread when that costs more than a copy)
+  16 kHz mono by the one audio converter (in a worker thread when it resamples)
   and queued as the `LagPolicy` says (queued, skipped as a gap, or held back); commits and the
   end go in band. It owns the audio channel's send end and a clone of the output channel's
   (for errors about the client's own messages and dropped-frame warnings). Its cancel scope
@@ -79,7 +79,7 @@ from sttd.channels import (
     open_output_channel,
 )
 from sttd.errors import BackendError, ClientError, InvalidMessage
-from sttd.metrics import Metrics
+from sttd.metrics import Metrics, SessionOutcome
 from sttd.session import AudioFrame, Decode, Gap, InputItem, SessionCore, Stop
 from sttd.settings import Settings
 
@@ -185,10 +185,10 @@ class Session:
     # The receive loop's scope: cancelling it ends the session's input (drain).
     _recv_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _draining: bool = attrs.field(init=False, default=False)
-    _outcome: str | None = attrs.field(init=False, default=None)  # set by the trio side
+    _outcome: SessionOutcome | None = attrs.field(init=False, default=None)  # set here
 
     @property
-    def outcome(self) -> str:
+    def outcome(self) -> SessionOutcome:
         """How the session ended (or ``client_gone`` while it has not): a metrics label."""
         return self._outcome or self.admission.core.outcome
 
@@ -321,15 +321,16 @@ class Session:
 
     async def _convert(self, converter: StreamConverter, audio: Audio
                        ) -> npt.NDArray[np.int16]:
-        if converter.costly:
+        if converter.resamples:
             # Resampling is real CPU work: off the event loop (one call at a time per stream).
+            # A copy or a downmix costs less than the thread hop, so those stay here.
             return await trio.to_thread.run_sync(converter.convert_pcm16, audio.data)
         return converter.convert_pcm16(audio.data)
 
     async def _flush(self, converter: StreamConverter, send_audio: AudioSender) -> None:
         """Queue the converter's held-back tail (the resampler's delay), as the stream ends."""
-        if not converter.costly:
-            return
+        if not converter.resamples:
+            return  # only the resampler holds anything back
         tail = await trio.to_thread.run_sync(lambda: converter.convert_pcm16(b"", last=True))
         if tail.size:
             send_audio.send_nowait(AudioFrame(tail, trio.current_time()))
@@ -360,9 +361,9 @@ class Session:
         with slot:
             async with send_out, recv_audio:
                 while not core.closed:
-                    items = await _receive_round(recv_audio)
+                    items, backlog = await _receive_round(recv_audio)
                     # How far behind the stream this round starts: past STT_MAX_LAG_S, no partial.
-                    lagging = policy.lagging(recv_audio.samples_buffered)
+                    lagging = policy.lagging(backlog)
                     outputs: list[Decode | SessionEvent] = []
                     for item in items:
                         if isinstance(item, AudioFrame):
@@ -390,6 +391,8 @@ class Session:
                     decode = await slot.take()
                 except trio.EndOfChannel:
                     return
+                if self.admission.core.stale(decode):
+                    continue  # its utterance ended while it waited in the slot
                 started = trio.Event()
                 events: list[SessionEvent] = []
                 with trio.CancelScope() as scope:
@@ -446,24 +449,27 @@ class Session:
         self._outcome = "slow_client"
         log.info("session.slow_client sid=%s send_timeout_s=%g", self.session_id,
                  self.settings.send_timeout_s)
-        with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
-            await transport.close(1008, "client not reading")
+        await _close(transport, codec, Close(1008, "client not reading"), self.metrics)
         assert stalled.cancelled_caught
         return None
 
 
-async def _receive_round(recv_audio: AudioReceiver) -> list[InputItem]:
-    """What the audio channel holds: wait for one item, then take all that are there."""
+async def _receive_round(recv_audio: AudioReceiver) -> tuple[list[InputItem], int]:
+    """What the audio channel holds: wait for one item, then take all that are there.
+
+    Also gives the backlog the round starts with: the samples queued behind its first item.
+    """
     try:
         items = [await recv_audio.receive()]
     except trio.EndOfChannel:
         # _recv always ends its input with End or Stop; this is the same, should it not.
-        return [End(trio.current_time())]
+        return [End(trio.current_time())], 0
+    backlog = recv_audio.samples_buffered
     while True:
         try:
             items.append(recv_audio.receive_nowait())
         except (trio.WouldBlock, trio.EndOfChannel):
-            return items
+            return items, backlog
 
 
 async def _close(transport: Transport, codec: Codec, close: Close, metrics: Metrics, *,
@@ -483,28 +489,30 @@ async def _write(transport: Transport, codec: Codec, event: SessionEvent,
                  metrics: Metrics) -> bool:
     """Send `event` as its protocol says and count it; False if the client had gone first.
 
-    An event the protocol has no message for (a warning on Deepgram's) still counts.
+    Errors and warnings count as reported whether or not the client took them (an operator
+    wants every refusal counted, and a warning the protocol has no message for, such as a
+    lagging warning on Deepgram's, still happened); partials and finals count only once sent.
     """
     delivered = True
     for text in codec.encode(event):
         delivered = await transport.send(text) and delivered
-    if delivered:
+    if isinstance(event, Error):
+        metrics.errors_total.labels(event.code).inc()
+    elif isinstance(event, Warning):
+        metrics.warnings_total.labels(event.code).inc()
+    elif delivered:
         _count_sent(metrics, event)
     return delivered
 
 
 def _count_sent(metrics: Metrics, event: SessionEvent) -> None:
-    """Count an event that reached the client."""
+    """Count a transcript that reached the client."""
     if isinstance(event, Final):
         metrics.finals_sent_total.inc()
         if event.ended_at is not None:
             metrics.final_latency_seconds.observe(max(trio.current_time() - event.ended_at, 0.0))
     elif isinstance(event, Partial):
         metrics.partials_sent_total.inc()
-    elif isinstance(event, Error):
-        metrics.errors_total.labels(event.code).inc()
-    elif isinstance(event, Warning):
-        metrics.warnings_total.labels(event.code).inc()
 
 
 def _log_value(value: str) -> str:

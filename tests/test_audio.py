@@ -582,11 +582,6 @@ def test_converter_downmixes_and_resamples_like_a_wav_file() -> None:
     np.testing.assert_array_equal(live, float32_to_pcm16(decode_wav(wav)))
 
 
-def test_convert_mono_refuses_an_interleaved_stream() -> None:
-    with pytest.raises(ValueError, match="mono"):
-        StreamConverter.for_format(AudioFormat(48000, 2)).convert_mono(np.zeros(4, np.float32))
-
-
 # --- fuzzing ---------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from sttd.channels import (
     AudioReceiver,
     LagAction,
     LagPolicy,
+    LatestSlot,
     OutputReceiver,
     OutputStatistics,
     open_audio_channel,
@@ -528,3 +529,32 @@ def test_lag_policy(backlog_s: float, full: bool, received_s: float, elapsed_s: 
     assert policy.decide(backlog_samples=int(backlog_s * 16000), full=full,
                          received_samples=int(received_s * 16000), elapsed_s=elapsed_s) is action
     assert policy.lagging(int(1.6 * 16000)) and not policy.lagging(int(1.4 * 16000))
+
+
+# --- the latest-only slot ------------------------------------------------------------------------
+
+
+async def test_latest_slot_keeps_only_the_newest_item(autojump_clock: trio.testing.MockClock) -> None:
+    slot: LatestSlot[int] = LatestSlot()
+    slot.put(1)
+    slot.put(2)  # replaces 1, which nobody took
+    with trio.fail_after(HANG_S):
+        assert await slot.take() == 2
+        taken: list[int] = []
+
+        async def taker() -> None:
+            taken.append(await slot.take())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(taker)
+            await trio.testing.wait_all_tasks_blocked()
+            assert taken == []  # empty: it waits
+            slot.put(3)
+        assert taken == [3]
+        with slot:
+            slot.put(4)
+        assert await slot.take() == 4  # closing keeps what was offered
+        with pytest.raises(trio.EndOfChannel):
+            await slot.take()
+        with pytest.raises(trio.ClosedResourceError):
+            slot.put(5)

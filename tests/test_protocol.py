@@ -4,6 +4,7 @@ the JSON of every server message."""
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import pytest
 from werkzeug.datastructures import MultiDict
@@ -27,6 +28,7 @@ from sttd.api import (
     Warning,
     Word,
     dumps,
+    encode_command,
     parse_server_message,
 )
 from sttd.audio import AudioFormat
@@ -165,6 +167,13 @@ def test_first_bad_parameter_is_reported() -> None:
 )
 def test_client_messages(text: str, expected: ClientCommand) -> None:
     assert parse_client_message(text, 1.5) == expected
+
+
+@pytest.mark.parametrize(("kind", "command"), [
+    ("commit", Commit(2.5)), ("end", End(2.5)), ("keepalive", KeepAlive())])
+def test_what_a_client_writes_the_server_reads(kind: Literal["commit", "end", "keepalive"],
+                                                command: ClientCommand) -> None:
+    assert NativeCodec().decode(encode_command(kind), 2.5) == command
 
 
 def test_binary_frames_are_audio_as_sent() -> None:

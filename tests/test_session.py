@@ -602,3 +602,20 @@ async def test_resampling_a_client_stream_runs_off_the_event_loop(
     assert calls and not any(calls)
     [final] = [m for m in transport.of_type("Results") if m["is_final"]]
     assert final["channel"]["alternatives"][0]["transcript"] == reference_texts()["ps_goforward"]
+
+
+async def test_a_round_reports_the_backlog_behind_its_first_item() -> None:
+    """The lag check must see what was queued when the round began: measured after the round
+    was taken, the backlog would always read 0 and a lagging session would never skip
+    partials."""
+    from sttd.channels import open_audio_channel
+    from sttd.nursery import _receive_round
+    from sttd.session import AudioFrame
+
+    send, receive = open_audio_channel(10)
+    for index in range(3):
+        send.send_nowait(AudioFrame(np.zeros(320, np.int16), float(index)))
+    items, backlog = await _receive_round(receive)
+    assert len(items) == 3
+    assert backlog == 2 * 320
+    assert receive.samples_buffered == 0

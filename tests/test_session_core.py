@@ -10,7 +10,7 @@ import pytest
 
 from sttd.api import Close, Commit, End, Error, Final, Partial, SessionOptions, UtteranceEnd, Warning
 from sttd.api import Word as StreamWord
-from sttd.backends.base import Result, Word
+from sttd.backends.base import RecognisedWord, Result
 from sttd.errors import BackendError
 from sttd.session import AudioFrame, Decode, Gap, SessionCore, Stop, UtteranceTracker
 from sttd.vad import make_endpointer
@@ -21,8 +21,9 @@ QUIET = np.zeros(16000, np.int16)
 
 def core(**options: object) -> SessionCore:
     tracker = UtteranceTracker(make_endpointer("energy", threshold_rms=300.0, silence_ms=500),
-                               partial_ms=500)
-    return SessionCore(tracker, SessionOptions(**options))  # type: ignore[arg-type]
+                               max_utterance_s=15.0, partial_ms=500)
+    return SessionCore(tracker, SessionOptions(partial_ms=500, **options),  # type: ignore[arg-type]
+                       max_lag_s=1.5)
 
 
 def decodes(outputs: list[object]) -> list[Decode]:
@@ -63,7 +64,7 @@ def test_a_failed_final_is_reported_in_its_turn_and_the_next_goes_on() -> None:
 def test_final_words_are_in_stream_time_and_empty_finals_are_not_sent() -> None:
     c = core()
     first = utterance(c, 0.0)
-    [final] = c.decoded(first, Result("go", words=(Word("go", 0.1, 0.4, 0.9),), confidence=0.9),
+    [final] = c.decoded(first, Result("go", words=(RecognisedWord("go", 0.1, 0.4, 0.9),), confidence=0.9),
                         backlog_ms=40)
     assert isinstance(final, Final)
     start = first.utterance.start_ms
@@ -127,7 +128,7 @@ def test_utterance_end_follows_its_final_even_when_the_final_is_late() -> None:
     c = core(utterance_end_ms=1000)
     first = decodes(c.feed(AudioFrame(LOUD, 0.0)) + c.feed(AudioFrame(QUIET, 1.0)))[0]
     assert c.feed(AudioFrame(QUIET, 2.0)) == []  # due now, but behind the final still decoding
-    [final, end] = c.decoded(first, Result("one", words=(Word("one", 0.2, 0.5, 1.0),)))
+    [final, end] = c.decoded(first, Result("one", words=(RecognisedWord("one", 0.2, 0.5, 1.0),)))
     assert isinstance(final, Final) and end == UtteranceEnd(final.words[-1].end_ms)
     assert c.feed(AudioFrame(QUIET, 3.0)) == []  # once per final
 
@@ -148,7 +149,7 @@ def test_the_end_finalizes_then_errors_then_closes(stop: End | Stop) -> None:
     c.feed(AudioFrame(LOUD, 0.0))
     [final] = decodes(c.feed(stop))
     assert final.cause == "end" and final.forced == isinstance(stop, End)
-    assert not c.closed and c.ending
+    assert not c.closed
     assert c.feed(AudioFrame(LOUD, 6.0)) == []  # nothing after the end
     out = c.decoded(final, Result("bye"))
     if isinstance(stop, End):
@@ -158,3 +159,17 @@ def test_the_end_finalizes_then_errors_then_closes(stop: End | Stop) -> None:
         assert [type(e) for e in out] == [Final, Error, Close] and c.outcome == "overloaded"
         assert out[1] == Error("overloaded", "too much") and out[2] == Close(1013, "too much")
     assert c.closed
+
+
+def test_a_partial_is_stale_once_its_utterance_is_finalized_or_the_session_ends() -> None:
+    c = core()
+    c.feed(AudioFrame(LOUD, 0.0))
+    partial = c.take_partial()
+    assert partial is not None and not c.stale(partial)
+    final = decodes(c.feed(AudioFrame(QUIET, 1.0)))[0]
+    assert c.stale(partial) and not c.stale(final)
+    c.feed(AudioFrame(LOUD, 2.0))
+    fresh = c.take_partial()
+    assert fresh is not None and not c.stale(fresh)
+    c.feed(End(3.0))
+    assert c.stale(fresh)

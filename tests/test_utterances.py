@@ -31,7 +31,9 @@ def signal(*parts: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
 
 
 def tracker(silence_ms: int = 500, **kwargs: Any) -> UtteranceTracker:
-    return UtteranceTracker(Endpointer(EnergyClassifier(300.0), silence_ms=silence_ms), **kwargs)
+    """A tracker with the server's default partial interval and length limit, unless given."""
+    options = {"partial_ms": 500, "max_utterance_s": 15.0, **kwargs}
+    return UtteranceTracker(Endpointer(EnergyClassifier(300.0), silence_ms=silence_ms), **options)
 
 
 def feed_chunks(track: UtteranceTracker, samples: npt.NDArray[np.int16], chunk_ms: int) -> list[Utterance]:

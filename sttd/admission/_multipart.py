@@ -57,8 +57,8 @@ _PADDING: Final = re.compile(rb"[ \t]*")  # after a boundary, before its line's 
 _PARSER_OFFSET: Final = re.compile(r" at \d+$")  # how the parser ends a message with an offset
 # python-multipart logs a warning for each malformed body before raising; the client gets the
 # error and sttd_errors_total counts it, so the warning would only let any client fill the log.
-_parser_log: Final = logging.getLogger(f"{__name__}.parser")
-_parser_log.setLevel(logging.ERROR)
+# A logger of our own, outside logging's tree, that drops everything: nothing global changes.
+_parser_log: Final = logging.Logger(f"{__name__}.parser", level=logging.CRITICAL + 1)
 
 
 async def read_multipart_file(

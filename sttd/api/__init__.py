@@ -33,7 +33,14 @@ from sttd.api._events import (
     Word,
 )
 from sttd.api._languages import language_code, language_name
-from sttd.api._native import NativeCodec, ServerMessageError, Unknown, parse_server_message, to_json
+from sttd.api._native import (
+    NativeCodec,
+    ServerMessageError,
+    Unknown,
+    encode_command,
+    parse_server_message,
+    to_json,
+)
 from sttd.api._openai import RESPONSE_FORMATS, TranscriptionForm, render
 from sttd.api._params import (
     MAX_HOTWORD_CHARS,
@@ -77,6 +84,7 @@ __all__ = [
     "Warning",
     "Word",
     "dumps",
+    "encode_command",
     "language_code",
     "language_name",
     "parse_hotwords",

@@ -53,6 +53,8 @@ from sttd.api._events import (
 )
 from sttd.api._params import (
     MAX_TEXT_MESSAGE_BYTES,
+    WIRE_DIGITS,
+    default_partial_ms,
     dumps,
     load_client_json,
     parse_hotwords,
@@ -75,11 +77,9 @@ _MAX_CHANNELS: Final = 32
 # send are raised to this.
 _MIN_ENDPOINTING_MS: Final = 100
 _MAX_WAIT_MS: Final = 60_000  # endpointing and utterance_end_ms
-_MIN_PARTIAL_MS: Final = 100
 _MAX_ECHOED_CHARS: Final = 256  # of a refused client message, in SchemaError's `message`
 _CLIENT_MESSAGES: Final = ("KeepAlive", "Finalize", "CloseStream")
 _WORD_EDGES: Final = string.punctuation + "¡¿“”‘’«»…"
-_DIGITS: Final = 4  # of confidences
 
 
 @attrs.define
@@ -131,7 +131,7 @@ class DeepgramCodec:
             call_id=str(uuid.uuid4()),
             audio_format=AudioFormat(sample_rate, channels),
             options=SessionOptions(
-                partial_ms=max(round(settings.streaming_chunk_size_sec * 1000), _MIN_PARTIAL_MS),
+                partial_ms=default_partial_ms(settings),
                 partials=query_bool(query, "interim_results", default=False),
                 language=None if language == "multi" else parse_language(language),
                 hotwords=parse_hotwords(",".join(terms), param="keyterm"),
@@ -219,7 +219,7 @@ class DeepgramCodec:
         final = isinstance(event, FinalEvent)
         words = [_word(word) for word in event.words] if isinstance(event, FinalEvent) else []
         if isinstance(event, FinalEvent) and event.confidence is not None:
-            confidence = round(event.confidence, _DIGITS)
+            confidence = round(event.confidence, WIRE_DIGITS)
         else:
             confidence = (sum(word["confidence"] for word in words) / len(words)
                           if words else 0.0)
@@ -277,6 +277,6 @@ def _word(word: Word) -> dict[str, Any]:
         "word": punctuated.strip(_WORD_EDGES).lower() or punctuated.lower(),
         "start": word.start_ms / 1000,
         "end": word.end_ms / 1000,
-        "confidence": round(word.probability, _DIGITS),
+        "confidence": round(word.probability, WIRE_DIGITS),
         "punctuated_word": punctuated,
     }

@@ -67,7 +67,7 @@ class SessionOptions:
     """What a client may ask of the session core (its protocol's query, validated)."""
 
     # A partial is decoded every `partial_ms` of new speech, when `partials` is on.
-    partial_ms: int = attrs.field(default=500, validator=attrs.validators.gt(0))
+    partial_ms: int = attrs.field(validator=attrs.validators.gt(0))
     partials: bool = True
     # None lets the backend detect the language; otherwise a BCP-47 code.
     language: str | None = None

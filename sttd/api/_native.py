@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 import attrs
 from werkzeug.datastructures import MultiDict
@@ -33,6 +33,9 @@ from sttd.api._events import (
     Word,
 )
 from sttd.api._params import (
+    MIN_PARTIAL_MS,
+    WIRE_DIGITS,
+    default_partial_ms,
     dumps,
     load_client_json,
     parse_hotwords,
@@ -44,12 +47,17 @@ from sttd.audio import SAMPLE_RATE_HZ, AudioFormat
 from sttd.errors import InvalidMessage, InvalidParam, SttdError
 from sttd.settings import Settings
 
-__all__ = ["NativeCodec", "ServerMessageError", "Unknown", "parse_server_message"]
+__all__ = [
+    "NativeCodec",
+    "ServerMessageError",
+    "Unknown",
+    "encode_command",
+    "parse_server_message",
+    "to_json",
+]
 
 _MAX_CALL_ID_CHARS: Final = 256
 _FRAME_MS_RANGE: Final = (10, 200)
-_MIN_PARTIAL_MS: Final = 100
-_DIGITS: Final = 4  # of probabilities and confidences on the wire
 _MAX_QUOTED_CHARS: Final = 200  # of an unreadable server message
 
 
@@ -84,11 +92,10 @@ class NativeCodec:
             raise InvalidParam(
                 "frame_ms", f"frame_ms must be in {_FRAME_MS_RANGE[0]}..{_FRAME_MS_RANGE[1]}, "
                 f"got {frame_ms}")
-        default_partial_ms = round(settings.streaming_chunk_size_sec * 1000)
-        partial_ms = query_int(query, "partial_ms", max(default_partial_ms, _MIN_PARTIAL_MS))
-        if partial_ms < _MIN_PARTIAL_MS:
+        partial_ms = query_int(query, "partial_ms", default_partial_ms(settings))
+        if partial_ms < MIN_PARTIAL_MS:
             raise InvalidParam(
-                "partial_ms", f"partial_ms must be >= {_MIN_PARTIAL_MS}, got {partial_ms}")
+                "partial_ms", f"partial_ms must be >= {MIN_PARTIAL_MS}, got {partial_ms}")
         return SessionRequest(
             call_id=call_id,
             audio_format=AudioFormat(),
@@ -133,9 +140,9 @@ def to_json(event: Ready | Partial | FinalEvent | UtteranceEnd | Error | Warning
             "type": "final", "utterance_id": event.utterance_id, "text": event.text,
             "start_ms": event.start_ms, "end_ms": event.end_ms,
             "words": [{"word": word.word, "start_ms": word.start_ms, "end_ms": word.end_ms,
-                       "probability": round(word.probability, _DIGITS)}
+                       "probability": round(word.probability, WIRE_DIGITS)}
                       for word in event.words],
-            "confidence": None if event.confidence is None else round(event.confidence, _DIGITS),
+            "confidence": None if event.confidence is None else round(event.confidence, WIRE_DIGITS),
             "language": event.language,
             "backlog_ms": event.backlog_ms,
         }
@@ -150,6 +157,15 @@ def to_json(event: Ready | Partial | FinalEvent | UtteranceEnd | Error | Warning
 
 
 # -- the client's side ---------------------------------------------------------------------------
+
+
+ClientMessageType = Literal["commit", "end", "keepalive"]
+
+
+def encode_command(kind: ClientMessageType) -> str:
+    """A client's text message: `Commit`, `End` or `KeepAlive` once the server decodes it
+    (audio goes in binary frames, as it is)."""
+    return dumps({"type": kind})
 
 
 class ServerMessageError(SttdError):

@@ -12,11 +12,15 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from sttd.errors import InvalidMessage, InvalidParam
+from sttd.settings import Settings
 
 __all__ = [
     "MAX_HOTWORDS",
     "MAX_HOTWORD_CHARS",
     "MAX_TEXT_MESSAGE_BYTES",
+    "MIN_PARTIAL_MS",
+    "WIRE_DIGITS",
+    "default_partial_ms",
     "dumps",
     "load_client_json",
     "parse_hotwords",
@@ -30,6 +34,10 @@ MAX_HOTWORDS: Final = 100
 MAX_HOTWORD_CHARS: Final = 64
 # Bytes of text a control message may hold; audio goes in binary frames.
 MAX_TEXT_MESSAGE_BYTES: Final = 4096
+# The shortest partial interval a client may ask for: shorter ones re-decode for little gain.
+MIN_PARTIAL_MS: Final = 100
+# Decimal places of probabilities and confidences in wire messages.
+WIRE_DIGITS: Final = 4
 _LANGUAGE: Final = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
 _MAX_QUOTED_CHARS: Final = 40  # of a bad value, in its error message
 
@@ -39,6 +47,11 @@ def quoted(value: str) -> str:
     if len(value) <= _MAX_QUOTED_CHARS:
         return repr(value)
     return f"{value[:_MAX_QUOTED_CHARS]!r}..."
+
+
+def default_partial_ms(settings: Settings) -> int:
+    """The partial interval when the client asks for none (STT_STREAMING_CHUNK_SIZE_SEC), ms."""
+    return max(round(settings.streaming_chunk_size_sec * 1000), MIN_PARTIAL_MS)
 
 
 def parse_language(value: str, *, param: str = "language") -> str | None:

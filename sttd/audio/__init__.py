@@ -17,7 +17,7 @@ from sttd.audio._convert import (
 )
 from sttd.audio._media import ACCEPTED_FORMATS, MediaReader
 from sttd.audio._open import AudioReader, open_audio, read_audio
-from sttd.audio._pcm import SAMPLE_RATE_HZ, clean, float32_to_pcm16, pcm16_to_float32
+from sttd.audio._pcm import SAMPLE_RATE_HZ, SAMPLES_PER_MS, clean, float32_to_pcm16, pcm16_to_float32
 from sttd.audio._wav import WavReader, decode_wav, encode_wav, is_wav
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "MAX_SAMPLE_RATE_HZ",
     "MIN_SAMPLE_RATE_HZ",
     "SAMPLE_FORMATS",
+    "SAMPLES_PER_MS",
     "SAMPLE_RATE_HZ",
     "AudioFormat",
     "AudioReader",

@@ -2,8 +2,8 @@
 16 kHz mono, chunk by chunk.
 
 Every path audio enters by goes through `StreamConverter`: WAV files (`WavReader`,
-`decode_wav`), compressed files decoded by FFmpeg (`MediaReader`, which hands it decoded mono
-frames), live streams at other rates or channel counts (Deepgram's ``/v1/listen``), and the
+`decode_wav`), compressed files decoded by FFmpeg (`MediaReader`, which hands it each decoded
+frame's samples, interleaved), live streams at other rates or channel counts (Deepgram's ``/v1/listen``), and the
 client library reading a file to stream. So a file sounds the same to the server whichever way
 it arrives.
 
@@ -28,6 +28,7 @@ import soxr  # type: ignore[import-untyped]  # soxr ships no py.typed marker; `_
 from sttd.audio._pcm import SAMPLE_RATE_HZ, clean, float32_to_pcm16
 
 __all__ = [
+    "MAX_CHANNELS",
     "MAX_SAMPLE_RATE_HZ",
     "MIN_SAMPLE_RATE_HZ",
     "SAMPLE_FORMATS",
@@ -39,7 +40,7 @@ __all__ = [
 # Below telephony rates no speech is left; the bounds also cap the resampling factor.
 MIN_SAMPLE_RATE_HZ: Final = 4000
 MAX_SAMPLE_RATE_HZ: Final = 384_000
-_MAX_CHANNELS: Final = 255  # Opus's limit, the highest of any format we read
+MAX_CHANNELS: Final = 255  # Opus's limit, the highest of any format we read
 
 SampleFormat = Literal["pcm8", "pcm16", "pcm24", "pcm32", "float32", "float64"]
 SAMPLE_FORMATS: Final[tuple[SampleFormat, ...]] = (
@@ -72,7 +73,7 @@ class AudioFormat:
 
     sample_rate_hz: int = attrs.field(default=SAMPLE_RATE_HZ, validator=_rate_in_range)
     channels: int = attrs.field(
-        default=1, validator=[attrs.validators.ge(1), attrs.validators.le(_MAX_CHANNELS)])
+        default=1, validator=[attrs.validators.ge(1), attrs.validators.le(MAX_CHANNELS)])
     sample_format: SampleFormat = attrs.field(
         default="pcm16", validator=attrs.validators.in_(SAMPLE_FORMATS))
 
@@ -102,6 +103,13 @@ class StreamConverter:
     format: AudioFormat
     _resampler: _Resampler | None
     _carry: bytes = attrs.field(init=False, default=b"")
+    # Per-chunk questions, answered once: the format never changes.
+    _native: bool = attrs.field(init=False)
+    _frame_bytes: int = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._native = self.format.is_native
+        self._frame_bytes = self.format.frame_bytes
 
     @classmethod
     def for_format(cls, fmt: AudioFormat) -> StreamConverter:
@@ -115,7 +123,12 @@ class StreamConverter:
     @property
     def costly(self) -> bool:
         """Whether a chunk costs more than a copy (resampling, downmixing, rescaling)."""
-        return not self.format.is_native
+        return not self._native
+
+    @property
+    def resamples(self) -> bool:
+        """Whether the rate is converted: the costly part, which keeps a tail until `last`."""
+        return self._resampler is not None
 
     @property
     def pending_bytes(self) -> int:
@@ -135,26 +148,15 @@ class StreamConverter:
 
     def convert_pcm16(self, data: bytes | memoryview, *, last: bool = False) -> _Int16Array:
         """As `convert`, but as int16; 16 kHz mono PCM16 in is copied out without arithmetic."""
-        if self.format.is_native:
+        if self._native:
             raw = self._frames(data, last=last)
             return np.frombuffer(raw, dtype="<i2").astype(np.int16)
         return float32_to_pcm16(self.convert(data, last=last))
 
-    def convert_mono(self, mono: npt.NDArray[np.floating], *, last: bool = False
-                     ) -> _Float32Array:
-        """Resample mono samples already scaled to [-1, 1] (decoded by FFmpeg, say).
-
-        Only for a mono float stream (``channels=1``); mixing `convert` and this on one
-        converter is an error.
-        """
-        if self.format.channels != 1 or self._carry:
-            raise ValueError("convert_mono takes a mono stream that convert() has not fed")
-        return self._resample(clean(mono), last=last)
-
     def _frames(self, data: bytes | memoryview, *, last: bool) -> bytes | memoryview:
         """The whole frames of the carry plus `data`; the rest is carried (or, if `last`, lost)."""
         buf = self._carry + bytes(data) if self._carry else data
-        usable = len(buf) - len(buf) % self.format.frame_bytes
+        usable = len(buf) - len(buf) % self._frame_bytes
         self._carry = b"" if last else bytes(buf[usable:])
         return buf[:usable] if usable < len(buf) else buf
 

@@ -45,12 +45,14 @@ from av.container import InputContainer
 from av.packet import Packet
 
 from sttd.audio._convert import (
+    MAX_CHANNELS,
     MAX_SAMPLE_RATE_HZ,
     MIN_SAMPLE_RATE_HZ,
     AudioFormat,
+    SampleFormat,
     StreamConverter,
 )
-from sttd.audio._pcm import SAMPLE_RATE_HZ, clean
+from sttd.audio._pcm import SAMPLE_RATE_HZ
 from sttd.audio._wav import is_wav
 from sttd.errors import BadAudio, PayloadTooLarge, UnsupportedMedia
 
@@ -71,21 +73,15 @@ _CONTAINER_OPTIONS: Final = {
 _CONTAINER_NAMES: Final = {"mov": "MP4", "matroska": "WebM/Matroska", "asf": "WMA/ASF", "ogg": "Ogg",
                             "flac": "FLAC", "mp3": "MP3", "aac": "AAC", "aiff": "AIFF", "caf": "CAF",
                             "amr": "AMR", "wav": "WAV", "w64": "Wave64"}
-_MAX_CHANNELS: Final = 255  # Opus's limit, the highest of the accepted codecs
 _AV_NUM_DATA_POINTERS: Final = 8  # see `_interleave`
 # A run this long is not a glitch but a stream we cannot decode: 1 to 2 s of audio for most
 # codecs, and it bounds the CPU spent on garbage that FFmpeg took for audio.
 _MAX_BAD_PACKETS_IN_A_ROW: Final = 50
 _SNIFF_BYTES: Final = 512
 _MICROSECONDS: Final = 1_000_000
-# sample format -> (offset, scale): float = (code - offset) / scale
-_SAMPLE_SCALES: Final[dict[str, tuple[float, float]]] = {
-    "u8": (128.0, 128.0),
-    "s16": (0.0, 2.0**15),
-    "s32": (0.0, 2.0**31),
-    "flt": (0.0, 1.0),
-    "dbl": (0.0, 1.0),
-}
+# FFmpeg's packed sample formats, as the converter names them (u8 is unsigned, as in WAV).
+_SAMPLE_FORMATS: Final[dict[str, SampleFormat]] = {
+    "u8": "pcm8", "s16": "pcm16", "s32": "pcm32", "flt": "float32", "dbl": "float64"}
 
 _Float32Array = npt.NDArray[np.float32]
 
@@ -233,17 +229,16 @@ class MediaReader:
         if not MIN_SAMPLE_RATE_HZ <= rate_hz <= MAX_SAMPLE_RATE_HZ:
             raise BadAudio(f"the {self._describe()} audio's sample rate must be between "
                            f"{MIN_SAMPLE_RATE_HZ} and {MAX_SAMPLE_RATE_HZ} Hz, got {rate_hz}")
-        mono = _to_mono(frame)
-        if self._converter is None or self._converter.format.sample_rate_hz != rate_hz:
-            # A chained Ogg stream or a new ADTS configuration can change the rate mid-file.
+        fmt, interleaved = _interleaved(frame)
+        if self._converter is None or self._converter.format != AudioFormat(rate_hz, *fmt):
+            # A chained Ogg stream or a new ADTS configuration can change the format mid-file.
             self._flush_resampler()
-            self._converter = StreamConverter.for_format(
-                AudioFormat(rate_hz, 1, "float32"))
-        return self._converter.convert_mono(mono)
+            self._converter = StreamConverter.for_format(AudioFormat(rate_hz, *fmt))
+        return self._converter.convert(interleaved)
 
     def _flush_resampler(self) -> None:
         if self._converter is not None:
-            self._add(self._converter.convert_mono(np.zeros(0, np.float32), last=True))
+            self._add(self._converter.convert(b"", last=True))
             self._converter = None
 
     def _add(self, samples: _Float32Array) -> None:
@@ -364,29 +359,24 @@ def _check_declared_duration(container: InputContainer, stream: AudioStream,
                               f"it declares {declared_s:.1f} s")
 
 
-def _to_mono(frame: AudioFrame) -> _Float32Array:
-    """A decoded frame's samples as finite mono float32 in [-1, 1], channels averaged."""
+def _interleaved(frame: AudioFrame) -> tuple[tuple[int, SampleFormat], bytes]:
+    """A decoded frame's channel count and sample format, and its samples as interleaved bytes:
+    what the one audio converter takes (it scales, downmixes and resamples them)."""
     fmt = frame.format
     channels = frame.layout.nb_channels
-    if not 1 <= channels <= _MAX_CHANNELS:
-        raise BadAudio(f"the file's audio must have between 1 and {_MAX_CHANNELS} channels, "
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise BadAudio(f"the file's audio must have between 1 and {MAX_CHANNELS} channels, "
                        f"got {channels}")
-    scale = _SAMPLE_SCALES.get(fmt.packed.name)
-    if scale is None:
+    sample_format = _SAMPLE_FORMATS.get(fmt.packed.name)
+    if sample_format is None:
         raise UnsupportedMedia(f"the file's audio sample format {fmt.name!r} is not supported")
     if fmt.is_planar and channels >= _AV_NUM_DATA_POINTERS:
         frame = _interleave(frame)
     codes = frame.to_ndarray()
-    # Planar frames come as (channels, samples), packed ones as (1, samples * channels).
-    by_channel = codes if frame.format.is_planar else codes.reshape(-1, channels).T
-    offset, full_scale = scale
-    if channels == 1:
-        mono = by_channel[0].astype(np.float32)
-    else:
-        mono = by_channel.mean(axis=0, dtype=np.float64 if fmt.name.startswith("dbl") else np.float32)
-    if offset or full_scale != 1.0:
-        mono = (mono - np.float32(offset)) / np.float32(full_scale)
-    return clean(mono)
+    # Planar frames come as (channels, samples), packed ones as (1, samples * channels); both
+    # in the machine's byte order, which is little-endian wherever sttd runs (x86-64, ARM64).
+    interleaved = codes.T if frame.format.is_planar else codes
+    return (channels, sample_format), np.ascontiguousarray(interleaved).tobytes()
 
 
 def _interleave(frame: AudioFrame) -> AudioFrame:

@@ -12,9 +12,10 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["SAMPLE_RATE_HZ", "clean", "float32_to_pcm16", "pcm16_to_float32", "quantise"]
+__all__ = ["SAMPLES_PER_MS", "SAMPLE_RATE_HZ", "clean", "float32_to_pcm16", "pcm16_to_float32", "quantise"]
 
 SAMPLE_RATE_HZ: Final[int] = 16000
+SAMPLES_PER_MS: Final[int] = SAMPLE_RATE_HZ // 1000
 
 _Float32Array = npt.NDArray[np.float32]
 _Int16Array = npt.NDArray[np.int16]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from sttd.backends.base import ASRBackend, Request, Result, Word
+from sttd.backends.base import ASRBackend, RecognisedWord, Request, Result
 from sttd.backends.registry import load_backend, resolve_backend_name, resolve_lanes
 
 __all__ = [
     "ASRBackend",
+    "RecognisedWord",
     "Request",
     "Result",
-    "Word",
     "load_backend",
     "resolve_backend_name",
     "resolve_lanes",

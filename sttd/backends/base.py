@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from sttd.audio import SAMPLE_RATE_HZ
 
-__all__ = ["ASRBackend", "Request", "Result", "Word"]
+__all__ = ["ASRBackend", "RecognisedWord", "Request", "Result"]
 
 
 @attrs.frozen
@@ -38,7 +38,7 @@ class Request:
 
 
 @attrs.frozen
-class Word:
+class RecognisedWord:
     """One recognised word; times in seconds from the start of the request's audio."""
 
     word: str
@@ -52,7 +52,7 @@ class Result:
     """What a backend recognised in one request."""
 
     text: str
-    words: tuple[Word, ...] = ()
+    words: tuple[RecognisedWord, ...] = ()
     language: str | None = None
     # Mean word probability in [0, 1], where the backend has one.
     confidence: float | None = None

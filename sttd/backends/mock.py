@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sttd.audio import SAMPLE_RATE_HZ, decode_wav
-from sttd.backends.base import ASRBackend, Request, Result, Word
+from sttd.backends.base import ASRBackend, Request, Result, RecognisedWord
 from sttd.errors import BackendError, UnsupportedLanguage
 
 __all__ = ["MockBackend", "default_references_dir"]
@@ -122,7 +122,7 @@ class MockBackend(ASRBackend):
         spacing = (fixture.active[1] - fixture.active[0]) / len(fixture.words)
         shift = active[0] - offset  # fixture frame -> request frame
         words = tuple(
-            Word(
+            RecognisedWord(
                 word=fixture.words[i],
                 start_s=max(0.0, (centres[i] - spacing / 2 + shift) * _HOP_S),
                 end_s=(centres[i] + spacing / 2 + shift) * _HOP_S,

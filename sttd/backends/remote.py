@@ -31,7 +31,7 @@ import attrs
 import httpx
 
 from sttd.audio import encode_wav
-from sttd.backends.base import ASRBackend, Request, Result, Word
+from sttd.backends.base import ASRBackend, Request, Result, RecognisedWord
 from sttd.errors import BackendError, ConfigError
 from sttd.api import language_code
 
@@ -279,7 +279,7 @@ class RemoteBackend(ASRBackend):
 def _parse_result(body: dict[str, Any]) -> Result:
     """A `Result` from an OpenAI transcription answer (json or verbose_json)."""
     words = tuple(
-        Word(str(w.get("word", "")).strip(), float(w.get("start", 0.0)), float(w.get("end", 0.0)),
+        RecognisedWord(str(w.get("word", "")).strip(), float(w.get("start", 0.0)), float(w.get("end", 0.0)),
              float(w.get("probability", 1.0)))
         for w in body.get("words") or () if isinstance(w, dict))
     language = body.get("language")

@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sttd.audio import SAMPLE_RATE_HZ
-from sttd.backends.base import ASRBackend, Request, Result, Word
+from sttd.backends.base import ASRBackend, Request, Result, RecognisedWord
 from sttd.errors import BackendError, UnsupportedLanguage
 
 __all__ = ["WhisperBackend", "WhisperOptions"]
@@ -245,8 +245,8 @@ class WhisperBackend(ASRBackend):
         return again
 
     def _align(self, requests: list[Request], outputs: list[_Decoded], encoded: Any,
-               tokenizers: list[Any]) -> list[list[Word]]:
-        words: list[list[Word]] = [[] for _ in requests]
+               tokenizers: list[Any]) -> list[list[RecognisedWord]]:
+        words: list[list[RecognisedWord]] = [[] for _ in requests]
         wanted = [i for i, (r, o) in enumerate(zip(requests, outputs))
                   if r.kind == "final" and o.tokens and _keep(o)]
         if not wanted:
@@ -262,7 +262,7 @@ class WhisperBackend(ASRBackend):
             alignment = alignments[i]
             merge_punctuations(alignment, _PREPEND_PUNCTUATION, _APPEND_PUNCTUATION)
             words[i] = [
-                Word(word=item["word"].strip(), start_s=float(item["start"]),
+                RecognisedWord(word=item["word"].strip(), start_s=float(item["start"]),
                      end_s=float(item["end"]), probability=float(item["probability"]))
                 for item in alignment if item["word"].strip()
             ]
@@ -377,7 +377,7 @@ def _keep(output: _Decoded) -> bool:
     return True
 
 
-def _result(request: Request, output: _Decoded, words: list[Word], language: str) -> Result:
+def _result(request: Request, output: _Decoded, words: list[RecognisedWord], language: str) -> Result:
     if not _keep(output):
         return Result(text="", language=language)
     if request.kind == "partial":
@@ -386,7 +386,7 @@ def _result(request: Request, output: _Decoded, words: list[Word], language: str
     return _with_words(output.text, tuple(words), language)
 
 
-def _with_words(text: str, words: tuple[Word, ...], language: str | None) -> Result:
+def _with_words(text: str, words: tuple[RecognisedWord, ...], language: str | None) -> Result:
     if not text:
         return Result(text="", language=language)
     confidence = float(np.mean([w.probability for w in words])) if words else None

@@ -36,6 +36,7 @@ from sttd.api import (
     Unknown,
     UtteranceEnd,
     Warning,
+    encode_command,
     parse_server_message,
 )
 from sttd.audio import SAMPLE_RATE_HZ, read_audio
@@ -60,12 +61,6 @@ WS_PATH: typing.Final = "/v1/stt/ws"
 _CLOSE_TIMEOUT_S: typing.Final = 10.0
 _MAX_QUOTED_CHARS: typing.Final = 200  # of an unreadable server message
 
-# The client's three control messages (README, "WebSocket protocol"). `sttd.api` decodes them on
-# the server (`NativeCodec.decode`) but has no client-side encoder, so they are written here,
-# once, as they go on the wire.
-_COMMIT: typing.Final = '{"type":"commit"}'
-_END: typing.Final = '{"type":"end"}'
-_KEEPALIVE: typing.Final = '{"type":"keepalive"}'
 
 Pcm: TypeAlias = "bytes | bytearray | memoryview | npt.NDArray[np.int16]"
 # Called after each frame's send returns: (frame index, when it was due, when its send began),
@@ -113,15 +108,15 @@ class StreamingSession:
 
     async def commit(self) -> None:
         """Ask for the final of the open utterance now (nothing happens with no open speech)."""
-        await self._send(_COMMIT)
+        await self._send(encode_command("commit"))
 
     async def end(self) -> None:
         """Finish: the server sends the last finals, then closes with 1000; keep iterating."""
-        await self._send(_END)
+        await self._send(encode_command("end"))
 
     async def keepalive(self) -> None:
         """Tell the server the client is still there while no audio flows."""
-        await self._send(_KEEPALIVE)
+        await self._send(encode_command("keepalive"))
 
     async def aclose(self, code: int = 1000) -> None:
         """Close the socket now; finals not yet received are lost (prefer `end`)."""

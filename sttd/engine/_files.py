@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from sttd.api import FileSegment, FileTranscript, Word
+from sttd.api import FileSegment, FileTranscript
 from sttd.audio import (
     SAMPLE_RATE_HZ,
     AudioReader,
@@ -40,7 +40,7 @@ from sttd.audio import (
 from sttd.backends.base import Request
 from sttd.engine._engine import Engine
 from sttd.settings import Settings
-from sttd.session import Utterance, UtteranceTracker
+from sttd.session import Utterance, UtteranceTracker, stream_words
 from sttd.vad import make_endpointer
 
 __all__ = [
@@ -192,9 +192,6 @@ async def _transcribe_batch(
         text = result.text.strip()
         if not text:
             continue
-        words = tuple(
-            Word(word.word.strip(), job.start_ms + round(word.start_s * 1000),
-                     job.start_ms + round(word.end_s * 1000), word.probability)
-            for word in result.words)
-        segments.append(FileSegment(job.start_ms, job.end_ms, text, words, result.language))
+        segments.append(FileSegment(job.start_ms, job.end_ms, text,
+                                    stream_words(result.words, job.start_ms), result.language))
     return segments

@@ -224,13 +224,16 @@ class Scheduler:
         pending = _Pending(request, priority, trio.current_time(), on_start=started)
         self._queues[priority].append(pending)
         self._work.unpark_all()
+        timed_out = False
         try:
-            with trio.move_on_after(self.config.request_timeout_s):
+            with trio.move_on_after(self.config.request_timeout_s) as waiting:
                 await pending.done.wait()
+            timed_out = waiting.cancelled_caught
         finally:
             if not pending.done.is_set() and not pending.started:
                 self._withdraw(pending)
-                self.metrics.scheduler_requests_total.labels(request.kind, "withdrawn").inc()
+                if not timed_out:  # the waiter went away; a timeout is counted as one below
+                    self.metrics.scheduler_requests_total.labels(request.kind, "withdrawn").inc()
         if not pending.done.is_set():
             self.metrics.scheduler_requests_total.labels(request.kind, "timeout").inc()
             raise InferenceTimeout(

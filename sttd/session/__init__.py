@@ -6,7 +6,15 @@ connection and the engine. `UtteranceTracker` cuts the audio into utterances wit
 `Endpointer`; `PartialStabilizer` keeps the stable prefix of partials.
 """
 
-from sttd.session._core import AudioFrame, Decode, Gap, InputItem, SessionCore, Stop
+from sttd.session._core import (
+    AudioFrame,
+    Decode,
+    Gap,
+    InputItem,
+    SessionCore,
+    Stop,
+    stream_words,
+)
 from sttd.session._stability import PartialStabilizer
 from sttd.session._utterances import SampleBuffer, Utterance, UtteranceTracker
 
@@ -21,4 +29,5 @@ __all__ = [
     "Stop",
     "Utterance",
     "UtteranceTracker",
+    "stream_words",
 ]

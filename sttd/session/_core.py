@@ -32,12 +32,13 @@ then `closed` is true. `outcome` says how the session ended, for metrics.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 
-from sttd.api._events import (
+from sttd.api import (
     Close,
     Commit,
     End,
@@ -51,15 +52,15 @@ from sttd.api._events import (
     Warning,
     Word,
 )
-from sttd.audio import SAMPLE_RATE_HZ, pcm16_to_float32
-from sttd.backends.base import Request, Result
+from sttd.audio import SAMPLES_PER_MS, pcm16_to_float32
+from sttd.backends.base import RecognisedWord, Request, Result
 from sttd.errors import BackendError
+from sttd.metrics import SessionOutcome
 from sttd.session._stability import PartialStabilizer
 from sttd.session._utterances import Utterance, UtteranceTracker
 
-__all__ = ["AudioFrame", "Decode", "Gap", "InputItem", "SessionCore", "Stop"]
+__all__ = ["AudioFrame", "Decode", "Gap", "InputItem", "SessionCore", "Stop", "stream_words"]
 
-_SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000
 
 
 # -- inputs: the audio channel's items, in band so that ordering holds ------------------------
@@ -96,11 +97,18 @@ class Stop:
     received_at: float
     code: int
     reason: str
-    outcome: str  # the session's outcome label in metrics
+    outcome: SessionOutcome
     error_code: str = ""
 
 
 InputItem = AudioFrame | Gap | Commit | End | Stop
+
+
+def stream_words(words: Sequence[RecognisedWord], start_ms: int) -> tuple[Word, ...]:
+    """A backend's words (seconds into its request) as words of the client's stream (ms), for
+    an utterance or a file piece that starts at `start_ms`."""
+    return tuple(Word(word.word.strip(), start_ms + round(word.start_s * 1000),
+                      start_ms + round(word.end_s * 1000), word.probability) for word in words)
 
 
 # -- outputs ------------------------------------------------------------------------------------
@@ -142,10 +150,10 @@ class SessionCore:
     """Cuts one session's audio into utterances and turns decodes into its events, in order."""
 
     tracker: UtteranceTracker
-    options: SessionOptions = attrs.field(factory=SessionOptions)
-    # For the lagging warning's text: past twice this backlog, audio is skipped.
-    max_lag_s: float = 1.5
-    outcome: str = attrs.field(init=False, default="client_gone")
+    options: SessionOptions
+    # For the lagging warning's text: past twice this backlog (STT_MAX_LAG_S), audio is skipped.
+    max_lag_s: float
+    outcome: SessionOutcome = attrs.field(init=False, default="client_gone")
     _stabilizer: PartialStabilizer = attrs.field(init=False, factory=PartialStabilizer)
     _slots: collections.deque[_Slot] = attrs.field(init=False, factory=collections.deque)
     # The highest utterance id whose final was requested: its partials are stale.
@@ -157,11 +165,6 @@ class SessionCore:
     _last_word_end_ms: int | None = attrs.field(init=False, default=None)
     _ending: bool = attrs.field(init=False, default=False)
     _closed: bool = attrs.field(init=False, default=False)
-
-    @property
-    def ending(self) -> bool:
-        """Whether `End` or `Stop` came: the core takes nothing more."""
-        return self._ending
 
     @property
     def closed(self) -> bool:
@@ -176,6 +179,8 @@ class SessionCore:
         finals: list[Utterance] = []
         if isinstance(item, AudioFrame):
             finals = self.tracker.feed(item.samples)
+            if not finals and self.options.utterance_end_ms is None:
+                return []  # most frames: nothing ended, and the head of the order is unchanged
             out += [self._final(u, item.received_at, "max_length" if u.cut else "speech_end")
                     for u in finals]
         elif isinstance(item, Commit):
@@ -197,6 +202,12 @@ class SessionCore:
         if self._utterance_end_due(finals):
             self._slots.append(_Slot(utterance_end=True))
         return [*out, *self._release()]
+
+    def stale(self, decode: Decode) -> bool:
+        """Whether `decode` is a partial not worth decoding any more: its utterance was
+        finalized, or the session is ending."""
+        return decode.kind == "partial" and (
+            self._ending or decode.utterance.utterance_id <= self._finalized)
 
     def take_partial(self) -> Decode | None:
         """A partial to decode, if ``partial_ms`` of new speech came since the last one."""
@@ -222,9 +233,7 @@ class SessionCore:
             event = Final(
                 utterance_id=utterance.utterance_id, text=text,
                 start_ms=utterance.start_ms, end_ms=utterance.end_ms,
-                words=tuple(Word(word.word, utterance.start_ms + round(word.start_s * 1000),
-                                 utterance.start_ms + round(word.end_s * 1000), word.probability)
-                            for word in result.words) if text else (),
+                words=stream_words(result.words, utterance.start_ms) if text else (),
                 confidence=result.confidence, language=result.language,
                 backlog_ms=backlog_ms, cause=decode.cause, ended_at=decode.ended_at)
         return self._resolve(decode, [event] if event is not None else [])
@@ -310,7 +319,7 @@ class SessionCore:
         return events
 
     def _skip_warning(self, samples: int) -> Warning:
-        skipped_ms = samples // _SAMPLES_PER_MS
+        skipped_ms = samples // SAMPLES_PER_MS
         return Warning(
             "lagging",
             f"the session fell more than {2 * self.max_lag_s:g} s behind (2 x STT_MAX_LAG_S): "
@@ -334,7 +343,7 @@ class SessionCore:
         if self.tracker.open_utterance_id is not None:
             self._utterance_end_at_ms = None
             return False
-        if self.tracker.position < self._utterance_end_at_ms * _SAMPLES_PER_MS:
+        if self.tracker.position < self._utterance_end_at_ms * SAMPLES_PER_MS:
             return False
         self._utterance_end_at_ms = None
         return True

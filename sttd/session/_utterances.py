@@ -24,12 +24,11 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from sttd.audio import SAMPLE_RATE_HZ
+from sttd.audio import SAMPLES_PER_MS, SAMPLE_RATE_HZ
 from sttd.vad import Endpointer, SpeechEnd, SpeechStart
 
 __all__ = ["SampleBuffer", "Utterance", "UtteranceTracker"]
 
-_SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000
 # How far back from the length limit we look for a quiet place to cut.
 _CUT_SEARCH_S = 3.0
 
@@ -104,9 +103,11 @@ class UtteranceTracker:
     """Cuts one stream into utterances and says when to decode partials and finals."""
 
     endpointer: Endpointer
-    partial_ms: int = attrs.field(default=500, validator=attrs.validators.gt(0))
     max_utterance_s: float = attrs.field(
-        default=15.0, validator=[attrs.validators.gt(0), attrs.validators.lt(float("inf"))])
+        validator=[attrs.validators.gt(0.0), attrs.validators.lt(float("inf"))])
+    # New audio between partials; None: no partials (a file is cut into finals only).
+    partial_ms: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0)))
     preroll_ms: int = attrs.field(default=300, validator=attrs.validators.ge(0))
     tail_ms: int = attrs.field(default=200, validator=attrs.validators.ge(0))
     _buffer: SampleBuffer = attrs.field(init=False, factory=SampleBuffer)
@@ -132,7 +133,7 @@ class UtteranceTracker:
             if isinstance(event, SpeechStart):
                 self._open(event.sample)
             elif isinstance(event, SpeechEnd) and self._open_start is not None:
-                end = min(event.sample + self.tail_ms * _SAMPLES_PER_MS, self.position)
+                end = min(event.sample + self.tail_ms * SAMPLES_PER_MS, self.position)
                 finals.append(self._close(end))
         finals.extend(self._cut_if_too_long())
         self._trim()
@@ -161,7 +162,9 @@ class UtteranceTracker:
         """A partial if ``partial_ms`` of new audio arrived in the open utterance."""
         if self._open_start is None:
             return None
-        if (self.position - self._partial_at) < self.partial_ms * _SAMPLES_PER_MS:
+        if self.partial_ms is None:
+            return None
+        if (self.position - self._partial_at) < self.partial_ms * SAMPLES_PER_MS:
             return None
         self._partial_at = self.position
         return self._utterance("partial", self._open_start, self.position)
@@ -169,7 +172,7 @@ class UtteranceTracker:
     def _open(self, speech_start: int) -> None:
         if self._open_start is not None:
             return
-        self._open_start = max(speech_start - self.preroll_ms * _SAMPLES_PER_MS, self._floor,
+        self._open_start = max(speech_start - self.preroll_ms * SAMPLES_PER_MS, self._floor,
                                self._buffer.start)
         self._partial_at = speech_start
 
@@ -207,8 +210,8 @@ class UtteranceTracker:
             kind=kind,
             utterance_id=self._next_id,
             audio=self._buffer.slice(start, end),
-            start_ms=start // _SAMPLES_PER_MS,
-            end_ms=end // _SAMPLES_PER_MS,
+            start_ms=start // SAMPLES_PER_MS,
+            end_ms=end // SAMPLES_PER_MS,
         )
 
     def _trim(self) -> None:
@@ -217,5 +220,5 @@ class UtteranceTracker:
         else:
             # A speech run not yet confirmed may start before `position`: keep its pre-roll.
             start = min(self.position, self.endpointer.pending_start)
-            keep_from = start - self.preroll_ms * _SAMPLES_PER_MS
+            keep_from = start - self.preroll_ms * SAMPLES_PER_MS
         self._buffer.trim_before(max(keep_from, 0))
