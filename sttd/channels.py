@@ -8,7 +8,7 @@ A session's tasks (`sttd.nursery`) are linked by:
   holds ``max_frames`` audio frames, the oldest *frame* is dropped, counted, and left in its
   place as a `Gap`, so stream times after it stay the client's. Control items are never
   dropped; a commit right behind another is the same request and is coalesced, so a client
-  that floods commits cannot grow the queue; adjacent gaps of one kind merge. It counts the
+  that floods commits cannot grow the queue; adjacent gaps merge. It counts the
   samples it holds: that is the session's backlog.
 * the **output channel** (`open_output_channel`), from ``_infer`` (and ``_recv``, for errors
   about the client's messages) to ``_send``. It holds ``max_messages`` events. A partial offered
@@ -62,8 +62,7 @@ DROP_REPORT_EVERY = 50
 class LagAction(enum.Enum):
     """What to do with a frame that arrives while the session is behind."""
 
-    QUEUE = "queue"  # take it (a full queue drops its oldest frame)
-    SKIP = "skip"  # a live stream the server cannot keep up with: skip it, as a counted gap
+    QUEUE = "queue"  # take it (a full queue drops its oldest frame, as a counted gap)
     HOLD = "hold"  # a client ahead of real time: stop reading until the backlog halves
 
 
@@ -71,15 +70,17 @@ class LagAction(enum.Enum):
 class LagPolicy:
     """How a session's input copes with a backlog (audio received but not yet processed).
 
-    Past `max_lag_s` of backlog the session stops partials (``_infer`` asks `lagging`). Past
-    twice that, a live stream's new audio is skipped; a client that sent more audio than time
-    has passed (a file sent fast) is held back instead, so TCP slows it and nothing is lost.
+    Past `max_lag_s` of backlog the session stops partials (``_infer`` asks `lagging`). A live
+    stream's audio is never skipped for being late: it queues, and only a full queue (the
+    session's memory bound) drops its oldest frame, counted and reported. A client that sent
+    more audio than time has passed (a file sent fast) is held back instead once it is twice
+    `max_lag_s` behind, so TCP slows it and nothing is lost.
     """
 
     max_lag_s: float = attrs.field(validator=attrs.validators.gt(0))
 
     @property
-    def skip_above_samples(self) -> int:
+    def hold_above_samples(self) -> int:
         return int(2 * self.max_lag_s * SAMPLE_RATE_HZ)
 
     def lagging(self, backlog_samples: int) -> bool:
@@ -89,12 +90,10 @@ class LagPolicy:
     def decide(self, *, backlog_samples: int, full: bool, received_samples: int,
                elapsed_s: float) -> LagAction:
         """What to do with the next frame; `received_samples` counts it."""
-        behind = backlog_samples > self.skip_above_samples
-        if not (behind or full):
-            return LagAction.QUEUE
-        if received_samples / SAMPLE_RATE_HZ - elapsed_s > self.max_lag_s:
+        behind = backlog_samples > self.hold_above_samples
+        if (behind or full) and received_samples / SAMPLE_RATE_HZ - elapsed_s > self.max_lag_s:
             return LagAction.HOLD
-        return LagAction.SKIP if behind else LagAction.QUEUE
+        return LagAction.QUEUE
 
 
 # -- the audio channel ---------------------------------------------------------------------------
@@ -109,6 +108,7 @@ class AudioChannelStatistics:
     items_buffered: int
     max_frames: int
     dropped_frames: int
+    dropped_samples: int
     open_send_channels: int
 
 
@@ -119,6 +119,7 @@ class _AudioState:
     frames: int = 0
     samples: int = 0
     dropped_frames: int = 0
+    dropped_samples: int = 0
     senders_open: int = 1
     receiver_open: bool = True
     lot: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
@@ -131,6 +132,7 @@ class _AudioState:
             items_buffered=len(self.items),
             max_frames=self.max_frames,
             dropped_frames=self.dropped_frames,
+            dropped_samples=self.dropped_samples,
             open_send_channels=self.senders_open,
         )
 
@@ -142,16 +144,17 @@ class _AudioState:
                 break
         else:
             return False
-        gap = Gap(queued.samples.size, queued.received_at, lagged=False)
+        gap = Gap(queued.samples.size, queued.received_at)
         before = items[index - 1] if index else None
-        if isinstance(before, Gap) and not before.lagged:
-            items[index - 1] = Gap(before.samples + gap.samples, before.received_at, lagged=False)
+        if isinstance(before, Gap):
+            items[index - 1] = Gap(before.samples + gap.samples, before.received_at)
             del items[index]
         else:
             items[index] = gap
         self.frames -= 1
         self.samples -= gap.samples
         self.dropped_frames += 1
+        self.dropped_samples += gap.samples
         return True
 
 
@@ -180,8 +183,8 @@ class AudioSender:
                 dropped = 1
             state.frames += 1
             state.samples += item.samples.size
-        elif isinstance(item, Gap) and isinstance(last, Gap) and last.lagged == item.lagged:
-            state.items[-1] = Gap(last.samples + item.samples, last.received_at, item.lagged)
+        elif isinstance(item, Gap) and isinstance(last, Gap):
+            state.items[-1] = Gap(last.samples + item.samples, last.received_at)
             state.lot.unpark_all()
             return 0
         elif isinstance(item, Commit) and isinstance(last, Commit):
@@ -194,6 +197,11 @@ class AudioSender:
     def samples_buffered(self) -> int:
         """Audio samples queued now (the session's backlog); cheaper than `statistics()`."""
         return self._state.samples
+
+    @property
+    def dropped_samples(self) -> int:
+        """Samples of all the frames dropped so far; cheaper than `statistics()`."""
+        return self._state.dropped_samples
 
     @property
     def full(self) -> bool:

@@ -92,7 +92,7 @@ class Metrics:
             ),
             audio_skipped_seconds_total=Counter(
                 "sttd_audio_skipped_seconds_total",
-                "Seconds of audio skipped because a session lagged past 2 x STT_MAX_LAG_S.",
+                "Seconds of audio lost because a session's input queue was full (frames dropped).",
                 registry=registry,
             ),
             warnings_total=Counter(

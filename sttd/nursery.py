@@ -10,17 +10,20 @@ nursery of four tasks linked by bounded channels (`sttd.channels`):
 
 * ``_recv`` reads the connection. Each message goes through the codec; audio is converted to
   16 kHz mono by the one audio converter (in a worker thread when it resamples)
-  and queued as the `LagPolicy` says (queued, skipped as a gap, or held back); commits and the
+  and queued as the `LagPolicy` says (queued, or the client held back); commits and the
   end go in band. It owns the audio channel's send end and a clone of the output channel's
   (for errors about the client's own messages and dropped-frame warnings). Its cancel scope
   carries the idle and session time limits, and a drain cancels it; then, or on the client's
   end, an overload or an oversized message, it queues the matching `End` or `Stop` and closes
   its end, so ``_infer`` sees the item, then `EndOfChannel`.
 * ``_infer`` owns the audio channel's receive end and the output channel's send end. It feeds
-  each round of items to the core, runs the finals it asks for through the engine in order,
-  queues the events, and offers the newest partial to ``_partials`` through a `LatestSlot`,
-  withdrawing a partial still waiting in the engine that a newer one or a final made stale.
-  When the core has emitted `Close` it closes its end.
+  each round of items to the core and starts each final the core asks for as a task of its own
+  (at most `_MAX_FINALS_IN_FLIGHT`), so the VAD keeps up with the audio however slow the engine
+  is: a slow decode delays its final, never the listening. It offers the newest partial to
+  ``_partials`` through a `LatestSlot`, withdrawing a partial still waiting in the engine that a
+  newer one or a final made stale. After the end it waits for its finals, then closes its end.
+  Whichever task the core hands events to puts them in one outbox, in the core's order
+  (`_emit`), so finals reach the client in utterance order.
 * ``_partials`` decodes partials beside ``_infer``, so a final never queues behind its own
   session's partial.
 * ``_send`` owns the output channel's receive end: it encodes each event, writes it within
@@ -35,6 +38,7 @@ outside (the web framework cancels the handler), so no task outlives the connect
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import secrets
@@ -91,6 +95,10 @@ log = logging.getLogger(__name__)
 # Upper bound on each cleanup step (last messages, close frame) once the session is ending.
 _CLOSE_TIMEOUT_S = 5.0
 _MAX_CLOSE_REASON_CHARS = 120  # a close frame's reason must fit in 123 bytes
+# Finals of one session decoding at once. Each holds its utterance's audio (at most
+# STT_MAX_UTTERANCE_S); past this many the session stops reading until one is done, and its input
+# queue (STT_IN_QUEUE_SIZE) is all that is left before frames drop: the session's memory bound.
+_MAX_FINALS_IN_FLIGHT = 8
 
 
 class Transport(Protocol):
@@ -186,6 +194,9 @@ class Session:
     _recv_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _draining: bool = attrs.field(init=False, default=False)
     _outcome: SessionOutcome | None = attrs.field(init=False, default=None)  # set here
+    # Events the core released, in its order, not yet in the output channel (see `_emit`).
+    _outbox: collections.deque[SessionEvent] = attrs.field(init=False, factory=collections.deque)
+    _draining_outbox: bool = attrs.field(init=False, default=False)
 
     @property
     def outcome(self) -> SessionOutcome:
@@ -294,17 +305,14 @@ class Session:
                     if action is LagAction.HOLD:
                         # Ahead of real time (a file sent fast): hold the client back.
                         scope.deadline = math.inf
-                        await send_audio.wait_for_room(policy.skip_above_samples // 2)
+                        await send_audio.wait_for_room(policy.hold_above_samples // 2)
                         scope.deadline = min(ends_at, trio.current_time()
                                              + settings.idle_timeout_s)
-                    elif action is LagAction.SKIP:
-                        # A live stream the server cannot keep up with: skip, say so.
-                        self.metrics.audio_skipped_seconds_total.inc(
-                            samples.size / SAMPLE_RATE_HZ)
-                        send_audio.send_nowait(Gap(samples.size, now))
-                        continue
+                    lost = send_audio.dropped_samples
                     if send_audio.send_nowait(AudioFrame(samples, now)):
                         self.metrics.frames_dropped_total.inc()
+                        self.metrics.audio_skipped_seconds_total.inc(
+                            (send_audio.dropped_samples - lost) / SAMPLE_RATE_HZ)
                         total = send_audio.statistics().dropped_frames
                         if not drops_reported or total - drops_reported >= DROP_REPORT_EVERY:
                             drops_reported = total
@@ -358,30 +366,43 @@ class Session:
                      slot: LatestSlot[Decode]) -> None:
         core = self.admission.core
         policy = LagPolicy(self.settings.max_lag_s)
+        # Finals decode beside the VAD, so a slow engine delays them but never stops the
+        # session listening; a session waits here only with this many already in flight.
+        room = trio.Semaphore(_MAX_FINALS_IN_FLIGHT)
         with slot:
-            async with send_out, recv_audio:
-                while not core.closed:
+            async with send_out, recv_audio, trio.open_nursery() as finals:
+                while not core.ending:
                     items, backlog = await _receive_round(recv_audio)
                     # How far behind the stream this round starts: past STT_MAX_LAG_S, no partial.
                     lagging = policy.lagging(backlog)
-                    outputs: list[Decode | SessionEvent] = []
                     for item in items:
                         if isinstance(item, AudioFrame):
                             self.metrics.frame_lag_seconds.observe(
                                 trio.current_time() - item.received_at)
-                        outputs += core.feed(item)
-                    for output in outputs:
-                        if isinstance(output, Decode):
-                            self._withdraw_partial()  # its final makes it stale
-                            for event in await self._decode(output):
-                                await self._queue(send_out, event)
-                        else:
-                            await self._queue(send_out, output)
+                        outputs = core.feed(item)
+                        # What the core released now goes out before any decode it asked for
+                        # can release more (the events come first in its order).
+                        await self._emit(send_out, [out for out in outputs
+                                                    if not isinstance(out, Decode)])
+                        for output in outputs:
+                            if isinstance(output, Decode):
+                                self._withdraw_partial()  # its final makes it stale
+                                await room.acquire()
+                                finals.start_soon(self._final, output, send_out, room)
                     partial = core.take_partial()
                     if partial is not None and not lagging:
                         # The partial task decodes it; a newer one replaces an older still queued.
                         slot.put(partial)
                         self._withdraw_partial()
+                # The session is ending: the nursery waits for the finals in flight, the last of
+                # which releases the Close.
+
+    async def _final(self, decode: Decode, send_out: OutputSender, room: trio.Semaphore
+                     ) -> None:
+        try:
+            await self._emit(send_out, await self._decode(decode))
+        finally:
+            room.release()
 
     async def _partials(self, slot: LatestSlot[Decode], send_out: OutputSender) -> None:
         """Decode the newest partial, one at a time, beside the infer task."""
@@ -399,8 +420,7 @@ class Session:
                     self._partial_in_flight = (scope, started)
                     events = await self._decode(decode, started=started)
                 self._partial_in_flight = None
-                for event in events:
-                    await self._queue(send_out, event)
+                await self._emit(send_out, events)
 
     def _withdraw_partial(self) -> None:
         """Cancel the partial being waited for, unless its batch already started."""
@@ -411,7 +431,11 @@ class Session:
 
     async def _decode(self, decode: Decode, *, started: trio.Event | None = None
                       ) -> list[SessionEvent]:
-        """Run `decode` through the engine; the events the core has for its outcome."""
+        """Run `decode` through the engine; the events the core has for its outcome.
+
+        The core's answer must go to `_emit` before anything awaits, so that events reach the
+        outbox in the order the core released them.
+        """
         core = self.admission.core
         try:
             result = await self.admission.engine.transcribe(decode.request, started=started)
@@ -421,9 +445,24 @@ class Session:
             return core.failed(decode, exc)
         return core.decoded(decode, result, backlog_ms=round(self.backlog_s * 1000))
 
-    async def _queue(self, send_out: OutputSender, event: SessionEvent) -> None:
-        if not await send_out.send(event):
-            self.metrics.partials_dropped_total.inc()
+    async def _emit(self, send_out: OutputSender, events: list[SessionEvent]) -> None:
+        """Queue `events` for the client, after every event the core released before them.
+
+        Several tasks take events from the core (the infer task, each final, the partials), and
+        a send can wait (a full output queue). So events go to one outbox in the order the core
+        gave them, and whichever task finds no one draining it drains it, all of it: no event
+        overtakes another, and nothing waits on a lock when there is nothing to send.
+        """
+        self._outbox.extend(events)
+        if self._draining_outbox or not self._outbox:
+            return
+        self._draining_outbox = True
+        try:
+            while self._outbox:
+                if not await send_out.send(self._outbox.popleft()):
+                    self.metrics.partials_dropped_total.inc()
+        finally:
+            self._draining_outbox = False
 
     # -- _send ------------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ def final(n: int) -> Final:
 
 def dropped(tag: int, frames: int = 1) -> Gap:
     """The gap `frames` dropped frames leave, the first of them `frame(tag)`."""
-    return Gap(frames * frame(tag).samples.size, float(tag), lagged=False)
+    return Gap(frames * frame(tag).samples.size, float(tag))
 
 
 STOP = Stop(2.5, 1013, "too much", "overloaded", "overloaded")
@@ -85,7 +85,7 @@ def test_audio_frames_pass_in_order_below_capacity() -> None:
     samples = 3 * frame(0).samples.size
     assert send.statistics() == AudioChannelStatistics(
         frames_buffered=3, samples_buffered=samples, items_buffered=3, max_frames=3,
-        dropped_frames=0, open_send_channels=1)
+        dropped_frames=0, dropped_samples=0, open_send_channels=1)
     assert drain_nowait(receive) == [frame(0), frame(1), frame(2)]
     assert receive.statistics().frames_buffered == 0
     assert receive.statistics().samples_buffered == 0
@@ -101,6 +101,7 @@ def test_full_audio_channel_drops_oldest_frame_and_leaves_a_gap_in_its_place() -
     # The four oldest went; one gap of their length keeps later stream times true.
     assert received == [dropped(0, frames=4), frame(4), frame(5), frame(6)]
     assert isinstance(received[0], Gap) and received[0].samples == 16
+    assert send.dropped_samples == receive.statistics().dropped_samples == 16
     assert [int(item.samples[0]) for item in received if isinstance(item, AudioFrame)] == [4, 5, 6]
     assert receive.statistics().dropped_frames == 4  # the count survives draining
 
@@ -122,7 +123,8 @@ def test_control_items_are_never_dropped_and_keep_their_place() -> None:
 
 def test_control_items_do_not_count_towards_capacity() -> None:
     send, receive = open_audio_channel(1)
-    controls: list[AudioItem] = [Commit(float(i)) if i % 2 else Gap(1, float(i)) for i in range(50)]
+    controls: list[AudioItem] = [Commit(float(i)) if i % 2 else Stop(float(i), 1000, "", "idle")
+                                 for i in range(50)]
     assert [send.send_nowait(item) for item in controls] == [0] * 50
     assert send.send_nowait(frame(0)) == 0
     assert send.statistics().frames_buffered == 1
@@ -145,14 +147,14 @@ def test_a_flood_of_commits_coalesces_instead_of_growing_the_queue() -> None:
     assert drain_nowait(receive) == [Commit(0.0), frame(1), Commit(2.0)]
 
 
-def test_gaps_merge_only_with_their_own_kind() -> None:
+def test_adjacent_gaps_merge() -> None:
     send, receive = open_audio_channel(1)
     send.send_nowait(frame(0))
     send.send_nowait(frame(1))  # drops frame 0
-    send.send_nowait(Gap(10, 2.0))  # skipped (lagged): not the same as dropped
+    send.send_nowait(frame(2))  # drops frame 1, right behind the first gap
     send.send_nowait(Gap(5, 3.0))
-    send.send_nowait(frame(4))  # drops frame 1: its gap is before the skipped one
-    assert drain_nowait(receive) == [dropped(0, frames=2), Gap(15, 2.0), frame(4)]
+    send.send_nowait(Gap(5, 4.0))
+    assert drain_nowait(receive) == [dropped(0, frames=2), frame(2), Gap(10, 3.0)]
 
 
 def test_receiving_makes_room_again() -> None:
@@ -518,7 +520,7 @@ async def test_wait_for_room_returns_when_the_receiver_closes(
 @pytest.mark.parametrize(("backlog_s", "full", "received_s", "elapsed_s", "action"), [
     (0.5, False, 10.0, 10.0, LagAction.QUEUE),   # keeping up
     (2.9, False, 10.0, 10.0, LagAction.QUEUE),   # behind, but within 2 x max_lag_s
-    (3.1, False, 10.0, 10.0, LagAction.SKIP),    # a live stream too far behind: skip
+    (3.1, False, 10.0, 10.0, LagAction.QUEUE),   # a live stream far behind: queued, never skipped
     (3.1, False, 20.0, 10.0, LagAction.HOLD),    # ahead of real time (a file sent fast): hold
     (0.5, True, 10.0, 10.0, LagAction.QUEUE),    # queue full but live: the oldest frame drops
     (0.5, True, 12.0, 10.0, LagAction.HOLD),     # queue full and ahead of real time: hold

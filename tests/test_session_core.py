@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sttd.api import Close, Commit, End, Error, Final, Partial, SessionOptions, UtteranceEnd, Warning
+from sttd.api import Close, Commit, End, Error, Final, Partial, SessionOptions, UtteranceEnd
 from sttd.api import Word as StreamWord
 from sttd.backends.base import RecognisedWord, Result
 from sttd.errors import BackendError
@@ -22,8 +22,7 @@ QUIET = np.zeros(16000, np.int16)
 def core(**options: object) -> SessionCore:
     tracker = UtteranceTracker(make_endpointer("energy", threshold_rms=300.0, silence_ms=500),
                                max_utterance_s=15.0, partial_ms=500)
-    return SessionCore(tracker, SessionOptions(partial_ms=500, **options),  # type: ignore[arg-type]
-                       max_lag_s=1.5)
+    return SessionCore(tracker, SessionOptions(partial_ms=500, **options))  # type: ignore[arg-type]
 
 
 def decodes(outputs: list[object]) -> list[Decode]:
@@ -133,13 +132,12 @@ def test_utterance_end_follows_its_final_even_when_the_final_is_late() -> None:
     assert c.feed(AudioFrame(QUIET, 3.0)) == []  # once per final
 
 
-def test_skipped_audio_is_warned_at_once_and_finalizes_the_open_utterance() -> None:
+def test_a_gap_finalizes_the_open_utterance_and_counts_as_stream_time() -> None:
     c = core()
     c.feed(AudioFrame(LOUD, 0.0))
-    warning, final = c.feed(Gap(8000, 1.0))
-    assert warning == Warning("lagging", warning.message, skipped_ms=500)  # type: ignore[union-attr]
+    [final] = c.feed(Gap(8000, 1.0))  # frames a full queue dropped: reported where dropped
     assert isinstance(final, Decode) and final.cause == "skip"
-    assert c.feed(Gap(160, 1.1, lagged=False)) == []  # dropped frames: reported where dropped
+    assert c.feed(Gap(160, 1.1)) == []
     assert c.tracker.position == 16000 + 8000 + 160  # stream time counts the gaps
 
 

@@ -78,7 +78,7 @@ def session_core(request: SessionRequest, settings: Settings) -> SessionCore:
                                  silence_ms=silence_ms, net=net)
     tracker = UtteranceTracker(endpointer, partial_ms=options.partial_ms,
                                max_utterance_s=settings.max_utterance_s)
-    return SessionCore(tracker, options, max_lag_s=settings.max_lag_s)
+    return SessionCore(tracker, options)
 
 
 def _as_bearer(header: str | None) -> str | None:

@@ -2,8 +2,8 @@
 say out.
 
 Theory of operation. The session's trio tasks (`sttd.nursery`) feed `SessionCore` the items of
-its audio channel in order (`feed`): `AudioFrame`s, `Gap`s (audio skipped or dropped, so stream
-times stay the client's), the client's `Commit` and `End`, and the server's `Stop`. The core
+its audio channel in order (`feed`): `AudioFrame`s, `Gap`s (frames a full queue dropped, so
+stream times stay the client's), the client's `Commit` and `End`, and the server's `Stop`. The core
 runs them through an `UtteranceTracker` and answers with what to do, in order:
 
 * `Decode` requests: transcribe this utterance (all of it for a final, so far for a partial),
@@ -14,8 +14,8 @@ runs them through an `UtteranceTracker` and answers with what to do, in order:
 
 Order. An event waits until every final requested before it has its outcome: a final's event,
 an `UtteranceEnd` due after it, the error and `Close` that end the session. So the client gets
-finals in utterance order however their decodes interleave. Warnings about skipped audio go out
-at once. A partial is only the newest guess at the open utterance: one whose utterance was
+finals in utterance order however their decodes interleave (several may decode at once: the
+session does not wait for one before listening on). A partial is only the newest guess at the open utterance: one whose utterance was
 finalized meanwhile, or that comes back while a final is outstanding, is dropped (and so is its
 failure), and one whose text did not change is not sent.
 
@@ -49,7 +49,6 @@ from sttd.api import (
     SessionEvent,
     SessionOptions,
     UtteranceEnd,
-    Warning,
     Word,
 )
 from sttd.audio import SAMPLES_PER_MS, pcm16_to_float32
@@ -76,15 +75,11 @@ class AudioFrame:
 
 @attrs.frozen
 class Gap:
-    """`samples` of the client's stream the session does not have.
-
-    `lagged`: skipped because the session fell behind (the client is warned here); otherwise
-    dropped from a full input queue (reported where they were dropped).
-    """
+    """`samples` of the client's stream the session does not have: frames a full input queue
+    dropped (counted and reported where they were dropped), kept as stream time."""
 
     samples: int
     received_at: float
-    lagged: bool = True
 
 
 @attrs.frozen
@@ -151,8 +146,6 @@ class SessionCore:
 
     tracker: UtteranceTracker
     options: SessionOptions
-    # For the lagging warning's text: past twice this backlog (STT_MAX_LAG_S), audio is skipped.
-    max_lag_s: float
     outcome: SessionOutcome = attrs.field(init=False, default="client_gone")
     _stabilizer: PartialStabilizer = attrs.field(init=False, factory=PartialStabilizer)
     _slots: collections.deque[_Slot] = attrs.field(init=False, factory=collections.deque)
@@ -165,6 +158,11 @@ class SessionCore:
     _last_word_end_ms: int | None = attrs.field(init=False, default=None)
     _ending: bool = attrs.field(init=False, default=False)
     _closed: bool = attrs.field(init=False, default=False)
+
+    @property
+    def ending(self) -> bool:
+        """Whether `End` or `Stop` came: the core takes nothing more."""
+        return self._ending
 
     @property
     def closed(self) -> bool:
@@ -187,8 +185,6 @@ class SessionCore:
             finals = self.tracker.commit()
             out += [self._final(u, item.received_at, "commit", forced=True) for u in finals]
         elif isinstance(item, Gap):
-            if item.lagged:
-                out.append(self._skip_warning(item.samples))
             finals = self.tracker.skip(item.samples)
             out += [self._final(u, item.received_at, "skip") for u in finals]
         else:
@@ -317,15 +313,6 @@ class SessionCore:
             events.append(Error(item.error_code, item.reason))
         events.append(Close(item.code, item.reason))
         return events
-
-    def _skip_warning(self, samples: int) -> Warning:
-        skipped_ms = samples // SAMPLES_PER_MS
-        return Warning(
-            "lagging",
-            f"the session fell more than {2 * self.max_lag_s:g} s behind (2 x STT_MAX_LAG_S): "
-            f"{skipped_ms} ms of audio were skipped; the open utterance was finalized first and "
-            "stream times stay those of your stream",
-            skipped_ms=skipped_ms)
 
     def _utterance_end_due(self, finals: list[Utterance]) -> bool:
         """Whether `options.utterance_end_ms` of audio without speech just followed a final.
