@@ -36,6 +36,55 @@ def load(name: str) -> np.ndarray:
     return decode_wav((DATA / name).read_bytes())
 
 
+# The short recordings of the data set, for a stream of many short utterances.
+_SENTENCE_FILES = ("ps_cards_001.wav", "ps_librivox_0880.wav", "ps_goforward.wav",
+                   "ps_cards_002.wav", "ps_librivox_0930.wav", "ps_cards_003.wav",
+                   "ps_librivox_0890.wav", "ps_cards_004.wav", "ps_librivox_0920.wav",
+                   "ps_cards_005.wav", "ps_librivox_0870.wav")
+_PAUSE_S = 1.2
+_QUIET_RMS = 0.003  # about -50 dBFS: below any speech in these clean recordings
+
+
+@attrs.frozen
+class Stream:
+    """Audio to stream, its reference text, and where its speech truly ends (samples)."""
+
+    audio: np.ndarray
+    reference: str
+    # The end of each stretch of speech, found in the clean source audio offline (not by the
+    # server's VAD), so latency is measured from the speaker's real end of speech.
+    speech_ends: tuple[int, ...] = ()
+
+
+def sentences(repeats: int = 2) -> Stream:
+    """Many short utterances: the data set's short recordings, trimmed, each followed by a
+    1.2 s pause, `repeats` times in turn (22 utterances of 1-8 s, about 100 s)."""
+    refs = references()
+    pieces: list[np.ndarray] = []
+    ends: list[int] = []
+    texts: list[str] = []
+    position = 0
+    pause = np.zeros(int(_PAUSE_S * RATE_HZ), np.float32)
+    for turn in range(repeats):
+        order = _SENTENCE_FILES if turn % 2 == 0 else _SENTENCE_FILES[::-1]
+        for name in order:
+            clip = _trimmed(load(name))
+            pieces += [clip, pause]
+            position += clip.size
+            ends.append(position)
+            position += pause.size
+            texts.append(refs[name])
+    return Stream(np.concatenate(pieces), " ".join(texts), tuple(ends))
+
+
+def _trimmed(clip: np.ndarray) -> np.ndarray:
+    """`clip` from its first to its last 10 ms frame above `_QUIET_RMS`."""
+    hop = RATE_HZ // 100
+    frames = clip[: clip.size - clip.size % hop].reshape(-1, hop)
+    loud = np.flatnonzero(np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1)) > _QUIET_RMS)
+    return clip[loud[0] * hop : (loud[-1] + 1) * hop]
+
+
 def wer(refs: list[str], hyps: list[str]) -> float:
     """Corpus WER after Whisper's English normalizer, as a fraction."""
     import jiwer
@@ -135,16 +184,21 @@ class StreamOutcome:
     stable_shown: int = 0
     # How late each frame left the client against its real-time schedule (send returned), in s.
     send_lag_s: np.ndarray = attrs.field(factory=lambda: np.zeros(0))
+    # Seconds between consecutive partials of one utterance (and from its speech start to its
+    # first partial), while it was open.
+    partial_gaps_s: list[float] = attrs.field(factory=list)
 
 
 async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, frame_ms: int = 20,
-                      tail_ms: int = 200) -> StreamOutcome:
+                      tail_ms: int = 200, speech_ends: tuple[int, ...] = ()) -> StreamOutcome:
     """Stream float32 `audio` over one sttd session (through `sttd.client`), in real time unless
     `realtime` is False, and collect what comes back.
 
-    A final's speech end is ``end_ms - tail_ms`` (the server keeps ``tail_ms`` of audio after the
-    last speech frame); its latency is counted from the moment the send of that audio began.
-    A frame's send lag is how late its send returned against its real-time schedule.
+    A final's latency is counted from the moment the send of the audio at its speech end began:
+    the true end from `speech_ends` (samples; the last one inside the final's span) where they
+    are known, else the server's ``end_ms - tail_ms`` (it keeps ``tail_ms`` of audio after the
+    last speech frame). A frame's send lag is how late its send returned against its real-time
+    schedule.
     """
     from functools import partial
 
@@ -157,7 +211,11 @@ async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, fra
     latencies: list[float] = []
     partials = 0
     last_stable: dict[int, str] = {}
+    last_partial_at: dict[int, float] = {}
+    partial_gaps: list[float] = []
     kept = shown = 0
+    ends_ms = [end * 1000 // RATE_HZ for end in speech_ends]
+    used_ends: set[int] = set()
 
     def on_sent(index: int, due: float, sent: float) -> None:
         sent_at.append(sent)
@@ -177,15 +235,31 @@ async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, fra
                     if stable:
                         shown += 1
                         kept += _plain(message.text).startswith(stable)
-                    frame = max(message.end_ms - tail_ms, 0) // frame_ms
+                    last_partial_at.pop(message.utterance_id, None)
+                    end_ms = max(message.end_ms - tail_ms, 0)
+                    if ends_ms:
+                        inside = [e for e in ends_ms if message.start_ms <= e <= message.end_ms
+                                  and e not in used_ends]
+                        if not inside:
+                            continue  # a piece of an utterance cut at a pause inside it
+                        end_ms = inside[-1]
+                        used_ends.update(inside)
+                    frame = end_ms // frame_ms
                     if frame < len(sent_at):
                         latencies.append(trio.current_time() - sent_at[frame])
                 elif isinstance(message, client.Partial):
                     partials += 1
                     last_stable[message.utterance_id] = message.stable
+                    now = trio.current_time()
+                    since = last_partial_at.get(message.utterance_id)
+                    if since is None:  # the first: from when the utterance's start was sent
+                        frame = message.start_ms // frame_ms
+                        since = sent_at[frame] if frame < len(sent_at) else now
+                    partial_gaps.append(now - since)
+                    last_partial_at[message.utterance_id] = now
         close_code = session.close_code or 0  # the server's, before the block closes ours
     return StreamOutcome(finals, partials, latencies, close_code, kept, shown,
-                         np.asarray(lags, np.float32))
+                         np.asarray(lags, np.float32), partial_gaps)
 
 
 def _plain(text: str) -> str:

@@ -47,9 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import (  # noqa: E402
     RATE_HZ,
     RESULTS,
+    Stream,
     load,
     percentile,
     references,
+    sentences,
     stream_file,
     sttd_server,
     wer,
@@ -76,6 +78,7 @@ async def _scrape(base_url: str) -> dict[str, float]:
     async with httpx.AsyncClient(timeout=60) as client:
         text = (await client.get(f"{base_url}/metrics")).text
     wanted = {"sttd_frames_dropped_total", "sttd_partials_dropped_total",
+              "sttd_audio_skipped_seconds_total",
               "sttd_scheduler_batch_size_sum", "sttd_scheduler_batch_size_count"}
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -99,9 +102,11 @@ def _lag_quantile(before: dict[str, float], after: dict[str, float], q: float) -
     return next(bound for bound, count in buckets if count >= q * total)
 
 
-async def run_point(server_url: str, base_url: str | None, pid: int, n: int, audio: np.ndarray,
-                    reference: str, stagger_s: float, seed: int,
-                    target: str = "sttd") -> dict[str, Any]:
+async def run_point(server_url: str, base_url: str | None, pid: int, n: int, stream: Stream,
+                    stagger_s: float, seed: int, target: str = "sttd") -> dict[str, Any]:
+    from sttd import client
+
+    audio, reference = stream.audio, stream.reference
     rng = random.Random(seed)
     outcomes: list[Any] = [None] * n
     before = await _scrape(base_url) if base_url else {}
@@ -115,7 +120,8 @@ async def run_point(server_url: str, base_url: str | None, pid: int, n: int, aud
 
                 outcomes[index] = await stream_whisperlive(server_url, audio)
             else:
-                outcomes[index] = await stream_file(server_url, audio)
+                outcomes[index] = await stream_file(server_url, audio,
+                                                    speech_ends=stream.speech_ends)
         except Exception as exc:  # a refused or broken session is a result, not a crash
             outcomes[index] = exc
 
@@ -129,6 +135,9 @@ async def run_point(server_url: str, base_url: str | None, pid: int, n: int, aud
     wall_s = time.perf_counter() - started
     after = await _scrape(base_url) if base_url else {}
     good = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes
+               if isinstance(o, client.SessionRefused) and o.code == "overloaded"]
+    gaps = [x for o in good for x in o.partial_gaps_s]
     latencies = [x for o in good for x in o.latencies_s]
     send_lags = np.concatenate([o.send_lag_s for o in good]) if good else np.zeros(0)
     wers = [wer([reference], [" ".join(f["text"] for f in o.finals)]) for o in good]
@@ -140,7 +149,9 @@ async def run_point(server_url: str, base_url: str | None, pid: int, n: int, aud
         "n": n,
         "wall_s": round(wall_s, 1),
         "sessions_ok": sum(1 for o in good if o.close_code == 1000),
-        "sessions_failed": [repr(o)[:200] for o in outcomes if isinstance(o, BaseException)],
+        "sessions_refused": len(refused),
+        "sessions_failed": [repr(o)[:200] for o in outcomes
+                            if isinstance(o, BaseException) and o not in refused],
         "finals_per_session": sorted(len(o.finals) for o in good),
         "flushed_finals": sum(1 for o in good for f in o.finals if f.get("flushed")),
         "final_latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
@@ -150,8 +161,12 @@ async def run_point(server_url: str, base_url: str | None, pid: int, n: int, aud
             statistics.fmean(o.partials for o in good), 1) if good else None,
         "wer_mean": statistics.fmean(wers) if wers else None,
         "wer_max": max(wers, default=None),
+        "partial_gap_s": {"p50": percentile(gaps, 50), "p95": percentile(gaps, 95),
+                          "max": max(gaps, default=None)},
         "frames_dropped": after.get("sttd_frames_dropped_total", 0) - before.get(
             "sttd_frames_dropped_total", 0),
+        "audio_skipped_s": after.get("sttd_audio_skipped_seconds_total", 0) - before.get(
+            "sttd_audio_skipped_seconds_total", 0),
         "partials_dropped": after.get("sttd_partials_dropped_total", 0) - before.get(
             "sttd_partials_dropped_total", 0),
         "mean_batch_size": batched / batches if batches else None,
@@ -200,6 +215,7 @@ def capacity(points: list[dict[str, Any]]) -> int:
             and p["final_latency_s"]["p95"] <= P95_LIMIT_S
             and p["wer_mean"] <= base_wer + WER_SLACK
             and min(p["finals_per_session"]) >= base_finals
+            and not p.get("audio_skipped_s")
             for p in runs)
         if not ok:
             break
@@ -207,11 +223,20 @@ def capacity(points: list[dict[str, Any]]) -> int:
     return best
 
 
+def _stream(name: str) -> Stream:
+    if name == "sentences":
+        stream = sentences()
+    else:
+        stream = Stream(load(name), references()[name])
+    return Stream(np.concatenate([stream.audio, np.zeros(RATE_HZ, np.float32)]),
+                  stream.reference, stream.speech_ends)
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    audio = np.concatenate([load(args.file), np.zeros(RATE_HZ, np.float32)])
-    reference = references()[args.file]
+    stream = _stream(args.file)
+    stagger_s = 0.1 if args.together else args.stagger_s
     if args.target == "whisperlive":
-        return await _whisperlive(args, audio, reference)
+        return await _whisperlive(args, stream, stagger_s)
     points = []
     settings = {"STT_BACKEND": args.backend, "STT_VAD": args.vad,
                 "STT_IN_QUEUE_MAX_DROPS": str(10**9)}
@@ -220,35 +245,38 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         url = server.ws_url("call_id=load&sample_rate=16000")
         for n in args.n:
             for run in range(args.runs):
-                point = await run_point(url, server.base_url, server.process.pid, n, audio,
-                                        reference, args.stagger_s, seed=run)
+                point = await run_point(url, server.base_url, server.process.pid, n, stream,
+                                        stagger_s, seed=run)
                 point["run"] = run
                 points.append(point)
                 print(f"N={n:4d} run={run} p50={point['final_latency_s']['p50']} "
                       f"p95={point['final_latency_s']['p95']} wer={point['wer_mean']} "
-                      f"ok={point['sessions_ok']} cpu={point['server_cpu_percent']['mean']} "
+                      f"ok={point['sessions_ok']} refused={point['sessions_refused']} "
+                      f"skipped_s={point['audio_skipped_s']} partial_gap={point['partial_gap_s']} "
+                      f"cpu={point['server_cpu_percent']['mean']} "
                       f"batch={point['mean_batch_size']} lag={point['frame_lag_s']}", flush=True)
             if args.until_fail and all(_fell_over(p) for p in points if p["n"] == n):
                 break  # far past any use at this N: larger N only takes longer to say so
     return {"settings": {"backend": args.backend, "vad": args.vad, "file": args.file,
-                         "stagger_s": args.stagger_s, "runs": args.runs, "server_env": settings,
+                         "stagger_s": stagger_s, "together": args.together, "runs": args.runs,
+                         "server_env": settings,
                          "overhead": args.overhead},
             "points": points,
             "capacity": overhead_capacity(points) if args.overhead else capacity(points)}
 
 
-async def _whisperlive(args: argparse.Namespace, audio: np.ndarray,
-                       reference: str) -> dict[str, Any]:
+async def _whisperlive(args: argparse.Namespace, stream: Stream,
+                       stagger_s: float) -> dict[str, Any]:
     """The same sweep against a WhisperLive server started outside (see peers/compare.sh)."""
     from benchmarks.peers.whisperlive_client import stream_whisperlive
 
     # WhisperLive loads its model when the first session connects: warm it up unmeasured.
-    await stream_whisperlive(args.url, audio[: 3 * RATE_HZ])
+    await stream_whisperlive(args.url, stream.audio[: 3 * RATE_HZ])
     points = []
     for n in args.n:
         for run in range(args.runs):
-            point = await run_point(args.url, None, args.pid, n, audio, reference,
-                                    args.stagger_s, seed=run, target="whisperlive")
+            point = await run_point(args.url, None, args.pid, n, stream, stagger_s, seed=run,
+                                    target="whisperlive")
             point["run"] = run
             points.append(point)
             print(f"whisperlive N={n:4d} run={run} p50={point['final_latency_s']['p50']} "
@@ -260,14 +288,15 @@ async def _whisperlive(args: argparse.Namespace, audio: np.ndarray,
         if points and _fell_over(points[-1]):
             break
     return {"settings": {"target": "whisperlive", "url": args.url, "file": args.file,
-                         "stagger_s": args.stagger_s, "runs": args.runs},
+                         "stagger_s": stagger_s, "together": args.together, "runs": args.runs},
             "points": points, "capacity": capacity(points)}
 
 
 def _fell_over(point: dict[str, Any]) -> bool:
     """Far past any use: the sweep stops going up in N."""
     p95 = point["final_latency_s"]["p95"]
-    return (point["sessions_ok"] < point["n"] or p95 is None or p95 > 20 * P95_LIMIT_S
+    admitted = point["n"] - point.get("sessions_refused", 0)
+    return (point["sessions_ok"] < admitted or p95 is None or p95 > 20 * P95_LIMIT_S
             or (point["wer_mean"] or 1.0) > 0.5)
 
 
@@ -277,8 +306,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--backend", default="whisper")
     parser.add_argument("--vad", default="silero")
-    parser.add_argument("--file", default="long_dev.wav")
-    parser.add_argument("--stagger-s", type=float, default=2.0)
+    parser.add_argument("--file", default="long_dev.wav",
+                        help="a data file, or 'sentences': 22 short utterances with 1.2 s "
+                             "pauses, latency measured from their true speech ends")
+    parser.add_argument("--stagger-s", type=float, default=2.0,
+                        help="sessions start at random within this many seconds")
+    parser.add_argument("--together", action="store_true",
+                        help="all sessions start within 100 ms (overrides --stagger-s)")
     parser.add_argument("--target", choices=("sttd", "whisperlive"), default="sttd")
     parser.add_argument("--url", default="ws://127.0.0.1:9090", help="whisperlive target only")
     parser.add_argument("--pid", type=int, default=0, help="whisperlive server pid (CPU, RSS)")
