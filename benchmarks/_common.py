@@ -42,6 +42,8 @@ _SENTENCE_FILES = ("ps_cards_001.wav", "ps_librivox_0880.wav", "ps_goforward.wav
                    "ps_librivox_0890.wav", "ps_cards_004.wav", "ps_librivox_0920.wav",
                    "ps_cards_005.wav", "ps_librivox_0870.wav")
 _PAUSE_S = 1.2
+# How far past a final's end its utterance's true end may lie (half the pause after it).
+_END_SLACK_MS = 600
 _QUIET_RMS = 0.003  # about -50 dBFS: below any speech in these clean recordings
 
 
@@ -238,7 +240,10 @@ async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, fra
                     last_partial_at.pop(message.utterance_id, None)
                     end_ms = max(message.end_ms - tail_ms, 0)
                     if ends_ms:
-                        inside = [e for e in ends_ms if message.start_ms <= e <= message.end_ms
+                        # The true ends this final covers; the VAD may end an utterance a little
+                        # before the quiet tail that the offline trim still counts as speech.
+                        inside = [e for e in ends_ms
+                                  if message.start_ms <= e <= message.end_ms + _END_SLACK_MS
                                   and e not in used_ends]
                         if not inside:
                             continue  # a piece of an utterance cut at a pause inside it

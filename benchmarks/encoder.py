@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import RESULTS, load, write_result  # noqa: E402
 from sttd.backends.base import Request  # noqa: E402
 from sttd.backends.whisper import WhisperBackend, WhisperOptions  # noqa: E402
+from sttd.settings import Settings  # noqa: E402
 
 
 def median_ms(call: Callable[[], object], repeats: int = 5) -> float:
@@ -48,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     audio = load("long_dev.wav")
     clips = [audio[16000 * 3 * i : 16000 * 3 * (i + 1)] for i in range(8)]
-    backend = WhisperBackend.load(WhisperOptions())
+    backend = WhisperBackend.load(WhisperOptions.from_settings(Settings()))
     model = backend._model.model
     encoder = []
     for seconds in (3, 5, 7, 10, 15, 30):
@@ -72,7 +73,7 @@ def main() -> None:
     requests = [Request(audio=clip, kind="partial") for clip in clips * 3]
     threads = []
     for cpu_threads, callers in ((2, 1), (1, 1), (1, 2)):
-        one = WhisperBackend.load(WhisperOptions(cpu_threads=cpu_threads))
+        one = WhisperBackend.load(WhisperOptions.from_settings(Settings(whisper_cpu_threads=cpu_threads)))
         one.transcribe(requests[:1])
 
         def work(part: list[Request], backend: WhisperBackend = one) -> None:

@@ -73,8 +73,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     from sttd.backends.whisper import WhisperBackend, WhisperOptions
+    from sttd.settings import Settings
 
-    backend = WhisperBackend.load(WhisperOptions())
+    backend = WhisperBackend.load(WhisperOptions.from_settings(Settings()))
     data = (DATA / FILE).read_bytes()
     backend_once(backend, data)  # warm-up
     backend_s, server_s, model_s = trio.run(server_rounds, data, args.rounds, backend)

@@ -84,7 +84,7 @@ from sttd.channels import (
 )
 from sttd.errors import BackendError, ClientError, InvalidMessage
 from sttd.metrics import Metrics, SessionOutcome
-from sttd.session import AudioFrame, Decode, Gap, InputItem, SessionCore, Stop
+from sttd.session import AudioFrame, Decode, InputItem, SessionCore, Stop
 from sttd.settings import Settings
 
 __all__ = ["Admission", "Session", "SessionStatistics", "Transcriber", "Transport",

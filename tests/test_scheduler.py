@@ -263,6 +263,20 @@ async def test_partials_keep_to_their_share_and_finals_do_not_wait_for_it(
     assert harness.results == {"p0": "p0", "p1": "p1", "f0": "f0"}
 
 
+@pytest.mark.parametrize(("lanes", "share", "pause_s"), [(1, 0.5, 0.2), (2, 0.5, 0.0),
+                                                       (2, 0.25, 0.2), (4, 0.5, 0.0)])
+async def test_the_share_is_of_every_lane(lanes: int, share: float, pause_s: float,
+                                          autojump_clock: trio.abc.Clock,
+                                          nursery: trio.Nursery) -> None:
+    """One lane of two busy with partials is half the engine: share 0.5 needs no pause."""
+    runner = FakeRunner(seconds=0.2)
+    scheduler = _scheduler(runner, lanes=lanes, batch_window_ms=0.0, background_share=share)
+    await nursery.start(scheduler.run)
+    await scheduler.submit(_request("p0", "partial"))
+    await scheduler.submit(_request("p1", "partial"))
+    assert runner.starts[1] - runner.starts[0] == pytest.approx(0.2 + pause_s)
+
+
 async def test_a_full_share_never_pauses(autojump_clock: trio.abc.Clock,
                                          nursery: trio.Nursery) -> None:
     runner = FakeRunner(seconds=0.2)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import string
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import huggingface_hub.constants
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from sttd.audio import decode_wav, pcm16_to_float32
 from sttd.backends.base import Request
 from sttd.backends.whisper import WhisperBackend, WhisperOptions, _repeats_phrase
 from sttd.errors import BackendError, UnsupportedLanguage
+from sttd.settings import Settings
 from tests.conftest import load_pcm, receive_until_close, send_pcm, silence, start_server
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
@@ -26,7 +29,7 @@ RATE_HZ = 16000
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[WhisperBackend]:
-    yield WhisperBackend.load(WhisperOptions())
+    yield WhisperBackend.load(WhisperOptions.from_settings(Settings()))
 
 
 def _words(text: str) -> list[str]:
@@ -50,9 +53,25 @@ def _noises() -> dict[str, np.ndarray]:
     }
 
 
-def test_whisper_takes_the_whole_machine_in_one_call(backend: WhisperBackend) -> None:
-    # The protocol's defaults: one lane unless STT_INFERENCE_LANES says otherwise.
-    assert (backend.preferred_lanes, backend.degraded()) == (1, None)
+def test_whisper_on_a_cpu_runs_one_single_threaded_call_per_core(backend: WhisperBackend) -> None:
+    """A second thread speeds one tiny.en call up by a few percent; a second call in parallel
+    nearly doubles the work done (benchmarks/README.md): one lane per core the process may use."""
+    cores = len(os.sched_getaffinity(0))
+    assert (backend.preferred_lanes, backend.degraded()) == (cores, None)
+
+
+@pytest.mark.parametrize(("threads", "lanes", "expected"), [
+    (0, 0, (1, 8)), (2, 0, (2, 4)), (0, 3, (1, 3)), (16, 0, (16, 1))])
+def test_threads_and_lanes_split_the_cores(threads: int, lanes: int,
+                                           expected: tuple[int, int],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from sttd.backends import whisper
+
+    monkeypatch.setattr(whisper.os, "sched_getaffinity", lambda _pid: set(range(8)))
+    options = attrs.evolve(WhisperOptions.from_settings(Settings()), cpu_threads=threads,
+                           lanes=lanes)
+    assert whisper._threads_and_lanes(options, "cpu") == expected
+    assert whisper._threads_and_lanes(options, "cuda") == (threads, lanes or 1)
 
 
 def test_transcribes_speech_with_word_timings(backend: WhisperBackend) -> None:
@@ -112,7 +131,7 @@ def test_english_only_model_refuses_other_languages(backend: WhisperBackend) -> 
 def test_unreachable_model_name_fails_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(BackendError, match="STT_WHISPER_MODEL to a local CTranslate2 model"):
-        WhisperBackend.load(WhisperOptions(model="small.en"))
+        WhisperBackend.load(WhisperOptions.from_settings(Settings(whisper_model="small.en")))
 
 
 def test_long_recording_with_pauses_never_loops(backend: WhisperBackend) -> None:

@@ -8,7 +8,7 @@ where it has nothing to add.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal, Protocol
+from typing import Literal, Protocol
 
 import attrs
 import numpy as np
@@ -68,7 +68,10 @@ class ASRBackend(Protocol):
 
     # Backend calls the engine runs at once when STT_INFERENCE_LANES=0: 1 for a backend that
     # uses the whole machine in one call, more for one that merges or spreads calls out itself.
-    preferred_lanes: ClassVar[int] = 1
+    @property
+    def preferred_lanes(self) -> int:
+        """Backend calls worth running at once when STT_INFERENCE_LANES leaves it to us."""
+        return 1
 
     @property
     def name(self) -> str: ...

@@ -54,13 +54,7 @@ def load_backend(settings: Settings) -> ASRBackend:
     if name == "whisper":
         from sttd.backends.whisper import WhisperBackend, WhisperOptions
 
-        return WhisperBackend.load(WhisperOptions(
-            model=settings.whisper_model,
-            device=settings.whisper_device,
-            compute_type=settings.whisper_compute_type,
-            beam_size=settings.whisper_beam_size,
-            cpu_threads=settings.whisper_cpu_threads,
-        ))
+        return WhisperBackend.load(WhisperOptions.from_settings(settings))
     if name == "remote":
         from sttd.backends.remote import RemoteBackend, RemoteOptions, parse_urls
 

