@@ -535,3 +535,18 @@ async def test_aclose_closes_the_backend_once_in_a_thread_even_when_cancelled() 
         await engine.aclose()
     assert len(backend.closed_in) == 1
     assert backend.closed_in[0] != threading.current_thread().name
+
+
+async def test_a_burst_of_finals_is_shared_by_the_free_lanes(autojump_clock: trio.abc.Clock,
+                                                             nursery: trio.Nursery) -> None:
+    runner = FakeRunner(seconds=1.0)
+    scheduler = _scheduler(runner, lanes=2, batch_window_ms=5.0)
+    await nursery.start(scheduler.run)
+    async with trio.open_nursery() as jobs:
+        for n in range(6):  # arriving together, as when many sessions' speech ends at once
+            jobs.start_soon(scheduler.submit, _request(f"f{n}"))
+    assert [len(batch) for batch in runner.batches] == [3, 3]
+    assert sorted(label for batch in runner.batches for label in batch) == [
+        f"f{n}" for n in range(6)]
+    # Side by side, one lane each (the second after one more gathering window at most).
+    assert runner.starts[1] - runner.starts[0] <= 0.005 + 1e-9

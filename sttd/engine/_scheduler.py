@@ -15,7 +15,8 @@ it takes them in is the policy:
   meanwhile waits at most about that long;
 * up to ``lanes`` batches run at once (STT_INFERENCE_LANES, or the backend's preferred number),
   at most one of them background work, so a final starts in a free lane even while a partial
-  batch is running. With one lane, calls run one after another;
+  batch is running, and finals waiting together are split among the free lanes. With one lane,
+  calls run one after another;
 * background work (partials, and file pieces while live streams are open) may use at most
   ``background_share`` of the engine's time, all lanes counted: after a background batch that
   took T seconds the next one waits T * (1 / (share * lanes) - 1) (no wait once one lane is
@@ -314,6 +315,10 @@ class Scheduler:
             cost = self._cost_s.get(priority)
             if self._is_background(priority) and cost:
                 room = max(1, min(room, int(self.config.max_batch_s / cost)))
+            elif priority is Priority.FINAL:
+                # A burst of finals is shared by every free lane, not queued behind one.
+                free = self.config.lanes - self._lanes_busy
+                room = min(room, -(-len(queue) // max(free, 1)))
             batch = queue[:room]
             del queue[:room]
             break
