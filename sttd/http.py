@@ -10,9 +10,9 @@ passes the access policy first; CORS headers are added to every response; errors
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -41,8 +41,8 @@ from sttd.api import (
     render,
 )
 from sttd.engine import transcribe_file
-from sttd.errors import BackendError, ClientError, Unauthorized
-from sttd.nursery import serve_connection
+from sttd.errors import BackendError, ClientError, Overloaded, Unauthorized
+from sttd.nursery import Admission, count_refusal, serve_connection
 from sttd.static import static_file
 
 __all__ = ["create_app"]
@@ -118,6 +118,11 @@ def create_app(state: AppState) -> QuartTrio:
         body: dict[str, Any] = {"status": "ok",
                                 "backend": engine.backend_name if engine is not None else None,
                                 "sessions": len(state.sessions)}
+        if engine is not None:
+            load = engine.load()
+            body["capacity"] = {"streams": load.capacity_streams,
+                                "stream_demand_s": _rounded(load.stream_demand_s),
+                                "load": _rounded(load.load)}
         status = 200
         if state.draining:
             body["status"], status = "draining", 503
@@ -178,25 +183,38 @@ def create_app(state: AppState) -> QuartTrio:
         return Response(body, status=200, content_type=content_type)
 
     @app.websocket("/v1/stt/ws")
-    async def stream() -> None:
-        """sttd's own streaming protocol (`sttd.api.NativeCodec`)."""
-        await _serve_websocket(NativeCodec)
+    async def stream() -> Response | None:
+        """sttd's own streaming protocol (`sttd.api.NativeCodec`): every refusal in band."""
+        return await _serve_websocket(NativeCodec(), refuse_over_http=False)
 
     @app.websocket("/v1/listen")
-    async def deepgram_listen() -> None:
-        """Deepgram's live protocol over the same session core (`sttd.api.DeepgramCodec`)."""
-        await _serve_websocket(DeepgramCodec)
+    async def deepgram_listen() -> Response | None:
+        """Deepgram's live protocol over the same session core (`sttd.api.DeepgramCodec`).
 
-    async def _serve_websocket(codec: Callable[[], Codec]) -> None:
-        await websocket.accept()
-        transport = QuartTransport(
-            websocket._get_current_object(),  # type: ignore[attr-defined]  # werkzeug LocalProxy method, untyped in quart's stubs
-            max_message_bytes=settings.max_message_bytes)
-        query, authorization = websocket.args, websocket.headers.get("Authorization")
-        await serve_connection(
-            transport, codec(),
-            lambda connection: admit_session(state, access, connection, query, authorization),
-            settings=settings, metrics=metrics)
+        A server past capacity answers the upgrade with 503 and Retry-After, as Deepgram's
+        own does, so its clients back off; other refusals come in band.
+        """
+        return await _serve_websocket(DeepgramCodec(), refuse_over_http=True)
+
+    async def _serve_websocket(codec: Codec, *, refuse_over_http: bool) -> Response | None:
+        admitted: Admission | ClientError
+        try:
+            admitted = admit_session(state, access, codec, websocket.args,
+                                     websocket.headers.get("Authorization"))
+        except ClientError as exc:
+            if refuse_over_http and isinstance(exc, Overloaded):
+                count_refusal(exc, metrics)
+                metrics.errors_total.labels(exc.code).inc()
+                return _error_response(exc.http_status, exc.code, str(exc))
+            admitted = exc
+        with admitted.hold if isinstance(admitted, Admission) else contextlib.nullcontext():
+            await websocket.accept()
+            transport = QuartTransport(
+                websocket._get_current_object(),  # type: ignore[attr-defined]  # werkzeug LocalProxy method, untyped in quart's stubs
+                max_message_bytes=settings.max_message_bytes)
+            await serve_connection(transport, codec, admitted, settings=settings,
+                                   metrics=metrics)
+        return None
 
     @app.get("/")
     async def page() -> Response:
@@ -210,6 +228,10 @@ def create_app(state: AppState) -> QuartTrio:
     return app
 
 
+# What a client told 503 (overloaded, loading or draining) should wait before it tries again, s.
+_RETRY_AFTER_S = 5
+
+
 def _static(name: str) -> Response:
     found = static_file(name)
     if found is None:
@@ -220,6 +242,10 @@ def _static(name: str) -> Response:
     return response
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
 def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(dumps(body), status=status, content_type="application/json")
 
@@ -228,6 +254,8 @@ def _error_response(status: int, code: str, message: str) -> Response:
     response = _json({"error": {"code": code, "message": message}}, status)
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
+    if status == 503:
+        response.headers["Retry-After"] = str(_RETRY_AFTER_S)
     if request and request.method in ("POST", "PUT"):
         # The body may be unread: a kept-alive connection would read it as the next request.
         response.headers["Connection"] = "close"

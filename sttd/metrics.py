@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["SESSION_OUTCOMES", "Metrics", "QueueDepths", "SessionOutcome"]
+__all__ = ["SESSION_OUTCOMES", "EngineLoad", "Metrics", "QueueDepths", "SessionOutcome"]
 
 # How a WebSocket session can end (the `outcome` label of sttd_sessions_total): the client's end;
 # the client went away; refused at connect; overloaded (too many dropped frames); a server bug;
@@ -37,6 +37,15 @@ class QueueDepths:
     audio_frames: int
     output_messages: int
     max_backlog_s: float = 0.0
+
+
+@attrs.frozen
+class EngineLoad:
+    """What the engine measured it can hold, and what it holds."""
+
+    capacity_streams: int | None  # None until the costs are known
+    stream_demand_s: float | None  # lane-seconds one live stream needs per second
+    load: float | None  # the live streams' expected work, as a share of the lanes' time
 
 
 @attrs.define
@@ -149,6 +158,35 @@ class Metrics:
     def watch_queues(self, depths: Callable[[], QueueDepths]) -> None:
         """Export queue depths read from `depths` at scrape time."""
         self.registry.register(_QueueCollector(depths))
+
+    def watch_engine(self, load: Callable[[], EngineLoad | None]) -> None:
+        """Export the engine's measured capacity and load, read from `load` at scrape time
+        (None while no engine is loaded)."""
+        self.registry.register(_EngineCollector(load))
+
+
+@attrs.frozen
+class _EngineCollector(Collector):
+    load: Callable[[], EngineLoad | None]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        now = self.load()
+        if now is None:
+            return
+        if now.capacity_streams is not None:
+            yield GaugeMetricFamily(
+                "sttd_capacity_streams", "Live streams the engine measured it can hold "
+                "(STT_MAX_LOAD of its lanes' time); newcomers past it are refused.",
+                value=now.capacity_streams)
+        if now.stream_demand_s is not None:
+            yield GaugeMetricFamily(
+                "sttd_stream_demand_seconds", "Engine lane-seconds one live stream needs per "
+                "second: its finals and one partial a second while it speaks, as measured.",
+                value=now.stream_demand_s)
+        if now.load is not None:
+            yield GaugeMetricFamily(
+                "sttd_engine_load", "The live streams' expected work as a share of the "
+                "engine's lane time.", value=now.load)
 
 
 @attrs.frozen

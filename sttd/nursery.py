@@ -39,6 +39,7 @@ outside (the web framework cancels the handler), so no task outlives the connect
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import secrets
@@ -88,7 +89,7 @@ from sttd.session import AudioFrame, Decode, InputItem, SessionCore, Stop
 from sttd.settings import Settings
 
 __all__ = ["Admission", "Session", "SessionStatistics", "Transcriber", "Transport",
-           "serve_connection"]
+           "count_refusal", "refuse", "serve_connection"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,10 @@ class Admission:
     engine: Transcriber
     # Registers the running session (for drain and /health) while the block runs.
     register: Callable[[Session], AbstractContextManager[None]]
+    # What admitting it took (its place among the engine's live streams, counted from the
+    # moment it was admitted, so that connections admitted together see each other); the
+    # connection closes it when it ends, whether or not its session ran.
+    hold: contextlib.ExitStack = attrs.field(factory=contextlib.ExitStack)
 
 
 @attrs.frozen
@@ -157,25 +162,33 @@ class SessionStatistics:
     output: OutputStatistics
 
 
-async def serve_connection(transport: Transport, codec: Codec,
-                           admit: Callable[[Codec], Admission], *, settings: Settings,
-                           metrics: Metrics) -> None:
-    """Admit the connection (or refuse it, then close) and run its session to its close.
+async def serve_connection(transport: Transport, codec: Codec, admitted: Admission | ClientError,
+                           *, settings: Settings, metrics: Metrics) -> None:
+    """Run an admitted connection's session to its close, or refuse it (then close).
 
-    `admit` parses the query through `codec` and checks the server may take the session; a
-    `ClientError` from it refuses the connection with that error and close code.
+    A `ClientError` refuses the connection with that error and its close code. Closes the
+    admission's `hold`.
     """
-    try:
-        admission = admit(codec)
-    except ClientError as exc:
-        metrics.sessions_total.labels("rejected").inc()
-        log.info("session.rejected code=%s", exc.code)
-        await _close(transport, codec, Close(exc.ws_close_code, exc.code), metrics,
-                     before=[Error(exc.code, str(exc))])
+    if isinstance(admitted, ClientError):
+        await refuse(transport, codec, admitted, metrics)
         return
-    session = Session(admission, settings, metrics)
-    with admission.register(session), admission.engine.live_stream():
-        await session.run(transport, codec)
+    with admitted.hold:
+        session = Session(admitted, settings, metrics)
+        with admitted.register(session):
+            await session.run(transport, codec)
+
+
+async def refuse(transport: Transport, codec: Codec, error: ClientError, metrics: Metrics) -> None:
+    """Refuse an accepted connection: the error in its protocol, then its close code."""
+    count_refusal(error, metrics)
+    await _close(transport, codec, Close(error.ws_close_code, error.code), metrics,
+                 before=[Error(error.code, str(error))])
+
+
+def count_refusal(error: ClientError, metrics: Metrics) -> None:
+    """Count a connection refused before its session (however it is told)."""
+    metrics.sessions_total.labels("rejected").inc()
+    log.info("session.rejected code=%s", error.code)
 
 
 @attrs.define(eq=False)

@@ -101,6 +101,9 @@ class Settings:
     background_share: float = attrs.field(default=0.5, validator=_share)
     # New sessions are refused while finals wait longer than this in the scheduler (on average).
     max_final_wait_s: float = attrs.field(default=1.0, validator=_positive)
+    # The share of the engine's lane time that admitted live streams' measured work may fill;
+    # a session that would need more is refused at connect.
+    max_load: float = attrs.field(default=0.75, validator=_share)
     # Backend calls (scheduler lanes) that may run at once; 0 lets the backend choose (1 for
     # whisper and mock, 8 for qwen3 and remote, whose engines batch across calls).
     inference_lanes: int = attrs.field(default=0, validator=_non_negative)

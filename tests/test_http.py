@@ -55,7 +55,11 @@ async def test_health_reports_backend_and_sessions(server: RunningServer,
                                                    client: httpx.AsyncClient) -> None:
     response = await client.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "backend": "mock", "sessions": 0}
+    body = response.json()
+    capacity = body.pop("capacity")
+    assert body == {"status": "ok", "backend": "mock", "sessions": 0}
+    # The mock costs next to nothing: whatever it measured, no stream is expected to load it.
+    assert set(capacity) == {"streams", "stream_demand_s", "load"} and capacity["load"] == 0
     async with open_websocket_url(server.ws_url()) as ws:
         await ws.get_message()
         busy = await client.get("/health")

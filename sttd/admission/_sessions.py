@@ -47,11 +47,16 @@ def admit_session(state: AppState, access: Access, codec: Codec, query: MultiDic
     if settings.max_sessions and len(state.sessions) >= settings.max_sessions:
         raise Overloaded(f"the server holds STT_MAX_SESSIONS={settings.max_sessions} sessions "
                          "already; retry later")
+    engine.admit_stream()
     if engine.overloaded():
         raise Overloaded("the server is at capacity (finals are waiting longer than "
                          f"STT_MAX_FINAL_WAIT_S={settings.max_final_wait_s} s); retry later")
-    return Admission(request, session_core(request, settings), engine,
-                     state.sessions.registered)
+    core = session_core(request, settings)
+    admission = Admission(request, core, engine, state.sessions.registered)
+    # Counted at once: the next connection, admitted before this one's session starts, must
+    # find it there.
+    admission.hold.enter_context(engine.live_stream())
+    return admission
 
 
 def ready_engine(state: AppState) -> Engine:

@@ -8,7 +8,9 @@ Three objects, each with one job, built in one direction by `Engine.from_setting
 * `Scheduler` decides which requests go into which call and when, and runs up to ``lanes``
   calls at once (so the backend is called concurrently when ``lanes`` > 1);
 * `Engine` is what sessions and the file pipeline call: it counts live streams for the
-  scheduler, reports health, and closes the backend.
+  scheduler, admits new ones from its measured capacity (`CapacityModel`, fed by the runner
+  with every call's cost, and at start by `calibrate`), reports health, and closes the
+  backend.
 
 `Engine.run` must be started in the app-level nursery, and `Engine.aclose` called once the
 server has stopped.
@@ -17,17 +19,22 @@ server has stopped.
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import logging
 import time
 from collections.abc import Sequence
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 import trio
 
+from sttd.audio import decode_wav
 from sttd.backends import ASRBackend, Request, Result, resolve_lanes
+from sttd.engine._capacity import CapacityModel, CapacityStatistics
 from sttd.engine._scheduler import LiveStreams, Priority, Scheduler, SchedulerConfig
-from sttd.errors import BackendError
-from sttd.metrics import Metrics
+from sttd.errors import BackendError, Overloaded
+from sttd.metrics import EngineLoad, Metrics
 from sttd.settings import Settings
 
 __all__ = ["Engine"]
@@ -45,17 +52,32 @@ class _BatchRunner:
     backend: ASRBackend
     limiter: trio.CapacityLimiter
     metrics: Metrics
+    capacity: CapacityModel
 
     async def run(self, requests: Sequence[Request]) -> list[Result]:
         """The backend's results for `requests`; raises `BackendError`. Cancellation waits for
         the call in flight."""
         started = time.perf_counter()
         try:
-            return await trio.to_thread.run_sync(self._call, list(requests), limiter=self.limiter)
+            return await self.measure(requests)
         finally:
             elapsed = time.perf_counter() - started
             for kind in {request.kind for request in requests}:
                 self.metrics.inference_duration_seconds.labels(kind).observe(elapsed)
+
+    async def measure(self, requests: Sequence[Request]) -> list[Result]:
+        """As `run`, teaching the capacity model what the call cost, but not counted in the
+        serving metrics (what `Engine.calibrate` runs)."""
+        started = time.perf_counter()
+        results = await trio.to_thread.run_sync(self._call, list(requests), limiter=self.limiter)
+        # A scheduler batch is of one kind (file pieces are finals by cost).
+        self.capacity.observe(requests[0].kind, time.perf_counter() - started,
+                              sum(request.duration_s for request in requests), len(requests))
+        return results
+
+    def call(self, requests: list[Request]) -> list[Result]:
+        """The backend call itself, in the calling thread (blocking), unmeasured."""
+        return self._call(requests)
 
     def _call(self, requests: list[Request]) -> list[Result]:
         try:
@@ -79,18 +101,83 @@ class Engine:
 
     backend: ASRBackend
     scheduler: Scheduler
+    _runner: _BatchRunner
     _live_streams: LiveStreams
+    # Live finals' audio and the streams' time already handed to the capacity model, seconds.
+    _final_audio_s: float = attrs.field(init=False, default=0.0)
+    _reported: tuple[float, float] = attrs.field(init=False, default=(0.0, 0.0))
 
     @classmethod
     def from_settings(cls, backend: ASRBackend, settings: Settings, metrics: Metrics) -> Engine:
         """An engine for `backend`, with its lanes, limiter and scheduler from `settings`."""
         lanes, source = resolve_lanes(settings, backend.preferred_lanes)
         log.info("engine.lanes lanes=%d source=%s", lanes, source)
-        runner = _BatchRunner(backend, trio.CapacityLimiter(lanes), metrics)
+        runner = _BatchRunner(backend, trio.CapacityLimiter(lanes), metrics,
+                              CapacityModel(lanes, settings.max_load))
         live_streams = LiveStreams()
         scheduler = Scheduler(runner.run, SchedulerConfig.from_settings(settings, lanes=lanes),
                               metrics, live_streams)
-        return cls(backend, scheduler, live_streams)
+        return cls(backend, scheduler, runner, live_streams)
+
+    @property
+    def lanes(self) -> int:
+        return self.scheduler.config.lanes
+
+    @property
+    def live_streams(self) -> int:
+        """Live streams open now."""
+        return self._live_streams.count
+
+    def capacity(self) -> CapacityStatistics:
+        """What the engine measured it can hold, as of now."""
+        model = self._runner.capacity
+        stream_s = self._live_streams.stream_seconds()
+        audio_s, seen_s = self._reported
+        model.observe_streams(self._final_audio_s - audio_s, stream_s - seen_s)
+        self._reported = (self._final_audio_s, stream_s)
+        return model.statistics()
+
+    def load(self) -> EngineLoad:
+        """The measured capacity and what the live streams are expected to need of it."""
+        stats = self.capacity()
+        demand = stats.stream_demand
+        load = None if demand is None else self.live_streams * demand / self.lanes
+        return EngineLoad(stats.capacity, demand, load)
+
+    def admit_stream(self) -> None:
+        """Raise `Overloaded` if one more live stream would not fit the measured capacity.
+
+        Admitting it would make every admitted stream's finals late: refusing the newcomer at
+        connect keeps them whole.
+        """
+        stats = self.capacity()
+        if stats.capacity is not None and self.live_streams >= stats.capacity:
+            demand_ms = round(1000 * (stats.stream_demand or 0.0))
+            raise Overloaded(
+                f"the server is at its measured capacity of {stats.capacity} live streams "
+                f"(each needs about {demand_ms} ms of engine time a second on this machine, "
+                f"STT_MAX_LOAD={self._runner.capacity.max_load:g}); retry later")
+
+    async def calibrate(self) -> None:
+        """Measure what calls cost on this machine: a final and a partial of a built-in clip,
+        on every lane at once (as under load), after one round to warm up. Call it before
+        `run`. Blocks for a few backend calls; a failure is logged, and the costs are then
+        learnt from live traffic alone."""
+        clip = _calibration_clip()
+        requests = (Request(clip, "final"), Request(clip, "partial"))
+        try:
+            for request in requests:  # a warm-up, not measured: first calls cost more
+                await trio.to_thread.run_sync(self._runner.call, [request])
+            for request in requests:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self.lanes):
+                        nursery.start_soon(self._runner.measure, [request])
+        except* BackendError:
+            log.warning("engine.calibration_failed backend=%s", self.backend.name,
+                        exc_info=True)
+        stats = self.capacity()
+        log.info("engine.calibrated final_s_per_audio_s=%.4f partial_s=%.4f capacity=%s",
+                 stats.final_s_per_audio_s or 0.0, stats.partial_s or 0.0, stats.capacity)
 
     @property
     def backend_name(self) -> str:
@@ -124,6 +211,8 @@ class Engine:
         Raises `BackendError` (`InferenceTimeout` past STT_INFERENCE_TIMEOUT_S). Cancelling
         withdraws it if it has not started.
         """
+        if request.kind == "final":
+            self._final_audio_s += request.duration_s
         return await self.scheduler.submit(request, started=started)
 
     async def transcribe_batch(self, requests: Sequence[Request]) -> list[Result]:
@@ -161,6 +250,12 @@ class Engine:
         if scope.cancelled_caught:
             log.warning("engine.close_timeout backend=%s timeout_s=%g", self.backend.name,
                         _CLOSE_TIMEOUT_S)
+
+
+def _calibration_clip() -> npt.NDArray[np.float32]:
+    """5 s of read English speech shipped with sttd (calibration.wav: LibriVox's public-domain
+    reading of Sense and Sensibility, from pocketsphinx's tests; sttd/engine/SOURCES.md)."""
+    return decode_wav((importlib.resources.files(__package__) / "calibration.wav").read_bytes())
 
 
 def _first(group: BaseExceptionGroup[BackendError]) -> BackendError:

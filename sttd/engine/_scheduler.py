@@ -120,19 +120,35 @@ class LiveStreams:
     (file batches only yield to live traffic while there is some)."""
 
     _count: int = attrs.field(init=False, default=0)
+    # Stream-seconds lived (the count integrated over trio time), up to `_since`.
+    _stream_s: float = attrs.field(init=False, default=0.0)
+    _since: float | None = attrs.field(init=False, default=None)
 
     @property
     def count(self) -> int:
         return self._count
 
+    def stream_seconds(self) -> float:
+        """The live streams' time so far, summed over streams (seconds)."""
+        self._settle()
+        return self._stream_s
+
     @contextlib.contextmanager
     def counting(self) -> Iterator[None]:
         """Count one more live stream while the block runs."""
+        self._settle()
         self._count += 1
         try:
             yield
         finally:
+            self._settle()
             self._count -= 1
+
+    def _settle(self) -> None:
+        now = trio.current_time()
+        if self._since is not None:
+            self._stream_s += self._count * (now - self._since)
+        self._since = now
 
 
 @attrs.define(eq=False)

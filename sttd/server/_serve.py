@@ -64,6 +64,7 @@ async def serve(
     if state is None:
         state = AppState(settings, Metrics.create(CollectorRegistry()))
     state.metrics.watch_queues(state.sessions.queue_depths)
+    state.metrics.watch_engine(lambda: None if state.engine is None else state.engine.load())
     app = create_app(state)
     config = Config()
     config.bind = [f"{settings.host}:{settings.port}"]
@@ -187,6 +188,7 @@ async def _load_engine(state: AppState, nursery: trio.Nursery, loaded: list[Engi
     loaded.append(engine)
     if settings.vad == "silero":
         await trio.to_thread.run_sync(silero_model)  # once, so no session waits for it
+    await engine.calibrate()  # what calls cost on this machine, before the first session
     await nursery.start(engine.run)
     state.engine = engine
     state.metrics.engine_ready.set(1)

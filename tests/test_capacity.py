@@ -1,0 +1,154 @@
+"""Admission from measured capacity: the cost model (sans I/O), the engine's calibration, and
+refusals at connect on the real server."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+from trio_websocket import ConnectionRejected, open_websocket_url
+
+from sttd.backends.mock import MockBackend
+from sttd.engine import PARTIALS_PER_SPEECH_S, CapacityModel, Engine
+from sttd.errors import Overloaded
+from sttd.metrics import Metrics
+from sttd.settings import Settings
+from tests.conftest import (
+    RunningServer,
+    load_pcm,
+    receive_until_close,
+    reference_texts,
+    send_pcm,
+    silence,
+)
+
+TIMEOUT_S = 30
+
+
+def test_capacity_is_the_lanes_time_over_one_streams_measured_demand() -> None:
+    model = CapacityModel(lanes=2, max_load=0.75)
+    assert model.capacity is None  # nothing measured yet: no limit of the model's own
+    model.observe("final", 0.3, audio_s=3.0, requests=1)  # 0.1 s a second of speech
+    assert model.capacity is None  # partials not seen yet
+    model.observe("partial", 0.4, audio_s=4.0, requests=8)  # 50 ms a partial
+    # demand = 0.7 (speech share before any stream) * (0.1 + 1 partial/s * 0.05) = 0.105
+    assert model.stream_demand == pytest.approx(0.7 * (0.1 + PARTIALS_PER_SPEECH_S * 0.05))
+    assert model.capacity == int(2 * 0.75 / 0.105)  # 14
+
+
+def test_costs_follow_what_the_machine_does_now() -> None:
+    model = CapacityModel(lanes=1, max_load=1.0)
+    model.observe("final", 0.3, audio_s=3.0, requests=1)
+    model.observe("partial", 0.05, audio_s=1.0, requests=1)
+    before = model.capacity
+    for _ in range(50):  # a neighbour takes half the CPU: every call twice as long
+        model.observe("final", 0.6, audio_s=3.0, requests=1)
+        model.observe("partial", 0.1, audio_s=1.0, requests=1)
+    assert before is not None and model.capacity == pytest.approx(before / 2, abs=1)
+
+
+def test_the_speech_share_is_learnt_from_the_streams() -> None:
+    model = CapacityModel(lanes=1, max_load=1.0)
+    model.observe("final", 0.1, audio_s=1.0, requests=1)
+    model.observe("partial", 0.1, audio_s=1.0, requests=1)
+    assert model.statistics().speech_share == 0.7
+    model.observe_streams(final_audio_s=3.0, stream_s=10.0)  # too little time to tell yet
+    assert model.statistics().speech_share == 0.7
+    for _ in range(20):
+        model.observe_streams(final_audio_s=9.0, stream_s=30.0)  # speech 30% of the time
+    assert model.statistics().speech_share == pytest.approx(0.3, abs=0.01)
+    model.observe_streams(final_audio_s=0.0, stream_s=3000.0)  # silence: floor, not zero
+    assert model.statistics().speech_share >= 0.2
+
+
+def test_a_backend_that_costs_nothing_sets_no_limit() -> None:
+    model = CapacityModel(lanes=1, max_load=0.75)
+    model.observe("final", 0.0, audio_s=3.0, requests=1)
+    model.observe("partial", 0.0, audio_s=3.0, requests=1)
+    assert model.capacity is None
+
+
+async def test_the_engine_calibrates_on_every_lane_and_refuses_past_capacity() -> None:
+    calls: list[tuple[str, int]] = []
+
+    class Slow(MockBackend):  # type: ignore[misc]
+        def transcribe(self, requests):  # type: ignore[no-untyped-def]
+            calls.extend((r.kind, r.audio.size) for r in requests)
+            import time
+
+            time.sleep(0.02)  # a real cost, in a worker thread
+            return super().transcribe(requests)
+
+    backend = Slow.from_directory()
+    engine = Engine.from_settings(backend, Settings(backend="mock", inference_lanes=2),
+                                  Metrics.create(CollectorRegistry()))
+    await engine.calibrate()
+    # One unmeasured call of each kind, then both kinds on both lanes at once.
+    assert [kind for kind, _ in calls] == ["final", "partial"] * 1 + ["final"] * 2 + ["partial"] * 2
+    stats = engine.capacity()
+    assert stats.final_s_per_audio_s is not None and stats.final_s_per_audio_s > 0
+    assert stats.partial_s is not None and stats.partial_s >= 0.02
+    assert stats.capacity is not None and stats.capacity > 0
+    held = []
+    for _ in range(stats.capacity):
+        engine.admit_stream()
+        held.append(engine.live_stream())
+        held[-1].__enter__()
+    with pytest.raises(Overloaded, match=f"measured capacity of {stats.capacity} live streams"):
+        engine.admit_stream()
+    held.pop().__exit__(None, None, None)
+    engine.admit_stream()  # room again
+    for hold in held:
+        hold.__exit__(None, None, None)
+
+
+def _fill(server: RunningServer, capacity_cost_s: float) -> None:
+    """Teach the server's engine that one stream costs `capacity_cost_s` lane-seconds a second
+    of speech: as if it had measured a much slower machine."""
+    engine = server.state.engine
+    assert engine is not None
+    model = engine._runner.capacity
+    for _ in range(100):
+        model.observe("final", capacity_cost_s, audio_s=1.0, requests=1)
+        model.observe("partial", capacity_cost_s, audio_s=1.0, requests=1)
+
+
+async def test_sessions_past_the_measured_capacity_are_refused_at_connect(
+        server: RunningServer) -> None:
+    _fill(server, 0.35)  # demand 0.7 * 0.7 = 0.49 lane-s/s: one stream fits in 0.75 of a lane
+    refs = reference_texts()
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as live:
+            assert json.loads(await live.get_message())["type"] == "ready"
+            # A second one at once: the first is counted from the moment it was admitted.
+            async with open_websocket_url(server.ws_url()) as refused:
+                messages, code = await receive_until_close(refused)
+            assert code == 1013
+            [error] = messages
+            assert error["code"] == "overloaded"
+            assert "measured capacity of 1 live streams" in error["message"]
+            async with httpx.AsyncClient(base_url=server.http_url) as http:
+                health = (await http.get("/health")).json()
+                metrics = (await http.get("/metrics")).text
+            assert health["capacity"]["streams"] == 1
+            assert health["capacity"]["load"] == pytest.approx(0.49, abs=0.01)
+            assert "sttd_capacity_streams 1.0" in metrics
+            # Deepgram's clients are told before the upgrade, with when to come back.
+            with pytest.raises(ConnectionRejected) as rejected:
+                async with open_websocket_url(server.ws_url().replace(
+                        "/v1/stt/ws?call_id=test&sample_rate=16000",
+                        "/v1/listen?encoding=linear16&sample_rate=16000")):
+                    pass
+            assert rejected.value.status_code == 503
+            assert dict(rejected.value.headers or [])[b"retry-after"] == b"5"
+            # The admitted session is whole.
+            await send_pcm(live, np.concatenate([load_pcm("ps_cards_001"), silence(1.0)]))
+            await live.send_message(json.dumps({"type": "end"}))
+            finals, live_code = await receive_until_close(live)
+    assert live_code == 1000
+    assert [m["text"] for m in finals if m["type"] == "final"] == [refs["ps_cards_001"]]
+    assert server.state.metrics.sessions_total.labels("rejected")._value.get() == 2
