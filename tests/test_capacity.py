@@ -30,18 +30,34 @@ TIMEOUT_S = 30
 
 
 def test_capacity_is_the_lanes_time_over_one_streams_measured_demand() -> None:
-    model = CapacityModel(lanes=2, max_load=0.75)
+    model = CapacityModel(lanes=2, max_load=0.75, max_final_wait_s=10.0, max_batch_s=0.0)
     assert model.capacity is None  # nothing measured yet: no limit of the model's own
     model.observe("final", 0.3, audio_s=3.0, requests=1)  # 0.1 s a second of speech
     assert model.capacity is None  # partials not seen yet
     model.observe("partial", 0.4, audio_s=4.0, requests=8)  # 50 ms a partial
     # demand = 0.7 (speech share before any stream) * (0.1 + 1 partial/s * 0.05) = 0.105
     assert model.stream_demand == pytest.approx(0.7 * (0.1 + PARTIALS_PER_SPEECH_S * 0.05))
-    assert model.capacity == int(2 * 0.75 / 0.105)  # 14
+    assert model.capacity == int(2 * 0.75 / 0.105)  # 14: the lanes' time binds first
+    assert model.statistics().load_capacity == 14
+    assert model.burst_capacity == int(2 * 10.0 / (0.1 * 3.0))  # 3 s utterances: 66
+
+
+def test_a_burst_of_finals_bounds_the_capacity_too() -> None:
+    """Streams that end their sentences together: every final must clear within
+    STT_MAX_FINAL_WAIT_S, after a partial batch that may hold a lane."""
+    model = CapacityModel(lanes=2, max_load=0.75, max_final_wait_s=1.0, max_batch_s=0.25)
+    model.observe("final", 0.12, audio_s=4.0, requests=1)  # 0.03 s a second of speech
+    model.observe("partial", 0.01, audio_s=1.0, requests=1)
+    stats = model.statistics()
+    assert stats.utterance_s == pytest.approx(3.0 + 0.1 * (4.0 - 3.0))
+    per_final_s = 0.03 * stats.utterance_s
+    assert stats.burst_capacity == int(2 * (1.0 - 0.25) / per_final_s)  # 16
+    assert stats.load_capacity is not None and stats.load_capacity > 16
+    assert model.capacity == stats.burst_capacity
 
 
 def test_costs_follow_what_the_machine_does_now() -> None:
-    model = CapacityModel(lanes=1, max_load=1.0)
+    model = CapacityModel(lanes=1, max_load=1.0, max_final_wait_s=10.0, max_batch_s=0.0)
     model.observe("final", 0.3, audio_s=3.0, requests=1)
     model.observe("partial", 0.05, audio_s=1.0, requests=1)
     before = model.capacity
@@ -52,7 +68,7 @@ def test_costs_follow_what_the_machine_does_now() -> None:
 
 
 def test_the_speech_share_is_learnt_from_the_streams() -> None:
-    model = CapacityModel(lanes=1, max_load=1.0)
+    model = CapacityModel(lanes=1, max_load=1.0, max_final_wait_s=10.0, max_batch_s=0.0)
     model.observe("final", 0.1, audio_s=1.0, requests=1)
     model.observe("partial", 0.1, audio_s=1.0, requests=1)
     assert model.statistics().speech_share == 0.7
@@ -66,7 +82,7 @@ def test_the_speech_share_is_learnt_from_the_streams() -> None:
 
 
 def test_a_backend_that_costs_nothing_sets_no_limit() -> None:
-    model = CapacityModel(lanes=1, max_load=0.75)
+    model = CapacityModel(lanes=1, max_load=0.75, max_final_wait_s=1.0, max_batch_s=0.25)
     model.observe("final", 0.0, audio_s=3.0, requests=1)
     model.observe("partial", 0.0, audio_s=3.0, requests=1)
     assert model.capacity is None
@@ -87,8 +103,8 @@ async def test_the_engine_calibrates_on_every_lane_and_refuses_past_capacity() -
     engine = Engine.from_settings(backend, Settings(backend="mock", inference_lanes=2),
                                   Metrics.create(CollectorRegistry()))
     await engine.calibrate()
-    # One unmeasured call of each kind, then both kinds on both lanes at once.
-    assert [kind for kind, _ in calls] == ["final", "partial"] * 1 + ["final"] * 2 + ["partial"] * 2
+    # For each kind, a warm-up call, then three rounds on both lanes at once.
+    assert [kind for kind, _ in calls] == ["final"] * 7 + ["partial"] * 7
     stats = engine.capacity()
     assert stats.final_s_per_audio_s is not None and stats.final_s_per_audio_s > 0
     assert stats.partial_s is not None and stats.partial_s >= 0.02

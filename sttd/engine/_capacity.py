@@ -9,10 +9,15 @@ caller to see words come. So one stream costs, in lane-seconds per second of its
 
 where `speech_share` is the part of a stream's time that is speech. The engine has ``lanes``
 lanes, and its admitted streams may fill `max_load` of their time: beyond that, queues grow and
-finals come late (a burst of finals from streams that end their sentences together must still
-clear in well under a second). So::
+finals come late. And streams that end their sentences together (a burst: every admitted stream
+at once, at worst) must have their finals cleared within `max_final_wait_s`, shared by every
+lane, after the partial batch a lane may be busy with (`max_batch_s` of work)::
 
-    capacity = floor(lanes * max_load / demand)
+    capacity = min(floor(lanes * max_load / demand),
+                   floor(lanes * (max_final_wait_s - max_batch_s)
+                         / (final_s_per_audio_s * utterance_s)))
+
+where `utterance_s` is how long the live streams' utterances are (3 s until seen).
 
 Every number is measured on the machine the server runs on: `CapacityModel.observe` takes each
 backend call's duration (a lane's wall time, so the cost of sharing the cores with the other
@@ -35,9 +40,13 @@ __all__ = ["PARTIALS_PER_SPEECH_S", "CapacityModel", "CapacityStatistics"]
 
 # The partial rate a speaking stream is promised (and that its cost is counted at).
 PARTIALS_PER_SPEECH_S: Final = 1.0
-# Before the live streams have said how much of their time is speech: a call with pauses.
+# Before the live streams have said how much of their time is speech: a call with pauses; and
+# how long their utterances are: a short sentence.
 _PRIOR_SPEECH_SHARE: Final = 0.7
+_PRIOR_UTTERANCE_S: Final = 3.0
 _MIN_SPEECH_SHARE: Final = 0.2  # a stream that says almost nothing still gets its partials
+# The least time a burst of finals is given, whatever the settings say, seconds.
+_MIN_BURST_BUDGET_S: Final = 0.1
 # Weight of the newest observation in each running average.
 _COST_WEIGHT: Final = 0.1
 # Stream time between two updates of the speech share, seconds; and how much of the share the
@@ -54,7 +63,11 @@ class CapacityStatistics:
     final_s_per_audio_s: float | None
     partial_s: float | None
     speech_share: float
+    utterance_s: float
     stream_demand: float | None  # lane-seconds one live stream needs per second
+    # The two bounds `capacity` is the smaller of: the lanes' time, and a burst of finals.
+    load_capacity: int | None
+    burst_capacity: int | None
 
 
 @attrs.define
@@ -64,9 +77,15 @@ class CapacityModel:
     lanes: int = attrs.field(validator=attrs.validators.gt(0))
     # The share of the lanes' time the admitted streams' expected work may fill (STT_MAX_LOAD).
     max_load: float = attrs.field(validator=[attrs.validators.gt(0), attrs.validators.le(1)])
+    # How long a burst of finals, one from every admitted stream, may take to clear
+    # (STT_MAX_FINAL_WAIT_S), and how long a partial batch may hold a lane first
+    # (STT_MAX_BATCH_MS), seconds.
+    max_final_wait_s: float = attrs.field(validator=attrs.validators.gt(0))
+    max_batch_s: float = attrs.field(validator=attrs.validators.ge(0))
     _final_s_per_audio_s: float | None = attrs.field(init=False, default=None)
     _partial_s: float | None = attrs.field(init=False, default=None)
     _speech_share: float = attrs.field(init=False, default=_PRIOR_SPEECH_SHARE)
+    _utterance_s: float = attrs.field(init=False, default=_PRIOR_UTTERANCE_S)
     # Audio of live finals and stream time since the speech share was last updated, seconds.
     _final_audio_s: float = attrs.field(init=False, default=0.0)
     _stream_s: float = attrs.field(init=False, default=0.0)
@@ -78,6 +97,7 @@ class CapacityModel:
             return
         if kind == "final" and audio_s > 0:
             self._final_s_per_audio_s = _average(self._final_s_per_audio_s, seconds / audio_s)
+            self._utterance_s += _COST_WEIGHT * (audio_s / requests - self._utterance_s)
         elif kind == "partial":
             self._partial_s = _average(self._partial_s, seconds / requests)
 
@@ -101,18 +121,34 @@ class CapacityModel:
                                      + PARTIALS_PER_SPEECH_S * self._partial_s)
 
     @property
-    def capacity(self) -> int | None:
-        """Live streams that fit in `max_load` of the lanes, or None while costs are unknown."""
+    def load_capacity(self) -> int | None:
+        """Live streams whose work fits in `max_load` of the lanes (None: unknown, or free)."""
         demand = self.stream_demand
-        if demand is None:
+        if demand is None or demand <= 0:  # a backend that costs nothing has no limit
             return None
-        if demand <= 0:
-            return None  # a backend that costs nothing (the mock) has no limit of its own
         return math.floor(self.lanes * self.max_load / demand)
+
+    @property
+    def burst_capacity(self) -> int | None:
+        """Live streams whose finals, all at once, clear within `max_final_wait_s`."""
+        if not self._final_s_per_audio_s:
+            return None
+        per_final_s = self._final_s_per_audio_s * self._utterance_s
+        budget_s = max(self.max_final_wait_s - self.max_batch_s, _MIN_BURST_BUDGET_S)
+        return math.floor(self.lanes * budget_s / per_final_s)
+
+    @property
+    def capacity(self) -> int | None:
+        """Live streams the engine holds: the smaller bound, or None while costs are unknown."""
+        load, burst = self.load_capacity, self.burst_capacity
+        if load is None:
+            return None
+        return load if burst is None else min(load, burst)
 
     def statistics(self) -> CapacityStatistics:
         return CapacityStatistics(self.capacity, self._final_s_per_audio_s, self._partial_s,
-                                  self._speech_share, self.stream_demand)
+                                  self._speech_share, self._utterance_s, self.stream_demand,
+                                  self.load_capacity, self.burst_capacity)
 
 
 def _average(old: float | None, new: float) -> float:

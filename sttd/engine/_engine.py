@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from sttd.audio import decode_wav
+from sttd.audio import SAMPLE_RATE_HZ, decode_wav
 from sttd.backends import ASRBackend, Request, Result, resolve_lanes
 from sttd.engine._capacity import CapacityModel, CapacityStatistics
 from sttd.engine._scheduler import LiveStreams, Priority, Scheduler, SchedulerConfig
@@ -41,6 +41,8 @@ __all__ = ["Engine"]
 
 log = logging.getLogger(__name__)
 
+# Rounds of calls on every lane at once that calibration times.
+_CALIBRATION_ROUNDS = 3
 # The longest `aclose` waits for the backend to release what it holds.
 _CLOSE_TIMEOUT_S = 30.0
 
@@ -56,28 +58,23 @@ class _BatchRunner:
 
     async def run(self, requests: Sequence[Request]) -> list[Result]:
         """The backend's results for `requests`; raises `BackendError`. Cancellation waits for
-        the call in flight."""
+        the call in flight. What the call cost goes to the metrics and the capacity model."""
         started = time.perf_counter()
         try:
-            return await self.measure(requests)
+            results = await self.timed(requests)
         finally:
             elapsed = time.perf_counter() - started
             for kind in {request.kind for request in requests}:
                 self.metrics.inference_duration_seconds.labels(kind).observe(elapsed)
-
-    async def measure(self, requests: Sequence[Request]) -> list[Result]:
-        """As `run`, teaching the capacity model what the call cost, but not counted in the
-        serving metrics (what `Engine.calibrate` runs)."""
-        started = time.perf_counter()
-        results = await trio.to_thread.run_sync(self._call, list(requests), limiter=self.limiter)
         # A scheduler batch is of one kind (file pieces are finals by cost).
-        self.capacity.observe(requests[0].kind, time.perf_counter() - started,
+        self.capacity.observe(requests[0].kind, elapsed,
                               sum(request.duration_s for request in requests), len(requests))
         return results
 
-    def call(self, requests: list[Request]) -> list[Result]:
-        """The backend call itself, in the calling thread (blocking), unmeasured."""
-        return self._call(requests)
+    async def timed(self, requests: Sequence[Request]) -> list[Result]:
+        """The backend's results for `requests`, recorded nowhere (`Engine.calibrate` times
+        these itself)."""
+        return await trio.to_thread.run_sync(self._call, list(requests), limiter=self.limiter)
 
     def _call(self, requests: list[Request]) -> list[Result]:
         try:
@@ -113,7 +110,8 @@ class Engine:
         lanes, source = resolve_lanes(settings, backend.preferred_lanes)
         log.info("engine.lanes lanes=%d source=%s", lanes, source)
         runner = _BatchRunner(backend, trio.CapacityLimiter(lanes), metrics,
-                              CapacityModel(lanes, settings.max_load))
+                              CapacityModel(lanes, settings.max_load, settings.max_final_wait_s,
+                                            settings.max_batch_ms / 1000))
         live_streams = LiveStreams()
         scheduler = Scheduler(runner.run, SchedulerConfig.from_settings(settings, lanes=lanes),
                               metrics, live_streams)
@@ -160,21 +158,33 @@ class Engine:
 
     async def calibrate(self) -> None:
         """Measure what calls cost on this machine: a final and a partial of a built-in clip,
-        on every lane at once (as under load), after one round to warm up. Call it before
-        `run`. Blocks for a few backend calls; a failure is logged, and the costs are then
+        on every lane at once (as under load), three rounds after a warm-up, the slowest of
+        each kind counted. Call it before `run`. Blocks for a few backend calls; a failure is logged, and the costs are then
         learnt from live traffic alone."""
         clip = _calibration_clip()
-        requests = (Request(clip, "final"), Request(clip, "partial"))
+        worst = {"final": 0.0, "partial": 0.0}
+
+        async def timed(request: Request) -> None:
+            started = time.perf_counter()
+            await self._runner.timed([request])
+            worst[request.kind] = max(worst[request.kind], time.perf_counter() - started)
+
         try:
-            for request in requests:  # a warm-up, not measured: first calls cost more
-                await trio.to_thread.run_sync(self._runner.call, [request])
-            for request in requests:
-                async with trio.open_nursery() as nursery:
-                    for _ in range(self.lanes):
-                        nursery.start_soon(self._runner.measure, [request])
+            for request in (Request(clip, "final"), Request(clip, "partial")):
+                await self._runner.timed([request])  # a warm-up, not counted: first calls cost more
+                for _ in range(_CALIBRATION_ROUNDS):
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(self.lanes):
+                            nursery.start_soon(timed, request)
         except* BackendError:
             log.warning("engine.calibration_failed backend=%s", self.backend.name,
                         exc_info=True)
+        else:
+            # The slowest call of each kind: a first estimate on the safe side, which live
+            # traffic then corrects (rounds on a shared machine differ by half).
+            model = self._runner.capacity
+            model.observe("final", worst["final"], clip.size / SAMPLE_RATE_HZ, 1)
+            model.observe("partial", worst["partial"], clip.size / SAMPLE_RATE_HZ, 1)
         stats = self.capacity()
         log.info("engine.calibrated final_s_per_audio_s=%.4f partial_s=%.4f capacity=%s",
                  stats.final_s_per_audio_s or 0.0, stats.partial_s or 0.0, stats.capacity)
