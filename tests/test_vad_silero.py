@@ -115,6 +115,40 @@ def test_quiet_frames_are_silence_without_asking_the_net() -> None:
     assert not net.probabilities
 
 
+def test_the_noise_gate_waits_for_a_pause_so_a_gap_between_words_keeps_the_net() -> None:
+    line = 104.0
+    classifier, net = fake(*[0.1] * 400)
+    decide(classifier, [line] * 300)  # the floor has long reached the line
+    net.probabilities = deque([0.9, 0.9] + [0.1] * 10 + [0.9])
+    resets = net.resets
+    # Speech, a 10-frame gap at the line's level (320 ms, under the 16-frame pause), speech:
+    # every frame of the gap is asked, and the net is never reset inside the sentence.
+    assert decide(classifier, [4 * line] * 2 + [line] * 10 + [4 * line]) == (
+        [True, True] + [False] * 10 + [True])
+    assert net.resets == resets
+    assert not net.probabilities
+
+
+def test_a_steady_line_is_gated_once_its_noise_floor_is_learnt() -> None:
+    """A quiet room or a phone line costs the net nothing once the floor has risen to it; a
+    frame well above that floor (a speech onset) still goes to the net."""
+    line = 104.0  # -50 dBFS hiss
+    classifier, net = fake(*[0.1] * 200)
+    decide(classifier, [line] * 200)  # the floor rises 3 dB a second from 30.0, past the net
+    asked = len(net.windows)
+    assert 0 < asked < 200  # the net heard the line only until the floor reached it
+    assert decide(classifier, [line] * 100) == [False] * 100
+    assert len(net.windows) == asked  # then never again
+    net.probabilities = deque([0.9, 0.9])
+    assert decide(classifier, [2 * line, 2 * line]) == [True, True]  # 6 dB up: asked, speech
+
+
+def test_a_stream_that_opens_with_speech_is_not_taken_for_its_noise() -> None:
+    classifier, net = fake(0.9, 0.9, 0.9, 0.9)
+    assert decide(classifier, [LOUD_RMS] * 4) == [True] * 4
+    assert len(net.windows) == 4
+
+
 def test_a_quiet_stretch_resets_the_net_once() -> None:
     classifier, net = fake(0.9, 0.1)
     decide(classifier, [QUIET_RMS] * 3)

@@ -70,13 +70,15 @@ class CapacityStatistics:
     burst_capacity: int | None
 
 
-@attrs.define
+# Validated when built; its state then changes per frame, without attrs' setattr hooks.
+@attrs.define(on_setattr=attrs.setters.NO_OP)
 class CapacityModel:
     """Live streams the engine holds, from the measured cost of its calls."""
 
     lanes: int = attrs.field(validator=attrs.validators.gt(0))
     # The share of the lanes' time the admitted streams' expected work may fill (STT_MAX_LOAD).
-    max_load: float = attrs.field(validator=[attrs.validators.gt(0), attrs.validators.le(1)])
+    # 0: no limit from the model (it still measures).
+    max_load: float = attrs.field(validator=[attrs.validators.ge(0), attrs.validators.le(1)])
     # How long a burst of finals, one from every admitted stream, may take to clear
     # (STT_MAX_FINAL_WAIT_S), and how long a partial batch may hold a lane first
     # (STT_MAX_BATCH_MS), seconds.
@@ -139,7 +141,10 @@ class CapacityModel:
 
     @property
     def capacity(self) -> int | None:
-        """Live streams the engine holds: the smaller bound, or None while costs are unknown."""
+        """Live streams the engine holds: the smaller bound, or None while costs are unknown
+        (or when `max_load` is 0)."""
+        if self.max_load == 0:
+            return None
         load, burst = self.load_capacity, self.burst_capacity
         if load is None:
             return None

@@ -25,7 +25,8 @@ def _norm(word: str) -> str:
     return word.strip(string.punctuation + "“”‘’…").lower()
 
 
-@attrs.define
+# Validated when built; its state then changes per frame, without attrs' setattr hooks.
+@attrs.define(on_setattr=attrs.setters.NO_OP)
 class PartialStabilizer:
     """Tracks the stable prefix of one utterance's partials."""
 

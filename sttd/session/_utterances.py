@@ -98,7 +98,8 @@ class SampleBuffer:
         self._size = remaining
 
 
-@attrs.define
+# Validated when built; its state then changes per frame, without attrs' setattr hooks.
+@attrs.define(on_setattr=attrs.setters.NO_OP)
 class UtteranceTracker:
     """Cuts one stream into utterances and says when to decode partials and finals."""
 
