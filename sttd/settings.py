@@ -54,6 +54,12 @@ def _share(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None
         raise ValueError(f"{attribute.name} must be in (0, 1], got {value!r}")
 
 
+def _share_or_zero(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    _finite(attribute, value)
+    if not 0 <= value <= 1:
+        raise ValueError(f"{attribute.name} must be in [0, 1], got {value!r}")
+
+
 def _port(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ValueError(f"{attribute.name} must be in 0..65535, got {value!r}")
@@ -102,8 +108,9 @@ class Settings:
     # New sessions are refused while finals wait longer than this in the scheduler (on average).
     max_final_wait_s: float = attrs.field(default=1.0, validator=_positive)
     # The share of the engine's lane time that admitted live streams' measured work may fill;
-    # a session that would need more is refused at connect.
-    max_load: float = attrs.field(default=0.75, validator=_share)
+    # a session that would need more is refused at connect. 0: no limit from the measured
+    # capacity (admission left to something in front of the server).
+    max_load: float = attrs.field(default=0.75, validator=_share_or_zero)
     # Backend calls (scheduler lanes) that may run at once; 0 lets the backend choose (1 for
     # whisper and mock, 8 for qwen3 and remote, whose engines batch across calls).
     inference_lanes: int = attrs.field(default=0, validator=_non_negative)
@@ -145,7 +152,7 @@ class Settings:
     # CTranslate2 compute type; empty picks int8 on CPU, float16 on CUDA.
     whisper_compute_type: str = ""
     # Beam width for finals; partials always decode greedily.
-    whisper_beam_size: int = attrs.field(default=1, validator=_positive)
+    whisper_beam_size: int = attrs.field(default=5, validator=_positive)
     # CPU threads for one backend call; 0 lets CTranslate2 choose (all cores).
     whisper_cpu_threads: int = attrs.field(default=0, validator=_non_negative)
     # Qwen3-ASR in an embedded vLLM engine (backend qwen3, extra `qwen3`): a hub id or a local

@@ -168,3 +168,11 @@ async def test_sessions_past_the_measured_capacity_are_refused_at_connect(
     assert live_code == 1000
     assert [m["text"] for m in finals if m["type"] == "final"] == [refs["ps_cards_001"]]
     assert server.state.metrics.sessions_total.labels("rejected")._value.get() == 2
+
+
+def test_max_load_zero_turns_the_limit_off_but_keeps_measuring() -> None:
+    model = CapacityModel(lanes=1, max_load=0.0, max_final_wait_s=1.0, max_batch_s=0.25)
+    model.observe("final", 1.0, audio_s=1.0, requests=1)
+    model.observe("partial", 1.0, audio_s=1.0, requests=1)
+    assert model.capacity is None
+    assert model.stream_demand == pytest.approx(0.7 * 2.0)
