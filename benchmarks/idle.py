@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import psutil
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,18 +43,31 @@ async def requests_run(base_url: str) -> float:
                for sample in family.samples if sample.name == "sttd_scheduler_requests_total")
 
 
+# A line's own noise, not digital zeros: white noise at -50 dBFS (RMS 104 of 32768), what a
+# quiet room or a phone line sends between words. Its RMS is above the VAD's floor.
+_NOISE_RMS = 104
+
+
+def _frame(mode: str, frame_ms: int, rng: np.random.Generator) -> bytes:
+    if mode == "noise":
+        return (rng.normal(0, _NOISE_RMS, 16 * frame_ms).clip(-32768, 32767)
+                .astype("<i2").tobytes())
+    return bytes(32 * frame_ms)  # 16 kHz PCM16 zeros
+
+
 async def hold(url: str, mode: str, frame_ms: int, stop: trio.Event, ready: list[int]) -> None:
-    frame = bytes(32 * frame_ms)  # 16 kHz PCM16 zeros
+    rng = np.random.default_rng(len(ready))
+    frames = [_frame(mode, frame_ms, rng) for _ in range(8)]
     async with open_websocket_url(url) as ws:
         await ws.get_message()
         ready.append(1)
         start = trio.current_time()
         sent = 0
         while not stop.is_set():
-            if mode == "silence":
+            if mode in ("silence", "noise"):
                 sent += 1
                 await trio.sleep_until(start + sent * frame_ms / 1000)
-                await ws.send_message(frame)
+                await ws.send_message(frames[sent % len(frames)])
             else:
                 with trio.move_on_after(5):
                     await stop.wait()
@@ -83,7 +97,7 @@ async def measure(server: Any, n: int, mode: str, frame_ms: int, seconds: float,
         after = await requests_run(server.base_url) if count_requests else 0.0
         rss_mib = process.memory_info().rss / 2**20
         stop.set()
-    return {"sessions": n, "mode": mode, "frame_ms": frame_ms if mode == "silence" else None,
+    return {"sessions": n, "mode": mode, "frame_ms": frame_ms if mode != "keepalive" else None,
             "seconds": seconds, "server_cpu_percent_of_one_core": {
                 "mean": statistics.fmean(samples), "max": max(samples)},
             "inference_requests": after - before if count_requests else None,
@@ -91,25 +105,31 @@ async def measure(server: Any, n: int, mode: str, frame_ms: int, seconds: float,
 
 
 MODES = (("silence", 20), ("silence", 100), ("keepalive", 0))
+# Silence as a line sends it: digital zeros and -50 dBFS noise, in 200 ms frames.
+QUIET_MODES = (("silence", 200), ("noise", 200))
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    modes = QUIET_MODES if args.quiet else MODES
     points = []
     for server_name, argv in (("sttd", ("-m", "sttd.cli", "serve")),
                               ("bare_stack", (str(Path(__file__).with_name("bare_ws.py")),))):
-        async with sttd_server(argv=argv, STT_BACKEND=args.backend) as server:
-            for mode, frame_ms in MODES:
+        # Every session is admitted: the measured capacity counts a caller as one who will
+        # speak, and these never do.
+        async with sttd_server(argv=argv, STT_BACKEND=args.backend, STT_MAX_LOAD="0") as server:
+            for mode, frame_ms in modes:
                 point = await measure(server, args.n, mode, frame_ms, args.seconds,
                                       count_requests=server_name == "sttd")
                 point["server"] = server_name
                 print(point, flush=True)
                 points.append(point)
-    for point in points[: len(MODES)]:
-        [floor] = [p for p in points[len(MODES):]
+    for point in points[: len(modes)]:
+        [floor] = [p for p in points[len(modes):]
                    if (p["mode"], p["frame_ms"]) == (point["mode"], point["frame_ms"])]
         point["ratio_to_bare_stack"] = (point["server_cpu_percent_of_one_core"]["mean"]
                                         / max(floor["server_cpu_percent_of_one_core"]["mean"], 0.1))
-    return {"settings": {"n": args.n, "backend": args.backend}, "points": points}
+    return {"settings": {"n": args.n, "backend": args.backend, "quiet": args.quiet},
+            "points": points}
 
 
 def main() -> None:
@@ -117,6 +137,9 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--backend", default="whisper")
+    parser.add_argument("--quiet", action="store_true",
+                        help="silence as a line sends it, in 200 ms frames: digital zeros, then "
+                             "-50 dBFS noise (instead of zeros in 20 and 100 ms, and keepalives)")
     parser.add_argument("--out", type=Path, default=RESULTS / "idle.json")
     args = parser.parse_args()
     write_result(args.out, "uv run --group bench python " + " ".join(sys.argv),

@@ -320,7 +320,7 @@ def main() -> None:
                         help="extra server setting (repeatable)")
     parser.add_argument("--until-fail", action="store_true",
                         help="stop going up in N once every run at an N fell over (p95 > 30 s, "
-                             "WER > 50% or a session failed)")
+                             "WER > 50%% or a session failed)")
     parser.add_argument("--overhead", action="store_true",
                         help="capacity by frame lag (for the mock backend), not by final latency")
     parser.add_argument("--out", type=Path, default=RESULTS / "load_whisper.json")

