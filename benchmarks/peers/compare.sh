@@ -8,7 +8,9 @@
 # 3. runs the same load.py against `sttd serve` (whisper backend) at N = $STTD_N, going on
 #    until it falls over;
 # 4. plots p95 final latency against N for both (plot_compare.py).
-# The two servers never run at the same time, and both get OMP_NUM_THREADS=$THREADS.
+# The two servers never run at the same time, and both get OMP_NUM_THREADS=$THREADS and the same
+# audio and start mode: LOAD_ARGS (default "--file sentences --together": 22 short sentences with
+# 1.2 s pauses, every session starting within 100 ms).
 #
 # Usage, from the repository root:  benchmarks/peers/compare.sh
 # Results: benchmarks/results/compare_whisperlive.json, compare_sttd.json, compare.png
@@ -19,9 +21,10 @@ cd "$ROOT"
 RESULTS=benchmarks/results
 RUNS=${RUNS:-2}
 WL_N=${WL_N:-"1 2 4 8"}
-STTD_N=${STTD_N:-"1 2 4 8 16 24 32"}
+STTD_N=${STTD_N:-"1 2 4 8 12 16 24"}
 THREADS=${THREADS:-$(nproc)}
 PORT=${WL_PORT:-9090}
+read -r -a LOAD_ARGS <<<"${LOAD_ARGS:---file sentences --together}"
 export OMP_NUM_THREADS=$THREADS
 
 [[ -x benchmarks/peers/.venv-whisperlive/bin/python ]] || benchmarks/peers/setup_whisperlive.sh
@@ -38,13 +41,13 @@ if [[ "${SKIP_WHISPERLIVE:-0}" != 1 ]]; then
   # whisperlive_server.sh execs python, so $wl_pid is the server itself.
   # shellcheck disable=SC2086
   uv run --group bench python benchmarks/load.py --target whisperlive --url "ws://127.0.0.1:$PORT" \
-      --pid "$wl_pid" --runs "$RUNS" -n $WL_N --out "$RESULTS/compare_whisperlive.json"
+      --pid "$wl_pid" --runs "$RUNS" --until-fail -n $WL_N "${LOAD_ARGS[@]}" --out "$RESULTS/compare_whisperlive.json"
   kill "$wl_pid"; wait "$wl_pid" 2>/dev/null || true
   trap - EXIT
 fi
 
 # shellcheck disable=SC2086
-uv run --group bench python benchmarks/load.py --runs "$RUNS" --until-fail -n $STTD_N \
+uv run --group bench python benchmarks/load.py --runs "$RUNS" --until-fail -n $STTD_N "${LOAD_ARGS[@]}" \
     --out "$RESULTS/compare_sttd.json"
 uv run --group bench python benchmarks/peers/plot_compare.py \
     "$RESULTS/compare_sttd.json" "$RESULTS/compare_whisperlive.json" "$RESULTS/compare.png"
