@@ -117,18 +117,25 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         # Every session is admitted: the measured capacity counts a caller as one who will
         # speak, and these never do.
         async with sttd_server(argv=argv, STT_BACKEND=args.backend, STT_MAX_LOAD="0") as server:
-            for mode, frame_ms in modes:
-                point = await measure(server, args.n, mode, frame_ms, args.seconds,
-                                      count_requests=server_name == "sttd")
-                point["server"] = server_name
-                print(point, flush=True)
-                points.append(point)
-    for point in points[: len(modes)]:
-        [floor] = [p for p in points[len(modes):]
-                   if (p["mode"], p["frame_ms"]) == (point["mode"], point["frame_ms"])]
+            for run in range(args.runs):
+                for mode, frame_ms in modes:
+                    point = await measure(server, args.n, mode, frame_ms, args.seconds,
+                                          count_requests=server_name == "sttd")
+                    point["server"] = server_name
+                    point["run"] = run
+                    print(point, flush=True)
+                    points.append(point)
+    for point in points:
+        if point["server"] != "sttd":
+            continue
+        # Against the bare stack's mean over its runs of the same mode.
+        floors = [p["server_cpu_percent_of_one_core"]["mean"] for p in points
+                  if p["server"] == "bare_stack"
+                  and (p["mode"], p["frame_ms"]) == (point["mode"], point["frame_ms"])]
         point["ratio_to_bare_stack"] = (point["server_cpu_percent_of_one_core"]["mean"]
-                                        / max(floor["server_cpu_percent_of_one_core"]["mean"], 0.1))
-    return {"settings": {"n": args.n, "backend": args.backend, "quiet": args.quiet},
+                                        / max(statistics.fmean(floors), 0.1))
+    return {"settings": {"n": args.n, "backend": args.backend, "quiet": args.quiet,
+                         "runs": args.runs},
             "points": points}
 
 
@@ -140,6 +147,7 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true",
                         help="silence as a line sends it, in 200 ms frames: digital zeros, then "
                              "-50 dBFS noise (instead of zeros in 20 and 100 ms, and keepalives)")
+    parser.add_argument("--runs", type=int, default=1, help="passes of every mode per server")
     parser.add_argument("--out", type=Path, default=RESULTS / "idle.json")
     args = parser.parse_args()
     write_result(args.out, "uv run --group bench python " + " ".join(sys.argv),
