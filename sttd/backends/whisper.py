@@ -237,7 +237,9 @@ class WhisperBackend(ASRBackend):
         caps = [_new_token_cap(r.duration_s) for r in requests]
         outputs = self._generate(encoded, prompts, caps, beam, tokenizers)
         for i, output in enumerate(outputs):
-            if not _looks_repetitive(output):
+            # A phrase that only comes back later blanks no partial: a long utterance may say
+            # it twice, and the final (which is retried, not blanked) settles it.
+            if not _looks_repetitive(output, recurring=requests[i].kind == "final"):
                 continue
             if requests[i].kind == "partial":
                 # The next partial comes soon; a 30 s window costs eight partials.
@@ -414,19 +416,21 @@ def _compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
-def _looks_repetitive(output: _Decoded, *, suspect_doubles: bool = True) -> bool:
+def _looks_repetitive(output: _Decoded, *, suspect_doubles: bool = True,
+                      recurring: bool = False) -> bool:
     return (output.hit_cap or _compression_ratio(output.text) > _MAX_COMPRESSION_RATIO
-            or _repeats_phrase(output.text, suspect_doubles=suspect_doubles))
+            or _repeats_phrase(output.text, suspect_doubles=suspect_doubles,
+                               recurring=recurring))
 
 
-def _repeats_phrase(text: str, *, suspect_doubles: bool = False) -> bool:
+def _repeats_phrase(text: str, *, suspect_doubles: bool = False, recurring: bool = False) -> bool:
     """Whether a phrase of 2-6 words occurs 3 times in a row, or one word 5 times.
 
-    With `suspect_doubles`, a phrase of 3 or more words said twice in a row counts too, and so
-    does one of 4 or more said twice anywhere.
+    With `suspect_doubles`, a phrase of 3 or more words said twice in a row counts too; with
+    `recurring`, one of 4 or more said twice anywhere.
     """
     words = [w.strip(string.punctuation).lower() for w in text.split()]
-    if suspect_doubles and _recurs(words, _RECURRING_PHRASE_WORDS):
+    if recurring and _recurs(words, _RECURRING_PHRASE_WORDS):
         return True
     for size in range(1, _MAX_LOOP_WORDS + 1):
         needed = _SAME_WORD_REPEATS if size == 1 else _PHRASE_REPEATS
