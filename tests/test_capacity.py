@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 import trio
+import trio.testing
 from prometheus_client import CollectorRegistry
 from trio_websocket import ConnectionRejected, open_websocket_url
 
@@ -88,15 +89,15 @@ def test_a_backend_that_costs_nothing_sets_no_limit() -> None:
     assert model.capacity is None
 
 
-async def test_the_engine_calibrates_on_every_lane_and_refuses_past_capacity() -> None:
+async def test_the_engine_calibrates_on_every_lane_and_refuses_past_capacity(
+        mock_clock: trio.testing.MockClock) -> None:
     calls: list[tuple[str, int]] = []
 
     class Slow(MockBackend):  # type: ignore[misc]
         def transcribe(self, requests):  # type: ignore[no-untyped-def]
             calls.extend((r.kind, r.audio.size) for r in requests)
-            import time
-
-            time.sleep(0.02)  # a real cost, in a worker thread
+            # Every call costs 20 ms on the trio clock the engine times it with.
+            trio.from_thread.run_sync(mock_clock.jump, 0.02)
             return super().transcribe(requests)
 
     backend = Slow.from_directory()
