@@ -7,6 +7,7 @@ records what it is given and answers like the model. tests/gpu/ runs the real en
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from collections.abc import AsyncIterator
@@ -17,12 +18,13 @@ import numpy as np
 import pytest
 import trio
 
-from sttd.backends.base import Request
+from sttd.backends.base import BatchPartlyFailed, Request, Result
 from sttd.backends.qwen3 import (
     Qwen3Backend,
     Qwen3Options,
     _EngineLoop,
     build_prompt,
+    engine_arguments,
     max_new_tokens,
     parse_output,
 )
@@ -59,6 +61,20 @@ def test_a_forced_language_and_a_partials_prefix_go_in_the_assistant_turn() -> N
     assert build_prompt(partial).endswith("language German<asr_text>Guten Tag")
     # Without a language the model writes its language line first: no prefix can be forced.
     assert build_prompt(_request("partial", prefix="hello")) == f"{HEAD}{USER}"
+
+
+def test_auto_language_partials_force_the_language_their_prefix_was_detected_in() -> None:
+    partial = _request("partial", prefix="Guten Tag", prefix_language="de")
+    assert build_prompt(partial).endswith(f"{USER}language German<asr_text>Guten Tag")
+    result = parse_output(" alle zusammen", partial)
+    assert (result.text, result.language) == ("Guten Tag alle zusammen", "de")
+    # No prefix: nothing to force, the model detects. A language Qwen3-ASR does not name (a
+    # remote upstream's, say) is not forced either.
+    assert build_prompt(_request("partial", prefix_language="de")) == f"{HEAD}{USER}"
+    assert build_prompt(_request("partial", prefix="x", prefix_language="sw")) == f"{HEAD}{USER}"
+    # The session's own language wins over what was detected.
+    forced = _request("partial", language="en", prefix="hi", prefix_language="de")
+    assert build_prompt(forced).endswith("language English<asr_text>hi")
 
 
 def test_a_language_qwen_does_not_know_is_refused() -> None:
@@ -114,6 +130,10 @@ def test_runaway_repetition_is_collapsed() -> None:
 class FakeSamplingParams:
     temperature: float
     max_tokens: int
+    output_kind: Any
+
+
+FINAL_ONLY = object()  # stands for vllm.sampling_params.RequestOutputKind.FINAL_ONLY
 
 
 @attrs.define
@@ -139,6 +159,9 @@ class FakeEngine:
     fail: bool = False
     lock: threading.Lock = attrs.field(factory=threading.Lock)
     shut_down: bool = False
+    # AsyncLLM's dead-engine state.
+    errored: bool = False
+    dead_error: BaseException | None = None
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *,
                        priority: int = 0) -> AsyncIterator[FakeRequestOutput]:
@@ -170,7 +193,7 @@ def loop() -> Any:
 
 def _backend(engine: FakeEngine, loop: _EngineLoop) -> Qwen3Backend:
     return Qwen3Backend(engine, loop, Qwen3Options(max_tokens=512),
-                        sampling_params=FakeSamplingParams)
+                        sampling_params=FakeSamplingParams, final_only=FINAL_ONLY)
 
 
 def test_the_scheduler_may_run_eight_calls_at_once_and_close_stops_the_engine() -> None:
@@ -194,8 +217,18 @@ def test_each_request_reaches_the_engine_with_its_audio_prompt_and_priority(
     assert partial["prompt"]["prompt"] == f"{HEAD}Acme{USER}"
     audio = final["prompt"]["multi_modal_data"]["audio"]
     assert audio.dtype == np.float32 and audio.size == 8000  # 0.2 s padded to 0.5 s
-    assert final["params"] == FakeSamplingParams(0.0, 26)
+    # Only the last output is wanted: vLLM need not stream every token back.
+    assert final["params"] == FakeSamplingParams(0.0, 26, FINAL_ONLY)
     assert final["id"] != partial["id"]
+
+
+def test_file_pieces_rank_below_live_partials(loop: _EngineLoop) -> None:
+    engine = FakeEngine()
+    backend = _backend(engine, loop)
+    backend.transcribe([_request(origin="file"), _request("partial"), _request()])
+    priorities = {call["id"].split("-")[1] + "-" + call["id"].split("-")[2]: call["priority"]
+                  for call in engine.calls}
+    assert priorities == {"live-final": 0, "live-partial": 1, "file-final": 2}
 
 
 def test_requests_from_concurrent_calls_are_in_flight_together(loop: _EngineLoop) -> None:
@@ -244,32 +277,112 @@ async def test_sttd_serve_on_qwen3_without_vllm_exits_with_one_clear_error() -> 
 
 @attrs.define
 class FinalFailsEngine(FakeEngine):
-    """Fails finals at once; partials run for `delay_s` unless cancelled (which is recorded)."""
-
-    cancelled: list[str] = attrs.field(factory=list)
-    both_cancelled: threading.Event = attrs.field(factory=threading.Event)
+    """Fails finals at once (priority 0); other requests answer as FakeEngine does."""
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *,
                        priority: int = 0) -> AsyncIterator[FakeRequestOutput]:
         if priority == 0:
-            raise RuntimeError("CUDA error: out of memory")
-        try:
-            async for output in super().generate(prompt, sampling_params, request_id,
-                                                 priority=priority):
-                yield output
-        except BaseException:
-            self.cancelled.append(request_id)
-            if len(self.cancelled) == 2:
-                self.both_cancelled.set()
-            raise
+            raise ValueError("the prompt (5000 tokens) is longer than max_model_len (4096)")
+        async for output in super().generate(prompt, sampling_params, request_id,
+                                             priority=priority):
+            yield output
 
 
-def test_when_one_request_fails_the_others_are_cancelled_not_decoded_for_nobody(
-        loop: _EngineLoop) -> None:
-    engine = FinalFailsEngine(delay_s=30.0)
+def test_a_failed_request_fails_only_itself_not_its_batch_mates(loop: _EngineLoop) -> None:
+    engine = FinalFailsEngine(delay_s=0.05)
     backend = _backend(engine, loop)
-    with pytest.raises(BackendError, match="out of memory"):
+    with pytest.raises(BatchPartlyFailed) as raised:
         backend.transcribe([_request("partial"), _request(), _request("partial")])
-    # Both partials' generators end long before their 30 s: vLLM would abort them.
-    assert engine.both_cancelled.wait(timeout=10)
-    assert len(engine.cancelled) == 2
+    first, failed, third = raised.value.outcomes
+    assert isinstance(failed, BackendError) and "max_model_len" in str(failed)
+    assert first == third == Result("hello there", language="en")
+    assert len(engine.calls) == 2  # the partials were decoded, not cancelled
+    # Alone, the failure is the call's.
+    with pytest.raises(BackendError, match="max_model_len"):
+        backend.transcribe([_request()])
+
+
+def test_a_dead_engine_shows_on_health_and_fails_calls_at_once(loop: _EngineLoop) -> None:
+    engine = FakeEngine()
+    backend = _backend(engine, loop)
+    assert backend.degraded() is None
+    engine.errored, engine.dead_error = True, RuntimeError("EngineCore encountered an issue")
+    assert backend.degraded() == "the vLLM engine has died (EngineCore encountered an issue)"
+    with pytest.raises(BackendError, match="has died"):
+        backend.transcribe([_request(), _request()])
+    assert engine.calls == []
+
+
+# --- start-up, with vLLM's modules faked ------------------------------------------------------
+
+
+ALL_ARGS = {"model", "gpu_memory_utilization", "dtype", "max_model_len", "max_num_seqs",
+            "max_num_batched_tokens", "limit_mm_per_prompt", "scheduling_policy"}
+
+
+def test_engine_arguments_hold_every_lane_and_turn_request_logging_off() -> None:
+    options = Qwen3Options(max_batch=16, lanes=8)
+    args = engine_arguments(options, ALL_ARGS | {"enable_log_requests"})
+    assert args["max_num_seqs"] == 128 == options.max_num_seqs
+    assert (args["scheduling_policy"], args["limit_mm_per_prompt"]) == ("priority", {"audio": 1})
+    assert args["max_model_len"] == 4096 and args["enable_log_requests"] is False
+    older = engine_arguments(options, ALL_ARGS | {"disable_log_requests"})
+    assert older["disable_log_requests"] is True and "enable_log_requests" not in older
+
+
+def test_a_vllm_without_a_required_engine_argument_stops_start_up() -> None:
+    for name in ("scheduling_policy", "limit_mm_per_prompt", "max_num_batched_tokens",
+                 "max_model_len"):
+        with pytest.raises(ConfigError, match=name):
+            engine_arguments(Qwen3Options(), ALL_ARGS - {name})
+
+
+def _fake_vllm(monkeypatch: pytest.MonkeyPatch, fields: set[str]) -> list[Any]:
+    """vLLM and torch modules just deep enough for `Qwen3Backend.load`; returns the list the
+    engine arguments it is started with are put in."""
+    import dataclasses
+    import types
+
+    started: list[Any] = []
+    engine_args = dataclasses.make_dataclass(
+        "AsyncEngineArgs", [(name, Any, dataclasses.field(default=None)) for name in fields])
+
+    class AsyncLLM:
+        @staticmethod
+        def from_engine_args(args: Any) -> FakeEngine:
+            started.append((args, os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")))
+            return FakeEngine()
+
+    modules = {
+        "vllm": types.SimpleNamespace(SamplingParams=FakeSamplingParams),
+        "vllm.sampling_params": types.SimpleNamespace(
+            RequestOutputKind=types.SimpleNamespace(FINAL_ONLY=FINAL_ONLY)),
+        "vllm.engine.arg_utils": types.SimpleNamespace(AsyncEngineArgs=engine_args),
+        "vllm.v1.engine.async_llm": types.SimpleNamespace(AsyncLLM=AsyncLLM),
+        "torch": types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: True)),
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    return started
+
+
+def test_start_up_uses_spawned_workers_and_the_checked_arguments(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    started = _fake_vllm(monkeypatch, ALL_ARGS | {"enable_log_requests"})
+    backend = Qwen3Backend.load(Qwen3Options(max_batch=4, lanes=2))
+    try:
+        [(args, method)] = started
+        assert method == "spawn"  # set before the engine started
+        assert (args.scheduling_policy, args.max_num_seqs) == ("priority", 8)
+        assert backend.transcribe([_request()])[0].text == "hello there"
+    finally:
+        backend.close()
+
+
+def test_start_up_with_a_vllm_lacking_priority_scheduling_fails_loudly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    started = _fake_vllm(monkeypatch, ALL_ARGS - {"scheduling_policy"})
+    with pytest.raises(ConfigError, match="scheduling_policy"):
+        Qwen3Backend.load(Qwen3Options())
+    assert started == []

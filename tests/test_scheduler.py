@@ -15,7 +15,7 @@ import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
-from sttd.backends.base import ASRBackend, Request, Result
+from sttd.backends.base import ASRBackend, BatchPartlyFailed, Request, Result
 from sttd.engine import Engine, LiveStreams, Priority, Scheduler, SchedulerConfig
 from sttd.errors import BackendError, InferenceTimeout
 from sttd.metrics import Metrics
@@ -31,6 +31,7 @@ class FakeRunner:
     batches: list[list[str]] = attrs.field(factory=list)
     starts: list[float] = attrs.field(factory=list)
     poison: str | None = None  # fails the call it is in, as a backend would
+    lone: str | None = None  # fails alone, its batch-mates answered (BatchPartlyFailed)
     bug: str | None = None  # breaks the runner itself (not a BackendError)
     short: bool = False  # returns one result too few
 
@@ -43,6 +44,9 @@ class FakeRunner:
             raise BackendError(f"{self.poison} broke the model")
         if self.bug in labels:
             raise RuntimeError(f"{self.bug} found a bug")
+        if self.lone in labels and len(labels) > 1:
+            raise BatchPartlyFailed([BackendError(f"{label} alone failed") if label == self.lone
+                                     else Result(text=label) for label in labels])
         return [Result(text=label) for label in labels][: -1 if self.short else None]
 
 
@@ -172,6 +176,20 @@ async def test_a_failing_request_fails_only_itself(
     first, *singles = harness.runner.batches
     assert sorted(first) == ["a", "bad", "c"]
     assert sorted(singles) == [["a"], ["bad"], ["c"]]
+    assert _count(harness.metrics, "final", "failed") == 1
+    assert _count(harness.metrics, "final", "ok") == 2
+
+
+async def test_a_backend_that_tells_which_request_failed_is_not_retried(
+        harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    harness.runner.lone = "bad"
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for label in ("a", "bad", "c"):
+                nursery.start_soon(harness.submit, label)
+    assert (harness.results["a"], harness.results["c"]) == ("a", "c")
+    assert str(harness.results["bad"]) == "bad alone failed"
+    assert len(harness.runner.batches) == 1  # each request had its outcome: no second call
     assert _count(harness.metrics, "final", "failed") == 1
     assert _count(harness.metrics, "final", "ok") == 2
 

@@ -123,6 +123,26 @@ def test_the_stable_prefix_is_forced_on_later_partials_and_reset_by_the_final() 
     assert next_partial is not None and next_partial.request.prefix == ""
 
 
+def test_an_auto_language_partial_names_the_language_its_prefix_was_detected_in() -> None:
+    c = core()  # language auto
+    requests = []
+    for index, text in enumerate(["hallo", "hallo zusammen", "hallo zusammen heute", "x"]):
+        c.feed(AudioFrame(LOUD[:8000], index / 2))
+        partial = c.take_partial()
+        assert partial is not None
+        requests.append(partial.request)
+        c.decoded(partial, Result(text, language="de"))
+    assert [(r.prefix, r.prefix_language) for r in requests] == [
+        ("", None), ("", None), ("", None), ("hallo", "de")]
+    assert all(r.language is None for r in requests)
+    [final] = decodes(c.feed(AudioFrame(QUIET, 3.0)))
+    assert (final.request.prefix, final.request.prefix_language) == ("", None)
+    c.decoded(final, Result("hallo zusammen heute", language="de"))
+    c.feed(AudioFrame(LOUD, 4.0))
+    fresh = c.take_partial()  # a new utterance detects afresh
+    assert fresh is not None and fresh.request.prefix_language is None
+
+
 def test_utterance_end_follows_its_final_even_when_the_final_is_late() -> None:
     c = core(utterance_end_ms=1000)
     first = decodes(c.feed(AudioFrame(LOUD, 0.0)) + c.feed(AudioFrame(QUIET, 1.0)))[0]

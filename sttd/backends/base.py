@@ -3,6 +3,11 @@
 A backend subclasses `ASRBackend` explicitly: it must give `name`, `check_language` and
 `transcribe`, and inherits the optional capabilities (`preferred_lanes`, `degraded`, `close`)
 where it has nothing to add.
+
+A batched call either succeeds for every request, or fails as a whole with `BackendError`, or,
+where the backend sends each request on its own (vLLM, a fleet), fails for some requests only:
+it then raises `BatchPartlyFailed` with each request's outcome, so a request that fails fails
+only itself and its batch-mates keep their results.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import numpy as np
 import numpy.typing as npt
 
 from sttd.audio import SAMPLE_RATE_HZ
+from sttd.errors import BackendError
 
-__all__ = ["ASRBackend", "RecognisedWord", "Request", "Result"]
+__all__ = ["ASRBackend", "BatchPartlyFailed", "RecognisedWord", "Request", "Result"]
 
 
 @attrs.frozen
@@ -31,6 +37,12 @@ class Request:
     # Text the transcript must start with (words already shown to the client as stable);
     # backends that cannot force a prefix ignore it.
     prefix: str = ""
+    # Where `language` is None (detected): the language the `prefix` was detected in, if
+    # known, so a backend that must name the language before forcing text can still force it.
+    prefix_language: str | None = None
+    # A piece of an uploaded file rather than a live stream's: backends that order their own
+    # queue (vLLM's priority scheduling) put it below live finals and partials.
+    origin: Literal["live", "file"] = "live"
 
     @property
     def duration_s(self) -> float:
@@ -58,6 +70,17 @@ class Result:
     confidence: float | None = None
 
 
+class BatchPartlyFailed(BackendError):
+    """Some requests of a batched call failed on their own; `outcomes` holds, for each request
+    in order, its `Result` or the `BackendError` it alone failed with."""
+
+    def __init__(self, outcomes: Sequence[Result | BackendError]) -> None:
+        self.outcomes = tuple(outcomes)
+        failed = [o for o in self.outcomes if isinstance(o, BackendError)]
+        super().__init__(f"{len(failed)} of {len(self.outcomes)} requests failed"
+                         + (f"; the first: {failed[0]}" if failed else ""))
+
+
 class ASRBackend(Protocol):
     """A speech recogniser. `transcribe` blocks: callers run it in a worker thread.
 
@@ -83,7 +106,8 @@ class ASRBackend(Protocol):
     def transcribe(self, requests: Sequence[Request]) -> list[Result]:
         """Transcribe each request; one result per request, in order.
 
-        Raises `BackendError` when the whole call failed.
+        Raises `BackendError` when the whole call failed, and `BatchPartlyFailed` when only
+        some requests did (each with its own error).
         """
         ...
 

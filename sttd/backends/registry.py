@@ -73,6 +73,7 @@ def load_backend(settings: Settings) -> ASRBackend:
     if name == "qwen3":
         from sttd.backends.qwen3 import Qwen3Backend, Qwen3Options
 
+        lanes, _ = resolve_lanes(settings, Qwen3Backend.preferred_lanes)
         return Qwen3Backend.load(Qwen3Options(
             model=settings.vllm_model,
             gpu_memory=settings.vllm_gpu_memory,
@@ -80,6 +81,7 @@ def load_backend(settings: Settings) -> ASRBackend:
             max_batch=settings.max_inference_batch_size,
             dtype=settings.vllm_dtype,
             max_model_len=settings.vllm_max_model_len,
+            lanes=lanes,
         ))
     raise ConfigError(
         f"STT_BACKEND={name} is not available; use one of: auto, whisper, qwen3, remote, mock")

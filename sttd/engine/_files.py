@@ -185,7 +185,8 @@ async def _transcribe_batch(
     engine: Engine, jobs: list[Utterance], *, language: str | None, hotwords: tuple[str, ...]
 ) -> list[FileSegment]:
     """Transcribe `jobs` in one engine call; the pieces that have text."""
-    requests = [Request(pcm16_to_float32(job.audio), "final", language, hotwords) for job in jobs]
+    requests = [Request(pcm16_to_float32(job.audio), "final", language, hotwords, origin="file")
+                for job in jobs]
     results = await engine.transcribe_batch(requests)
     segments = []
     for job, result in zip(jobs, results, strict=True):

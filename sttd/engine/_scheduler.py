@@ -26,7 +26,8 @@ it takes them in is the policy:
 * first come, first served inside a class; a session keeps at most one partial queued (it
   withdraws a stale one by cancelling its wait), so no session can crowd out the others;
 * a batch that fails with `BackendError` is retried one request at a time, so a request that
-  breaks the backend fails only its own session;
+  breaks the backend fails only its own session; a backend that knows which requests failed
+  says so (`BatchPartlyFailed`), and then each request gets its own outcome without a retry;
 * any other exception in a lane (a bug in the batch runner, the metrics, the cost bookkeeping)
   is logged and fails the requests of that batch still waiting, each with a `BackendError`
   saying the scheduler failed; the other lanes and `run` go on. Cancellation is never caught;
@@ -52,7 +53,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 import attrs
 import trio
 
-from sttd.backends.base import Request, Result
+from sttd.backends.base import BatchPartlyFailed, Request, Result
 from sttd.errors import BackendError, InferenceTimeout
 from sttd.metrics import Metrics
 from sttd.settings import Settings
@@ -366,6 +367,18 @@ class Scheduler:
         try:
             results = await self.run_batch([pending.request for pending in batch])
             self._learn_cost(batch[0].priority, (trio.current_time() - started) / len(batch))
+        except BatchPartlyFailed as exc:
+            # The backend told each request's outcome: a failure fails only its own request.
+            if len(exc.outcomes) != len(batch):
+                raise BackendError(f"the backend gave {len(exc.outcomes)} outcomes for "
+                                   f"{len(batch)} requests") from exc
+            log.warning("scheduler.batch_partly_failed size=%d: %s", len(batch), exc)
+            for pending, outcome in list(zip(batch, exc.outcomes, strict=True)):
+                if isinstance(outcome, BackendError):
+                    self._finish(pending, None, outcome)
+                else:
+                    self._finish(pending, outcome, None)
+            return
         except BackendError as exc:
             if len(batch) == 1:
                 self._finish(batch[0], None, exc)

@@ -148,6 +148,9 @@ class SessionCore:
     options: SessionOptions
     outcome: SessionOutcome = attrs.field(init=False, default="client_gone")
     _stabilizer: PartialStabilizer = attrs.field(init=False, factory=PartialStabilizer)
+    # The language the current utterance's partials were detected in (auto-language sessions):
+    # the stable prefix a partial forces is in it.
+    _partial_language: str | None = attrs.field(init=False, default=None)
     _slots: collections.deque[_Slot] = attrs.field(init=False, factory=collections.deque)
     # The highest utterance id whose final was requested: its partials are stale.
     _finalized: int = attrs.field(init=False, default=-1)
@@ -212,7 +215,9 @@ class SessionCore:
         utterance = self.tracker.take_partial()
         if utterance is None:
             return None
-        return Decode(utterance, self._request(utterance, prefix=self._stabilizer.stable_text))
+        prefix = self._stabilizer.stable_text
+        return Decode(utterance, self._request(
+            utterance, prefix=prefix, prefix_language=self._partial_language if prefix else None))
 
     def decoded(self, decode: Decode, result: Result, *, backlog_ms: int = 0
                 ) -> list[SessionEvent]:
@@ -223,6 +228,8 @@ class SessionCore:
         utterance = decode.utterance
         text = result.text.strip()
         if utterance.kind == "partial":
+            if utterance.utterance_id > self._finalized and result.language:
+                self._partial_language = result.language
             return self._partial(utterance, text)
         event: Final | None = None
         if text or decode.forced:
@@ -249,10 +256,11 @@ class SessionCore:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _request(self, utterance: Utterance, *, prefix: str = "") -> Request:
+    def _request(self, utterance: Utterance, *, prefix: str = "",
+                 prefix_language: str | None = None) -> Request:
         return Request(audio=pcm16_to_float32(utterance.audio), kind=utterance.kind,
                        language=self.options.language, hotwords=self.options.hotwords,
-                       prefix=prefix)
+                       prefix=prefix, prefix_language=prefix_language)
 
     def _final(self, utterance: Utterance, ended_at: float, cause: FinalCause, *,
                forced: bool = False) -> Decode:
@@ -260,6 +268,7 @@ class SessionCore:
         # about the next one.
         self._finalized = utterance.utterance_id
         self._stabilizer.reset()
+        self._partial_language = None
         decode = Decode(utterance, self._request(utterance), ended_at=ended_at, cause=cause,
                         forced=forced)
         self._slots.append(_Slot(decode=decode))
