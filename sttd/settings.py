@@ -18,6 +18,7 @@ from sttd.errors import ConfigError
 __all__ = ["BACKENDS", "Settings"]
 
 BACKENDS = ("auto", "mock", "whisper", "qwen3", "remote")
+REMOTE_APIS = ("transcriptions", "chat")
 VADS = ("energy", "silero")
 _WHISPER_DEVICES = ("auto", "cpu", "cuda")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -174,6 +175,9 @@ class Settings:
     remote_timeout_s: float = attrs.field(default=10.0, validator=_positive)
     remote_retries: int = attrs.field(default=2, validator=_non_negative)
     remote_eject_s: float = attrs.field(default=5.0, validator=_positive)
+    # The route: "transcriptions" (OpenAI's /audio/transcriptions, any compatible server) or
+    # "chat" (vLLM serving Qwen3-ASR: /chat/completions with the model's own prompt).
+    remote_api: str = attrs.field(default="transcriptions", validator=_one_of(REMOTE_APIS))
     log_level: str = attrs.field(default="INFO", validator=_one_of(_LOG_LEVELS))
     log_format: str = attrs.field(default="text", validator=_one_of(_LOG_FORMATS))
     # Directory of mock fixtures (``refs.tsv`` + WAVs); empty means the packaged references/.

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from sttd.backends import load_backend
-from sttd.backends.base import Request, Result
+from sttd.backends.base import BatchPartlyFailed, Request, Result
 from sttd.backends.remote import RemoteBackend, RemoteOptions, UpstreamPool, parse_urls
-from sttd.errors import BackendError, ConfigError
+from sttd.errors import BackendError, ConfigError, UnsupportedLanguage
 from sttd.settings import Settings
 
 A, B, C = "http://a/v1", "http://b/v1", "http://c/v1"
@@ -67,13 +67,13 @@ def test_pool_prefers_fewest_outstanding_and_takes_turns_on_ties() -> None:
     second = pool.acquire()
     third = pool.acquire()
     assert {first.url, second.url, third.url} == {A, B, C}  # each busy once
-    pool.release(second, ok=True)
+    pool.release(second, "ok")
     assert pool.acquire() is second  # the only one with nothing outstanding
     turns = set()
     for _ in range(3):
         upstream = pool.acquire()
         turns.add(upstream.url)
-        pool.release(upstream, ok=True)
+        pool.release(upstream, "ok")
     assert turns == {A, B, C}
 
 
@@ -84,16 +84,16 @@ def test_a_failure_ejects_with_doubling_pauses_and_a_success_restores() -> None:
     for expected in (5.0, 10.0, 20.0, 40.0, 60.0, 60.0):
         clock.now = max(clock.now, a.ejected_until)  # due again: the probe fails
         a.outstanding += 1
-        pool.release(a, ok=False, started_at=clock.now)
+        pool.release(a, "failed", started_at=clock.now)
         assert a.ejected_until == clock.now + expected
     for _ in range(4):
         upstream = pool.acquire()
         assert upstream.url == B  # `a` is out
-        pool.release(upstream, ok=True)
+        pool.release(upstream, "ok")
     clock.now = a.ejected_until
     assert not pool.all_ejected()
     a.outstanding += 1
-    pool.release(a, ok=True, started_at=clock.now)
+    pool.release(a, "ok", started_at=clock.now)
     assert (a.failures, a.ejected_until) == (0, 0.0)
 
 
@@ -105,15 +105,15 @@ def test_requests_failing_together_count_once_and_late_successes_do_not_restore(
     a.outstanding = 10
     clock.now += 1.0  # they fail a second later
     for _ in range(8):  # ten requests in flight when the upstream blinks
-        pool.release(a, ok=False, started_at=sent_at)
+        pool.release(a, "failed", started_at=sent_at)
     assert (a.failures, a.ejected_until) == (1, clock.now + 5.0)
     # Two sent before the ejection come back fine: they say nothing of the upstream now.
-    pool.release(a, ok=True, started_at=sent_at)
-    pool.release(a, ok=True, started_at=sent_at)
+    pool.release(a, "ok", started_at=sent_at)
+    pool.release(a, "ok", started_at=sent_at)
     assert (a.failures, a.ejected_until, a.outstanding) == (1, clock.now + 5.0, 0)
     clock.now += 5.0
     a.outstanding += 1
-    pool.release(a, ok=True, started_at=clock.now)  # the probe after the pause succeeds
+    pool.release(a, "ok", started_at=clock.now)  # the probe after the pause succeeds
     assert (a.failures, a.ejected_until) == (0, 0.0)
 
 
@@ -122,11 +122,11 @@ def test_with_every_upstream_ejected_the_one_due_first_is_tried() -> None:
     pool = UpstreamPool.of([A, B], eject_s=5.0, clock=clock)
     a, b = pool.upstreams
     b.outstanding = 2
-    pool.release(b, ok=False)  # b: first failure, out for 5 s
+    pool.release(b, "failed")  # b: first failure, out for 5 s
     clock.now += 5.0
-    pool.release(b, ok=False)  # due again and failed again: 10 s
+    pool.release(b, "failed")  # due again and failed again: 10 s
     a.outstanding = 1
-    pool.release(a, ok=False)  # a: first failure, 5 s
+    pool.release(a, "failed")  # a: first failure, 5 s
     assert pool.all_ejected()
     assert pool.acquire().url == A
     assert pool.acquire(frozenset({A})).url == B  # avoided, if anything else is left
@@ -268,3 +268,184 @@ def test_malformed_answers_are_failures_not_crashes() -> None:
     backend, _ = _backend(handler, A, B, C, retries=2)
     assert backend.transcribe([_request()])[0].text == "fine"
     assert sum(u.failures for u in backend.pool.upstreams) == 2
+
+
+# --- what each upstream can do, and what its refusals mean ------------------------------------
+
+
+def _vllm_refusal(message: str, status: int = 400, err_type: str = "BadRequestError",
+                  param: str | None = None) -> httpx.Response:
+    """An error answer as vLLM's OpenAI server gives it (its ErrorResponse)."""
+    return httpx.Response(status, json={"error": {"message": message, "type": err_type,
+                                                  "param": param, "code": status}})
+
+
+def test_verbose_json_refused_once_per_upstream_then_json_is_asked_for() -> None:
+    formats: list[tuple[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        form = _form(request)
+        formats.append((str(request.url.host), form["response_format"][0]))
+        if request.url.host == "a" and form["response_format"] == ["verbose_json"]:
+            return _vllm_refusal("Currently do not support verbose_json for m")
+        return _answer("ok")
+
+    backend, _ = _backend(handler, A, B)
+    for _ in range(3):
+        assert [r.text for r in backend.transcribe([_request(), _request()])] == ["ok", "ok"]
+    on_a = [f for host, f in formats if host == "a"]
+    assert on_a.count("verbose_json") == 1 and on_a.count("json") >= 2
+    assert {f for host, f in formats if host == "b"} == {"verbose_json"}  # b can: it keeps it
+    assert all(u.failures == 0 for u in backend.pool.upstreams)
+    assert backend.degraded() is None
+
+
+def test_a_json_answer_carries_no_word_times_and_asks_for_none() -> None:
+    forms: list[dict[str, list[str]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        forms.append(_form(request))
+        if _form(request)["response_format"] == ["verbose_json"]:
+            return _vllm_refusal("Currently do not support verbose_json for m")
+        return httpx.Response(200, json={"text": " hi", "usage": {"type": "duration",
+                                                                  "seconds": 1}})
+
+    backend, _ = _backend(handler, A)
+    [result] = backend.transcribe([_request(language="de", hotwords=("Acme",))])
+    assert result == Result("hi")
+    assert forms[-1] == {"model": ["m"], "response_format": ["json"], "language": ["de"],
+                         "prompt": ["Acme"]}
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_an_upstream_that_can_never_serve_is_ejected_and_another_tried(status: int) -> None:
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(str(request.url.host))
+        if request.url.host == "a":
+            return _vllm_refusal("The model `m` does not exist. Valid aliases: x.", status,
+                                 "NotFoundError", "model")
+        return _answer()
+
+    backend, _ = _backend(handler, A, B)
+    assert [r.text for r in backend.transcribe([_request() for _ in range(4)])] == [
+        "hello world"] * 4
+    a = next(u for u in backend.pool.upstreams if u.url == A)
+    assert a.failures == 1 and calls.count("a") == 1
+
+
+def test_requests_refused_for_themselves_do_not_eject_but_degrade_health_when_all_fail() -> None:
+    refusing = True
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if refusing:
+            return _vllm_refusal("Unsupported language: 'xh'.  Must be one of ['zh', 'en'].")
+        return _answer()
+
+    backend, _ = _backend(handler, A)
+    for count in range(1, 6):
+        with pytest.raises(BackendError, match="Unsupported language"):
+            backend.transcribe([_request(language="xh")])
+        assert not backend.pool.all_ejected()
+        assert (backend.degraded() is None) == (count < 5)
+    assert "the last 5 requests" in (backend.degraded() or "")
+    refusing = False
+    backend.transcribe([_request()])  # one success: the line works again
+    assert backend.degraded() is None
+
+
+def test_older_vllms_flat_error_body_is_read_too() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"object": "error", "message": "Invalid or unsupported "
+                                         "audio file.", "type": "BadRequestError", "code": 400})
+
+    backend, _ = _backend(handler, A)
+    with pytest.raises(BackendError, match=r"HTTP 400: Invalid or unsupported audio file\.$"):
+        backend.transcribe([_request()])
+
+
+def test_one_failed_request_fails_only_itself() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if _form(request).get("language") == ["xh"]:
+            return _vllm_refusal("Unsupported language: 'xh'.")
+        return _answer()
+
+    backend, _ = _backend(handler, A)
+    with pytest.raises(BatchPartlyFailed) as raised:
+        backend.transcribe([_request(), _request(language="xh"), _request()])
+    first, failed, third = raised.value.outcomes
+    assert first == third == Result("hello world")
+    assert isinstance(failed, BackendError) and "xh" in str(failed)
+
+
+def test_an_ejected_upstream_due_again_gets_one_probe_not_every_request() -> None:
+    clock = Clock()
+    pool = UpstreamPool.of([A, B], eject_s=5.0, clock=clock)
+    a, b = pool.upstreams
+    a.outstanding = 1
+    pool.release(a, "failed", started_at=clock.now)
+    clock.now += 5.0  # a is due
+    chosen = [pool.acquire() for _ in range(6)]  # six requests at once
+    assert [u.url for u in chosen].count(A) == 1  # the probe; the rest went to b
+    probe = next(u for u in chosen if u.url == A)
+    for upstream in chosen:
+        if upstream is not probe:
+            pool.release(upstream, "ok", started_at=clock.now)
+    assert pool.acquire().url == B  # the probe is still out: a takes nothing else
+    pool.release(b, "ok", started_at=clock.now)
+    pool.release(probe, "ok", started_at=clock.now)  # it worked: a is back in full
+    assert (a.failures, a.probing) == (0, False)
+    assert {pool.acquire().url for _ in range(4)} == {A, B}
+
+
+def test_a_failed_probe_ejects_for_longer_and_frees_the_next_probe() -> None:
+    clock = Clock()
+    pool = UpstreamPool.of([A, B], eject_s=5.0, clock=clock)
+    a, _ = pool.upstreams
+    a.outstanding = 1
+    pool.release(a, "failed", started_at=clock.now)
+    clock.now += 5.0
+    probe = next(u for u in (pool.acquire(), pool.acquire()) if u.url == A)
+    pool.release(probe, "failed", started_at=clock.now)
+    assert (a.failures, a.probing, a.ejected_until) == (2, False, clock.now + 10.0)
+
+
+# --- vLLM's chat route, with Qwen3-ASR's own prompt -------------------------------------------
+
+
+def test_the_chat_route_sends_qwens_prompt_and_reads_its_answer() -> None:
+    import base64
+    import json
+
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert str(request.url) == f"{A}/chat/completions"
+        body = json.loads(request.content)
+        bodies.append(body)
+        content = (" meters" if body.get("continue_final_message")
+                   else "language German<asr_text>Guten Tag")
+        return httpx.Response(200, json={"choices": [{"index": 0, "message": {
+            "role": "assistant", "content": content}, "finish_reason": "stop"}]})
+
+    backend, _ = _backend(handler, A, api="chat")
+    detected, forced = backend.transcribe([
+        _request(hotwords=("Acme", "Zyx")),
+        _request("partial", prefix="go forward ten", prefix_language="en")])
+    assert (detected.text, detected.language) == ("Guten Tag", "de")
+    assert (forced.text, forced.language) == ("go forward ten meters", "en")
+    first, second = bodies
+    assert first["messages"][0] == {"role": "system", "content": "Acme, Zyx"}
+    [part] = first["messages"][1]["content"]
+    assert part["type"] == "input_audio" and part["input_audio"]["format"] == "wav"
+    assert base64.b64decode(part["input_audio"]["data"])[:4] == b"RIFF"
+    assert len(first["messages"]) == 2 and "continue_final_message" not in first
+    assert (first["temperature"], first["max_tokens"]) == (0.0, 25)
+    assert second["messages"][2] == {"role": "assistant",
+                                     "content": "language English<asr_text>go forward ten"}
+    assert (second["continue_final_message"], second["add_generation_prompt"]) == (True, False)
+    # The prompt names the language: only Qwen3-ASR's languages can be asked for.
+    backend.check_language("de")
+    with pytest.raises(UnsupportedLanguage):
+        backend.check_language("xh")

@@ -52,8 +52,9 @@ from sttd.audio import SAMPLE_RATE_HZ
 from sttd.backends.base import ASRBackend, BatchPartlyFailed, Request, Result
 from sttd.errors import BackendError, ConfigError, UnsupportedLanguage
 
-__all__ = ["LANGUAGES", "Qwen3Backend", "Qwen3Options", "build_prompt", "engine_arguments",
-           "forced_language", "parse_output"]
+__all__ = ["LANGUAGES", "Qwen3Backend", "Qwen3Options", "assistant_start", "build_prompt",
+           "engine_arguments", "forced_language", "language_name", "max_new_tokens",
+           "parse_output", "prompt_context"]
 
 log = logging.getLogger(__name__)
 
@@ -165,21 +166,27 @@ def forced_language(request: Request) -> str | None:
     return None
 
 
+def prompt_context(request: Request) -> str:
+    """The system turn of `request`'s prompt: its hotwords, cleaned of control tokens."""
+    return _clean(", ".join(request.hotwords))
+
+
+def assistant_start(request: Request) -> str:
+    """What the assistant's turn begins with: ``language {Name}<asr_text>`` where the language
+    is forced, then the stable prefix of a partial (only after a language: without one, the
+    model must write its language line first); "" to let the model write it all."""
+    name = language_name(forced_language(request))
+    if name is None:
+        return ""
+    return f"language {name}{_ASR_TEXT}{_clean(request.prefix) if request.prefix else ''}"
+
+
 def build_prompt(request: Request) -> str:
     """The prompt for `request`: context (hotwords) in the system turn, a forced language and
     the stable prefix of a partial in the assistant's turn."""
-    context = _clean(", ".join(request.hotwords))
-    prompt = (f"<|im_start|>system\n{context}<|im_end|>\n"
-              f"<|im_start|>user\n{_AUDIO}<|im_end|>\n"
-              f"<|im_start|>assistant\n")
-    name = language_name(forced_language(request))
-    if name is not None:
-        prompt += f"language {name}{_ASR_TEXT}"
-        # The words a partial already showed as stable are forced (only after a language:
-        # without one, the model must write its language line first).
-        if request.prefix:
-            prompt += _clean(request.prefix)
-    return prompt
+    return (f"<|im_start|>system\n{prompt_context(request)}<|im_end|>\n"
+            f"<|im_start|>user\n{_AUDIO}<|im_end|>\n"
+            f"<|im_start|>assistant\n{assistant_start(request)}")
 
 
 def max_new_tokens(request: Request, ceiling: int) -> int:

@@ -66,6 +66,7 @@ def load_backend(settings: Settings) -> ASRBackend:
             timeout_s=settings.remote_timeout_s,
             retries=settings.remote_retries,
             eject_s=settings.remote_eject_s,
+            api="chat" if settings.remote_api == "chat" else "transcriptions",
             # Every request of every batch in flight goes out at once, and the engine runs up to
             # `lanes` batches at once.
             max_connections=max(64, settings.max_inference_batch_size * lanes),

@@ -4,19 +4,37 @@ The way past one machine: a fleet of vLLM servers running Qwen3-ASR, speaches, o
 instances does the recognising, and this process keeps the sessions, the VAD and the protocol.
 
 Theory of operation. Every request of a batch is sent at once, each on its own worker thread,
-as a WAV file to ``POST {upstream}/audio/transcriptions`` over one pooled `httpx.Client`. An
-`UpstreamPool` picks the upstream with the fewest requests outstanding (ties in turn). An
-attempt that fails in a way worth retrying (no connection, a timeout, a 5xx, 408 or 429) marks
-its upstream failed and is retried, after a short jittered backoff, on another upstream while
-`retries` allow; transcribing is idempotent, so a retry can only cost time. A failed upstream is
-ejected (not chosen) for `eject_s`, doubled for each further failure in a row up to 60 s; when
-it is due, the next request probes it, and one success restores it. While every upstream is
-ejected, the one due soonest is tried anyway rather than failing at once. Other 4xx answers
-(bad audio, unknown model) are not retried: they fail the call with the upstream's message.
+over one pooled `httpx.Client`, by one of two routes (STT_REMOTE_API):
+
+* ``transcriptions`` (the default; any OpenAI-compatible server: sttd, speaches, vLLM): the
+  audio as a WAV file to ``POST {upstream}/audio/transcriptions``, the hotwords as ``prompt``
+  and a forced language as ``language``. ``verbose_json`` is asked for (word times for finals,
+  the detected language); an upstream that answers vLLM's 400 "Currently do not support
+  verbose_json for ..." (vLLM does for models without segment timestamps, Qwen3-ASR among
+  them) is asked for plain ``json`` from then on, which carries the text only;
+* ``chat`` (vLLM serving Qwen3-ASR): ``POST {upstream}/chat/completions`` with the audio as an
+  ``input_audio`` part and the qwen3 backend's own prompt (`qwen3.build_prompt`): the hotwords
+  as the system turn, a forced language and a partial's stable prefix begun as the assistant's
+  turn, which the model continues (``continue_final_message``). The raw answer is read by the
+  qwen3 backend's parser, so the detected language comes back too.
+
+An `UpstreamPool` picks the upstream with the fewest requests outstanding (ties in turn). An
+attempt that fails because of its upstream (no connection, a timeout, a 5xx, 408 or 429, an
+answer of the wrong shape, or a 401, 403, 404 or 405: a wrong key or model, which no retry on
+the same upstream mends) marks it failed and is retried, after a short jittered backoff, on
+another upstream while `retries` allow; transcribing is idempotent, so a retry can only cost
+time. A failed upstream is ejected (not chosen) for `eject_s`, doubled for each further
+failure in a row up to 60 s; when it is due, one request probes it while the others keep
+away, and a success restores it. While every upstream is ejected, the one due soonest is tried
+anyway rather than failing at once. Any other 4xx refuses the request itself (a language the
+model does not know, audio it cannot read): it fails that request only, is not retried, and
+counts neither for nor against the upstream. `degraded` (for /health) says so while every
+upstream is ejected, or once the last few requests have all failed, whatever the reason.
 """
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import logging
 import math
@@ -24,14 +42,21 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import attrs
 import httpx
 
 from sttd.audio import encode_wav
-from sttd.backends.base import ASRBackend, Request, Result, RecognisedWord
+from sttd.backends.base import ASRBackend, BatchPartlyFailed, RecognisedWord, Request, Result
+from sttd.backends.qwen3 import (
+    assistant_start,
+    language_name,
+    max_new_tokens,
+    parse_output,
+    prompt_context,
+)
 from sttd.errors import BackendError, ConfigError
 from sttd.api import language_code
 
@@ -42,6 +67,11 @@ log = logging.getLogger(__name__)
 _MAX_EJECT_S = 60.0
 _BACKOFF_S = 0.05  # first retry's wait; doubles per attempt, plus up to 50% jitter
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# Answers that say this upstream can never serve us (a wrong key, no such model or route):
+# it is ejected like a failing one, and the request goes to another.
+_UPSTREAM_STATUSES = frozenset({401, 403, 404, 405})
+# The qwen3 backend's ceiling on output tokens (STT_VLLM_MAX_TOKENS' default).
+_CHAT_MAX_TOKENS = 512
 _MAX_ERROR_CHARS = 300
 
 
@@ -69,6 +99,10 @@ class RemoteOptions:
     retries: int = 2
     eject_s: float = 5.0
     max_connections: int = 64
+    # "transcriptions": OpenAI's /audio/transcriptions (any OpenAI-compatible server: sttd,
+    # speaches, vLLM). "chat": vLLM's /chat/completions with Qwen3-ASR's own prompt, which also
+    # carries the language, a partial's stable prefix, and the detected language back.
+    api: Literal["transcriptions", "chat"] = "transcriptions"
 
 
 @attrs.define
@@ -80,7 +114,18 @@ class Upstream:
     failures: int = 0  # in a row
     ejected_until: float = 0.0
     ejected_at: float = -math.inf  # when the latest ejection began
+    probing: bool = False  # one request is testing it after its pause; the rest stay away
     model: str = ""  # learnt from /models when no model was configured
+    # Learnt from its answers: False once it refused verbose_json (vLLM does, for models
+    # without segment timestamps such as Qwen3-ASR), so plain json is asked for from then on.
+    verbose_json: bool = True
+
+
+# How a request to an upstream ended, for the pool: it worked; the upstream failed (eject it);
+# or the request was refused for itself, which says nothing of the upstream's health.
+Outcome = Literal["ok", "failed", "refused"]
+# Requests in a row failing, whatever the reason, after which /health says degraded.
+_DEGRADED_AFTER_FAILURES = 5
 
 
 @attrs.define
@@ -101,25 +146,30 @@ class UpstreamPool:
         """The upstream to send to now (counted outstanding until `release`).
 
         Healthy upstreams not in `avoid` first, fewest outstanding, ties in turn; then healthy
-        ones in `avoid`; with none healthy, the ejected one due back soonest.
+        ones in `avoid`; with none healthy, the ejected one due back soonest. An ejected
+        upstream whose pause is over takes one request, its probe, and no other until that
+        probe ends; only with nothing else to choose do others follow it.
         """
         with self._lock:
             now = self.clock()
             self._turn += 1
             count = len(self.upstreams)
             order = [self.upstreams[(self._turn + i) % count] for i in range(count)]
-            healthy = [u for u in order if u.ejected_until <= now]
+            healthy = [u for u in order if u.ejected_until <= now and not u.probing]
             fresh = [u for u in healthy if u.url not in avoid]
             if fresh or healthy:
                 chosen = min(fresh or healthy, key=lambda u: u.outstanding)
+                if chosen.failures:  # ejected before, due now: this request probes it
+                    chosen.probing = True
             else:
                 chosen = min(order, key=lambda u: (u.url in avoid, u.ejected_until))
             chosen.outstanding += 1
             return chosen
 
-    def release(self, upstream: Upstream, *, ok: bool, started_at: float | None = None) -> None:
-        """End a request to `upstream` sent at `started_at` (this pool's clock); a failure
-        ejects it, a success restores it.
+    def release(self, upstream: Upstream, outcome: Outcome = "ok", *,
+                started_at: float | None = None) -> None:
+        """End a request to `upstream` sent at `started_at` (this pool's clock): a failure
+        ejects it, a success restores it, a refusal of the request itself does neither.
 
         Requests in flight together fail together: while `upstream` is ejected, more failures
         do not lengthen its pause; and a success of a request sent before the latest ejection
@@ -127,8 +177,12 @@ class UpstreamPool:
         """
         with self._lock:
             upstream.outstanding -= 1
+            if upstream.probing and (started_at is None or started_at >= upstream.ejected_at):
+                upstream.probing = False  # the probe is back (or a request sent after it)
             now = self.clock()
-            if ok:
+            if outcome == "refused":
+                return
+            if outcome == "ok":
                 if started_at is not None and started_at < upstream.ejected_at:
                     return
                 if upstream.failures:
@@ -151,8 +205,26 @@ class UpstreamPool:
             return all(u.ejected_until > now for u in self.upstreams)
 
 
-class _Retryable(Exception):
-    """An attempt failed in a way another attempt may not."""
+@attrs.define
+class _FailureStreak:
+    """Requests in a row that failed (every attempt, whatever the reason), and the latest
+    reason: /health says degraded once every request has been failing. Thread-safe."""
+
+    count: int = 0
+    latest: str = ""
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
+
+    def record(self, error: str | None) -> None:
+        with self._lock:
+            if error is None:
+                self.count, self.latest = 0, ""
+            else:
+                self.count, self.latest = self.count + 1, error
+
+
+class _UpstreamFailed(Exception):
+    """An attempt failed because of the upstream (down, busy, broken, or unable ever to serve
+    this: wrong key, no such model or route): eject it, and try another."""
 
 
 class RemoteBackend(ASRBackend):
@@ -166,6 +238,7 @@ class RemoteBackend(ASRBackend):
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.options = options
         self.pool = UpstreamPool.of(options.urls, eject_s=options.eject_s)
+        self._streak = _FailureStreak()
         headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
         limits = httpx.Limits(max_connections=options.max_connections,
                               max_keepalive_connections=options.max_connections)
@@ -177,11 +250,19 @@ class RemoteBackend(ASRBackend):
         self._sleep = sleep
 
     def check_language(self, language: str | None) -> None:
-        return None  # the upstream decides, and says so in its answer
+        if self.options.api == "chat":
+            language_name(language)  # the prompt names it: it must be one Qwen3-ASR knows
+        # Otherwise the upstream decides, and says so in its answer.
 
     def degraded(self) -> str | None:
-        """Why /health should say degraded, or None."""
-        return "every remote upstream is failing" if self.pool.all_ejected() else None
+        """Why /health should say degraded, or None: every upstream is ejected, or the last
+        few requests all failed (an upstream that refuses every request stays in the pool)."""
+        if self.pool.all_ejected():
+            return "every remote upstream is failing"
+        count, latest = self._streak.count, self._streak.latest
+        if count >= _DEGRADED_AFTER_FAILURES:
+            return f"the last {count} requests to the remote upstreams failed; the latest: {latest}"
+        return None
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -191,15 +272,19 @@ class RemoteBackend(ASRBackend):
         if len(requests) == 1:
             return [self._transcribe_one(requests[0])]
         futures = [self._threads.submit(self._transcribe_one, r) for r in requests]
-        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        concurrent.futures.wait(futures)  # each request succeeds or fails on its own
+        outcomes: list[Result | BackendError] = []
         for future in futures:
-            error = future.exception() if future.done() and not future.cancelled() else None
-            if error is not None:
-                # The call fails: do not send what has not gone out yet.
-                for other in futures:
-                    other.cancel()
-                raise error
-        return [future.result() for future in futures]
+            error = future.exception()
+            if error is None:
+                outcomes.append(future.result())
+            elif isinstance(error, BackendError):
+                outcomes.append(error)
+            else:
+                raise error  # a bug here: the call fails
+        if any(isinstance(outcome, BackendError) for outcome in outcomes):
+            raise BatchPartlyFailed(outcomes)
+        return [outcome for outcome in outcomes if isinstance(outcome, Result)]
 
     def _transcribe_one(self, request: Request) -> Result:
         wav = encode_wav(request.audio)
@@ -212,68 +297,154 @@ class RemoteBackend(ASRBackend):
             upstream = self.pool.acquire(frozenset(tried))
             tried.add(upstream.url)
             try:
-                body = self._post(upstream, request, wav)
-                result = _parse_result(body)
-            except (ValueError, TypeError) as exc:  # an answer of the wrong shape
-                self.pool.release(upstream, ok=False, started_at=started_at)
-                errors.append(f"{upstream.url}: malformed answer: {exc}")
-                continue
-            except _Retryable as exc:
-                self.pool.release(upstream, ok=False, started_at=started_at)
+                result = self._attempt(upstream, request, wav)
+            except _UpstreamFailed as exc:
+                self.pool.release(upstream, "failed", started_at=started_at)
                 errors.append(f"{upstream.url}: {exc}")
                 continue
-            except BaseException:
-                # The upstream answered; the request is what was bad.
-                self.pool.release(upstream, ok=True, started_at=started_at)
+            except BaseException as exc:
+                # The upstream answered, and refused this request for itself (bad audio, a
+                # language it does not know): no other upstream would do better, and the
+                # upstream's health is unknown. Or this process broke (a bug, cancellation).
+                self.pool.release(upstream, "refused", started_at=started_at)
+                if isinstance(exc, BackendError):
+                    self._streak.record(str(exc))
                 raise
-            self.pool.release(upstream, ok=True, started_at=started_at)
+            self.pool.release(upstream, "ok", started_at=started_at)
+            self._streak.record(None)
             return result
-        raise BackendError(f"every attempt failed ({len(errors)}): " + "; ".join(errors))
+        message = f"every attempt failed ({len(errors)}): " + "; ".join(errors)
+        self._streak.record(message)
+        raise BackendError(message)
 
-    def _post(self, upstream: Upstream, request: Request, wav: bytes) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "model": self.options.model or upstream.model or self._learn_model(upstream),
-            "response_format": "verbose_json",
-        }
-        if request.kind == "final":
-            data["timestamp_granularities[]"] = ["segment", "word"]
-        if request.language:
-            data["language"] = request.language
-        if request.hotwords:
-            data["prompt"] = ", ".join(request.hotwords)
+    def _attempt(self, upstream: Upstream, request: Request, wav: bytes) -> Result:
+        """One request to `upstream`. Raises `_UpstreamFailed`, or `BackendError` when the
+        upstream refused the request itself."""
+        model = self.options.model or upstream.model or self._learn_model(upstream)
+        if self.options.api == "chat":
+            body = self._send(upstream, "chat/completions", json=chat_body(model, request, wav))
+            try:
+                return parse_output(chat_content(body), request)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                raise _UpstreamFailed(f"malformed answer: {exc!r}") from None
+        verbose = upstream.verbose_json
         try:
-            response = self._client.post(f"{upstream.url}/audio/transcriptions", data=data,
-                                         files={"file": ("audio.wav", wav, "audio/wav")})
+            body = self._send(upstream, "audio/transcriptions",
+                              data=_transcription_form(model, request, verbose=verbose),
+                              files={"file": ("audio.wav", wav, "audio/wav")})
+        except _VerboseJsonRefused:
+            if not verbose:
+                raise BackendError(f"upstream {upstream.url} refused json too") from None
+            # vLLM, for a model without segment timestamps: ask it for plain json from now on.
+            upstream.verbose_json = False
+            log.info("remote.upstream_without_verbose_json url=%s format=json", upstream.url)
+            body = self._send(upstream, "audio/transcriptions",
+                              data=_transcription_form(model, request, verbose=False),
+                              files={"file": ("audio.wav", wav, "audio/wav")})
+        if not isinstance(body.get("text"), str):
+            raise _UpstreamFailed(f"no 'text' in the answer: {str(body)[:_MAX_ERROR_CHARS]}")
+        try:
+            return _parse_result(body)
+        except (ValueError, TypeError) as exc:
+            raise _UpstreamFailed(f"malformed answer: {exc}") from None
+
+    def _send(self, upstream: Upstream, route: str, **kwargs: Any) -> dict[str, Any]:
+        """POST to `route` of `upstream`; its JSON object answer. Raises `_UpstreamFailed`,
+        `_VerboseJsonRefused`, or `BackendError` for a request refused for itself."""
+        try:
+            response = self._client.post(f"{upstream.url}/{route}", **kwargs)
         except httpx.TransportError as exc:  # connect, read, write, pool timeouts and errors
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
-        if response.status_code in _RETRY_STATUSES:
-            raise _Retryable(f"HTTP {response.status_code}: {response.text[:_MAX_ERROR_CHARS]}")
-        if response.status_code != 200:
-            raise BackendError(f"upstream {upstream.url} refused the request: HTTP "
-                               f"{response.status_code}: {response.text[:_MAX_ERROR_CHARS]}")
+            raise _UpstreamFailed(f"{type(exc).__name__}: {exc}") from exc
+        status = response.status_code
+        if status != 200:
+            message = _error_message(response)
+            if status in _RETRY_STATUSES or status in _UPSTREAM_STATUSES:
+                raise _UpstreamFailed(f"HTTP {status}: {message}")
+            if status == 400 and "verbose_json" in message:
+                raise _VerboseJsonRefused(message)
+            raise BackendError(f"upstream {upstream.url} refused the request: HTTP {status}: "
+                               f"{message}")
         try:
             body = response.json()
         except ValueError:
-            raise _Retryable(f"not JSON: {response.text[:_MAX_ERROR_CHARS]!r}") from None
-        if not isinstance(body, dict) or not isinstance(body.get("text"), str):
-            raise _Retryable(f"no 'text' in the answer: {str(body)[:_MAX_ERROR_CHARS]}")
+            raise _UpstreamFailed(f"not JSON: {response.text[:_MAX_ERROR_CHARS]!r}") from None
+        if not isinstance(body, dict):
+            raise _UpstreamFailed(f"not a JSON object: {str(body)[:_MAX_ERROR_CHARS]}")
         return body
 
     def _learn_model(self, upstream: Upstream) -> str:
         """The first model `upstream` lists (OpenAI's GET /models), remembered."""
         try:
             response = self._client.get(f"{upstream.url}/models")
-            if response.status_code in _RETRY_STATUSES:
-                raise _Retryable(f"GET /models: HTTP {response.status_code}")
+            if response.status_code != 200:
+                raise _UpstreamFailed(f"GET /models: HTTP {response.status_code}: "
+                                      f"{_error_message(response)}")
             models = response.json().get("data") or []
             upstream.model = str(models[0]["id"])
         except httpx.TransportError as exc:
-            raise _Retryable(f"GET /models: {type(exc).__name__}: {exc}") from exc
+            raise _UpstreamFailed(f"GET /models: {type(exc).__name__}: {exc}") from exc
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise BackendError(
-                f"upstream {upstream.url} lists no model at /models; set STT_REMOTE_MODEL"
-            ) from None
+            raise _UpstreamFailed("it lists no model at /models; set STT_REMOTE_MODEL") from None
         return upstream.model
+
+
+class _VerboseJsonRefused(BackendError):
+    """The upstream answered 400 to response_format=verbose_json (vLLM: "Currently do not
+    support verbose_json for ...")."""
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The message of an error answer: OpenAI's and vLLM's ``{"error": {"message": ...}}``,
+    older vLLM's flat ``{"message": ...}``, or the text itself."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:_MAX_ERROR_CHARS]
+    error = body.get("error", body) if isinstance(body, dict) else body
+    message = error.get("message") if isinstance(error, dict) else None
+    return (message if isinstance(message, str) else str(body))[:_MAX_ERROR_CHARS]
+
+
+def _transcription_form(model: str, request: Request, *, verbose: bool) -> dict[str, Any]:
+    """The form of an OpenAI transcription request: the hotwords as the prompt (Whisper's
+    prompt, and vLLM's Qwen3-ASR context), the language where it is forced; word and segment
+    times for finals where the answer can hold them."""
+    data: dict[str, Any] = {"model": model, "response_format": "verbose_json" if verbose else "json"}
+    if verbose and request.kind == "final":
+        data["timestamp_granularities[]"] = ["segment", "word"]
+    if request.language:
+        data["language"] = request.language
+    if request.hotwords:
+        data["prompt"] = ", ".join(request.hotwords)
+    return data
+
+
+def chat_body(model: str, request: Request, wav: bytes) -> dict[str, Any]:
+    """A vLLM chat-completions request that gives Qwen3-ASR the prompt the qwen3 backend gives
+    it (`build_prompt`): the hotwords as the system turn, the audio as the user's, and the
+    forced language (and a partial's stable prefix) begun as the assistant's turn, which the
+    model continues."""
+    audio = base64.b64encode(wav).decode("ascii")
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": prompt_context(request)},
+        {"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}]},
+    ]
+    body: dict[str, Any] = {"model": model, "messages": messages, "temperature": 0.0,
+                            "max_tokens": max_new_tokens(request, _CHAT_MAX_TOKENS)}
+    start = assistant_start(request)
+    if start:
+        messages.append({"role": "assistant", "content": start})
+        body.update(add_generation_prompt=False, continue_final_message=True)
+    return body
+
+
+def chat_content(body: dict[str, Any]) -> str:
+    """The text of a chat-completions answer."""
+    content = body["choices"][0]["message"]["content"]
+    if not isinstance(content, str):
+        raise TypeError(f"message content is {type(content).__name__}, not text")
+    return content
 
 
 def _parse_result(body: dict[str, Any]) -> Result:
