@@ -8,6 +8,7 @@ import re
 import string
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import huggingface_hub.constants
@@ -199,3 +200,61 @@ def test_a_phrase_that_comes_back_later_is_suspect() -> None:
     assert _repeats_phrase(looped) is False
     assert _repeats_phrase("I think that we should go now and then we should rest",
                            recurring=True) is False
+
+
+# --- CUDA's libraries (no GPU needed: what is opened, and the error when it cannot run) -------
+
+
+class _WheelFile:
+    """A file of an installed wheel, as importlib.metadata lists it."""
+
+    def __init__(self, name: str, real: str) -> None:
+        self._name, self._real = name, real
+
+    def __str__(self) -> str:
+        return f"nvidia/cublas/lib/{self._name}"
+
+    def locate(self) -> str:
+        return self._real
+
+
+def test_the_cuda_extras_cublas_is_opened_lt_first_by_its_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from sttd.backends import whisper
+
+    real = "/lib/x86_64-linux-gnu/libz.so.1"  # any loadable library stands in for cuBLAS
+    listed = [_WheelFile(n, real) for n in ("__init__.py", "libcublas.so.12",
+                                            "libcublasLt.so.12", "libnvblas.so.12")]
+    opened: list[tuple[str, int]] = []
+    real_cdll = whisper.ctypes.CDLL
+
+    def cdll(path: str, mode: int) -> Any:
+        opened.append((path, mode))
+        return real_cdll(path, mode=mode)
+
+    monkeypatch.setattr(importlib.metadata, "files",
+                        lambda name: listed if name == "nvidia-cublas-cu12" else None)
+    monkeypatch.setattr(whisper.ctypes, "CDLL", cdll)
+    assert whisper.preload_cuda_libraries() == [real, real]  # Lt, then cuBLAS; no others
+    assert [mode for _, mode in opened] == [whisper.ctypes.RTLD_GLOBAL] * 2
+
+    def missing(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    assert whisper.preload_cuda_libraries() == []  # the system's libraries are used then
+
+
+def test_a_model_that_cannot_run_on_cuda_stops_start_up_naming_the_fix() -> None:
+    from sttd.backends.whisper import _check_cuda
+
+    class NoCublas:
+        model = type("M", (), {"is_multilingual": False})()
+
+        def transcribe(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("Library libcublas.so.12 is not found or cannot be loaded")
+
+    with pytest.raises(BackendError, match=r"libcublas\.so\.12.*uv sync --extra cuda"):
+        _check_cuda(NoCublas())

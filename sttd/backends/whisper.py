@@ -16,10 +16,18 @@ cap, is decoded again on a full 30 s window and dropped if it still repeats (suc
 dropped at once: the next one comes soon); text that Whisper itself
 marks as probably not speech (high no-speech probability and low log-probability), and text of
 punctuation alone, become "".
+
+On CUDA, CTranslate2 opens cuBLAS for CUDA 12 (``libcublas.so.12``) when it first needs it. The
+``cuda`` extra installs it as a wheel (``nvidia-cublas-cu12``), which the dynamic linker does not
+search, so `load` opens it first by its path; and `load` runs one small decode on the device, so
+a missing library or a driver too old for CUDA 12 stops start-up with the fix, instead of
+failing every request later.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import logging
 import math
 import os
@@ -151,6 +159,8 @@ class WhisperBackend(ASRBackend):
         compute_type = options.compute_type or ("float16" if device == "cuda" else "int8")
         threads, lanes = _threads_and_lanes(options, device)
         options = attrs.evolve(options, cpu_threads=threads, lanes=lanes)
+        if device == "cuda":
+            preload_cuda_libraries()
         try:
             # One CTranslate2 worker per lane: without them, concurrent calls queue inside it.
             model = WhisperModel(source, device=device, compute_type=compute_type,
@@ -163,6 +173,8 @@ class WhisperBackend(ASRBackend):
                 "the Hugging Face hub, which needs network access; set STT_WHISPER_MODEL to a "
                 "local CTranslate2 model directory, or leave it empty for the bundled tiny.en"
             ) from None
+        if device == "cuda":
+            _check_cuda(model)
         log.info("whisper.loaded model=%s device=%s compute_type=%s multilingual=%s",
                  Path(source).name or source, device, compute_type, model.model.is_multilingual)
         return cls(model, options, source)
@@ -477,3 +489,42 @@ def _with_words(text: str, words: tuple[RecognisedWord, ...], language: str | No
         return Result(text="", language=language)
     confidence = float(np.mean([w.probability for w in words])) if words else None
     return Result(text=text, words=words, language=language, confidence=confidence)
+
+
+# The libraries of the `cuda` extra's wheels that CTranslate2 opens by name, in load order
+# (libcublas.so.12 needs libcublasLt.so.12).
+_CUDA_LIBRARIES = {"nvidia-cublas-cu12": ("libcublasLt.so.12", "libcublas.so.12")}
+
+
+def preload_cuda_libraries() -> list[str]:
+    """Open the CUDA libraries the `cuda` extra installed, so that CTranslate2's later
+    ``dlopen("libcublas.so.12")`` finds them loaded; the paths opened. Nothing is opened where
+    the extra is not installed (the system's own CUDA 12 libraries are then used)."""
+    opened = []
+    for distribution, names in _CUDA_LIBRARIES.items():
+        try:
+            files = importlib.metadata.files(distribution) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        by_name = {Path(str(f)).name: f for f in files}
+        for name in names:
+            if name in by_name:
+                path = str(by_name[name].locate())
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                opened.append(path)
+    return opened
+
+
+def _check_cuda(model: Any) -> None:
+    """One small decode on the device: raises `BackendError` with the fix where CUDA cannot
+    run it (no cuBLAS 12, a driver too old)."""
+    try:
+        segments, _ = model.transcribe(np.zeros(SAMPLE_RATE_HZ, np.float32), beam_size=1,
+                                       language="en" if not model.model.is_multilingual else None,
+                                       without_timestamps=True)
+        list(segments)
+    except RuntimeError as exc:
+        raise BackendError(
+            f"the whisper model loaded on CUDA but cannot run there: {exc}. CTranslate2 needs "
+            "cuBLAS for CUDA 12 (`uv sync --extra cuda` installs it) and an NVIDIA driver for "
+            "CUDA 12 (R525 or later); or set STT_WHISPER_DEVICE=cpu") from None
