@@ -107,8 +107,24 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "cpu_model": model}
+    info: dict[str, Any] = {"platform": platform.platform(),
+                            "python": platform.python_version(), "cpus": os.cpu_count(),
+                            "cpu_model": model}
+    gpus = _gpus()
+    if gpus:
+        info["gpus"] = gpus
+    return info
+
+
+def _gpus() -> list[str]:
+    """Each NVIDIA GPU's name, memory and driver, from nvidia-smi; [] where there is none."""
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
 def write_result(path: Path, command: str, payload: dict[str, Any]) -> None:

@@ -226,6 +226,8 @@ def capacity(points: list[dict[str, Any]]) -> int:
 def _stream(name: str) -> Stream:
     if name == "sentences":
         stream = sentences()
+    elif name == "sentences-once":  # one pass: 11 utterances, about 50 s (the GPU script's)
+        stream = sentences(repeats=1)
     else:
         stream = Stream(load(name), references()[name])
     return Stream(np.concatenate([stream.audio, np.zeros(RATE_HZ, np.float32)]),
@@ -308,7 +310,8 @@ def main() -> None:
     parser.add_argument("--vad", default="silero")
     parser.add_argument("--file", default="long_dev.wav",
                         help="a data file, or 'sentences': 22 short utterances with 1.2 s "
-                             "pauses, latency measured from their true speech ends")
+                             "pauses, latency measured from their true speech ends "
+                             "('sentences-once': the first 11 of them, about 50 s)")
     parser.add_argument("--stagger-s", type=float, default=2.0,
                         help="sessions start at random within this many seconds")
     parser.add_argument("--together", action="store_true",
