@@ -76,6 +76,14 @@ class InvalidMessage(ClientError):
     http_status = 400
     ws_close_code = 1003
 
+    def __init__(self, message: str, *, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        # The field at fault, and a protocol's own code for the refusal, where it has them.
+        self.param = param
+        if code is not None:
+            self.code = code
+
 
 class UnsupportedMedia(ClientError):
     """An upload that is not in a format we can decode."""

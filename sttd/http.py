@@ -34,6 +34,7 @@ from sttd.api import (
     Codec,
     DeepgramCodec,
     NativeCodec,
+    RealtimeCodec,
     TranscriptionForm,
     dumps,
     parse_hotwords,
@@ -196,11 +197,32 @@ def create_app(state: AppState) -> QuartTrio:
         """
         return await _serve_websocket(DeepgramCodec(), refuse_over_http=True)
 
-    async def _serve_websocket(codec: Codec, *, refuse_over_http: bool) -> Response | None:
+    @app.websocket("/v1/realtime")
+    async def realtime() -> Response | None:
+        """OpenAI's Realtime API, transcription sessions (`sttd.api.RealtimeCodec`).
+
+        Browsers cannot set headers on a WebSocket: OpenAI's form for them, the subprotocols
+        ``realtime`` and ``openai-insecure-api-key.<key>``, is taken too (and ``realtime`` is
+        accepted back), as is ``?token=``.
+        """
+        offered = [p.strip() for p in websocket.headers.get("Sec-WebSocket-Protocol", "")
+                   .split(",") if p.strip()]
+        key = next((p.removeprefix(_REALTIME_KEY_PROTOCOL) for p in offered
+                    if p.startswith(_REALTIME_KEY_PROTOCOL)), None)
+        authorization = websocket.headers.get("Authorization")
+        if authorization is None and key:
+            authorization = f"Bearer {key}"
+        return await _serve_websocket(RealtimeCodec(), refuse_over_http=False,
+                                      authorization=authorization,
+                                      subprotocol="realtime" if "realtime" in offered else None)
+
+    async def _serve_websocket(codec: Codec, *, refuse_over_http: bool,
+                               authorization: str | None = None,
+                               subprotocol: str | None = None) -> Response | None:
         admitted: Admission | ClientError
         try:
             admitted = admit_session(state, access, codec, websocket.args,
-                                     websocket.headers.get("Authorization"))
+                                     authorization or websocket.headers.get("Authorization"))
         except ClientError as exc:
             if refuse_over_http and isinstance(exc, Overloaded):
                 count_refusal(exc, metrics)
@@ -208,7 +230,7 @@ def create_app(state: AppState) -> QuartTrio:
                 return _error_response(exc.http_status, exc.code, str(exc))
             admitted = exc
         with admitted.hold if isinstance(admitted, Admission) else contextlib.nullcontext():
-            await websocket.accept()
+            await websocket.accept(subprotocol=subprotocol)
             transport = QuartTransport(
                 websocket._get_current_object(),  # type: ignore[attr-defined]  # werkzeug LocalProxy method, untyped in quart's stubs
                 max_message_bytes=settings.max_message_bytes)
@@ -228,6 +250,8 @@ def create_app(state: AppState) -> QuartTrio:
     return app
 
 
+# OpenAI's subprotocol that carries an API key from a browser: openai-insecure-api-key.<key>.
+_REALTIME_KEY_PROTOCOL = "openai-insecure-api-key."
 # What a client told 503 (overloaded, loading or draining) should wait before it tries again, s.
 _RETRY_AFTER_S = 5
 

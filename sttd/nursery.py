@@ -54,9 +54,11 @@ import trio
 
 from sttd.api import (
     Audio,
+    Clear,
     Close,
     Codec,
     Commit,
+    Configure,
     End,
     Error,
     Final,
@@ -128,6 +130,10 @@ class Transcriber(Protocol):
 
     def live_stream(self) -> AbstractContextManager[None]:
         """Count a live stream while the block runs."""
+        ...
+
+    def check_language(self, language: str | None) -> None:
+        """Raise `UnsupportedLanguage` if the backend cannot transcribe `language`."""
         ...
 
     async def transcribe(self, request: Request, *, started: trio.Event | None = None) -> Result:
@@ -296,9 +302,21 @@ class Session:
                         command = codec.decode(message, now)
                     except InvalidMessage as exc:
                         refused = message if isinstance(message, str) else None
-                        await send_errors.send(Error(exc.code, str(exc), refused=refused))
+                        await send_errors.send(Error(exc.code, str(exc), refused=refused,
+                                                     param=getattr(exc, "param", None)))
                         continue
                     if isinstance(command, KeepAlive):
+                        continue
+                    if isinstance(command, Configure):
+                        try:
+                            self.admission.engine.check_language(command.options.language)
+                        except ClientError as exc:
+                            refused = message if isinstance(message, str) else None
+                            await send_errors.send(Error(exc.code, str(exc), refused=refused,
+                                                         param="language"))
+                            continue
+                    if isinstance(command, (Clear, Configure)):
+                        send_audio.send_nowait(command)  # in band: after the audio before it
                         continue
                     if isinstance(command, (Commit, End)):
                         if isinstance(command, End):

@@ -41,6 +41,7 @@ __all__ = [
     "EnergyClassifier",
     "Endpointer",
     "make_endpointer",
+    "set_speech_threshold",
     "FrameClassifier",
     "SileroClassifier",
     "SileroModel",
@@ -435,3 +436,17 @@ def make_endpointer(kind: str, *, threshold_rms: float, silence_ms: int,
         classifier = SileroClassifier(net if net is not None else silero_model().stream())
         return Endpointer(classifier, silence_ms=silence_ms, min_speech_ms=_SILERO_MIN_SPEECH_MS)
     raise ValueError(f"vad must be one of energy, silero, got {kind!r}")
+
+
+def set_speech_threshold(endpointer: Endpointer, threshold: float) -> bool:
+    """Make `threshold` (a speech probability in (0, 1]) the Silero VAD's for this stream,
+    keeping its hysteresis below it; False (nothing changed) for the energy VAD, which has no
+    probability."""
+    classifier = endpointer.classifier
+    if not isinstance(classifier, SileroClassifier):
+        return False
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"a speech threshold must be in (0, 1], got {threshold}")
+    classifier.threshold = threshold
+    classifier.hysteresis = min(classifier.hysteresis, threshold / 2)
+    return True

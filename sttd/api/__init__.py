@@ -3,7 +3,8 @@
 A session emits typed events (`sttd.api` re-exports them: `Ready`, `Partial`, `Final`,
 `UtteranceEnd`, `Error`, `Warning`, `Close`); each WebSocket protocol is one `Codec` that
 decodes client messages into commands and encodes events: `NativeCodec` (``/v1/stt/ws``, sttd's
-own JSON) and `DeepgramCodec` (``/v1/listen``). OpenAI's file API (``/v1/audio/transcriptions``)
+own JSON), `DeepgramCodec` (``/v1/listen``) and `RealtimeCodec` (``/v1/realtime``, OpenAI's
+Realtime transcription sessions). OpenAI's file API (``/v1/audio/transcriptions``)
 is `TranscriptionForm` and `render`. The parsing every protocol shares (languages, hotwords,
 query values, client JSON) is in one place too.
 """
@@ -12,6 +13,15 @@ from sttd.api._codec import Codec
 from sttd.api._deepgram import DeepgramCodec
 from sttd.api._events import (
     FINAL_CAUSES,
+    TURN_EVENTS,
+    Clear,
+    Cleared,
+    Committed,
+    Configure,
+    Configured,
+    SpeechStarted,
+    SpeechStopped,
+    TurnEvent,
     Audio,
     ClientCommand,
     Close,
@@ -42,6 +52,7 @@ from sttd.api._native import (
     to_json,
 )
 from sttd.api._openai import RESPONSE_FORMATS, TranscriptionForm, render
+from sttd.api._realtime import RealtimeCodec
 from sttd.api._params import (
     MAX_HOTWORD_CHARS,
     MAX_HOTWORDS,
@@ -54,6 +65,16 @@ from sttd.api._params import (
 
 __all__ = [
     "FINAL_CAUSES",
+    "TURN_EVENTS",
+    "Clear",
+    "Cleared",
+    "Committed",
+    "Configure",
+    "Configured",
+    "RealtimeCodec",
+    "SpeechStarted",
+    "SpeechStopped",
+    "TurnEvent",
     "MAX_HOTWORDS",
     "MAX_HOTWORD_CHARS",
     "MAX_TEXT_MESSAGE_BYTES",

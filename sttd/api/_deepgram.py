@@ -34,6 +34,7 @@ import attrs
 from werkzeug.datastructures import MultiDict
 
 from sttd.api._events import (
+    TURN_EVENTS,
     Audio,
     ClientCommand,
     Close,
@@ -178,6 +179,8 @@ class DeepgramCodec:
         if isinstance(event, Warning):
             log.debug("deepgram.dropped type=warning code=%s", event.code)  # no Deepgram form
             return []
+        if isinstance(event, TURN_EVENTS):
+            return []  # not asked for
         return self._before_close(event)
 
     def _before_close(self, close: Close) -> list[str]:

@@ -24,10 +24,16 @@ from sttd.audio import AudioFormat
 
 __all__ = [
     "FINAL_CAUSES",
+    "TURN_EVENTS",
     "Audio",
+    "Clear",
+    "Cleared",
     "ClientCommand",
     "Close",
     "Commit",
+    "Committed",
+    "Configure",
+    "Configured",
     "End",
     "Error",
     "FileSegment",
@@ -40,6 +46,9 @@ __all__ = [
     "SessionEvent",
     "SessionOptions",
     "SessionRequest",
+    "SpeechStarted",
+    "SpeechStopped",
+    "TurnEvent",
     "UtteranceEnd",
     "Warning",
     "Word",
@@ -77,6 +86,16 @@ class SessionOptions:
     # When set, an `UtteranceEnd` follows a final once this much audio passed after it without
     # new speech (the last word's end is reported).
     utterance_end_ms: int | None = None
+    # Audio kept before the VAD's speech start; None: the tracker's default (300 ms).
+    preroll_ms: int | None = None
+    # The Silero VAD's speech probability threshold for this session; None: the server's.
+    vad_threshold: float | None = None
+    # Whether the session reports its turns (`TurnEvent`s: speech start and stop, commits,
+    # clears, reconfigurations), for protocols that have messages for them.
+    turn_events: bool = False
+    # Whether utterances end at the VAD's pauses; False: only at a commit (or the longest
+    # utterance), the VAD still marking where speech starts.
+    endpointing: bool = True
 
 
 @attrs.frozen
@@ -166,6 +185,10 @@ class Error:
     message: str
     # The client's text message this error refuses, when it answers one (some protocols echo it).
     refused: str | None = None
+    # The parameter or field at fault, where one is.
+    param: str | None = None
+    # The utterance whose transcription failed, when the error is about one.
+    utterance_id: int | None = None
     raw: _Raw = _raw_field()
 
 
@@ -188,7 +211,52 @@ class Close:
     reason: str = ""
 
 
-SessionEvent: TypeAlias = Ready | Partial | Final | UtteranceEnd | Error | Warning | Close
+@attrs.frozen
+class SpeechStarted:
+    """The VAD heard speech start: utterance `utterance_id` is open from `start_ms`."""
+
+    utterance_id: int
+    start_ms: int
+
+
+@attrs.frozen
+class SpeechStopped:
+    """The VAD heard the speech of `utterance_id` end at `end_ms`."""
+
+    utterance_id: int
+    end_ms: int
+
+
+@attrs.frozen
+class Committed:
+    """Utterance `utterance_id` was closed (by the VAD or a commit) and goes to be decoded;
+    None: a commit came with no utterance open."""
+
+    utterance_id: int | None
+    end_ms: int
+
+
+@attrs.frozen
+class Cleared:
+    """The open utterance's audio was discarded (a clear); `utterance_id` will never have a
+    final. None: nothing was open."""
+
+    utterance_id: int | None
+
+
+@attrs.frozen
+class Configured:
+    """The session's options are now `options`."""
+
+    options: SessionOptions
+
+
+# What only protocols that report turns are sent (`SessionOptions.turn_events`).
+TurnEvent: TypeAlias = SpeechStarted | SpeechStopped | Committed | Cleared | Configured
+TURN_EVENTS: Constant = (SpeechStarted, SpeechStopped, Committed, Cleared, Configured)
+
+SessionEvent: TypeAlias = (Ready | Partial | Final | UtteranceEnd | Error | Warning | Close
+                           | TurnEvent)
 
 
 # -- client -> server ---------------------------------------------------------------------------
@@ -220,7 +288,22 @@ class KeepAlive:
     """Nothing, but the client is there."""
 
 
-ClientCommand: TypeAlias = Audio | Commit | End | KeepAlive
+@attrs.frozen
+class Clear:
+    """Discard the open utterance's audio without transcribing it; the session goes on."""
+
+    received_at: float
+
+
+@attrs.frozen
+class Configure:
+    """Go on with these options (language, hotwords, turn detection) from the next audio."""
+
+    options: SessionOptions
+    received_at: float
+
+
+ClientCommand: TypeAlias = Audio | Commit | End | KeepAlive | Clear | Configure
 
 
 # -- files --------------------------------------------------------------------------------------

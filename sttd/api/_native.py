@@ -25,6 +25,7 @@ from sttd.api._events import (
     KeepAlive,
     Partial,
     Ready,
+    TURN_EVENTS,
     SessionEvent,
     SessionOptions,
     SessionRequest,
@@ -122,6 +123,8 @@ class NativeCodec:
     def encode(self, event: SessionEvent) -> list[str]:
         if isinstance(event, Close):
             return []  # nothing precedes our close frame
+        if isinstance(event, TURN_EVENTS):
+            return []  # this protocol does not ask for turns
         return [dumps(to_json(event))]
 
 

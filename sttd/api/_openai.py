@@ -29,7 +29,7 @@ from sttd.api._params import (
     quoted,
 )
 
-__all__ = ["RESPONSE_FORMATS", "TranscriptionForm", "render"]
+__all__ = ["RESPONSE_FORMATS", "TranscriptionForm", "prompt_phrases", "render"]
 
 RESPONSE_FORMATS: Final = ("json", "text", "verbose_json", "srt", "vtt")
 _GRANULARITIES: Final = ("segment", "word")
@@ -81,13 +81,13 @@ class TranscriptionForm:
         return cls(
             model=model,
             language=parse_language(fields.get("language", ""), param="language"),
-            prompt=_prompt_phrases(prompt),
+            prompt=prompt_phrases(prompt),
             response_format=response_format,
             timestamp_granularities=granularities or ("segment",),
         )
 
 
-def _prompt_phrases(prompt: str) -> tuple[str, ...]:
+def prompt_phrases(prompt: str) -> tuple[str, ...]:
     """OpenAI's free-text prompt as hotword phrases: split at commas, a phrase longer than a
     hotword may be cut at word boundaries (a sentence is a usual prompt and must not be refused),
     and only the first phrases the engine takes are kept."""

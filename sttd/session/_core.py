@@ -39,8 +39,13 @@ import numpy as np
 import numpy.typing as npt
 
 from sttd.api import (
+    Clear,
+    Cleared,
     Close,
     Commit,
+    Committed,
+    Configure,
+    Configured,
     End,
     Error,
     Final,
@@ -48,6 +53,8 @@ from sttd.api import (
     Partial,
     SessionEvent,
     SessionOptions,
+    SpeechStarted,
+    SpeechStopped,
     UtteranceEnd,
     Word,
 )
@@ -57,6 +64,7 @@ from sttd.errors import BackendError
 from sttd.metrics import SessionOutcome
 from sttd.session._stability import PartialStabilizer
 from sttd.session._utterances import Utterance, UtteranceTracker
+from sttd.vad import set_speech_threshold
 
 __all__ = ["AudioFrame", "Decode", "Gap", "InputItem", "SessionCore", "Stop", "stream_words"]
 
@@ -96,7 +104,7 @@ class Stop:
     error_code: str = ""
 
 
-InputItem = AudioFrame | Gap | Commit | End | Stop
+InputItem = AudioFrame | Gap | Commit | End | Stop | Clear | Configure
 
 
 def stream_words(words: Sequence[RecognisedWord], start_ms: int) -> tuple[Word, ...]:
@@ -152,8 +160,11 @@ class SessionCore:
     # the stable prefix a partial forces is in it.
     _partial_language: str | None = attrs.field(init=False, default=None)
     _slots: collections.deque[_Slot] = attrs.field(init=False, factory=collections.deque)
-    # The highest utterance id whose final was requested: its partials are stale.
+    # The highest utterance id whose final was requested (or that was cleared): its partials
+    # are stale.
     _finalized: int = attrs.field(init=False, default=-1)
+    # The highest utterance id whose `SpeechStarted` went out (options.turn_events).
+    _announced: int = attrs.field(init=False, default=-1)
     _last_partial: tuple[int, str] | None = attrs.field(init=False, default=None)
     # For `options.utterance_end_ms`: the stream time (ms) at which an utterance end is due if
     # no speech comes first, and the end of the last word sent in a final since the last one.
@@ -173,34 +184,101 @@ class SessionCore:
         return self._closed
 
     def feed(self, item: InputItem) -> list[Decode | SessionEvent]:
-        """Take the next item of the session's input; what to decode and send now, in order."""
+        """Take the next item of the session's input; what to decode and send now, in order.
+
+        With ``options.turn_events``, the turns come out at once, ahead of the order finals
+        keep: `SpeechStarted` when an utterance opens, `SpeechStopped` when the VAD closes one,
+        `Committed` for every utterance closed (None for a commit with nothing open),
+        `Cleared` and `Configured`.
+        """
         if self._ending:
             return []
         out: list[Decode | SessionEvent] = []
         finals: list[Utterance] = []
+        turns = self.options.turn_events
         if isinstance(item, AudioFrame):
             finals = self.tracker.feed(item.samples)
-            if not finals and self.options.utterance_end_ms is None:
+            open_id = self.tracker.open_utterance_id
+            opened = turns and open_id is not None and open_id > self._announced
+            if not finals and not opened and self.options.utterance_end_ms is None:
                 return []  # most frames: nothing ended, and the head of the order is unchanged
-            out += [self._final(u, item.received_at, "max_length" if u.cut else "speech_end")
-                    for u in finals]
+            for u in finals:
+                cause: FinalCause = "max_length" if u.cut else "speech_end"
+                out += self._turns(u, stopped=not u.cut)
+                out.append(self._final(u, item.received_at, cause))
+            out += self._opened()
         elif isinstance(item, Commit):
             finals = self.tracker.commit()
-            out += [self._final(u, item.received_at, "commit", forced=True) for u in finals]
+            for u in finals:
+                out += self._turns(u)
+                out.append(self._final(u, item.received_at, "commit", forced=True))
+            if turns and not finals:
+                out.append(Committed(None, self.tracker.position // SAMPLES_PER_MS))
         elif isinstance(item, Gap):
             finals = self.tracker.skip(item.samples)
-            out += [self._final(u, item.received_at, "skip") for u in finals]
+            for u in finals:
+                out += self._turns(u)
+                out.append(self._final(u, item.received_at, "skip"))
+        elif isinstance(item, Clear):
+            discarded = self.tracker.discard()
+            if discarded is not None:
+                self._finalized = discarded  # its partials are stale, and it has no final
+                self._stabilizer.reset()
+                self._partial_language = None
+            if turns:
+                out.append(Cleared(discarded))
+            return out
+        elif isinstance(item, Configure):
+            self._configure(item.options)
+            if self.options.turn_events:
+                out.append(Configured(self.options))
+            return out
         else:
             # Only the client's own end answers with a final even when it is empty.
             forced = isinstance(item, End)
-            out += [self._final(u, item.received_at, "end", forced=forced)
-                    for u in self.tracker.commit()]
+            for u in self.tracker.commit():
+                out += self._turns(u)
+                out.append(self._final(u, item.received_at, "end", forced=forced))
             self._ending = True
             self._slots.append(_Slot(events=self._ending_events(item)))
             return [*out, *self._release()]
         if self._utterance_end_due(finals):
             self._slots.append(_Slot(utterance_end=True))
         return [*out, *self._release()]
+
+    def _turns(self, utterance: Utterance, *, stopped: bool = False) -> list[SessionEvent]:
+        """The turn events for `utterance`, closed now (options.turn_events)."""
+        if not self.options.turn_events:
+            return []
+        out: list[SessionEvent] = []
+        if utterance.utterance_id > self._announced:  # opened and closed in one item
+            self._announced = utterance.utterance_id
+            out.append(SpeechStarted(utterance.utterance_id, utterance.start_ms))
+        if stopped:
+            out.append(SpeechStopped(utterance.utterance_id, utterance.end_ms))
+        out.append(Committed(utterance.utterance_id, utterance.end_ms))
+        return out
+
+    def _opened(self) -> list[SessionEvent]:
+        """`SpeechStarted` for the utterance open now, if it is new (options.turn_events)."""
+        open_id, start_ms = self.tracker.open_utterance_id, self.tracker.open_start_ms
+        if not self.options.turn_events or open_id is None or open_id <= self._announced:
+            return []
+        self._announced = open_id
+        return [SpeechStarted(open_id, start_ms or 0)]
+
+    def _configure(self, options: SessionOptions) -> None:
+        """Go on with `options`: what is None among the VAD's options stays as it was."""
+        tracker = self.tracker
+        tracker.partial_ms = options.partial_ms if options.partials else None
+        tracker.endpointing = options.endpointing
+        if options.preroll_ms is not None:
+            tracker.preroll_ms = options.preroll_ms
+        if options.vad_silence_ms is not None:
+            tracker.endpointer.silence_ms = options.vad_silence_ms
+        if options.vad_threshold is not None:
+            set_speech_threshold(tracker.endpointer, options.vad_threshold)
+        self.options = options
 
     def stale(self, decode: Decode) -> bool:
         """Whether `decode` is a partial not worth decoding any more: its utterance was
@@ -232,7 +310,8 @@ class SessionCore:
                 self._partial_language = result.language
             return self._partial(utterance, text)
         event: Final | None = None
-        if text or decode.forced:
+        # A protocol that reports turns gets an answer for every utterance it saw committed.
+        if text or decode.forced or self.options.turn_events:
             event = Final(
                 utterance_id=utterance.utterance_id, text=text,
                 start_ms=utterance.start_ms, end_ms=utterance.end_ms,
@@ -249,7 +328,7 @@ class SessionCore:
         """
         utterance_id = decode.utterance.utterance_id
         event = Error(error.code, f"transcribing utterance {utterance_id} failed ({error}); "
-                                  "the session goes on")
+                                  "the session goes on", utterance_id=utterance_id)
         if decode.kind == "partial":
             return [] if utterance_id <= self._finalized else [event]
         return self._resolve(decode, [event])

@@ -111,6 +111,9 @@ class UtteranceTracker:
         default=None, validator=attrs.validators.optional(attrs.validators.gt(0)))
     preroll_ms: int = attrs.field(default=300, validator=attrs.validators.ge(0))
     tail_ms: int = attrs.field(default=200, validator=attrs.validators.ge(0))
+    # False: the VAD's speech ends do not close utterances (only a commit or the length limit
+    # does); its speech starts still open them.
+    endpointing: bool = True
     _buffer: SampleBuffer = attrs.field(init=False, factory=SampleBuffer)
     _next_id: int = attrs.field(init=False, default=0)
     _open_start: int | None = attrs.field(init=False, default=None)
@@ -126,6 +129,11 @@ class UtteranceTracker:
     def open_utterance_id(self) -> int | None:
         return self._next_id if self._open_start is not None else None
 
+    @property
+    def open_start_ms(self) -> int | None:
+        """Where the open utterance starts, ms into the stream (pre-roll included)."""
+        return None if self._open_start is None else self._open_start // SAMPLES_PER_MS
+
     def feed(self, samples: npt.NDArray[np.int16]) -> list[Utterance]:
         """Add audio; returns the finals it completes, oldest first."""
         self._buffer.append(samples)
@@ -133,7 +141,8 @@ class UtteranceTracker:
         for event in self.endpointer.feed(samples):
             if isinstance(event, SpeechStart):
                 self._open(event.sample)
-            elif isinstance(event, SpeechEnd) and self._open_start is not None:
+            elif (isinstance(event, SpeechEnd) and self._open_start is not None
+                  and self.endpointing):
                 end = min(event.sample + self.tail_ms * SAMPLES_PER_MS, self.position)
                 finals.append(self._close(end))
         finals.extend(self._cut_if_too_long())
@@ -146,6 +155,19 @@ class UtteranceTracker:
             return []
         self.endpointer.reset()
         return [self._close(self.position)]
+
+    def discard(self) -> int | None:
+        """Drop the open utterance's audio unheard; returns its id (never used again), or None
+        when nothing was open."""
+        if self._open_start is None:
+            return None
+        discarded = self._next_id
+        self._next_id += 1
+        self.endpointer.reset()
+        self._open_start = None
+        self._floor = self._partial_at = self.position
+        self._trim()
+        return discarded
 
     def skip(self, samples: int) -> list[Utterance]:
         """Advance the stream clock over `samples` that were not kept (the session lagged).
