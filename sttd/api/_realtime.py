@@ -281,7 +281,8 @@ class RealtimeCodec:
 
     def encode(self, event: SessionEvent) -> list[str]:
         setup = self._setup
-        assert setup is not None
+        if setup is None:  # refused before the URL was taken: only the error goes out
+            return [self._error(event)] if isinstance(event, Error) else []
         if isinstance(event, Ready):
             self._backend = event.backend
             return [self._event("session.created", session=self._session(setup))]
