@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sttd.api import Close, Commit, End, Error, Final, Partial, SessionOptions, UtteranceEnd
+from sttd.api import Close, Commit, Committed, End, Error, Final, Partial, SessionOptions, UtteranceEnd
 from sttd.api import Word as StreamWord
 from sttd.backends.base import RecognisedWord, Result
 from sttd.errors import BackendError
@@ -191,3 +191,53 @@ def test_a_partial_is_stale_once_its_utterance_is_finalized_or_the_session_ends(
     assert fresh is not None and not c.stale(fresh)
     c.feed(End(3.0))
     assert c.stale(fresh)
+
+
+# --- turns, for protocols that report them (OpenAI Realtime) ---------------------------------
+
+
+def test_turn_events_come_at_once_ahead_of_the_finals_order() -> None:
+    from sttd.api import Committed, SpeechStarted, SpeechStopped
+
+    c = core(turn_events=True)
+    opened = c.feed(AudioFrame(LOUD, 0.0))
+    assert events(opened) == [SpeechStarted(0, 0)]
+    closed = c.feed(AudioFrame(QUIET, 1.0))
+    stopped, committed = events(closed)
+    assert isinstance(stopped, SpeechStopped) and isinstance(committed, Committed)
+    assert stopped.utterance_id == committed.utterance_id == 0
+    [final] = decodes(closed)
+    # An empty result still answers the committed turn: a protocol waits for one per item.
+    [answer] = c.decoded(final, Result(""))
+    assert isinstance(answer, Final) and answer.text == ""
+    assert events(c.feed(Commit(2.0))) == [Committed(None, 2000)]  # nothing was open
+
+
+def test_clear_drops_the_open_utterance_and_its_partials() -> None:
+    from sttd.api import Clear, Cleared
+
+    c = core(turn_events=True)
+    c.feed(AudioFrame(LOUD, 0.0))
+    partial = c.take_partial()
+    assert partial is not None
+    assert c.feed(Clear(1.0)) == [Cleared(0)]
+    assert c.decoded(partial, Result("dropped words")) == []  # stale: no partial, no final
+    assert c.feed(Commit(1.5)) == [Committed(None, 1000)]
+    # The next utterance has a new id: nothing of the cleared one can attach to it.
+    [final] = decodes(c.feed(AudioFrame(LOUD, 2.0)) + c.feed(AudioFrame(QUIET, 3.0)))
+    assert final.utterance.utterance_id == 1
+
+
+def test_configure_changes_language_hotwords_and_turn_detection_from_now_on() -> None:
+    from sttd.api import Configure, Configured
+
+    c = core(turn_events=True)
+    options = SessionOptions(partial_ms=500, language="de", hotwords=("Acme",),
+                             turn_events=True, endpointing=False, vad_silence_ms=900)
+    assert c.feed(Configure(options, 0.0)) == [Configured(options)]
+    assert c.tracker.endpointer.silence_ms == 900 and not c.tracker.endpointing
+    # Endpointing off: a pause ends nothing, the commit does.
+    out = c.feed(AudioFrame(LOUD, 0.0)) + c.feed(AudioFrame(QUIET, 1.0))
+    assert decodes(out) == []
+    [final] = decodes(c.feed(Commit(2.0)))
+    assert (final.request.language, final.request.hotwords) == ("de", ("Acme",))
