@@ -198,9 +198,9 @@ class SessionCore:
         turns = self.options.turn_events
         if isinstance(item, AudioFrame):
             finals = self.tracker.feed(item.samples)
-            open_id = self.tracker.open_utterance_id
-            opened = turns and open_id is not None and open_id > self._announced
-            if not finals and not opened and self.options.utterance_end_ms is None:
+            if not finals and self.options.utterance_end_ms is None and not (
+                    turns and (opened := self.tracker.open_utterance_id) is not None
+                    and opened > self._announced):
                 return []  # most frames: nothing ended, and the head of the order is unchanged
             for u in finals:
                 cause: FinalCause = "max_length" if u.cut else "speech_end"
