@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import partial
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -90,3 +91,18 @@ async def receive_type(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
         message = json.loads(await ws.get_message())
         if message["type"] == kind:
             return message
+
+
+def wer(ref: str, hyp: str) -> float:
+    """Word error rate of `hyp` against `ref`, lower-cased, punctuation dropped."""
+
+    def words(text: str) -> list[str]:
+        return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
+
+    r, h = words(ref), words(hyp)
+    d = list(range(len(h) + 1))
+    for i, rw in enumerate(r, 1):
+        prev, d[0] = d[0], i
+        for j, hw in enumerate(h, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (rw != hw))
+    return d[len(h)] / max(len(r), 1)

@@ -77,8 +77,6 @@ class FakeVllm:
     prompts: list[str] = attrs.field(factory=list)
     formats: list[str] = attrs.field(factory=list)  # each transcription's response_format
     port: int = 0
-    # While set, every request answers this status (as an overloaded or broken server does).
-    fail_status: int | None = None
     _arrived: trio.Event = attrs.field(factory=trio.Event, repr=False)
 
     async def next_prompt(self) -> None:
@@ -116,9 +114,6 @@ class FakeVllm:
 
         @app.post("/v1/audio/transcriptions")
         async def transcriptions() -> Any:
-            if self.fail_status is not None:
-                return _error("The server had an error while processing your request.",
-                              self.fail_status, "InternalServerError")
             form = await request.form
             files = await request.files
             model = form.get("model") or self.served
@@ -154,9 +149,6 @@ class FakeVllm:
 
         @app.post("/v1/chat/completions")
         async def chat() -> Any:
-            if self.fail_status is not None:
-                return _error("The server had an error while processing your request.",
-                              self.fail_status, "InternalServerError")
             body = await request.get_json()
             model = body.get("model") or self.served
             if model != self.served:

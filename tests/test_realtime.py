@@ -20,7 +20,14 @@ import soxr
 import trio
 from trio_websocket import open_websocket_url
 
-from tests.conftest import RunningServer, load_pcm, reference_texts, silence, start_server
+from tests.conftest import (
+    RunningServer,
+    load_pcm,
+    reference_texts,
+    silence,
+    start_server,
+    wer,
+)
 from tests.test_drain import _start
 
 TIMEOUT_S = 60
@@ -37,6 +44,24 @@ def pcm24(samples: npt.NDArray[np.int16]) -> bytes:
 
 def _chunks(audio: bytes, size: int = 9600) -> list[str]:  # 200 ms at 24 kHz
     return [base64.b64encode(audio[i : i + size]).decode() for i in range(0, len(audio), size)]
+
+
+def _append(connection: Any, *pieces: npt.NDArray[np.int16]) -> None:
+    """Send `pieces` (16 kHz PCM16) joined, as 24 kHz base64 appends of 200 ms, with the SDK."""
+    for chunk in _chunks(pcm24(np.concatenate(pieces))):
+        connection.input_audio_buffer.append(audio=chunk)
+
+
+async def _append_ws(ws: Any, *pieces: npt.NDArray[np.int16]) -> None:
+    """As `_append`, over a plain WebSocket."""
+    for chunk in _chunks(pcm24(np.concatenate(pieces))):
+        await ws.send_message(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+
+
+def _manual_commit(connection: Any) -> None:
+    """Turn detection off: only commits end utterances."""
+    connection.session.update(session={"type": "transcription", "audio": {
+        "input": {"turn_detection": None}}})
 
 
 def _client(server: RunningServer, key: str = "x") -> Any:
@@ -82,8 +107,7 @@ async def test_the_sdk_streams_speech_and_gets_each_transcript_with_its_turns(
                                     "turn_detection": {"type": "server_vad",
                                                        "silence_duration_ms": 500}}}})
             for name in NAMES:
-                for chunk in _chunks(pcm24(np.concatenate([load_pcm(name), silence(1.0)]))):
-                    connection.input_audio_buffer.append(audio=chunk)
+                _append(connection, load_pcm(name), silence(1.0))
             return _events_until(connection, _completed(len(NAMES)))
 
     events = await _in_thread(run)
@@ -115,19 +139,14 @@ async def test_manual_commit_with_turn_detection_off(nursery: trio.Nursery) -> N
 
     def run() -> list[Any]:
         with _connect(server) as connection:
-            connection.session.update(session={"type": "transcription", "audio": {
-                "input": {"turn_detection": None}}})
+            _manual_commit(connection)
             # A clip and a long pause: without turn detection the pause ends nothing (else an
             # item would be committed before the commit, which would then find nothing open
             # and be an error); the commit does.
-            audio = np.concatenate([load_pcm("ps_cards_001"), silence(1.5)])
-            for chunk in _chunks(pcm24(audio)):
-                connection.input_audio_buffer.append(audio=chunk)
+            _append(connection, load_pcm("ps_cards_001"), silence(1.5))
             connection.input_audio_buffer.commit()
             first = _events_until(connection, _completed(1))
-            for chunk in _chunks(pcm24(np.concatenate([load_pcm("ps_librivox_0880"),
-                                                       silence(0.3)]))):
-                connection.input_audio_buffer.append(audio=chunk)
+            _append(connection, load_pcm("ps_librivox_0880"), silence(0.3))
             connection.input_audio_buffer.commit()
             return first + _events_until(connection, _completed(1))
 
@@ -146,16 +165,13 @@ async def test_clear_discards_the_open_audio(nursery: trio.Nursery) -> None:
 
     def run() -> list[Any]:
         with _connect(server) as connection:
-            connection.session.update(session={"type": "transcription", "audio": {
-                "input": {"turn_detection": None}}})
+            _manual_commit(connection)
             half = load_pcm("ps_librivox_0880")
-            for chunk in _chunks(pcm24(half[: half.size // 2])):
-                connection.input_audio_buffer.append(audio=chunk)
+            _append(connection, half[: half.size // 2])
             connection.input_audio_buffer.clear()
-            cleared = _events_until(connection,
-                                    lambda seen: seen[-1:] and seen[-1].type == "input_audio_buffer.cleared")
-            for chunk in _chunks(pcm24(np.concatenate([load_pcm("ps_goforward"), silence(0.3)]))):
-                connection.input_audio_buffer.append(audio=chunk)
+            cleared = _events_until(
+                connection, lambda seen: bool(seen) and seen[-1].type == "input_audio_buffer.cleared")
+            _append(connection, load_pcm("ps_goforward"), silence(0.3))
             connection.input_audio_buffer.commit()
             return cleared + _events_until(connection, _completed(1))
 
@@ -170,12 +186,10 @@ async def test_committing_nothing_is_an_error_and_a_quiet_buffer_an_empty_item(
 
     def run() -> list[Any]:
         with _connect(server) as connection:
-            connection.session.update(session={"type": "transcription", "audio": {
-                "input": {"turn_detection": None}}})
+            _manual_commit(connection)
             connection.input_audio_buffer.commit()
             seen = _events_until(connection, lambda s: any(e.type == "error" for e in s))
-            for chunk in _chunks(pcm24(silence(0.5))):
-                connection.input_audio_buffer.append(audio=chunk)
+            _append(connection, silence(0.5))
             connection.input_audio_buffer.commit()
             return seen + _events_until(connection, _completed(1))
 
@@ -215,9 +229,7 @@ async def test_bad_events_get_openai_errors_naming_the_field_and_the_session_goe
                 connection.send(event)
             errors = _events_until(connection, lambda s: sum(e.type == "error" for e in s)
                                    >= len(sends))
-            for chunk in _chunks(pcm24(np.concatenate([load_pcm("ps_cards_001"),
-                                                       silence(1.0)]))):
-                connection.input_audio_buffer.append(audio=chunk)
+            _append(connection, load_pcm("ps_cards_001"), silence(1.0))
             return errors + _events_until(connection, _completed(1))
 
     events = await _in_thread(run)
@@ -249,10 +261,7 @@ async def test_the_older_transcription_session_update_shape(nursery: trio.Nurser
                 "turn_detection": {"type": "server_vad", "silence_duration_ms": 600},
                 "input_audio_noise_reduction": None}}))
             updated = json.loads(await ws.get_message())
-            for chunk in _chunks(pcm24(np.concatenate([load_pcm("ps_goforward"),
-                                                       silence(1.0)]))):
-                await ws.send_message(json.dumps({"type": "input_audio_buffer.append",
-                                                  "audio": chunk}))
+            await _append_ws(ws, load_pcm("ps_goforward"), silence(1.0))
             while (event := json.loads(await ws.get_message()))["type"] != COMPLETED:
                 pass
     assert updated["type"] == "transcription_session.updated"
@@ -320,9 +329,7 @@ async def test_a_drain_completes_the_open_item_then_closes_1001(nursery: trio.Nu
         async with open_websocket_url(url) as ws:
             await ws.get_message()
             # Speech with no pause after it: the drain, not the VAD, ends the utterance.
-            for chunk in _chunks(pcm24(load_pcm("ps_goforward"))):
-                await ws.send_message(json.dumps({"type": "input_audio_buffer.append",
-                                                  "audio": chunk}))
+            await _append_ws(ws, load_pcm("ps_goforward"))
             # An update goes in band after the audio: once it is answered, all of it was heard.
             await ws.send_message(json.dumps({"type": "session.update", "session": {
                 "type": "transcription"}}))
@@ -342,16 +349,13 @@ async def test_a_drain_completes_the_open_item_then_closes_1001(nursery: trio.Nu
 @pytest.mark.parametrize("names", [("ps_librivox_0880", "ps_goforward", "ps_librivox_0930")])
 async def test_on_the_whisper_backend_the_transcripts_are_within_the_streaming_bound(
         nursery: trio.Nursery, names: tuple[str, ...]) -> None:
-    from tests.gpu.conftest import wer
-
     refs = reference_texts()
     server = await start_server(nursery, backend="whisper", vad="energy", load_timeout_s=120)
 
     def run() -> list[Any]:
         with _connect(server) as connection:
             for name in names:
-                for chunk in _chunks(pcm24(np.concatenate([load_pcm(name), silence(1.0)]))):
-                    connection.input_audio_buffer.append(audio=chunk)
+                _append(connection, load_pcm(name), silence(1.0))
             return _events_until(connection, _completed(len(names)))
 
     events = await _in_thread(run)

@@ -379,13 +379,20 @@ def test_one_failed_request_fails_only_itself() -> None:
     assert isinstance(failed, BackendError) and "xh" in str(failed)
 
 
-def test_an_ejected_upstream_due_again_gets_one_probe_not_every_request() -> None:
+def _due_again() -> tuple[Clock, UpstreamPool]:
+    """A pool of a and b where a failed once and its 5 s pause is just over."""
     clock = Clock()
     pool = UpstreamPool.of([A, B], eject_s=5.0, clock=clock)
-    a, b = pool.upstreams
+    a = pool.upstreams[0]
     a.outstanding = 1
     pool.release(a, "failed", started_at=clock.now)
-    clock.now += 5.0  # a is due
+    clock.now += 5.0
+    return clock, pool
+
+
+def test_an_ejected_upstream_due_again_gets_one_probe_not_every_request() -> None:
+    clock, pool = _due_again()
+    a, b = pool.upstreams
     chosen = [pool.acquire() for _ in range(6)]  # six requests at once
     assert [u.url for u in chosen].count(A) == 1  # the probe; the rest went to b
     probe = next(u for u in chosen if u.url == A)
@@ -400,12 +407,8 @@ def test_an_ejected_upstream_due_again_gets_one_probe_not_every_request() -> Non
 
 
 def test_a_failed_probe_ejects_for_longer_and_frees_the_next_probe() -> None:
-    clock = Clock()
-    pool = UpstreamPool.of([A, B], eject_s=5.0, clock=clock)
-    a, _ = pool.upstreams
-    a.outstanding = 1
-    pool.release(a, "failed", started_at=clock.now)
-    clock.now += 5.0
+    clock, pool = _due_again()
+    a = pool.upstreams[0]
     probe = next(u for u in (pool.acquire(), pool.acquire()) if u.url == A)
     pool.release(probe, "failed", started_at=clock.now)
     assert (a.failures, a.probing, a.ejected_until) == (2, False, clock.now + 10.0)

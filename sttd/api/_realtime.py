@@ -52,7 +52,6 @@ from sttd.api._events import (
     Clear,
     Cleared,
     ClientCommand,
-    Close,
     Commit,
     Committed,
     Configure,
@@ -66,8 +65,6 @@ from sttd.api._events import (
     SessionRequest,
     SpeechStarted,
     SpeechStopped,
-    UtteranceEnd,
-    Warning,
 )
 from sttd.api._openai import prompt_phrases
 from sttd.api._params import default_partial_ms, dumps, parse_language, quoted
@@ -290,12 +287,14 @@ class RealtimeCodec:
             if not setup.server_vad:
                 return []
             return [self._event("input_audio_buffer.speech_started",
-                                audio_start_ms=event.start_ms, item_id=self._item(event.utterance_id))]
+                                audio_start_ms=event.start_ms,
+                                item_id=self._item(event.utterance_id))]
         if isinstance(event, SpeechStopped):
             if not setup.server_vad:
                 return []
             return [self._event("input_audio_buffer.speech_stopped",
-                                audio_end_ms=event.end_ms, item_id=self._item(event.utterance_id))]
+                                audio_end_ms=event.end_ms,
+                                item_id=self._item(event.utterance_id))]
         if isinstance(event, Committed):
             return self._committed(event)
         if isinstance(event, Cleared):
@@ -314,9 +313,7 @@ class RealtimeCodec:
             return self._completed(event, setup)
         if isinstance(event, Error):
             return [self._error(event)]
-        if isinstance(event, (UtteranceEnd, Warning, Close)):
-            return []  # no Realtime form; the close frame says the rest
-        return []
+        return []  # UtteranceEnd and Warning have no Realtime form; a close frame says the rest
 
     def _committed(self, event: Committed) -> list[str]:
         buffered, self._buffered_bytes = self._buffered_bytes, 0

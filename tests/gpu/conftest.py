@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import subprocess
 import sys
 import threading
@@ -142,21 +141,6 @@ def whisper_cuda_server() -> Iterator[ServedBackend]:
 def refs() -> dict[str, str]:
     rows = (line.split("\t", 1) for line in (DATA / "refs.tsv").read_text().splitlines() if line)
     return {name.removesuffix(".wav"): text for name, text in rows}
-
-
-def wer(ref: str, hyp: str) -> float:
-    """Word error rate of `hyp` against `ref`, lower-cased, punctuation dropped."""
-
-    def words(text: str) -> list[str]:
-        return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
-
-    r, h = words(ref), words(hyp)
-    d = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        prev, d[0] = d[0], i
-        for j, hw in enumerate(h, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (rw != hw))
-    return d[len(h)] / max(len(r), 1)
 
 
 async def stream_file(server: ServedBackend, name: str, query: str = "") -> list[dict[str, Any]]:

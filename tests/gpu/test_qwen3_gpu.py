@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import trio
 
-from tests.gpu.conftest import DATA, ServedBackend, clip_names, refs, stream_file, wer
+from tests.conftest import wer
+from tests.gpu.conftest import DATA, ServedBackend, clip_names, refs, stream_file
 
 MAX_WER = 0.15
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import trio
 
-from tests.gpu.conftest import DATA, ServedBackend, clip_names, refs, stream_file, wer
+from tests.conftest import wer
+from tests.gpu.conftest import DATA, ServedBackend, clip_names, refs, stream_file
 
 # tiny.en streams the shared clips at about 5-7% WER on the CPU (benchmarks/README.md); float16
 # on CUDA decodes the same model.
