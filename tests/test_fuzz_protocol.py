@@ -336,8 +336,10 @@ async def test_garbage_frames_get_errors_and_the_session_goes_on(nursery: trio.N
 
     Each garbage frame gets exactly one invalid_message error, the session goes on, and its
     final is the fixture's exact text; a clean session running alongside gets its final too.
+    Admission from measured capacity is off (STT_MAX_LOAD=0): it is not what this tests, and
+    on a slow or busy machine it may refuse one of the seven.
     """
-    server = await start_server(nursery)
+    server = await start_server(nursery, max_load=0.0)
     refs = reference_texts()
     rng = random.Random(_SEED)
     plans = []

@@ -339,7 +339,7 @@ async def test_a_stuck_call_times_out_its_requests_and_marks_the_engine_degraded
     assert scheduler.degraded() is None  # 25 s into the call
     await trio.sleep(10)
     reason = scheduler.degraded()
-    assert reason is not None and "running for 35 s" in reason
+    assert reason is not None and "for 35 s" in reason
     await trio.sleep(10)
     assert outcomes == {"stuck": pytest.approx(30.0), "queued": pytest.approx(40.0)}
     assert scheduler.statistics().pending_finals == 0  # the queued one was withdrawn

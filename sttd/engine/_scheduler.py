@@ -32,8 +32,8 @@ it takes them in is the policy:
   is logged and fails the requests of that batch still waiting, each with a `BackendError`
   saying the scheduler failed; the other lanes and `run` go on. Cancellation is never caught;
 * a request without a result ``request_timeout_s`` after it was submitted fails with
-  `InferenceTimeout` (its session reports it and goes on), and while a backend call has run
-  longer than that, `degraded()` says so (for /health). A stuck call cannot be killed: its
+  `InferenceTimeout` (its session reports it and goes on), and while a backend call still
+  holds such a request, `degraded()` says so (for /health). A stuck call cannot be killed: its
   worker thread is left to finish.
 
 `overloaded()` says whether finals have recently waited longer than ``max_final_wait_s`` in the
@@ -196,7 +196,8 @@ class Scheduler:
     _cost_s: dict[Priority, float] = attrs.field(init=False, factory=dict)
     # Background batches may not start before this time (the duty-cycle cap).
     _background_at: float = attrs.field(init=False, default=-math.inf)
-    _calls_started_at: dict[int, float] = attrs.field(init=False, factory=dict)  # in flight
+    # Calls in flight: the oldest submission time among each call's requests.
+    _holding_since: dict[int, float] = attrs.field(init=False, factory=dict)
     _lanes_busy: int = attrs.field(init=False, default=0)
     _background_busy: bool = attrs.field(init=False, default=False)
 
@@ -210,13 +211,16 @@ class Scheduler:
         )
 
     def degraded(self) -> str | None:
-        """Why the engine is degraded (a backend call running too long), or None."""
-        if not self._calls_started_at:
+        """Why the engine is degraded, or None: a backend call in flight holds a request
+        submitted at least ``request_timeout_s`` ago, so that request's session has already
+        been told it timed out (measured from the submission, not the call's start, so /health
+        says so from the moment the session hears it)."""
+        if not self._holding_since:
             return None
-        running = trio.current_time() - min(self._calls_started_at.values())
-        if running <= self.config.request_timeout_s:
+        held = trio.current_time() - min(self._holding_since.values())
+        if held < self.config.request_timeout_s:
             return None
-        return (f"a backend call has been running for {running:.0f} s "
+        return (f"a backend call has held a request for {held:.0f} s "
                 f"(STT_INFERENCE_TIMEOUT_S={self.config.request_timeout_s:g})")
 
     def overloaded(self) -> bool:
@@ -357,11 +361,13 @@ class Scheduler:
     async def _run(self, batch: list[_Pending]) -> None:
         self._batches += 1
         self.metrics.scheduler_batch_size.observe(len(batch))
-        started = self._calls_started_at[id(batch)] = trio.current_time()
+        started = trio.current_time()
+        # For `degraded`: since when this call holds a request (its oldest submission).
+        self._holding_since[id(batch)] = min(pending.submitted_at for pending in batch)
         try:
             await self._call(batch, started)
         finally:
-            del self._calls_started_at[id(batch)]
+            del self._holding_since[id(batch)]
 
     async def _call(self, batch: list[_Pending], started: float) -> None:
         try:
