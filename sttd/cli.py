@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(os.environ)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return _serve()
+        return _serve(args.workers)
     if args.command == "stream":
         if args.mic == (args.file is not None):
             parser.error("stream takes one of FILE, - (stdin) or --mic")
@@ -92,8 +92,11 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sttd", description="Real-time speech-to-text server, and a client for it.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
+    serve = commands.add_parser(
         "serve", help="run the server (settings from STT_* environment variables)")
+    serve.add_argument("--workers", metavar="N",
+                       help="server processes on the one port: a count, or auto for one per "
+                            "core (default: $STT_WORKERS, else 1)")
 
     stream = commands.add_parser(
         "stream", help="stream audio to a server and print its transcripts",
@@ -139,24 +142,33 @@ def _client_options(parser: argparse.ArgumentParser, environ: Mapping[str, str])
                         help="comma-separated words or phrases to favour")
 
 
-def _serve() -> int:
-    """Run the server until SIGTERM or SIGINT (settings from ``STT_*``)."""
+def _serve(workers: str | None = None) -> int:
+    """Run the server until SIGTERM or SIGINT (settings from ``STT_*``; `workers` is
+    ``--workers``, which overrides STT_WORKERS)."""
     import trio
 
     from sttd.errors import ConfigError, SttdError
     from sttd.logs import configure_logging
-    from sttd.server import serve, wait_for_signal
+    from sttd.server import resolve_workers, run_workers, serve, wait_for_signal, worker_index
     from sttd.settings import Settings
 
+    env = dict(os.environ)
+    if workers is not None:
+        env["STT_WORKERS"] = workers
     try:
-        settings = Settings.from_env(os.environ)
+        settings = Settings.from_env(env)
     except SttdError as exc:
         _say(f"sttd: {exc}")
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    worker = worker_index(os.environ)
+    configure_logging(settings.log_level, settings.log_format,
+                      worker=None if worker is None else worker[0])
+    if worker is None and resolve_workers(settings) > 1:
+        return run_workers(settings, resolve_workers(settings))
     failures: list[SttdError] = []
     try:
-        trio.run(partial(serve, settings, shutdown_trigger=wait_for_signal))
+        trio.run(partial(serve, settings, shutdown_trigger=wait_for_signal,
+                         workers=1 if worker is None else worker[1]))
     except* SttdError as group:
         failures.extend(exc for exc in group.exceptions if isinstance(exc, SttdError))
     for failure in failures:

@@ -11,11 +11,12 @@ passes the access policy first; CORS headers are added to every response; errors
 from __future__ import annotations
 
 import contextlib
+import os
 import logging
 import time
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, has_request_context, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, NotFound
@@ -44,6 +45,7 @@ from sttd.api import (
 from sttd.engine import transcribe_file
 from sttd.errors import BackendError, ClientError, Overloaded, Unauthorized
 from sttd.nursery import Admission, count_refusal, serve_connection
+from sttd.settings import WORKER_ENV
 from sttd.static import static_file
 
 __all__ = ["create_app"]
@@ -124,6 +126,12 @@ def create_app(state: AppState) -> QuartTrio:
             body["capacity"] = {"streams": load.capacity_streams,
                                 "stream_demand_s": _rounded(load.stream_demand_s),
                                 "load": _rounded(load.load)}
+        together = metrics.workers()
+        if together is not None:
+            index, _, count = os.environ.get(WORKER_ENV, "0/1").partition("/")
+            body["worker"] = int(index)
+            body["workers"] = {"count": int(count), "sessions": int(together["sessions"]),
+                               "all_ready": together["ready"] >= 1}
         status = 200
         if state.draining:
             body["status"], status = "draining", 503
@@ -138,7 +146,7 @@ def create_app(state: AppState) -> QuartTrio:
     async def prometheus() -> Response:
         if not access.allows_metrics(request.headers.get("Authorization")):
             raise Unauthorized("/metrics needs 'Authorization: Bearer <STT_METRICS_TOKEN>'")
-        return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/stt/transcribe")
     async def transcribe() -> Response:

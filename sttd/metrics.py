@@ -1,6 +1,13 @@
 """Every Prometheus metric sttd exports, defined against a registry the caller passes in.
 
 Names use the ``sttd_`` prefix and base units; labels come from closed sets only.
+
+With several worker processes (``sttd serve --workers``), prometheus-client's multiprocess mode
+is on (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor): every worker's counters,
+histograms and gauges are kept in that directory, and `Metrics.exposition` on any worker
+reports them summed over the workers (``sttd_sessions_active`` over the live ones,
+``sttd_engine_ready`` as the least ready). The gauges computed at scrape time (queue depths,
+measured capacity and load) are then the scraped worker's own.
 """
 
 from __future__ import annotations
@@ -8,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Final, Literal, get_args
 
+import os
+
 import attrs
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -71,6 +80,8 @@ class Metrics:
     scheduler_batch_size: Histogram
     scheduler_queue_wait_seconds: Histogram
     scheduler_requests_total: Counter
+    # Collectors computed at scrape time, which a multiprocess scrape adds to the workers' sums.
+    _live: list[Collector] = attrs.field(factory=list)
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -78,7 +89,8 @@ class Metrics:
         return cls(
             registry=registry,
             sessions_active=Gauge(
-                "sttd_sessions_active", "WebSocket sessions open now.", registry=registry
+                "sttd_sessions_active", "WebSocket sessions open now.", registry=registry,
+                multiprocess_mode="livesum",
             ),
             sessions_total=Counter(
                 "sttd_sessions_total", "WebSocket sessions ended, by outcome.", ["outcome"],
@@ -137,7 +149,7 @@ class Metrics:
             ),
             engine_ready=Gauge(
                 "sttd_engine_ready", "1 once the speech engine is loaded, else 0.",
-                registry=registry,
+                registry=registry, multiprocess_mode="livemin",
             ),
             scheduler_batch_size=Histogram(
                 "sttd_scheduler_batch_size", "Requests per batched backend call.",
@@ -157,12 +169,47 @@ class Metrics:
 
     def watch_queues(self, depths: Callable[[], QueueDepths]) -> None:
         """Export queue depths read from `depths` at scrape time."""
-        self.registry.register(_QueueCollector(depths))
+        self._watch(_QueueCollector(depths))
 
     def watch_engine(self, load: Callable[[], EngineLoad | None]) -> None:
         """Export the engine's measured capacity and load, read from `load` at scrape time
         (None while no engine is loaded)."""
-        self.registry.register(_EngineCollector(load))
+        self._watch(_EngineCollector(load))
+
+    def _watch(self, collector: Collector) -> None:
+        self.registry.register(collector)
+        self._live.append(collector)
+
+    def workers(self) -> dict[str, float] | None:
+        """With several workers, what they hold together: open sessions, and whether every
+        engine is ready (1) or not (0); None for a single process."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return None
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        totals = {"sessions": 0.0, "ready": 0.0}
+        for family in merged.collect():
+            for sample in family.samples:
+                if sample.name == "sttd_sessions_active":
+                    totals["sessions"] += sample.value
+                elif sample.name == "sttd_engine_ready":
+                    totals["ready"] = sample.value
+        return totals
+
+    def exposition(self) -> bytes:
+        """The text a scrape of /metrics returns: this process's metrics, or, with several
+        workers, all of theirs (see the module docstring)."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        for collector in self._live:
+            merged.register(collector)
+        return generate_latest(merged)
 
 
 @attrs.frozen

@@ -15,7 +15,11 @@ import attrs
 
 from sttd.errors import ConfigError
 
-__all__ = ["BACKENDS", "Settings"]
+__all__ = ["BACKENDS", "WORKER_ENV", "Settings"]
+
+# Set by `sttd serve --workers N`'s supervisor in each worker's environment: "i/N", i from 0.
+# Not a setting (the user never sets it): it tells a process it is one of several.
+WORKER_ENV = "STTD_WORKER"
 
 BACKENDS = ("auto", "mock", "whisper", "qwen3", "remote")
 REMOTE_APIS = ("transcriptions", "chat")
@@ -64,6 +68,12 @@ def _share_or_zero(_inst: object, attribute: attrs.Attribute[Any], value: float)
 def _port(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ValueError(f"{attribute.name} must be in 0..65535, got {value!r}")
+
+
+def _workers(attribute: attrs.Attribute[Any], value: str) -> None:
+    if value == "auto" or (value.isdigit() and int(value) >= 1):
+        return
+    raise ValueError(f"{attribute.name} must be a count of 1 or more, or auto, got {value!r}")
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[object, attrs.Attribute[Any], str], None]:
@@ -178,6 +188,9 @@ class Settings:
     # The route: "transcriptions" (OpenAI's /audio/transcriptions, any compatible server) or
     # "chat" (vLLM serving Qwen3-ASR: /chat/completions with the model's own prompt).
     remote_api: str = attrs.field(default="transcriptions", validator=_one_of(REMOTE_APIS))
+    # Server processes on the one host:port (`sttd serve --workers`): a count, or "auto" for
+    # one per core.
+    workers: str = attrs.field(default="1", validator=lambda _i, a, v: _workers(a, v))
     log_level: str = attrs.field(default="INFO", validator=_one_of(_LOG_LEVELS))
     log_format: str = attrs.field(default="text", validator=_one_of(_LOG_FORMATS))
     # Directory of mock fixtures (``refs.tsv`` + WAVs); empty means the packaged references/.

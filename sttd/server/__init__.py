@@ -2,5 +2,6 @@
 and drain on SIGTERM (see `serve`)."""
 
 from sttd.server._serve import serve, wait_for_signal
+from sttd.server._workers import resolve_workers, run_workers, worker_index
 
-__all__ = ["serve", "wait_for_signal"]
+__all__ = ["resolve_workers", "run_workers", "serve", "wait_for_signal", "worker_index"]

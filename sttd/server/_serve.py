@@ -51,6 +51,7 @@ async def serve(
     state: AppState | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    workers: int = 1,
 ) -> None:
     """Serve HTTP and WebSocket on ``settings.host:settings.port`` until cancelled or triggered.
 
@@ -68,6 +69,9 @@ async def serve(
     app = create_app(state)
     config = Config()
     config.bind = [f"{settings.host}:{settings.port}"]
+    # One of several worker processes on this port (sttd.server._workers): hypercorn then binds
+    # it with SO_REUSEPORT, and the kernel spreads connections over the workers.
+    config.workers = workers
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = settings.shutdown_grace_s

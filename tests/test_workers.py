@@ -1,0 +1,132 @@
+"""``sttd serve --workers 2`` as a real multi-process server on one loopback port: sessions land
+on every worker, /metrics and /health count all of them, and SIGTERM drains every worker."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from typing import Any
+
+import httpx
+import numpy as np
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from sttd.settings import Settings
+from sttd.server._workers import worker_settings_env
+from tests.conftest import load_pcm, reference_texts, send_pcm, silence
+from tests.test_cli import _env, _Lines
+
+TIMEOUT_S = 60
+MAX_SESSIONS = 40  # opened until both workers have some: 2**-39 that the kernel gives one all
+
+
+async def _served(nursery: trio.Nursery, *args: str, **env: str) -> tuple[trio.Process, _Lines, int]:
+    full = _env(STT_BACKEND="mock", STT_VAD="energy", STT_HOST="127.0.0.1", STT_PORT="0",
+                STT_LOG_FORMAT="json", **env)
+    process: trio.Process = await nursery.start(lambda task_status: trio.run_process(
+        [sys.executable, "-m", "sttd.cli", "serve", *args], env=full, stderr=-1,
+        check=False, task_status=task_status))
+    assert process.stderr is not None
+    lines = _Lines(process.stderr)
+    port = int(json.loads(await lines.wait_for('"event": "workers.listening"'))["port"])
+    return process, lines, port
+
+
+def _worker_of(logged: str) -> int:
+    """Which worker logged the JSON line `logged`."""
+    return int(json.loads(logged)["worker"])
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {tuple(sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name}
+
+
+async def test_two_workers_share_the_port_the_metrics_and_the_drain() -> None:
+    refs = reference_texts()
+    speech = np.concatenate([load_pcm("ps_goforward"), silence(1.0)])
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            process, lines, port = await _served(nursery, "--workers", "2", STT_DRAIN_S="20")
+            for _ in range(2):
+                await lines.wait_for('"event": "engine.ready"')
+            url = f"ws://127.0.0.1:{port}/v1/stt/ws?sample_rate=16000&call_id="
+            sockets: list[WebSocketConnection] = []
+            workers: set[int] = set()
+            async with trio.open_nursery() as clients:
+                while len(workers) < 2 and len(sockets) < MAX_SESSIONS:
+                    ws = await clients.start(_open, url + f"c{len(sockets)}")
+                    sockets.append(ws)
+                    opened = await lines.wait_for('"event": "session.opened"')
+                    workers.add(_worker_of(opened))
+                assert workers == {0, 1}
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                    health = (await http.get("/health")).json()
+                    # Each open session has its final before the drain.
+                    for ws in sockets:
+                        await send_pcm(ws, speech)
+                    finals = [await _next(ws, "final") for ws in sockets]
+                    metrics = (await http.get("/metrics")).text
+                # One SIGTERM to the supervisor drains every worker: each session still open
+                # is closed with 1001, and the supervisor exits 0 once both workers have.
+                process.send_signal(signal.SIGTERM)
+                codes = [await _close_code(ws) for ws in sockets]
+                clients.cancel_scope.cancel()
+            code = await process.wait()
+            assert code == 0, lines.seen
+    assert health["status"] == "ok" and health["workers"]["count"] == 2
+    assert health["workers"]["sessions"] == len(sockets)  # both workers' sessions, one answer
+    assert health["workers"]["all_ready"] is True
+    assert [final["text"] for final in finals] == [refs["ps_goforward"]] * len(sockets)
+    assert set(codes) == {1001}
+    # Either worker's scrape counts both workers' finals.
+    assert sum(_samples(metrics, "sttd_finals_sent_total").values()) == len(sockets)
+    assert sum(_samples(metrics, "sttd_sessions_active").values()) == len(sockets)
+
+
+async def _open(url: str, *, task_status: trio.TaskStatus[WebSocketConnection]) -> None:
+    async with open_websocket_url(url) as ws:
+        await ws.get_message()  # ready
+        task_status.started(ws)
+        await trio.sleep_forever()
+
+
+async def _next(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
+    while True:
+        message = json.loads(await ws.get_message())
+        if message["type"] == kind:
+            return message  # type: ignore[no-any-return]
+
+
+async def _close_code(ws: WebSocketConnection) -> int:
+    while True:
+        try:
+            await ws.get_message()
+        except ConnectionClosed as closed:
+            return closed.reason.code
+
+
+def test_workers_split_the_session_cap_and_the_cores() -> None:
+    settings = Settings(backend="whisper", max_sessions=100, workers="2")
+    env = worker_settings_env(settings, {"STT_BACKEND": "whisper"}, 2, 8000, cores=8)
+    assert (env["STT_PORT"], env["STT_WORKERS"], env["STT_MAX_SESSIONS"]) == ("8000", "1", "50")
+    assert (env["STT_INFERENCE_LANES"], env["STT_WHISPER_CPU_THREADS"]) == ("4", "1")
+    # What the user set stays; a remote engine is shared by every worker, so no split.
+    mine = worker_settings_env(Settings(backend="remote", inference_lanes=3, max_sessions=5),
+                               {}, 2, 8000, cores=8)
+    assert mine["STT_MAX_SESSIONS"] == "3" and "STT_INFERENCE_LANES" not in mine
+
+
+def test_a_bad_worker_count_is_refused() -> None:
+    import pytest
+
+    from sttd.errors import ConfigError
+
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(ConfigError, match="STT_WORKERS"):
+            Settings.from_env({"STT_WORKERS": bad})
+    assert Settings.from_env({"STT_WORKERS": "auto"}).workers == "auto"
