@@ -20,7 +20,7 @@ import os
 import attrs
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = ["SESSION_OUTCOMES", "EngineLoad", "Metrics", "QueueDepths", "SessionOutcome"]
@@ -80,8 +80,6 @@ class Metrics:
     scheduler_batch_size: Histogram
     scheduler_queue_wait_seconds: Histogram
     scheduler_requests_total: Counter
-    # Collectors computed at scrape time, which a multiprocess scrape adds to the workers' sums.
-    _live: list[Collector] = attrs.field(factory=list)
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -169,16 +167,12 @@ class Metrics:
 
     def watch_queues(self, depths: Callable[[], QueueDepths]) -> None:
         """Export queue depths read from `depths` at scrape time."""
-        self._watch(_QueueCollector(depths))
+        self.registry.register(_QueueCollector(depths))
 
     def watch_engine(self, load: Callable[[], EngineLoad | None]) -> None:
         """Export the engine's measured capacity and load, read from `load` at scrape time
         (None while no engine is loaded)."""
-        self._watch(_EngineCollector(load))
-
-    def _watch(self, collector: Collector) -> None:
-        self.registry.register(collector)
-        self._live.append(collector)
+        self.registry.register(_EngineCollector(load))
 
     def workers(self) -> dict[str, float] | None:
         """With several workers, what they hold together: open sessions, and whether every
@@ -207,9 +201,21 @@ class Metrics:
 
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
-        for collector in self._live:
-            merged.register(collector)
+        kept = frozenset(getattr(self, field.name)._name for field in attrs.fields(Metrics)
+                         if field.name != "registry")
+        merged.register(_ScrapeTime(self.registry, kept))
         return generate_latest(merged)
+
+
+@attrs.frozen
+class _ScrapeTime(Collector):
+    """The families of `registry` computed at scrape time: all but those `kept` in files."""
+
+    registry: CollectorRegistry
+    kept: frozenset[str]
+
+    def collect(self) -> Iterable[Metric]:
+        return [family for family in self.registry.collect() if family.name not in self.kept]
 
 
 @attrs.frozen
