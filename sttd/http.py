@@ -164,8 +164,12 @@ def create_app(state: AppState) -> QuartTrio:
             "text": result.text,
             "duration_ms": round(result.duration_s * 1000),
             "latency_ms": round((time.perf_counter() - started) * 1000),
+            # The language most pieces were recognised in, and each piece's (None where the
+            # backend does not say).
+            "language": result.language,
             "segments": [
-                {"start_ms": segment.start_ms, "end_ms": segment.end_ms, "text": segment.text}
+                {"start_ms": segment.start_ms, "end_ms": segment.end_ms, "text": segment.text,
+                 "language": segment.language}
                 for segment in result.segments
             ],
         })

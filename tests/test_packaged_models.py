@@ -122,7 +122,7 @@ def _extra_installed() -> bool:
 
 @pytest.mark.skipif(not _extra_installed() or shutil.which("espeak-ng") is None,
                     reason="needs `uv sync --extra multilingual` and Debian's espeak-ng")
-async def test_german_speech_through_the_websocket_and_the_openai_route(
+async def test_german_speech_through_the_websocket_and_both_file_routes(
         nursery: trio.Nursery, tmp_path: Path) -> None:
     import httpx
     from trio_websocket import open_websocket_url
@@ -152,7 +152,11 @@ async def test_german_speech_through_the_websocket_and_the_openai_route(
                                     data={"model": "whisper-1",
                                           "response_format": "verbose_json"},
                                     files={"file": ("de.wav", audio, "audio/wav")})).json()
+        native = (await client.post(f"{server.http_url}/v1/stt/transcribe",
+                                    files={"file": ("de.wav", audio, "audio/wav")})).json()
     assert answer["language"] == "german" and "Guten Morgen" in answer["text"]
+    assert "Guten Morgen" in native["text"]
+    assert {segment["language"] for segment in native["segments"]} == {"de"}
 
 
 def test_the_recorded_base_model_is_the_one_the_packages_hold() -> None:
