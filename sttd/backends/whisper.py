@@ -373,17 +373,19 @@ class WhisperBackend(ASRBackend):
         if not self._multilingual:
             return ["en"] * len(requests)
         detected: list[str] = []
-        need = [r.language is None for r in requests]
-        if any(need):
-            if frames < _WINDOW_FRAMES:
-                # Detection reads a whole 30 s window as Whisper was trained on: on the
-                # shortened window the decode uses, short clips detected as other languages.
+        if any(r.language is None and not r.prefix_language for r in requests):
+            if frames < _WINDOW_FRAMES and any(r.kind == "final" for r in requests):
+                # A final's language (reported, and the one its words are decoded in) is
+                # detected on a whole 30 s window, as Whisper was trained: on the shortened
+                # window the decode uses, short clips detected as other languages. Partials,
+                # tentative, keep the cheap window, or the language their stable words were
+                # in.
                 encoded = self._encode(self._features([r.audio for r in requests],
                                                       _WINDOW_FRAMES))
             for probabilities in self._model.model.detect_language(encoded):
                 token, _ = probabilities[0]
                 detected.append(token[2:-2])
-        return [r.language.split("-")[0].lower() if r.language else detected[i]
+        return [(r.language or r.prefix_language or detected[i]).split("-")[0].lower()
                 for i, r in enumerate(requests)]
 
     def _tokenizer(self, language: str) -> Any:
