@@ -18,6 +18,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from sttd.audio import decode_wav, pcm16_to_float32
+from sttd.backends import whisper
 from sttd.backends.base import Request
 from sttd.backends.whisper import WhisperBackend, WhisperOptions, _repeats_phrase
 from sttd.errors import BackendError, UnsupportedLanguage
@@ -108,6 +109,43 @@ def test_hotwords_do_not_seed_a_loop(backend: WhisperBackend) -> None:
     [result] = backend.transcribe([Request(_fixture("ps_cards_001"),
                                            hotwords=("clubs", "spades"))])
     assert _words(result.text) == ["10", "of", "clubs"]
+
+
+@pytest.mark.parametrize("kind", ["final", "partial"])
+def test_a_short_clip_that_loops_is_decoded_again_with_timestamps(
+        backend: WhisperBackend, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 s of speech padded to the decode window loops without timestamps ("10 of clubs 10 of
+    clubs ..."); the retry with timestamps on the same encoder output ends it, so no 30 s
+    window (an encoder pass eight times dearer) is needed."""
+    clip = _fixture("ps_cards_001")
+    padded = np.concatenate([np.zeros(4800, np.float32), clip, np.zeros(3200, np.float32)])
+    first = backend._generate
+    looped: list[str] = []
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        outputs = first(*args, **kwargs)
+        looped.extend(o.text for o in outputs if kwargs.get("durations_s") is None)
+        return outputs
+
+    def full_window(*_args: Any) -> Any:
+        raise AssertionError("the 30 s window was used")
+
+    monkeypatch.setattr(backend, "_generate", generate)
+    monkeypatch.setattr(backend, "_retry_full_window", full_window)
+    [result] = backend.transcribe([Request(padded, kind=kind)])  # type: ignore[arg-type]
+    assert whisper._looks_repetitive(whisper._Decoded([], looped[0], 0, 0, False))
+    assert _words(result.text) == ["10", "of", "clubs"]
+
+
+def test_digital_silence_is_not_decoded(backend: WhisperBackend,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def decode(*_args: Any) -> Any:
+        raise AssertionError("silence reached the model")
+
+    monkeypatch.setattr(backend, "_transcribe_short", decode)
+    results = backend.transcribe([Request(np.zeros(2 * RATE_HZ, np.float32), kind=kind)
+                                  for kind in ("final", "partial")])  # type: ignore[arg-type]
+    assert [(r.text, r.words) for r in results] == [("", ()), ("", ())]
 
 
 def test_mixed_batch_keeps_order(backend: WhisperBackend) -> None:

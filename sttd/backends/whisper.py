@@ -7,15 +7,17 @@ generate call; on a CUDA device it is also encoded in one call, on a CPU clip by
 there). Features are padded to the longest clip of the group but to at least ``_MIN_FRAMES``
 (10 s) for finals: Whisper is trained on 30 s windows and loops on much shorter ones, while 10 s
 costs a fifth of 30 s with no loss of accuracy; partials, tentative and redone every half
-second, take ``_MIN_PARTIAL_FRAMES`` (7 s). Finals then get word timings from one batched
+second, take ``_MIN_PARTIAL_FRAMES`` (4 s). Finals then get word timings from one batched
 alignment over the same encoder output.
 
 Hallucination guards, applied to every output: the number of new tokens is capped by the clip's
-duration; a final whose text's compression ratio shows repetition, or that ran into the token
-cap, is decoded again on a full 30 s window and dropped if it still repeats (such a partial is
-dropped at once: the next one comes soon); text that Whisper itself
-marks as probably not speech (high no-speech probability and low log-probability), and text of
-punctuation alone, become "".
+duration; an output whose text repeats itself (compression ratio, a phrase repeated or coming
+back, the token cap reached) is decoded again on the same encoder output with timestamps, which
+ends where the speech does (`_retry_looping`); a final that still repeats is decoded on a full
+30 s window and dropped if even that repeats (such a partial is dropped at once: the next one
+comes soon); text that Whisper itself marks as probably not speech (high no-speech probability
+and low log-probability), and text of punctuation alone, become ""; digital silence is not
+decoded.
 
 On CUDA, CTranslate2 opens cuBLAS for CUDA 12 (``libcublas.so.12``) when it first needs it. The
 ``cuda`` extra installs it as a wheel (``nvidia-cublas-cu12``), which the dynamic linker does not
@@ -58,10 +60,14 @@ _MIN_FRAMES = 1000  # shortest padding that does not make short clips loop (meas
 # together (benchmarks/README.md): beam 5 on every final held p95 at 6.5 s, greedy at 1.65 s; on
 # one session at a time beam 5 was 1.4 points of WER better (3.7% against 5.1%).
 _GREEDY_FROM_FINALS = 3
-# Partials are tentative and redone every half second: 7 s of padding costs the encoder 25 against
-# 41 ms per clip on one thread, and a looping partial is dropped. (5 s made Whisper hear "you" in
-# pure silence; 6 s and up passed the silence, noise and hum tests in tests/test_whisper.py.)
-_MIN_PARTIAL_FRAMES = 700
+# Partials are tentative and redone every half second: 4 s of padding costs the encoder 27 against
+# 64 ms for 7 s per clip on one AMD EPYC thread, and partials were as accurate at 4 s as at 5 or
+# 7 s (benchmarks/padding.py: WER 8.4% on the dev clips at each; 10.6 / 10.2 / 9.8% on 30
+# synthetic sentences), while 3 s was much worse (11.6%, 31.7%). Pure digital silence, where
+# short windows made Whisper hear "you", never reaches the model (`_SILENT_RMS`).
+_MIN_PARTIAL_FRAMES = 400
+# A clip quieter than this (float samples, about -80 dBFS) holds no speech: it is not decoded.
+_SILENT_RMS = 1e-4
 _WINDOW_SAMPLES = _WINDOW_FRAMES * _HOP_SAMPLES
 _MAX_LENGTH_TOKENS = 448
 # New tokens allowed per second of audio, plus a floor; fast speech is ~4-5 tokens/s.
@@ -71,6 +77,12 @@ _MAX_COMPRESSION_RATIO = 2.4
 _NO_SPEECH_PROB = 0.6
 _LOGPROB_FLOOR = -1.0
 _MAX_HOTWORD_TOKENS = 100
+# Timestamped decodes (the retry of a looping one): a timestamp token is 20 ms; text after one
+# this far past the clip's end is dropped; and a few tokens more are allowed for the
+# timestamps themselves.
+_TIMESTAMP_S = 0.02
+_TIMESTAMP_SLACK_S = 0.5
+_TIMESTAMP_TOKENS = 8
 # A decode is a loop when a phrase of up to _MAX_LOOP_WORDS words repeats _PHRASE_REPEATS
 # times in a row, or one word _SAME_WORD_REPEATS times ("five five" is real speech). A phrase
 # of _LONG_PHRASE_WORDS or more said twice in a row is suspect: it is decoded again on a full
@@ -205,13 +217,17 @@ class WhisperBackend(ASRBackend):
         long: list[int] = []
         for index, request in enumerate(requests):
             self.check_language(request.language)
-            if request.audio.size > _WINDOW_SAMPLES:
+            if _silent(request.audio):
+                results[index] = Result("", language=request.language)
+            elif request.audio.size > _WINDOW_SAMPLES:
                 long.append(index)
             else:
                 pieces.append((index, request))
-        for index, result in zip([i for i, _ in pieces],
-                                 self._transcribe_short([r for _, r in pieces]), strict=True):
-            results[index] = result
+        if pieces:
+            for index, result in zip([i for i, _ in pieces],
+                                     self._transcribe_short([r for _, r in pieces]),
+                                     strict=True):
+                results[index] = result
         for index in long:
             results[index] = self._transcribe_long(requests[index])
         return [result if result is not None else Result("") for result in results]
@@ -252,18 +268,13 @@ class WhisperBackend(ASRBackend):
         ]
         caps = [_new_token_cap(r.duration_s) for r in requests]
         outputs = self._generate(encoded, prompts, caps, beam, tokenizers)
-        for i, output in enumerate(outputs):
-            # A phrase that only comes back later blanks no partial: a long utterance may say
-            # it twice, and the final (which is retried, not blanked) settles it.
-            if not _looks_repetitive(output, recurring=requests[i].kind == "final"):
-                continue
-            if requests[i].kind == "partial":
-                # The next partial comes soon; a 30 s window costs eight partials.
-                outputs[i] = _Decoded([], "", output.avg_logprob, output.no_speech_prob, True)
-                continue
-            # Retry on a full window and without the hotword prompt, which can seed loops.
-            plain = prompts[i][len(before_sot[i]):]
-            outputs[i] = self._retry_full_window(requests[i], plain, caps[i], tokenizers[i])
+        # A phrase that comes back later makes a decode suspect too: the retry with timestamps
+        # is cheap, and keeps a phrase the speaker did say twice.
+        looping = [i for i, output in enumerate(outputs)
+                   if _looks_repetitive(output, recurring=True)]
+        if looping:
+            self._retry_looping(looping, requests, features, encoded, before_sot, caps,
+                                tokenizers, outputs)
         words = self._align(requests, outputs, encoded, tokenizers)
         return [
             _result(request, output, word_list, language)
@@ -272,12 +283,18 @@ class WhisperBackend(ASRBackend):
         ]
 
     def _generate(self, encoded: Any, prompts: list[list[int]], caps: list[int], beam: int,
-                  tokenizers: list[Any]) -> list[_Decoded]:
+                  tokenizers: list[Any], *, durations_s: list[float] | None = None
+                  ) -> list[_Decoded]:
+        """Greedy or beam decodes of `encoded`, one per prompt. A prompt without
+        ``<|notimestamps|>`` decodes with timestamps: its text then ends at the first
+        timestamp past its clip's end (`durations_s`), which is no speech of that clip."""
         from faster_whisper.transcribe import get_suppressed_tokens
 
         # CTranslate2 stops at max_length tokens *including* the prompt; the per-clip cap is
-        # applied below, so one long clip does not let short ones run on.
-        max_length = min(_MAX_LENGTH_TOKENS, max(len(p) + c for p, c in zip(prompts, caps)))
+        # applied below, so one long clip does not let short ones run on. Timestamps take a
+        # few more tokens.
+        extra = _TIMESTAMP_TOKENS if durations_s is not None else 0
+        max_length = min(_MAX_LENGTH_TOKENS, max(len(p) + c + extra for p, c in zip(prompts, caps)))
         raw = self._model.model.generate(
             encoded, prompts, beam_size=beam, patience=1, length_penalty=1,
             max_length=max_length, return_scores=True, return_no_speech_prob=True,
@@ -285,9 +302,15 @@ class WhisperBackend(ASRBackend):
             suppress_tokens=list(get_suppressed_tokens(tokenizers[0], [-1])),
         )
         decoded = []
-        for result, prompt, cap, tok in zip(raw, prompts, caps, tokenizers, strict=True):
+        for n, (result, prompt, cap, tok) in enumerate(zip(raw, prompts, caps, tokenizers,
+                                                           strict=True)):
             ids = list(result.sequences_ids[0])
-            prefix_len = len(prompt) - prompt.index(tok.no_timestamps) - 1
+            if durations_s is not None:
+                ids = _before_timestamp(ids, tok, durations_s[n])
+                forced = [t for t in prompt[len(tok.sot_sequence):] if t < tok.eot]
+                prefix_len = len(forced)
+            else:
+                prefix_len = len(prompt) - prompt.index(tok.no_timestamps) - 1
             new_tokens = [t for t in ids[prefix_len:] if t < tok.eot]
             hit_cap = len(new_tokens) >= cap or len(ids) + len(prompt) - prefix_len >= max_length
             tokens = [t for t in ids[: prefix_len] if t < tok.eot] + new_tokens[:cap]
@@ -296,6 +319,50 @@ class WhisperBackend(ASRBackend):
             decoded.append(_Decoded(tokens, text, cumulative / (len(ids) + 1),
                                     float(result.no_speech_prob), hit_cap))
         return decoded
+
+    def _retry_looping(self, looping: list[int], requests: list[Request],
+                       features: npt.NDArray[np.float32], encoded: Any,
+                       before_sot: list[list[int]], caps: list[int], tokenizers: list[Any],
+                       outputs: list[_Decoded]) -> None:
+        """Decode the `looping` outputs again, in place: first on the same encoder output with
+        timestamps, then (finals only) on a full 30 s window; a partial still looping is
+        blanked, the next one comes soon.
+
+        Whisper loops on a short clip in a padded window when it decodes without timestamps
+        ("10 of clubs 10 of clubs ..." for a 1 s clip); with timestamps, its training format,
+        it ends the segment where the speech ends. That costs one more greedy decode of the
+        clips concerned (40-110 ms for tiny.en on one AMD EPYC thread), where a 30 s window
+        costs an encoder pass eight times dearer (1.5-2.4 s there). Hotwords are left out of
+        both retries: they can seed loops.
+        """
+        rows = self._encoder_rows(features, encoded, looping)
+        timed = [tokenizers[i].sot_sequence
+                 + ([tokenizers[i].timestamp_begin,
+                     *self._prefix_tokens(tokenizers[i], requests[i].prefix)]
+                    if requests[i].prefix.strip() else [])
+                 for i in looping]
+        again = self._generate(rows, timed, [caps[i] for i in looping], 1,
+                               [tokenizers[i] for i in looping],
+                               durations_s=[requests[i].duration_s for i in looping])
+        for i, output in zip(looping, again, strict=True):
+            if not _looks_repetitive(output, suspect_doubles=False):
+                outputs[i] = output
+            elif requests[i].kind == "partial":
+                outputs[i] = _Decoded([], "", output.avg_logprob, output.no_speech_prob, True)
+            else:
+                plain = tokenizers[i].sot_sequence + [tokenizers[i].no_timestamps]
+                outputs[i] = self._retry_full_window(requests[i], plain, caps[i], tokenizers[i])
+
+    def _encoder_rows(self, features: npt.NDArray[np.float32], encoded: Any,
+                      rows: list[int]) -> Any:
+        """The encoder output of `rows` of the batch, as one StorageView."""
+        import ctranslate2
+
+        if len(rows) == len(features):
+            return encoded
+        if self._encode_one_by_one:  # on the CPU: the rows of what is there
+            return ctranslate2.StorageView.from_array(np.asarray(encoded)[rows])
+        return self._encode(features[rows])  # on a device: encoding again costs little
 
     def _retry_full_window(self, request: Request, prompt: list[int], cap: int,
                            tok: Any) -> _Decoded:
@@ -433,6 +500,27 @@ def _model_source(model: str, cache_dir: str = "") -> str:
                              Path(cache_dir) if cache_dir else default_cache_dir()))
     path = Path(model).expanduser()
     return str(path) if path.is_dir() else model
+
+
+def _silent(audio: npt.NDArray[np.float32]) -> bool:
+    """Whether `audio` is (nearly) digital silence, which holds no speech to decode."""
+    if audio.size == 0:
+        return True
+    as_float = audio.astype(np.float64)
+    return float(np.sqrt(np.dot(as_float, as_float) / audio.size)) < _SILENT_RMS
+
+
+def _before_timestamp(ids: list[int], tok: Any, duration_s: float) -> list[int]:
+    """The text tokens of a timestamped decode, up to its first timestamp past the clip's end
+    (with `_TIMESTAMP_SLACK_S`): Whisper goes on "hearing" the padding after it."""
+    kept = []
+    for token in ids:
+        if token >= tok.timestamp_begin:
+            if (token - tok.timestamp_begin) * _TIMESTAMP_S > duration_s + _TIMESTAMP_SLACK_S:
+                break
+            continue
+        kept.append(token)
+    return kept
 
 
 def _new_token_cap(duration_s: float) -> int:
