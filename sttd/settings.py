@@ -112,7 +112,7 @@ class Settings:
     # How long the scheduler lets requests gather before a batch starts.
     batch_window_ms: float = attrs.field(default=5.0, validator=_non_negative)
     # Expected work in one partial or file batch: a final arriving meanwhile waits about this.
-    max_batch_ms: float = attrs.field(default=250.0, validator=_positive)
+    max_batch_ms: float = attrs.field(default=500.0, validator=_positive)
     # Most of the engine's time that partials (and file pieces while streams are live) may take;
     # the rest stays free for finals.
     background_share: float = attrs.field(default=0.5, validator=_share)

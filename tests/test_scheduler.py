@@ -90,9 +90,10 @@ async def harness(nursery: trio.Nursery) -> Harness:
     metrics = Metrics.create(CollectorRegistry())
     runner = FakeRunner()
     live = LiveStreams()
-    # Batches of 4; the Settings defaults otherwise: a 5 ms window, max_final_wait_s 1.0,
-    # max_batch_ms 250, background_share 0.5, inference_timeout_s 30.
-    scheduler = _scheduler(runner, metrics, live_streams=live, max_inference_batch_size=4)
+    # Batches of 4, and 250 ms of work in a background batch; the Settings defaults otherwise:
+    # a 5 ms window, max_final_wait_s 1.0, background_share 0.5, inference_timeout_s 30.
+    scheduler = _scheduler(runner, metrics, live_streams=live, max_inference_batch_size=4,
+                           max_batch_ms=250.0)
     await nursery.start(scheduler.run)
     return Harness(scheduler, runner, metrics, live)
 
@@ -568,3 +569,44 @@ async def test_a_burst_of_finals_is_shared_by_the_free_lanes(autojump_clock: tri
         f"f{n}" for n in range(6)]
     # Side by side, one lane each (the second after one more gathering window at most).
     assert runner.starts[1] - runner.starts[0] <= 0.005 + 1e-9
+
+
+async def test_a_burst_waits_in_part_for_the_lane_busy_with_partials(
+        autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
+    """Half a burst of finals goes to the free lane at once; the other half waits for the lane
+    a partial batch holds, rather than queueing behind the first half."""
+    runner = FakeRunner(seconds=1.0)
+    scheduler = _scheduler(runner, lanes=2, batch_window_ms=5.0, background_share=1.0)
+    await nursery.start(scheduler.run)
+
+    async def submit(label: str, kind: str, at: float) -> None:
+        await trio.sleep(at)
+        await scheduler.submit(_request(label, kind))
+
+    async with trio.open_nursery() as jobs:
+        jobs.start_soon(submit, "p0", "partial", 0.0)
+        for n in range(6):
+            jobs.start_soon(submit, f"f{n}", "final", 0.5)
+    assert [(batch[0][0], len(batch)) for batch in runner.batches] == [
+        ("p", 1), ("f", 3), ("f", 3)]
+    assert runner.starts == pytest.approx([0.005, 0.505, 1.01])  # each after a 5 ms window
+
+
+async def test_partial_batches_grow_when_calls_have_a_fixed_cost(
+        autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
+    """A call that pays most of its cost once (a decoder step for the whole batch) takes more
+    partials in the same budget than a per-request average would let in."""
+    runner = FakeRunner(seconds=0.2, per_request_s=0.02)
+    scheduler = _scheduler(runner, batch_window_ms=0.0, max_batch_ms=500.0,
+                           background_share=1.0, max_inference_batch_size=32)
+    await nursery.start(scheduler.run)
+    for size in (1, 2, 3):  # calls of a few sizes teach it the line
+        async with trio.open_nursery() as jobs:
+            for n in range(size):
+                jobs.start_soon(scheduler.submit, _request(f"w{size}{n}", "partial"))
+    runner.batches.clear()
+    async with trio.open_nursery() as jobs:
+        for n in range(20):
+            jobs.start_soon(scheduler.submit, _request(f"p{n}", "partial"))
+    # (0.5 - 0.2) / 0.02 = 15 fit; one each (0.22 s) would have let 2 in.
+    assert [len(batch) for batch in runner.batches] == [15, 5]

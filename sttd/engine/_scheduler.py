@@ -11,11 +11,13 @@ it takes them in is the policy:
   delays a live caller's final. A batch holds one class only: finals never wait for partials
   riding along in their call. Partial batches, and file batches while any live stream is open
   (`LiveStreams`, which the engine counts for its sessions), are cut to ``max_batch_s`` of
-  expected work (from a running average of seconds per request), so a final that arrives
+  expected work (from a line fitted to the calls seen: a fixed part per call, a part per
+  request, `BatchCost`), so a final that arrives
   meanwhile waits at most about that long;
 * up to ``lanes`` batches run at once (STT_INFERENCE_LANES, or the backend's preferred number),
   at most one of them background work, so a final starts in a free lane even while a partial
-  batch is running, and finals waiting together are split among the free lanes. With one lane,
+  batch is running, and finals waiting together are split among the free lanes and the
+  background one (which takes its share when its batch ends). With one lane,
   calls run one after another;
 * background work (partials, and file pieces while live streams are open) may use at most
   ``background_share`` of the engine's time, all lanes counted: after a background batch that
@@ -54,6 +56,7 @@ import attrs
 import trio
 
 from sttd.backends.base import BatchPartlyFailed, Request, Result
+from sttd.engine._batch_cost import BatchCost
 from sttd.errors import BackendError, InferenceTimeout
 from sttd.metrics import Metrics
 from sttd.settings import Settings
@@ -65,8 +68,6 @@ log = logging.getLogger(__name__)
 RunBatch = Callable[[Sequence[Request]], Awaitable[list[Result]]]
 # Weight of the newest final's queue wait in the moving average behind `overloaded()`.
 _WAIT_EWMA_WEIGHT = 0.2
-# Weight of the newest batch in the moving average of seconds per request.
-_COST_EWMA_WEIGHT = 0.2
 # Time constant with which the overload signal fades while no final starts.
 _OVERLOAD_MEMORY_S = 5.0
 
@@ -192,8 +193,9 @@ class Scheduler:
     _batches: int = attrs.field(init=False, default=0)
     _final_wait_ewma_s: float = attrs.field(init=False, default=0.0)
     _final_wait_at: float = attrs.field(init=False, default=0.0)  # when it was last updated
-    # Seconds per request of each class, a moving average of observed batches.
-    _cost_s: dict[Priority, float] = attrs.field(init=False, factory=dict)
+    # What a call of each class costs against its size, fitted to the calls seen.
+    _costs: dict[Priority, BatchCost] = attrs.field(
+        init=False, factory=lambda: {p: BatchCost() for p in Priority})
     # Background batches may not start before this time (the duty-cycle cap).
     _background_at: float = attrs.field(init=False, default=-math.inf)
     # Calls in flight: the oldest submission time among each call's requests.
@@ -333,13 +335,16 @@ class Scheduler:
             if not queue or (paused and self._is_background(priority)):
                 continue
             room = self.config.max_batch
-            cost = self._cost_s.get(priority)
-            if self._is_background(priority) and cost:
-                room = max(1, min(room, int(self.config.max_batch_s / cost)))
+            fits = self._costs[priority].room(self.config.max_batch_s)
+            if self._is_background(priority) and fits is not None:
+                room = min(room, fits)
             elif priority is Priority.FINAL:
-                # A burst of finals is shared by every free lane, not queued behind one.
+                # A burst of finals is shared by the free lanes and the one busy with
+                # background work (it frees within about max_batch_s and then takes its
+                # share), not queued behind one lane.
                 free = self.config.lanes - self._lanes_busy
-                room = min(room, -(-len(queue) // max(free, 1)))
+                sharing = free + (1 if self._background_busy else 0)
+                room = min(room, -(-len(queue) // max(sharing, 1)))
             batch = queue[:room]
             del queue[:room]
             break
@@ -372,7 +377,7 @@ class Scheduler:
     async def _call(self, batch: list[_Pending], started: float) -> None:
         try:
             results = await self.run_batch([pending.request for pending in batch])
-            self._learn_cost(batch[0].priority, (trio.current_time() - started) / len(batch))
+            self._costs[batch[0].priority].observe(len(batch), trio.current_time() - started)
         except BatchPartlyFailed as exc:
             # The backend told each request's outcome: a failure fails only its own request.
             if len(exc.outcomes) != len(batch):
@@ -401,11 +406,6 @@ class Scheduler:
         # Paired before any is answered: results that do not match fail the whole batch.
         for pending, result in list(zip(batch, results, strict=True)):
             self._finish(pending, result, None)
-
-    def _learn_cost(self, priority: Priority, seconds: float) -> None:
-        old = self._cost_s.get(priority)
-        self._cost_s[priority] = seconds if old is None else old + _COST_EWMA_WEIGHT * (
-            seconds - old)
 
     def _finish(self, pending: _Pending, result: Result | None,
                 error: BackendError | None) -> None:
