@@ -71,6 +71,7 @@ class Metrics:
     audio_skipped_seconds_total: Counter
     warnings_total: Counter
     partials_dropped_total: Counter
+    speculative_finals_total: Counter
     errors_total: Counter
     inference_duration_seconds: Histogram
     final_latency_seconds: Histogram
@@ -122,6 +123,12 @@ class Metrics:
                 "sttd_partials_dropped_total",
                 "Partial transcripts dropped because a session's output queue was 80% full.",
                 registry=registry,
+            ),
+            speculative_finals_total=Counter(
+                "sttd_speculative_finals_total",
+                "Finals decoded early, while the VAD waited out the silence after the speech, by "
+                "outcome: used as the utterance's final, or dropped (speech resumed).",
+                ["outcome"], registry=registry,
             ),
             errors_total=Counter(
                 "sttd_errors_total", "Errors reported to clients, by code.", ["code"],

@@ -209,6 +209,9 @@ class Session:
     _output: OutputSender | None = attrs.field(init=False, default=None)
     _partial_in_flight: tuple[trio.CancelScope, trio.Event] | None = attrs.field(
         init=False, default=None)
+    # The speculative final being decoded, with its scope and its batch's start.
+    _speculation_in_flight: tuple[Decode, trio.CancelScope, trio.Event] | None = attrs.field(
+        init=False, default=None)
     # The receive loop's scope: cancelling it ends the session's input (drain).
     _recv_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _draining: bool = attrs.field(init=False, default=False)
@@ -267,6 +270,10 @@ class Session:
         finally:
             self.metrics.sessions_active.dec()
             self.metrics.sessions_total.labels(self.outcome).inc()
+            core = self.admission.core
+            self.metrics.speculative_finals_total.labels("used").inc(core.speculations_used)
+            self.metrics.speculative_finals_total.labels("dropped").inc(
+                core.speculations_offered - core.speculations_used)
             log.info("session.closed sid=%s outcome=%s dropped_frames=%d", self.session_id,
                      self.outcome, send_audio.statistics().dropped_frames)
 
@@ -420,13 +427,19 @@ class Session:
                                 self._withdraw_partial()  # its final makes it stale
                                 await room.acquire()
                                 finals.start_soon(self._final, output, send_out, room)
+                    self._withdraw_speculation()  # if the round made it stale
+                    speculation = core.take_speculative()
+                    if speculation is not None:
+                        await room.acquire()
+                        finals.start_soon(self._speculate, speculation, send_out, room)
                     partial = core.take_partial()
                     if partial is not None and not lagging:
                         # The partial task decodes it; a newer one replaces an older still queued.
                         slot.put(partial)
                         self._withdraw_partial()
                 # The session is ending: the nursery waits for the finals in flight, the last of
-                # which releases the Close.
+                # which releases the Close (a speculation the end made stale is withdrawn).
+                self._withdraw_speculation()
 
     async def _final(self, decode: Decode, send_out: OutputSender, room: trio.Semaphore
                      ) -> None:
@@ -434,6 +447,30 @@ class Session:
             await self._emit(send_out, await self._decode(decode))
         finally:
             room.release()
+
+    async def _speculate(self, decode: Decode, send_out: OutputSender, room: trio.Semaphore
+                         ) -> None:
+        """Decode a speculative final; withdrawn (`_withdraw_speculation`) while it waits in
+        the engine if the core drops it."""
+        started = trio.Event()
+        events: list[SessionEvent] = []
+        try:
+            with trio.CancelScope() as scope:
+                self._speculation_in_flight = (decode, scope, started)
+                events = await self._decode(decode, started=started)
+        finally:
+            if self._speculation_in_flight is not None and self._speculation_in_flight[0] is decode:
+                self._speculation_in_flight = None
+            room.release()
+        await self._emit(send_out, events)
+
+    def _withdraw_speculation(self) -> None:
+        """Cancel the speculative final waiting in the engine if the core dropped it."""
+        if self._speculation_in_flight is None:
+            return
+        decode, scope, started = self._speculation_in_flight
+        if not started.is_set() and self.admission.core.stale(decode):
+            scope.cancel()
 
     async def _partials(self, slot: LatestSlot[Decode], send_out: OutputSender) -> None:
         """Decode the newest partial, one at a time, beside the infer task."""

@@ -104,6 +104,10 @@ class Settings:
     # that ends an utterance (for either VAD).
     vad_threshold: float = attrs.field(default=300.0, validator=_positive)
     vad_silence_ms: int = attrs.field(default=500, validator=_positive)
+    # Silence after speech from which a session's final is decoded early, while the VAD waits
+    # out the rest of STT_VAD_SILENCE_MS (used if the utterance does end there, dropped if the
+    # speech goes on); 0: never. At least the 200 ms of audio kept after speech.
+    speculate_ms: int = attrs.field(default=200, validator=_non_negative)
     # Longest utterance before it is cut at its quietest recent point.
     max_utterance_s: float = attrs.field(default=15.0, validator=_positive)
     # Default interval of new audio between partial re-decodes; a session's partial_ms wins.

@@ -262,6 +262,12 @@ class Endpointer:
         return self._in_speech
 
     @property
+    def last_speech_end(self) -> int:
+        """Where the last speech frame ended (absolute sample); in speech, where a `SpeechEnd`
+        would put the end if the silence since then lasts."""
+        return self._last_speech_end
+
+    @property
     def pending_start(self) -> int:
         """Earliest sample a future `SpeechStart` can name: the current run's start, or now."""
         return self._run_start if self._run_start is not None else self._position

@@ -406,7 +406,8 @@ async def test_a_slow_engine_delays_finals_but_the_session_keeps_listening(
     waited, the session stopped reading. Now the VAD keeps up and finals queue in the engine."""
     gate = trio.Event()
     engine = FakeEngine(gate=gate)
-    session, metrics = _session(engine, max_lag_s=1.0)
+    # No speculative finals: this counts one decode per utterance.
+    session, metrics = _session(engine, max_lag_s=1.0, speculate_ms=0)
     transport = FakeTransport.create()
     names = ["ps_cards_001", "ps_goforward", "ps_librivox_0880", "ps_cards_001"]
     parts = [np.concatenate([load_pcm(name), silence(1.0)]) for name in names]
@@ -642,3 +643,47 @@ async def test_a_round_reports_the_backlog_behind_its_first_item() -> None:
     assert len(items) == 3
     assert backlog == 2 * 320
     assert receive.samples_buffered == 0
+
+
+@attrs.define
+class HoldingEngine(FakeEngine):
+    """Holds every final in its queue (not started) until `gate` is set, and records the
+    finals withdrawn from it."""
+
+    withdrawn: list[str] = attrs.field(factory=list)
+
+    async def transcribe(self, request: Request, *, started: trio.Event | None = None) -> Result:
+        if request.kind == "final":
+            try:
+                assert self.gate is not None
+                await self.gate.wait()
+            except trio.Cancelled:
+                self.withdrawn.append(request.kind)
+                raise
+        return await super().transcribe(request, started=started)
+
+
+async def test_a_speculative_final_is_withdrawn_when_speech_resumes_and_used_when_it_ends(
+        autojump_clock: trio.abc.Clock) -> None:
+    gate = trio.Event()
+    engine = HoldingEngine(gate=gate)
+    session, metrics = _session(engine)
+    transport = FakeTransport.create()
+    # Speech, a 300 ms pause (a speculation, then speech again), speech, a long pause.
+    loud = np.full(16000, 3000, np.int16)
+    audio = np.concatenate([loud, silence(0.3), loud, silence(1.0)])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, transport, CODEC)
+        for frame in _frames(audio):
+            await transport.incoming_send.send(frame)
+            await trio.sleep(0.02)
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.withdrawn == ["final"]  # the first pause's, never decoded
+        gate.set()
+        await transport.incoming_send.send(json.dumps({"type": "end"}))
+        await transport.closed.wait()
+    assert engine.calls.count("final") == 1  # the second pause's speculation was the final
+    assert transport.close_code == 1000
+    used = metrics.speculative_finals_total.labels("used")._value.get()
+    dropped = metrics.speculative_finals_total.labels("dropped")._value.get()
+    assert (used, dropped) == (1, 1)

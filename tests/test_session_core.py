@@ -241,3 +241,91 @@ def test_configure_changes_language_hotwords_and_turn_detection_from_now_on() ->
     assert decodes(out) == []
     [final] = decodes(c.feed(Commit(2.0)))
     assert (final.request.language, final.request.hotwords) == ("de", ("Acme",))
+
+
+# -- speculative finals -----------------------------------------------------------------------
+
+
+def speculating_core() -> SessionCore:
+    tracker = UtteranceTracker(make_endpointer("energy", threshold_rms=300.0, silence_ms=500),
+                               max_utterance_s=15.0, partial_ms=500, speculate_ms=200)
+    return SessionCore(tracker, SessionOptions(partial_ms=500))
+
+
+def ms(samples_ms: int, loud: bool = False) -> AudioFrame:
+    return AudioFrame((LOUD if loud else QUIET)[: samples_ms * 16], 0.0)
+
+
+def paused(c: SessionCore) -> Decode:
+    """One second of speech, then 200 ms of silence: the speculative final it offers."""
+    assert decodes(c.feed(ms(1000, loud=True))) == []
+    assert c.take_speculative() is None
+    c.take_partial()  # the speech's own partial
+    c.feed(ms(180))
+    assert c.take_speculative() is None  # not yet 200 ms of silence
+    c.feed(ms(40))
+    speculation = c.take_speculative()
+    assert speculation is not None and speculation.speculative and speculation.kind == "final"
+    assert c.take_speculative() is None  # offered once
+    return speculation
+
+
+def test_a_speculation_whose_silence_lasts_is_the_final_without_a_second_decode() -> None:
+    c = speculating_core()
+    speculation = paused(c)
+    assert c.take_partial() is None  # the speaker paused: nothing new to show
+    assert c.decoded(speculation, Result("go forward")) == []  # its utterance has not ended
+    out = c.feed(AudioFrame(QUIET[: 300 * 16], 7.5))  # 520 ms of silence: the end
+    assert decodes(out) == []
+    [final] = events(out)
+    assert isinstance(final, Final)
+    assert (final.text, final.cause, final.ended_at) == ("go forward", "speech_end", 7.5)
+    assert (final.start_ms, final.end_ms) == (speculation.utterance.start_ms,
+                                              speculation.utterance.end_ms)
+    assert (c.speculations_offered, c.speculations_used) == (1, 1)
+
+
+def test_a_speculation_that_ends_before_its_result_answers_when_the_result_comes() -> None:
+    c = speculating_core()
+    speculation = paused(c)
+    assert c.feed(AudioFrame(QUIET[: 300 * 16], 7.5)) == []
+    assert c.stale(speculation) is False  # it is the final now: not to be withdrawn
+    [final] = c.decoded(speculation, Result("go forward"))
+    assert isinstance(final, Final) and final.text == "go forward" and final.ended_at == 7.5
+
+
+def test_speech_resuming_drops_the_speculation_and_the_final_is_decoded_afresh() -> None:
+    c = speculating_core()
+    speculation = paused(c)
+    c.feed(ms(300, loud=True))
+    assert c.stale(speculation) is True  # withdrawn if it has not started
+    assert c.decoded(speculation, Result("go")) == []  # and ignored if it has
+    assert c.failed(speculation, BackendError("late")) == []
+    c.take_partial()
+    c.feed(ms(220))
+    again = c.take_speculative()
+    assert again is not None and again is not speculation
+    assert again.utterance.end_ms > speculation.utterance.end_ms
+    assert c.feed(ms(300)) == []  # the end: the later speculation serves, no new decode
+    [final] = c.decoded(again, Result("go forward now"))
+    assert isinstance(final, Final) and final.text == "go forward now"
+    assert (c.speculations_offered, c.speculations_used) == (2, 1)
+
+
+def test_a_failed_speculation_is_decoded_again_when_its_utterance_ends() -> None:
+    c = speculating_core()
+    speculation = paused(c)
+    assert c.failed(speculation, BackendError("model fell over")) == []
+    [final] = decodes(c.feed(AudioFrame(QUIET[: 300 * 16], 7.5)))
+    assert final is not speculation and not final.speculative and final.ended_at == 7.5
+    assert c.speculations_used == 0
+
+
+def test_a_commit_after_a_speculation_decodes_the_committed_audio() -> None:
+    c = speculating_core()
+    speculation = paused(c)
+    c.feed(ms(100))
+    [final] = decodes(c.feed(Commit(9.0)))
+    assert final is not speculation and final.cause == "commit"
+    assert final.utterance.end_ms > speculation.utterance.end_ms
+    assert c.stale(speculation) is True

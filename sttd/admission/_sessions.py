@@ -82,7 +82,8 @@ def session_core(request: SessionRequest, settings: Settings) -> SessionCore:
     endpointer = make_endpointer(settings.vad, threshold_rms=settings.vad_threshold,
                                  silence_ms=silence_ms, net=net)
     tracker = UtteranceTracker(endpointer, partial_ms=options.partial_ms,
-                               max_utterance_s=settings.max_utterance_s)
+                               max_utterance_s=settings.max_utterance_s,
+                               speculate_ms=settings.speculate_ms or None)
     return SessionCore(tracker, options)
 
 

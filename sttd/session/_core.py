@@ -19,6 +19,14 @@ session does not wait for one before listening on). A partial is only the newest
 finalized meanwhile, or that comes back while a final is outstanding, is dropped (and so is its
 failure), and one whose text did not change is not sent.
 
+Speculation. Once an open utterance has been silent for a while (the tracker's
+``speculate_ms``), `take_speculative` asks for its final early, as it will be if the silence lasts,
+so the decode runs while the endpointer waits out the rest of its silence. If the utterance
+then ends with exactly that audio, the speculative decode is its final (no second decode); if
+speech resumes, or a commit, a cut or the end closes it otherwise, the speculation is dropped
+(`stale`) and its outcome ignored. No partial is asked for while a speculation stands: the
+speaker has paused, there is nothing new to show.
+
 Stability. Each partial's decode is forced to start with the words already shown as stable
 (`PartialStabilizer`), so no partial takes a stable word back; requesting a final resets it.
 The final is a fresh decode of the whole utterance: the transcript of record.
@@ -107,6 +115,11 @@ class Stop:
 InputItem = AudioFrame | Gap | Commit | End | Stop | Clear | Configure
 
 
+def _same_audio(a: Utterance, b: Utterance) -> bool:
+    return (a.utterance_id, a.start_ms, a.end_ms, a.audio.size) == (
+        b.utterance_id, b.start_ms, b.end_ms, b.audio.size)
+
+
 def stream_words(words: Sequence[RecognisedWord], start_ms: int) -> tuple[Word, ...]:
     """A backend's words (seconds into its request) as words of the client's stream (ms), for
     an utterance or a file piece that starts at `start_ms`."""
@@ -128,10 +141,31 @@ class Decode:
     ended_at: float | None = None
     cause: FinalCause = "speech_end"
     forced: bool = False
+    # A final asked for before its utterance ended (`SessionCore.take_speculative`).
+    speculative: bool = False
 
     @property
     def kind(self) -> str:
         return self.utterance.kind
+
+
+@attrs.frozen
+class _Ending:
+    """How a final's utterance ended: what the event reports (`Decode`'s fields of the same
+    names), for a speculative decode that became the final."""
+
+    ended_at: float
+    cause: FinalCause
+    forced: bool
+
+
+@attrs.frozen
+class _Outcome:
+    """A speculative final's outcome, come before its utterance ended."""
+
+    result: Result | None
+    error: BackendError | None
+    backlog_ms: int
 
 
 @attrs.define(eq=False)
@@ -140,6 +174,8 @@ class _Slot:
 
     decode: Decode | None = None
     events: list[SessionEvent] = attrs.Factory(list)
+    # A speculative decode in this slot: how its utterance did end.
+    ending: _Ending | None = None
     # An utterance end is due here: whether to send one is decided when the slot's turn comes.
     utterance_end: bool = False
 
@@ -166,6 +202,12 @@ class SessionCore:
     # The highest utterance id whose `SpeechStarted` went out (options.turn_events).
     _announced: int = attrs.field(init=False, default=-1)
     _last_partial: tuple[int, str] | None = attrs.field(init=False, default=None)
+    # The speculative final standing for the open utterance, and its outcome once it came.
+    _speculation: Decode | None = attrs.field(init=False, default=None)
+    _speculated: _Outcome | None = attrs.field(init=False, default=None)
+    # Speculative finals asked for, and those that became their utterance's final.
+    speculations_offered: int = attrs.field(init=False, default=0)
+    speculations_used: int = attrs.field(init=False, default=0)
     # For `options.utterance_end_ms`: the stream time (ms) at which an utterance end is due if
     # no speech comes first, and the end of the last word sent in a final since the last one.
     _utterance_end_at_ms: int | None = attrs.field(init=False, default=None)
@@ -198,6 +240,9 @@ class SessionCore:
         turns = self.options.turn_events
         if isinstance(item, AudioFrame):
             finals = self.tracker.feed(item.samples)
+            if (self._speculation is not None and not finals
+                    and not self.tracker.speculation_holds(self._speculation.utterance)):
+                self._drop_speculation()  # speech resumed
             if not finals and self.options.utterance_end_ms is None and not (
                     turns and (opened := self.tracker.open_utterance_id) is not None
                     and opened > self._announced):
@@ -205,21 +250,22 @@ class SessionCore:
             for u in finals:
                 cause: FinalCause = "max_length" if u.cut else "speech_end"
                 out += self._turns(u, stopped=not u.cut)
-                out.append(self._final(u, item.received_at, cause))
+                out += self._final(u, item.received_at, cause)
             out += self._opened()
         elif isinstance(item, Commit):
             finals = self.tracker.commit()
             for u in finals:
                 out += self._turns(u)
-                out.append(self._final(u, item.received_at, "commit", forced=True))
+                out += self._final(u, item.received_at, "commit", forced=True)
             if turns and not finals:
                 out.append(Committed(None, self.tracker.position // SAMPLES_PER_MS))
         elif isinstance(item, Gap):
             finals = self.tracker.skip(item.samples)
             for u in finals:
                 out += self._turns(u)
-                out.append(self._final(u, item.received_at, "skip"))
+                out += self._final(u, item.received_at, "skip")
         elif isinstance(item, Clear):
+            self._drop_speculation()
             discarded = self.tracker.discard()
             if discarded is not None:
                 self._finalized = discarded  # its partials are stale, and it has no final
@@ -238,7 +284,7 @@ class SessionCore:
             forced = isinstance(item, End)
             for u in self.tracker.commit():
                 out += self._turns(u)
-                out.append(self._final(u, item.received_at, "end", forced=forced))
+                out += self._final(u, item.received_at, "end", forced=forced)
             self._ending = True
             self._slots.append(_Slot(events=self._ending_events(item)))
             return [*out, *self._release()]
@@ -281,14 +327,32 @@ class SessionCore:
         self.options = options
 
     def stale(self, decode: Decode) -> bool:
-        """Whether `decode` is a partial not worth decoding any more: its utterance was
-        finalized, or the session is ending."""
+        """Whether `decode` is not worth decoding any more: a partial whose utterance was
+        finalized, or of a session that is ending; a speculative final that will not be its
+        utterance's final."""
+        if decode.speculative:
+            return decode is not self._speculation and not any(
+                slot.decode is decode for slot in self._slots)
         return decode.kind == "partial" and (
             self._ending or decode.utterance.utterance_id <= self._finalized)
 
+    def take_speculative(self) -> Decode | None:
+        """The open utterance's final to decode early, once its speaker has paused long
+        enough (the tracker's ``speculate_ms``); see the module docstring."""
+        if self._ending:
+            return None
+        utterance = self.tracker.take_speculative()
+        if utterance is None:
+            return None
+        self._speculation = Decode(utterance, self._request(utterance), speculative=True)
+        self._speculated = None
+        self.speculations_offered += 1
+        return self._speculation
+
     def take_partial(self) -> Decode | None:
-        """A partial to decode, if ``partial_ms`` of new speech came since the last one."""
-        if self._ending or not self.options.partials:
+        """A partial to decode, if ``partial_ms`` of new speech came since the last one (and
+        no speculative final stands for the utterance: its speaker paused)."""
+        if self._ending or not self.options.partials or self._speculation is not None:
             return None
         utterance = self.tracker.take_partial()
         if utterance is None:
@@ -309,16 +373,31 @@ class SessionCore:
             if utterance.utterance_id > self._finalized and result.language:
                 self._partial_language = result.language
             return self._partial(utterance, text)
-        event: Final | None = None
+        if decode is self._speculation:  # its utterance has not ended yet: kept for then
+            self._speculated = _Outcome(result, None, backlog_ms)
+            return []
+        slot = self._slot_of(decode)
+        if slot is None:
+            return []  # a speculation that was dropped
+        return self._resolve(slot, self._final_events(decode, slot.ending, result, backlog_ms))
+
+    def _final_events(self, decode: Decode, ending: _Ending | None, result: Result,
+                      backlog_ms: int) -> list[SessionEvent]:
+        """The final event for `decode`'s result (none for an empty one nobody asked for)."""
+        utterance = decode.utterance
+        text = result.text.strip()
+        ended_at, cause, forced = ((ending.ended_at, ending.cause, ending.forced)
+                                   if ending is not None
+                                   else (decode.ended_at, decode.cause, decode.forced))
         # A protocol that reports turns gets an answer for every utterance it saw committed.
-        if text or decode.forced or self.options.turn_events:
-            event = Final(
-                utterance_id=utterance.utterance_id, text=text,
-                start_ms=utterance.start_ms, end_ms=utterance.end_ms,
-                words=stream_words(result.words, utterance.start_ms) if text else (),
-                confidence=result.confidence, language=result.language,
-                backlog_ms=backlog_ms, cause=decode.cause, ended_at=decode.ended_at)
-        return self._resolve(decode, [event] if event is not None else [])
+        if not (text or forced or self.options.turn_events):
+            return []
+        return [Final(
+            utterance_id=utterance.utterance_id, text=text,
+            start_ms=utterance.start_ms, end_ms=utterance.end_ms,
+            words=stream_words(result.words, utterance.start_ms) if text else (),
+            confidence=result.confidence, language=result.language,
+            backlog_ms=backlog_ms, cause=cause, ended_at=ended_at)]
 
     def failed(self, decode: Decode, error: BackendError) -> list[SessionEvent]:
         """`decode` failed: the error, reported in its turn; the session goes on.
@@ -331,7 +410,13 @@ class SessionCore:
                                   "the session goes on", utterance_id=utterance_id)
         if decode.kind == "partial":
             return [] if utterance_id <= self._finalized else [event]
-        return self._resolve(decode, [event])
+        if decode is self._speculation:  # its final will be decoded again when it ends
+            self._speculated = _Outcome(None, error, 0)
+            return []
+        slot = self._slot_of(decode)
+        if slot is None:
+            return []  # a speculation that was dropped
+        return self._resolve(slot, [event])
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -342,16 +427,40 @@ class SessionCore:
                        prefix=prefix, prefix_language=prefix_language)
 
     def _final(self, utterance: Utterance, ended_at: float, cause: FinalCause, *,
-               forced: bool = False) -> Decode:
+               forced: bool = False) -> list[Decode]:
+        """Order `utterance`'s final; the decode to run for it (none where the speculation
+        standing for it is that final)."""
         # Any partial of this utterance is stale now, and its stable words promise nothing
         # about the next one.
         self._finalized = utterance.utterance_id
         self._stabilizer.reset()
         self._partial_language = None
+        speculation, outcome = self._speculation, self._speculated
+        self._drop_speculation()
+        if (speculation is not None and _same_audio(speculation.utterance, utterance)
+                and (outcome is None or outcome.error is None)):
+            slot = _Slot(decode=speculation, ending=_Ending(ended_at, cause, forced))
+            self._slots.append(slot)
+            self.speculations_used += 1
+            if outcome is not None and outcome.result is not None:  # released by the caller
+                slot.decode = None
+                slot.events = self._final_events(speculation, slot.ending, outcome.result,
+                                                 outcome.backlog_ms)
+            return []
         decode = Decode(utterance, self._request(utterance), ended_at=ended_at, cause=cause,
                         forced=forced)
         self._slots.append(_Slot(decode=decode))
-        return decode
+        return [decode]
+
+    def _drop_speculation(self) -> None:
+        self._speculation = None
+        self._speculated = None
+
+    def _slot_of(self, decode: Decode) -> _Slot | None:
+        for slot in self._slots:
+            if slot.decode is decode:
+                return slot
+        return None
 
     def _partial(self, utterance: Utterance, text: str) -> list[SessionEvent]:
         stale = utterance.utterance_id <= self._finalized or any(s.waiting for s in self._slots)
@@ -366,13 +475,8 @@ class SessionCore:
         return [Partial(utterance.utterance_id, stable, unstable, utterance.start_ms,
                         utterance.end_ms)]
 
-    def _resolve(self, decode: Decode, events: list[SessionEvent]) -> list[SessionEvent]:
-        for slot in self._slots:
-            if slot.decode is decode:
-                slot.decode, slot.events = None, events
-                break
-        else:
-            raise ValueError(f"no final of utterance {decode.utterance.utterance_id} is waiting")
+    def _resolve(self, slot: _Slot, events: list[SessionEvent]) -> list[SessionEvent]:
+        slot.decode, slot.events = None, events
         return self._release()
 
     def _release(self) -> list[SessionEvent]:

@@ -8,7 +8,12 @@ Audio goes in with `feed`; `Utterance`s to decode come out:
   (then it is cut at the quietest frame of its last few seconds and the rest opens the next
   utterance);
 * a **partial** `Utterance` (its audio so far) from `take_partial` once ``partial_ms`` of new
-  audio arrived in the open utterance since the last partial.
+  audio arrived in the open utterance since the last partial;
+* a **speculative final** from `take_speculative` once ``speculate_ms`` of silence (at least
+  ``tail_ms``) followed the open utterance's last speech frame: the audio its final will have
+  if the silence lasts until the endpointer ends the utterance, offered early so it can be
+  decoded while the endpointer waits. `speculation_holds` says whether it still is that final
+  (speech resumed, a commit or a cut make it another one).
 
 An utterance's audio runs from ``preroll_ms`` before the detected speech start (never before the
 previous utterance's end) to ``tail_ms`` after the last speech frame (when that audio exists).
@@ -114,11 +119,17 @@ class UtteranceTracker:
     # False: the VAD's speech ends do not close utterances (only a commit or the length limit
     # does); its speech starts still open them.
     endpointing: bool = True
+    # Silence after the last speech frame from which a speculative final is offered (never
+    # before ``tail_ms``); None: never.
+    speculate_ms: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
     _buffer: SampleBuffer = attrs.field(init=False, factory=SampleBuffer)
     _next_id: int = attrs.field(init=False, default=0)
     _open_start: int | None = attrs.field(init=False, default=None)
     _floor: int = attrs.field(init=False, default=0)  # end of the previous utterance
     _partial_at: int = attrs.field(init=False, default=0)  # stream position of last partial
+    # The (utterance id, end sample) of the last speculative final offered.
+    _speculated: tuple[int, int] | None = attrs.field(init=False, default=None)
 
     @property
     def position(self) -> int:
@@ -191,6 +202,36 @@ class UtteranceTracker:
             return None
         self._partial_at = self.position
         return self._utterance("partial", self._open_start, self.position)
+
+    def take_speculative(self) -> Utterance | None:
+        """The open utterance's final as it will be if the silence after its last speech frame
+        lasts, once ``speculate_ms`` of that silence came; each such end is offered once."""
+        end = self._speculative_end()
+        if end is None or self._open_start is None or self._speculated == (self._next_id, end):
+            return None
+        self._speculated = (self._next_id, end)
+        return self._utterance("final", self._open_start, end)
+
+    def speculation_holds(self, speculative: Utterance) -> bool:
+        """Whether `speculative` (from `take_speculative`) is still the final the open
+        utterance will get when its silence lasts."""
+        end = self._speculative_end()
+        return (end is not None and self._open_start is not None
+                and speculative.utterance_id == self._next_id
+                and speculative.start_ms == self._open_start // SAMPLES_PER_MS
+                and speculative.end_ms == end // SAMPLES_PER_MS)
+
+    def _speculative_end(self) -> int | None:
+        """Where the open utterance's final will end if its silence lasts, once the silence
+        is long enough to speculate; else None."""
+        if (self.speculate_ms is None or self._open_start is None or not self.endpointing
+                or not self.endpointer.in_speech):
+            return None
+        end = self.endpointer.last_speech_end + self.tail_ms * SAMPLES_PER_MS
+        wait = max(self.speculate_ms, self.tail_ms) * SAMPLES_PER_MS
+        if self.position < self.endpointer.last_speech_end + wait or end > self.position:
+            return None
+        return end
 
     def _open(self, speech_start: int) -> None:
         if self._open_start is not None:
