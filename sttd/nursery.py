@@ -45,7 +45,7 @@ import math
 import secrets
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import attrs
 import numpy as np
@@ -89,11 +89,14 @@ from sttd.errors import BackendError, ClientError, InvalidMessage
 from sttd.metrics import Metrics, SessionOutcome
 from sttd.session import AudioFrame, Decode, InputItem, SessionCore, Stop
 from sttd.settings import Settings
+from sttd.vad import VadSteps, run_steps
 
-__all__ = ["Admission", "Session", "SessionStatistics", "Transcriber", "Transport",
+__all__ = ["Admission", "Session", "SessionStatistics", "Transcriber", "Transport", "VadDriver",
            "count_refusal", "refuse", "serve_connection"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # Upper bound on each cleanup step (last messages, close frame) once the session is ending.
 _CLOSE_TIMEOUT_S = 5.0
@@ -120,6 +123,20 @@ class Transport(Protocol):
         ...
 
     async def close(self, code: int, reason: str) -> None: ...
+
+
+class VadDriver(Protocol):
+    """Runs a core's VAD steps, scoring the net calls they suspend at."""
+
+    async def drive(self, steps: VadSteps[_T]) -> _T: ...
+
+
+class _AtOnce:
+    """Scores each net call at once, on the event loop (`sttd.vad.run_steps`): for sessions
+    without a shared batcher (tests, the energy VAD, which never calls a net)."""
+
+    async def drive(self, steps: VadSteps[_T]) -> _T:
+        return run_steps(steps)
 
 
 class Transcriber(Protocol):
@@ -158,6 +175,8 @@ class Admission:
     # moment it was admitted, so that connections admitted together see each other); the
     # connection closes it when it ends, whether or not its session ran.
     hold: contextlib.ExitStack = attrs.field(factory=contextlib.ExitStack)
+    # Who scores the VAD net's calls (the server's shared `VadBatcher`).
+    vad: VadDriver = attrs.field(factory=_AtOnce)
 
 
 @attrs.frozen
@@ -417,7 +436,7 @@ class Session:
                         if isinstance(item, AudioFrame):
                             self.metrics.frame_lag_seconds.observe(
                                 trio.current_time() - item.received_at)
-                        outputs = core.feed(item)
+                        outputs = await self.admission.vad.drive(core.feed_steps(item))
                         # What the core released now goes out before any decode it asked for
                         # can release more (the events come first in its order).
                         await self._emit(send_out, [out for out in outputs

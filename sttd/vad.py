@@ -15,6 +15,14 @@ Positions are absolute sample indices from the start of the stream. `reset` forg
 run (after a forced final) without touching the stream position. The endpointer also keeps each
 frame's RMS for the recent past, so a caller can find the quietest place to cut a long utterance.
 
+Asking the net is the one costly step, so the VAD never calls it behind its caller's back: a
+frame that needs the net suspends the VAD, which yields a `NetCall` (the window, and the net
+whose state it goes with) and goes on with the probability sent back. `Endpointer.feed_steps`
+(and the tracker's and the session core's ``feed_steps`` over it) are such generators; the
+caller scores the calls however it likes: `run_steps` one at a time at once (what the plain
+``feed`` methods do), or many sessions' calls in one batched run off the event loop
+(`sttd.engine.VadBatcher`). A stream has at most one call out at a time.
+
 `SileroClassifier` asks a small neural net (Silero VAD, 32 ms windows) for a speech probability
 and applies hysteresis: a frame starts speech at ``threshold`` and continues it down to
 ``threshold - hysteresis``. Frames quieter than ``floor_rms`` never reach the net, so silent
@@ -28,7 +36,8 @@ from __future__ import annotations
 import collections
 import importlib.resources
 import threading
-from typing import Protocol
+from collections.abc import Generator
+from typing import Protocol, TypeVar
 
 import attrs
 import numpy as np
@@ -40,6 +49,9 @@ from sttd.audio import SAMPLE_RATE_HZ, pcm16_to_float32
 __all__ = [
     "EnergyClassifier",
     "Endpointer",
+    "NetCall",
+    "VadSteps",
+    "run_steps",
     "make_endpointer",
     "set_speech_threshold",
     "FrameClassifier",
@@ -79,14 +91,53 @@ _NOISE_RISE = 10 ** (3 / 20 / 31)
 _GATE_AFTER_FRAMES = 16
 
 
+_T = TypeVar("_T")
+
+
+class SpeechNet(Protocol):
+    """A stateful speech-probability model over consecutive 32 ms windows (`SileroStream`)."""
+
+    def process(self, data: memoryview) -> float:
+        """Speech probability in [0, 1] of one window of float32 samples in [-1, 1]."""
+        ...
+
+    def reset(self) -> None:
+        """Start an independent stream: forget the recurrent state and the audio context."""
+        ...
+
+
+@attrs.frozen(eq=False)
+class NetCall:
+    """A window the VAD needs scored before it can go on: ``net.process(data)``, whose
+    answer is sent back into the steps that yielded this."""
+
+    net: SpeechNet
+    data: memoryview = attrs.field(repr=False)
+
+
+# Steps of VAD work that suspend at each `NetCall` and end with a `_T`.
+VadSteps = Generator[NetCall, float, _T]
+
+
+def run_steps(steps: VadSteps[_T]) -> _T:
+    """Drive `steps` to their end, scoring each call at once, one at a time."""
+    try:
+        call = next(steps)
+        while True:
+            call = steps.send(call.net.process(call.data))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]  # the generator's return value
+
+
 class FrameClassifier(Protocol):
     """Labels fixed-size frames of 16 kHz int16 audio as speech or not."""
 
     @property
     def frame_samples(self) -> int: ...
 
-    def is_speech(self, frame: npt.NDArray[np.int16], rms: float) -> bool:
-        """Whether `frame` (exactly `frame_samples` long, RMS `rms`) holds speech."""
+    def classify(self, frame: npt.NDArray[np.int16], rms: float) -> VadSteps[bool]:
+        """Whether `frame` (exactly `frame_samples` long, RMS `rms`) holds speech; suspends
+        at a `NetCall` where it needs a net's probability."""
         ...
 
     def reset(self) -> None:
@@ -113,23 +164,16 @@ class EnergyClassifier:
     def frame_samples(self) -> int:
         return SAMPLE_RATE_HZ * self.frame_ms // 1000
 
-    def is_speech(self, frame: npt.NDArray[np.int16], rms: float) -> bool:
+    def classify(self, frame: npt.NDArray[np.int16], rms: float) -> VadSteps[bool]:
         return rms > self.threshold_rms
+        yield  # a generator that never suspends: the energy VAD needs no net
+
+    def is_speech(self, frame: npt.NDArray[np.int16], rms: float) -> bool:
+        """`classify` at once."""
+        return run_steps(self.classify(frame, rms))
 
     def reset(self) -> None:
         return None
-
-
-class SpeechNet(Protocol):
-    """A stateful speech-probability model over consecutive 32 ms windows (`SileroStream`)."""
-
-    def process(self, data: memoryview) -> float:
-        """Speech probability in [0, 1] of one window of float32 samples in [-1, 1]."""
-        ...
-
-    def reset(self) -> None:
-        """Start an independent stream: forget the recurrent state and the audio context."""
-        ...
 
 
 def _below_threshold(
@@ -185,6 +229,10 @@ class SileroClassifier:
         return _SILERO_FRAME_SAMPLES
 
     def is_speech(self, frame: npt.NDArray[np.int16], rms: float) -> bool:
+        """`classify`, asking the net at once."""
+        return run_steps(self.classify(frame, rms))
+
+    def classify(self, frame: npt.NDArray[np.int16], rms: float) -> VadSteps[bool]:
         noise = self._noise_rms
         if rms < noise:
             noise = self._noise_rms = max(rms, self.floor_rms)  # a quieter line: at once
@@ -199,7 +247,7 @@ class SileroClassifier:
                 self._noise_rms = noise * _NOISE_RISE  # a louder line lifts it, slowly
             return False
         # A fresh float32 array: the net needs a writable, contiguous buffer of exactly one window.
-        probability = self.net.process(pcm16_to_float32(frame).data)
+        probability = yield NetCall(self.net, pcm16_to_float32(frame).data)
         self._net_used = True
         cutoff = self.threshold - self.hysteresis if self._active else self.threshold
         self._active = probability >= cutoff
@@ -279,6 +327,10 @@ class Endpointer:
 
     def feed(self, samples: npt.NDArray[np.int16]) -> list[VadEvent]:
         """Classify `samples` (any length); returns the events they complete, in order."""
+        return run_steps(self.feed_steps(samples))
+
+    def feed_steps(self, samples: npt.NDArray[np.int16]) -> VadSteps[list[VadEvent]]:
+        """`feed`, suspending at each frame that needs the net (see the module docstring)."""
         size = self.classifier.frame_samples
         data = np.concatenate((self._pending, samples)) if self._pending.size else samples
         whole = data.size - data.size % size
@@ -289,7 +341,7 @@ class Endpointer:
             as_float = frames.astype(np.float64)
             rms_values = np.sqrt(np.einsum("ij,ij->i", as_float, as_float) / size).tolist()
             for frame, rms in zip(frames, rms_values):
-                event = self._step(frame, rms)
+                event = yield from self._step(frame, rms)
                 if event is not None:
                     events.append(event)
         self._pending = data[whole:].copy()
@@ -325,12 +377,12 @@ class Endpointer:
         quietest = int(np.argmin(history))
         return first_kept + (first + quietest) * size
 
-    def _step(self, frame: npt.NDArray[np.int16], rms: float) -> VadEvent | None:
+    def _step(self, frame: npt.NDArray[np.int16], rms: float) -> VadSteps[VadEvent | None]:
         size = frame.size
         start = self._position
         self._position += size
         self._rms.append(rms)
-        speech = self.classifier.is_speech(frame, rms)
+        speech = yield from self.classifier.classify(frame, rms)
         if self._in_speech:
             if speech:
                 self._last_speech_end = self._position
@@ -384,6 +436,18 @@ class SileroModel:
             None, {"input": window, "state": state, "sr": self._rate})
         return float(probability[0, 0]), new_state
 
+    def score(self, calls: list[tuple[SileroStream, memoryview]]) -> list[float]:
+        """Each stream's probability for its window, in one batched run of the net (each
+        stream's state moves on as with `SileroStream.process`). Thread-safe as `run` is, as
+        long as no stream is in two calls at once."""
+        windows = np.concatenate([stream.begin(data) for stream, data in calls])
+        states = np.concatenate([stream.state for stream, _ in calls], axis=1)
+        probabilities, new_states = self._session.run(
+            None, {"input": windows, "state": states, "sr": self._rate})
+        for i, (stream, _) in enumerate(calls):
+            stream.end(new_states[:, i : i + 1, :])
+        return [float(p) for p in probabilities[:, 0]]
+
     def stream(self) -> SileroStream:
         """A `SpeechNet` for one stream, with fresh state."""
         return SileroStream(self)
@@ -400,11 +464,25 @@ class SileroStream:
     _state: npt.NDArray[np.float32] = attrs.field(init=False, factory=lambda: np.zeros(
         _SILERO_STATE_SHAPE, np.float32))
 
+    @property
+    def state(self) -> npt.NDArray[np.float32]:
+        """The net's recurrent state for this stream, shape (2, 1, 128)."""
+        return self._state
+
     def process(self, data: memoryview) -> float:
-        self._input[0, _SILERO_CONTEXT_SAMPLES:] = np.frombuffer(data, np.float32)
-        probability, self._state = self.model.run(self._input, self._state)
-        self._input[0, :_SILERO_CONTEXT_SAMPLES] = self._input[0, -_SILERO_CONTEXT_SAMPLES:]
+        probability, state = self.model.run(self.begin(data), self._state)
+        self.end(state)
         return probability
+
+    def begin(self, data: memoryview) -> npt.NDArray[np.float32]:
+        """The net's input for the window `data` (this stream's context, then the window)."""
+        self._input[0, _SILERO_CONTEXT_SAMPLES:] = np.frombuffer(data, np.float32)
+        return self._input
+
+    def end(self, state: npt.NDArray[np.float32]) -> None:
+        """The net scored the window `begin` gave: keep its new `state` and the context."""
+        self._state = state
+        self._input[0, :_SILERO_CONTEXT_SAMPLES] = self._input[0, -_SILERO_CONTEXT_SAMPLES:]
 
     def reset(self) -> None:
         self._input.fill(0.0)

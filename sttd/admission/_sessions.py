@@ -52,7 +52,9 @@ def admit_session(state: AppState, access: Access, codec: Codec, query: MultiDic
         raise Overloaded("the server is at capacity (finals are waiting longer than "
                          f"STT_MAX_FINAL_WAIT_S={settings.max_final_wait_s} s); retry later")
     core = session_core(request, settings)
-    admission = Admission(request, core, engine, state.sessions.registered)
+    admission = (Admission(request, core, engine, state.sessions.registered)
+                 if state.vad is None else
+                 Admission(request, core, engine, state.sessions.registered, vad=state.vad))
     # Counted at once: the next connection, admitted before this one's session starts, must
     # find it there.
     admission.hold.enter_context(engine.live_stream())

@@ -14,7 +14,7 @@ import attrs
 import trio
 
 from sttd.audio import SAMPLE_RATE_HZ
-from sttd.engine import Engine
+from sttd.engine import Engine, VadBatcher
 from sttd.metrics import Metrics, QueueDepths
 from sttd.nursery import Session
 from sttd.settings import Settings
@@ -82,6 +82,8 @@ class AppState:
     sessions: SessionRegistry = attrs.field(factory=SessionRegistry)
     engine: Engine | None = None
     engine_loaded: trio.Event = attrs.field(factory=trio.Event)
+    # The Silero VAD's shared batcher, once its model is loaded (None with the energy VAD).
+    vad: VadBatcher | None = None
     # Uploads being read or transcribed now, and a lot parked on their count.
     uploads: int = 0
     _uploads_changed: trio.lowlevel.ParkingLot = attrs.field(

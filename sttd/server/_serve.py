@@ -31,7 +31,7 @@ from wsproto.events import Message, TextMessage
 
 from sttd.admission import AppState
 from sttd.backends import load_backend
-from sttd.engine import Engine
+from sttd.engine import Engine, VadBatcher
 from sttd.http import create_app
 from sttd.metrics import Metrics
 from sttd.settings import Settings
@@ -191,7 +191,10 @@ async def _load_engine(state: AppState, nursery: trio.Nursery, loaded: list[Engi
     engine = Engine.from_settings(backend, settings, state.metrics)
     loaded.append(engine)
     if settings.vad == "silero":
-        await trio.to_thread.run_sync(silero_model)  # once, so no session waits for it
+        model = await trio.to_thread.run_sync(silero_model)  # once, so no session waits for it
+        vad = VadBatcher(model)
+        await nursery.start(vad.run)
+        state.vad = vad
     await engine.calibrate()  # what calls cost on this machine, before the first session
     await nursery.start(engine.run)
     state.engine = engine

@@ -72,7 +72,7 @@ from sttd.errors import BackendError
 from sttd.metrics import SessionOutcome
 from sttd.session._stability import PartialStabilizer
 from sttd.session._utterances import Utterance, UtteranceTracker
-from sttd.vad import set_speech_threshold
+from sttd.vad import VadSteps, run_steps, set_speech_threshold
 
 __all__ = ["AudioFrame", "Decode", "Gap", "InputItem", "SessionCore", "Stop", "stream_words"]
 
@@ -226,7 +226,14 @@ class SessionCore:
         return self._closed
 
     def feed(self, item: InputItem) -> list[Decode | SessionEvent]:
+        """`feed_steps`, with the VAD's net asked at once."""
+        return run_steps(self.feed_steps(item))
+
+    def feed_steps(self, item: InputItem) -> VadSteps[list[Decode | SessionEvent]]:
         """Take the next item of the session's input; what to decode and send now, in order.
+
+        Suspends where the VAD needs its net (`sttd.vad.VadSteps`): the caller scores the call
+        and sends the probability back. Only audio ever suspends.
 
         With ``options.turn_events``, the turns come out at once, ahead of the order finals
         keep: `SpeechStarted` when an utterance opens, `SpeechStopped` when the VAD closes one,
@@ -239,7 +246,7 @@ class SessionCore:
         finals: list[Utterance] = []
         turns = self.options.turn_events
         if isinstance(item, AudioFrame):
-            finals = self.tracker.feed(item.samples)
+            finals = yield from self.tracker.feed_steps(item.samples)
             if (self._speculation is not None and not finals
                     and not self.tracker.speculation_holds(self._speculation.utterance)):
                 self._drop_speculation()  # speech resumed

@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sttd.audio import SAMPLES_PER_MS, SAMPLE_RATE_HZ
-from sttd.vad import Endpointer, SpeechEnd, SpeechStart
+from sttd.vad import Endpointer, SpeechEnd, SpeechStart, VadSteps, run_steps
 
 __all__ = ["SampleBuffer", "Utterance", "UtteranceTracker"]
 
@@ -147,9 +147,13 @@ class UtteranceTracker:
 
     def feed(self, samples: npt.NDArray[np.int16]) -> list[Utterance]:
         """Add audio; returns the finals it completes, oldest first."""
+        return run_steps(self.feed_steps(samples))
+
+    def feed_steps(self, samples: npt.NDArray[np.int16]) -> VadSteps[list[Utterance]]:
+        """`feed`, suspending where the VAD needs its net (`sttd.vad.VadSteps`)."""
         self._buffer.append(samples)
         finals: list[Utterance] = []
-        for event in self.endpointer.feed(samples):
+        for event in (yield from self.endpointer.feed_steps(samples)):
             if isinstance(event, SpeechStart):
                 self._open(event.sample)
             elif (isinstance(event, SpeechEnd) and self._open_start is not None

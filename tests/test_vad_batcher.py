@@ -1,0 +1,110 @@
+"""`VadBatcher`: many sessions' Silero calls scored in shared runs off the event loop, with the
+real model and real worker threads (so the real clock, under an outer deadline)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from sttd.audio import float32_to_pcm16
+from sttd.engine import VadBatcher
+from sttd.vad import Endpointer, SileroModel, make_endpointer, silero_model
+from tests.conftest import load_pcm, silence
+
+FRAME = 512
+
+
+def _streams(count: int) -> list[np.ndarray]:
+    """`count` different stretches of real speech (and noise), 2 s each."""
+    speech = np.concatenate([load_pcm("ps_librivox_0880"), load_pcm("ps_goforward"),
+                             load_pcm("ps_librivox_0930")])
+    rng = np.random.default_rng(3)
+    out = []
+    for i in range(count):
+        start = (i * 7919) % (speech.size - 32000)
+        noise = float32_to_pcm16(rng.standard_normal(32000).astype(np.float32) * 0.01)
+        out.append((speech[start : start + 32000].astype(np.int32) + noise).clip(
+            -32768, 32767).astype(np.int16))
+    return out
+
+
+def _endpointer(model: SileroModel) -> Endpointer:
+    return make_endpointer("silero", threshold_rms=300.0, silence_ms=500, net=model.stream())
+
+
+async def test_batched_probabilities_and_events_are_those_of_one_call_at_a_time(
+        nursery: trio.Nursery) -> None:
+    model = silero_model()
+    batcher = VadBatcher(model)
+    await nursery.start(batcher.run)
+    audio = _streams(6)
+    alone = [_endpointer(model) for _ in audio]
+    together = [_endpointer(model) for _ in audio]
+    expected = [[e.feed(a[i : i + 320]) for i in range(0, a.size, 320)]
+                for e, a in zip(alone, audio)]
+    got: list[list[object]] = [[] for _ in audio]
+
+    async def stream(index: int) -> None:
+        for i in range(0, audio[index].size, 320):  # 20 ms frames, as clients send them
+            got[index].append(await batcher.drive(together[index].feed_steps(
+                audio[index][i : i + 320])))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as sessions:
+            for index in range(len(audio)):
+                sessions.start_soon(stream, index)
+    assert got == expected
+    assert any(events for per_stream in got for events in per_stream)  # speech was found
+    stats = batcher.statistics()
+    # Each window scored once, and sessions feeding together shared runs.
+    windows = sum(a.size // FRAME for a in audio)
+    assert stats.windows <= windows
+    assert stats.runs < stats.windows
+
+
+async def test_probabilities_match_the_net_called_alone() -> None:
+    model = silero_model()
+    windows = [float32_to_pcm16(np.sin(np.arange(FRAME) * (0.05 + 0.01 * i)).astype(
+        np.float32) * 0.3) for i in range(5)]
+    alone = [model.stream() for _ in windows]
+    batched = [model.stream() for _ in windows]
+    for _ in range(3):  # the state carries on identically
+        one = [s.process((w.astype(np.float32) / 32768).data) for s, w in zip(alone, windows)]
+        many = model.score([(s, (w.astype(np.float32) / 32768).data)
+                            for s, w in zip(batched, windows)])
+        assert many == pytest.approx(one, abs=1e-5)
+
+
+async def test_a_session_going_away_withdraws_its_waiting_call(nursery: trio.Nursery) -> None:
+    model = silero_model()
+    batcher = VadBatcher(model)  # not running: calls wait
+    endpointer = _endpointer(model)
+    loud = load_pcm("ps_goforward")[:FRAME * 4]
+    with trio.move_on_after(0.05):
+        await batcher.drive(endpointer.feed_steps(loud))
+    assert batcher._queue == []
+    await nursery.start(batcher.run)
+    with trio.fail_after(30):
+        await batcher.drive(_endpointer(model).feed_steps(loud))
+    assert batcher.statistics().runs >= 1
+
+
+async def test_a_failed_run_fails_its_calls_and_the_batcher_goes_on(
+        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = SileroModel()
+    batcher = VadBatcher(model)
+    await nursery.start(batcher.run)
+    loud = load_pcm("ps_goforward")[:FRAME * 4]
+    real = model.score
+
+    def broken(calls: object) -> list[float]:
+        raise RuntimeError("onnxruntime fell over")
+
+    monkeypatch.setattr(model, "score", broken)
+    with trio.fail_after(30), pytest.raises(RuntimeError, match="the VAD net failed"):
+        await batcher.drive(_endpointer(model).feed_steps(loud))
+    monkeypatch.setattr(model, "score", real)
+    with trio.fail_after(30):
+        assert await batcher.drive(_endpointer(model).feed_steps(
+            np.concatenate([loud, silence(1.0)]))) is not None
