@@ -177,3 +177,28 @@ def test_max_load_zero_turns_the_limit_off_but_keeps_measuring() -> None:
     model.observe("partial", 1.0, audio_s=1.0, requests=1)
     assert model.capacity is None
     assert model.stream_demand == pytest.approx(0.7 * 2.0)
+
+
+def test_a_speculative_head_start_widens_the_burst_budget() -> None:
+    """Finals decoded while the VAD waits out its silence start that much earlier, so a burst
+    of them has that much longer to clear."""
+    plain = CapacityModel(lanes=2, max_load=1.0, max_final_wait_s=1.0, max_batch_s=0.5)
+    early = CapacityModel(lanes=2, max_load=1.0, max_final_wait_s=1.0, max_batch_s=0.5,
+                          head_start_s=0.3)
+    for model in (plain, early):
+        model.observe("final", 0.3, audio_s=3.0, requests=1)  # 0.1 s a second of speech
+        model.observe("partial", 0.01, audio_s=1.0, requests=1)
+    per_final_s = 0.1 * (3.0 + 0.1 * (3.0 - 3.0))
+    assert plain.burst_capacity == int(2 * 0.5 / per_final_s)  # 3
+    assert early.burst_capacity == int(2 * 0.8 / per_final_s)  # 5
+
+
+def test_the_engine_gives_speculation_its_head_start() -> None:
+    backend = MockBackend.from_directory()
+    metrics = Metrics.create(CollectorRegistry())
+    on = Engine.from_settings(backend, Settings(backend="mock"), metrics)
+    off = Engine.from_settings(backend, Settings(backend="mock", speculate_ms=0),
+                               Metrics.create(CollectorRegistry()))
+    # 500 ms of silence ends speech; the final starts after 200 of them.
+    assert on._runner.capacity.head_start_s == pytest.approx(0.3)
+    assert off._runner.capacity.head_start_s == 0.0

@@ -11,10 +11,12 @@ where `speech_share` is the part of a stream's time that is speech. The engine h
 lanes, and its admitted streams may fill `max_load` of their time: beyond that, queues grow and
 finals come late. And streams that end their sentences together (a burst: every admitted stream
 at once, at worst) must have their finals cleared within `max_final_wait_s`, shared by every
-lane, after the partial batch a lane may be busy with (`max_batch_s` of work)::
+lane, after the partial batch a lane may be busy with (`max_batch_s` of work). A final decoded
+speculatively starts `head_start_s` before the end of speech is confirmed (the VAD's silence
+less the speculation's wait), and that time counts towards the burst's budget too::
 
     capacity = min(floor(lanes * max_load / demand),
-                   floor(lanes * (max_final_wait_s - max_batch_s)
+                   floor(lanes * (max_final_wait_s + head_start_s - max_batch_s)
                          / (final_s_per_audio_s * utterance_s)))
 
 where `utterance_s` is how long the live streams' utterances are (3 s until seen).
@@ -84,6 +86,9 @@ class CapacityModel:
     # (STT_MAX_BATCH_MS), seconds.
     max_final_wait_s: float = attrs.field(validator=attrs.validators.gt(0))
     max_batch_s: float = attrs.field(validator=attrs.validators.ge(0))
+    # How much earlier than the end of speech is confirmed a final starts decoding
+    # (STT_VAD_SILENCE_MS less STT_SPECULATE_MS where finals are speculated), seconds.
+    head_start_s: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
     _final_s_per_audio_s: float | None = attrs.field(init=False, default=None)
     _partial_s: float | None = attrs.field(init=False, default=None)
     _speech_share: float = attrs.field(init=False, default=_PRIOR_SPEECH_SHARE)
@@ -136,7 +141,8 @@ class CapacityModel:
         if not self._final_s_per_audio_s:
             return None
         per_final_s = self._final_s_per_audio_s * self._utterance_s
-        budget_s = max(self.max_final_wait_s - self.max_batch_s, _MIN_BURST_BUDGET_S)
+        budget_s = max(self.max_final_wait_s + self.head_start_s - self.max_batch_s,
+                       _MIN_BURST_BUDGET_S)
         return math.floor(self.lanes * budget_s / per_final_s)
 
     @property

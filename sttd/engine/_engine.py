@@ -34,6 +34,7 @@ from sttd.engine._capacity import CapacityModel, CapacityStatistics
 from sttd.engine._scheduler import LiveStreams, Priority, Scheduler, SchedulerConfig
 from sttd.errors import BackendError, Overloaded
 from sttd.metrics import EngineLoad, Metrics
+from sttd.session import TAIL_MS
 from sttd.settings import Settings
 
 __all__ = ["Engine"]
@@ -108,9 +109,13 @@ class Engine:
         """An engine for `backend`, with its lanes, limiter and scheduler from `settings`."""
         lanes, source = resolve_lanes(settings, backend.preferred_lanes)
         log.info("engine.lanes lanes=%d source=%s", lanes, source)
+        # Speculative finals start this much before the end of speech is confirmed.
+        head_start_ms = (max(settings.vad_silence_ms - max(settings.speculate_ms, TAIL_MS), 0)
+                         if settings.speculate_ms else 0)
         runner = _BatchRunner(backend, trio.CapacityLimiter(lanes), metrics,
                               CapacityModel(lanes, settings.max_load, settings.max_final_wait_s,
-                                            settings.max_batch_ms / 1000))
+                                            settings.max_batch_ms / 1000,
+                                            head_start_s=head_start_ms / 1000))
         live_streams = LiveStreams()
         scheduler = Scheduler(runner.run, SchedulerConfig.from_settings(settings, lanes=lanes),
                               metrics, live_streams)

@@ -70,6 +70,11 @@ RunBatch = Callable[[Sequence[Request]], Awaitable[list[Result]]]
 _WAIT_EWMA_WEIGHT = 0.2
 # Time constant with which the overload signal fades while no final starts.
 _OVERLOAD_MEMORY_S = 5.0
+# With more than one lane, a background batch may hold this many requests whatever the budget
+# says: a call of one pays a decoder's fixed cost for one partial (tiny.en on a CPU: 99 ms for
+# one clip, 229 ms for eight), and on a slow machine the budget would keep every call at one,
+# so each session's partials came seconds apart.
+_MIN_BACKGROUND_BATCH = 4
 
 
 class Priority(enum.IntEnum):
@@ -337,6 +342,8 @@ class Scheduler:
             room = self.config.max_batch
             fits = self._costs[priority].room(self.config.max_batch_s)
             if self._is_background(priority) and fits is not None:
+                if self.config.lanes > 1:  # finals keep the other lanes meanwhile
+                    fits = max(fits, _MIN_BACKGROUND_BATCH)
                 room = min(room, fits)
             elif priority is Priority.FINAL:
                 # A burst of finals is shared by the free lanes and the one busy with

@@ -16,9 +16,10 @@ from sttd.session._core import (
     stream_words,
 )
 from sttd.session._stability import PartialStabilizer
-from sttd.session._utterances import SampleBuffer, Utterance, UtteranceTracker
+from sttd.session._utterances import TAIL_MS, SampleBuffer, Utterance, UtteranceTracker
 
 __all__ = [
+    "TAIL_MS",
     "AudioFrame",
     "Decode",
     "Gap",

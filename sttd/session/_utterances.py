@@ -32,7 +32,10 @@ import numpy.typing as npt
 from sttd.audio import SAMPLES_PER_MS, SAMPLE_RATE_HZ
 from sttd.vad import Endpointer, SpeechEnd, SpeechStart, VadSteps, run_steps
 
-__all__ = ["SampleBuffer", "Utterance", "UtteranceTracker"]
+__all__ = ["TAIL_MS", "SampleBuffer", "Utterance", "UtteranceTracker"]
+
+# Audio kept after an utterance's last speech frame, ms (a final's audio ends here).
+TAIL_MS = 200
 
 # How far back from the length limit we look for a quiet place to cut.
 _CUT_SEARCH_S = 3.0
@@ -115,7 +118,7 @@ class UtteranceTracker:
     partial_ms: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.gt(0)))
     preroll_ms: int = attrs.field(default=300, validator=attrs.validators.ge(0))
-    tail_ms: int = attrs.field(default=200, validator=attrs.validators.ge(0))
+    tail_ms: int = attrs.field(default=TAIL_MS, validator=attrs.validators.ge(0))
     # False: the VAD's speech ends do not close utterances (only a commit or the length limit
     # does); its speech starts still open them.
     endpointing: bool = True
