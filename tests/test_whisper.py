@@ -128,10 +128,10 @@ def test_a_short_clip_that_loops_is_decoded_again_with_timestamps(
         return outputs
 
     def full_window(*_args: Any) -> Any:
-        raise AssertionError("the 30 s window was used")
+        raise AssertionError("a longer window was used")
 
     monkeypatch.setattr(backend, "_generate", generate)
-    monkeypatch.setattr(backend, "_retry_full_window", full_window)
+    monkeypatch.setattr(backend, "_retry_window", full_window)
     [result] = backend.transcribe([Request(padded, kind=kind)])  # type: ignore[arg-type]
     assert whisper._looks_repetitive(whisper._Decoded([], looped[0], 0, 0, False))
     assert _words(result.text) == ["10", "of", "clubs"]

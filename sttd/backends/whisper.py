@@ -15,8 +15,7 @@ Hallucination guards, applied to every output: the number of new tokens is cappe
 duration; an output whose text repeats itself (compression ratio, a phrase repeated or coming
 back, the token cap reached) is decoded again on the same encoder output with timestamps, which
 ends where the speech does (`_retry_looping`); a final that still repeats is decoded on a full
-30 s window and dropped if even that repeats (such a partial is dropped at once: the next one
-comes soon); text that Whisper itself marks as probably not speech (high no-speech probability
+30 s window, a partial on a final's 10 s one, and dropped if even that repeats; text that Whisper itself marks as probably not speech (high no-speech probability
 and low log-probability), and text of punctuation alone, become ""; digital silence is not
 decoded.
 
@@ -329,8 +328,8 @@ class WhisperBackend(ASRBackend):
                        before_sot: list[list[int]], caps: list[int], tokenizers: list[Any],
                        outputs: list[_Decoded]) -> None:
         """Decode the `looping` outputs again, in place: first on the same encoder output with
-        timestamps, then (finals only) on a full 30 s window; a partial still looping is
-        blanked, the next one comes soon.
+        timestamps, then a final on a full 30 s window, a partial on a final's 10 s window
+        where its own was shorter; a partial still looping is blanked, the next one comes soon.
 
         Whisper loops on a short clip in a padded window when it decodes without timestamps
         ("10 of clubs 10 of clubs ..." for a 1 s clip); with timestamps, its training format,
@@ -351,11 +350,16 @@ class WhisperBackend(ASRBackend):
         for i, output in zip(looping, again, strict=True):
             if not _looks_repetitive(output, suspect_doubles=False):
                 outputs[i] = output
-            elif requests[i].kind == "partial":
-                outputs[i] = _Decoded([], "", output.avg_logprob, output.no_speech_prob, True)
+                continue
+            plain = tokenizers[i].sot_sequence + [tokenizers[i].no_timestamps]
+            if requests[i].kind == "final":
+                outputs[i] = self._retry_window(requests[i], plain, caps[i], tokenizers[i],
+                                                _WINDOW_FRAMES)
+            elif features.shape[-1] < _MIN_FRAMES:  # a partial on its short window: a final's
+                outputs[i] = self._retry_window(requests[i], plain, caps[i], tokenizers[i],
+                                                _MIN_FRAMES)
             else:
-                plain = tokenizers[i].sot_sequence + [tokenizers[i].no_timestamps]
-                outputs[i] = self._retry_full_window(requests[i], plain, caps[i], tokenizers[i])
+                outputs[i] = _Decoded([], "", output.avg_logprob, output.no_speech_prob, True)
 
     def _encoder_rows(self, features: npt.NDArray[np.float32], encoded: Any,
                       rows: list[int]) -> Any:
@@ -368,10 +372,10 @@ class WhisperBackend(ASRBackend):
             return ctranslate2.StorageView.from_array(np.asarray(encoded)[rows])
         return self._encode(features[rows])  # on a device: encoding again costs little
 
-    def _retry_full_window(self, request: Request, prompt: list[int], cap: int,
-                           tok: Any) -> _Decoded:
-
-        features = self._features([request.audio], _WINDOW_FRAMES)
+    def _retry_window(self, request: Request, prompt: list[int], cap: int, tok: Any,
+                      frames: int) -> _Decoded:
+        """Decode `request` again on its own, padded to `frames`; nothing if that repeats."""
+        features = self._features([request.audio], frames)
         encoded = self._encode(features)
         again = self._generate(encoded, [prompt], [cap], 1, [tok])[0]
         if _looks_repetitive(again, suspect_doubles=False):
