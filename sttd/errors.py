@@ -10,6 +10,7 @@ All of them derive from one base::
     │   ├── BadAudio              audio we recognise but that is broken (1003 / 400)
     │   ├── PayloadTooLarge       a body or frame over its limit (1009 / 413)
     │   ├── UnsupportedLanguage   a language the loaded model cannot transcribe (1008 / 400)
+    │   ├── Unsupported           a feature the loaded model does not have, e.g. hotwords (1008 / 400)
     │   ├── Overloaded            the server or this session is past capacity (1013 / 503)
     │   ├── Unauthorized          no valid bearer key where one is required (1008 / 401)
     │   ├── ShuttingDown          the server is draining (1001 / 503)
@@ -39,6 +40,7 @@ __all__ = [
     "ShuttingDown",
     "SttdError",
     "Unauthorized",
+    "Unsupported",
     "UnsupportedLanguage",
     "UnsupportedMedia",
     "UnsupportedWavEncoding",
@@ -120,6 +122,19 @@ class UnsupportedLanguage(ClientError):
     code = "unsupported_language"
     http_status = 400
     ws_close_code = 1008
+
+
+class Unsupported(ClientError):
+    """The loaded model cannot do what was asked (hotwords on a CTC model); `param` names the
+    request's field."""
+
+    code = "unsupported"
+    http_status = 400
+    ws_close_code = 1008
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class Overloaded(ClientError):

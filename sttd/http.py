@@ -155,6 +155,7 @@ def create_app(state: AppState) -> QuartTrio:
             language = parse_language(request.args.get("language", "auto"))
             hotwords = parse_hotwords(request.args.get("hotwords", ""))
             engine.check_language(language)
+            engine.check_hotwords(hotwords)
             upload, _ = await read_upload(request.body, request.mimetype,
                                           request.mimetype_params, settings=settings)
             with upload:
@@ -190,6 +191,7 @@ def create_app(state: AppState) -> QuartTrio:
             with upload:
                 form = TranscriptionForm.parse(fields)
                 engine.check_language(form.language)
+                engine.check_hotwords(form.prompt)
                 result = await transcribe_file(engine, upload, settings, language=form.language,
                                                hotwords=form.prompt)
         body, content_type = render(result, form)

@@ -43,7 +43,7 @@ import contextlib
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol, TypeVar
 
@@ -151,6 +151,10 @@ class Transcriber(Protocol):
 
     def check_language(self, language: str | None) -> None:
         """Raise `UnsupportedLanguage` if the backend cannot transcribe `language`."""
+        ...
+
+    def check_hotwords(self, hotwords: Sequence[str]) -> None:
+        """Raise `Unsupported` if the backend cannot take `hotwords`."""
         ...
 
     async def transcribe(self, request: Request, *, started: trio.Event | None = None) -> Result:
@@ -336,10 +340,12 @@ class Session:
                     if isinstance(command, Configure):
                         try:
                             self.admission.engine.check_language(command.options.language)
+                            self.admission.engine.check_hotwords(command.options.hotwords)
                         except ClientError as exc:
                             refused = message if isinstance(message, str) else None
-                            await send_errors.send(Error(exc.code, str(exc), refused=refused,
-                                                         param="language"))
+                            await send_errors.send(Error(
+                                exc.code, str(exc), refused=refused,
+                                param=getattr(exc, "param", None) or "language"))
                             continue
                     if isinstance(command, (Clear, Configure)):
                         send_audio.send_nowait(command)  # in band: after the audio before it

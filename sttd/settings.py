@@ -21,7 +21,7 @@ __all__ = ["BACKENDS", "WORKER_ENV", "Settings"]
 # Not a setting (the user never sets it): it tells a process it is one of several.
 WORKER_ENV = "STTD_WORKER"
 
-BACKENDS = ("auto", "mock", "whisper", "qwen3", "remote")
+BACKENDS = ("auto", "mock", "whisper", "qwen3", "remote", "nemo")
 REMOTE_APIS = ("transcriptions", "chat")
 VADS = ("energy", "silero")
 _WHISPER_DEVICES = ("auto", "cpu", "cuda")
@@ -173,6 +173,14 @@ class Settings:
     whisper_beam_size: int = attrs.field(default=1, validator=_positive)
     # CPU threads for one backend call; 0 lets CTranslate2 choose (all cores).
     whisper_cpu_threads: int = attrs.field(default=0, validator=_non_negative)
+    # NeMo backend (extra `nemo`): a folder holding a NeMo model exported to ONNX for
+    # sherpa-onnx (transducer or CTC, offline or cache-aware streaming); threads inside its one
+    # call at a time (0: every core the process may use); and how transducers decode
+    # (modified_beam_search takes hotwords, where the folder has a bpe.vocab).
+    nemo_model: str = ""
+    nemo_threads: int = attrs.field(default=0, validator=_non_negative)
+    nemo_decoding: str = attrs.field(default="greedy_search",
+                                     validator=_one_of(("greedy_search", "modified_beam_search")))
     # Qwen3-ASR in an embedded vLLM engine (backend qwen3, extra `qwen3`): a hub id or a local
     # path; the share of GPU memory vLLM may take; the most tokens a transcript may have; the
     # weights' dtype ("auto": as the checkpoint says); the longest context (0: the model's).

@@ -199,7 +199,7 @@ def test_port_out_of_range(port: str) -> None:
 @pytest.mark.parametrize(
     ("variable", "raw", "accepts"),
     [
-        ("STT_BACKEND", "gpu", "auto, mock, whisper, qwen3, remote"),
+        ("STT_BACKEND", "gpu", "auto, mock, whisper, qwen3, remote, nemo"),
         ("STT_LOG_LEVEL", "verbose", "DEBUG, INFO, WARNING, ERROR, CRITICAL"),
         ("STT_LOG_FORMAT", "xml", "text, json"),
         ("STT_LOG_FORMAT", "", "text, json"),

@@ -43,6 +43,7 @@ def admit_session(state: AppState, access: Access, codec: Codec, query: MultiDic
     request = codec.accept(query, state.settings)
     engine = ready_engine(state)
     engine.check_language(request.options.language)
+    engine.check_hotwords(request.options.hotwords)
     settings = state.settings
     if settings.max_sessions and len(state.sessions) >= settings.max_sessions:
         raise Overloaded(f"the server holds STT_MAX_SESSIONS={settings.max_sessions} sessions "
@@ -51,7 +52,7 @@ def admit_session(state: AppState, access: Access, codec: Codec, query: MultiDic
     if engine.overloaded():
         raise Overloaded("the server is at capacity (finals are waiting longer than "
                          f"STT_MAX_FINAL_WAIT_S={settings.max_final_wait_s} s); retry later")
-    core = session_core(request, settings)
+    core = session_core(request, settings, speculate=not engine.backend.incremental)
     admission = (Admission(request, core, engine, state.sessions.registered)
                  if state.vad is None else
                  Admission(request, core, engine, state.sessions.registered, vad=state.vad))
@@ -68,8 +69,13 @@ def ready_engine(state: AppState) -> Engine:
     return state.engine
 
 
-def session_core(request: SessionRequest, settings: Settings) -> SessionCore:
+def session_core(request: SessionRequest, settings: Settings, *,
+                 speculate: bool = True) -> SessionCore:
     """A fresh core for `request`: its own VAD stream (of the shared model) and tracker.
+
+    Without `speculate`, no final is decoded before its end of speech is confirmed: for a
+    streaming model, whose final costs only the audio after its last partial, while a
+    speculation that speech outlives would make it decode the utterance again from the start.
 
     Raises `Overloaded` while the shared Silero model is not loaded yet.
     """
@@ -85,7 +91,7 @@ def session_core(request: SessionRequest, settings: Settings) -> SessionCore:
                                  silence_ms=silence_ms, net=net)
     tracker = UtteranceTracker(endpointer, partial_ms=options.partial_ms,
                                max_utterance_s=settings.max_utterance_s,
-                               speculate_ms=settings.speculate_ms or None)
+                               speculate_ms=(settings.speculate_ms or None) if speculate else None)
     return SessionCore(tracker, options)
 
 

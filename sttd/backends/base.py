@@ -43,6 +43,10 @@ class Request:
     # A piece of an uploaded file rather than a live stream's: backends that order their own
     # queue (vLLM's priority scheduling) put it below live finals and partials.
     origin: Literal["live", "file"] = "live"
+    # The live utterance this request is of (its session's and its own id), the same for its
+    # partials and its final: a backend that keeps state per utterance (a streaming model's
+    # stream) finds it by this. Empty for file pieces.
+    stream_id: str = ""
 
     @property
     def duration_s(self) -> float:
@@ -97,11 +101,23 @@ class ASRBackend(Protocol):
         return 1
 
     @property
+    def incremental(self) -> bool:
+        """Whether a partial costs only the audio new since the utterance's last request (a
+        streaming model keeps its state per `Request.stream_id`), rather than a decode of all
+        of it."""
+        return False
+
+    @property
     def name(self) -> str: ...
 
     def check_language(self, language: str | None) -> None:
         """Raise `UnsupportedLanguage` if this backend cannot transcribe `language`."""
         ...
+
+    def check_hotwords(self, hotwords: Sequence[str]) -> None:
+        """Raise `Unsupported` if this backend cannot take `hotwords` (the default takes
+        any)."""
+        return None
 
     def transcribe(self, requests: Sequence[Request]) -> list[Result]:
         """Transcribe each request; one result per request, in order.

@@ -71,6 +71,12 @@ def load_backend(settings: Settings) -> ASRBackend:
             # `lanes` batches at once.
             max_connections=max(64, settings.max_inference_batch_size * lanes),
         ))
+    if name == "nemo":
+        from sttd.backends.nemo import NemoBackend, NemoOptions
+
+        return NemoBackend.load(NemoOptions(model=settings.nemo_model,
+                                            threads=settings.nemo_threads,
+                                            decoding=settings.nemo_decoding))
     if name == "qwen3":
         from sttd.backends.qwen3 import Qwen3Backend, Qwen3Options
 
@@ -85,4 +91,5 @@ def load_backend(settings: Settings) -> ASRBackend:
             lanes=lanes,
         ))
     raise ConfigError(
-        f"STT_BACKEND={name} is not available; use one of: auto, whisper, qwen3, remote, mock")
+        f"STT_BACKEND={name} is not available; use one of: auto, whisper, qwen3, remote, nemo, "
+        "mock")

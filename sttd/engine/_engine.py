@@ -163,8 +163,9 @@ class Engine:
     async def calibrate(self) -> None:
         """Measure what calls cost on this machine: a final and a partial of a built-in clip,
         on every lane at once (as under load), three rounds after a warm-up, the slowest of
-        each kind counted. Call it before `run`. Blocks for a few backend calls; a failure is logged, and the costs are then
-        learnt from live traffic alone."""
+        each kind counted (for an incremental backend, the clip as one utterance: partials half
+        a second apart, then its final). Call it before `run`. Blocks for a few backend calls;
+        a failure is logged, and the costs are then learnt from live traffic alone."""
         clip = _calibration_clip()
         worst = {"final": 0.0, "partial": 0.0}
 
@@ -173,13 +174,29 @@ class Engine:
             await self._runner.timed([request])
             worst[request.kind] = max(worst[request.kind], trio.current_time() - started)
 
+        async def utterance(stream_id: str) -> None:
+            """An incremental backend's utterance: its partials each add half a second, its
+            final the rest (each call timed on its own)."""
+            step = SAMPLE_RATE_HZ // 2
+            for end in range(step, clip.size, step):
+                await timed(Request(clip[:end], "partial", stream_id=stream_id))
+            await timed(Request(clip, "final", stream_id=stream_id))
+
         try:
-            for request in (Request(clip, "final"), Request(clip, "partial")):
-                await self._runner.timed([request])  # a warm-up, not counted: first calls cost more
-                for _ in range(_CALIBRATION_ROUNDS):
+            if self.backend.incremental:
+                await utterance("calibration:warm-up")  # not counted: first calls cost more
+                worst = {"final": 0.0, "partial": 0.0}
+                for round_ in range(_CALIBRATION_ROUNDS):
                     async with trio.open_nursery() as nursery:
-                        for _ in range(self.lanes):
-                            nursery.start_soon(timed, request)
+                        for lane in range(self.lanes):
+                            nursery.start_soon(utterance, f"calibration:{round_}:{lane}")
+            else:
+                for request in (Request(clip, "final"), Request(clip, "partial")):
+                    await self._runner.timed([request])  # a warm-up, not counted
+                    for _ in range(_CALIBRATION_ROUNDS):
+                        async with trio.open_nursery() as nursery:
+                            for _ in range(self.lanes):
+                                nursery.start_soon(timed, request)
         except* BackendError:
             log.warning("engine.calibration_failed backend=%s", self.backend.name,
                         exc_info=True)
@@ -200,6 +217,10 @@ class Engine:
     def check_language(self, language: str | None) -> None:
         """Raise `UnsupportedLanguage` if the backend cannot transcribe `language`."""
         self.backend.check_language(language)
+
+    def check_hotwords(self, hotwords: Sequence[str]) -> None:
+        """Raise `Unsupported` if the backend cannot take `hotwords`."""
+        self.backend.check_hotwords(hotwords)
 
     def overloaded(self) -> bool:
         """Whether finals wait too long in the queue: new sessions should be refused."""

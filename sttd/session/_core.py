@@ -40,6 +40,7 @@ then `closed` is true. `outcome` says how the session ended, for metrics.
 from __future__ import annotations
 
 import collections
+import secrets
 from collections.abc import Sequence
 
 import attrs
@@ -192,6 +193,8 @@ class SessionCore:
     options: SessionOptions
     outcome: SessionOutcome = attrs.field(init=False, default="client_gone")
     _stabilizer: PartialStabilizer = attrs.field(init=False, factory=PartialStabilizer)
+    # Names this session's utterances to the backend (`Request.stream_id`).
+    _tag: str = attrs.field(init=False, factory=lambda: secrets.token_hex(6))
     # The language the current utterance's partials were detected in (auto-language sessions):
     # the stable prefix a partial forces is in it.
     _partial_language: str | None = attrs.field(init=False, default=None)
@@ -430,6 +433,7 @@ class SessionCore:
     def _request(self, utterance: Utterance, *, prefix: str = "",
                  prefix_language: str | None = None) -> Request:
         return Request(audio=pcm16_to_float32(utterance.audio), kind=utterance.kind,
+                       stream_id=f"{self._tag}:{utterance.utterance_id}",
                        language=self.options.language, hotwords=self.options.hotwords,
                        prefix=prefix, prefix_language=prefix_language)
 
