@@ -327,6 +327,10 @@ async def test_sessions_stream_partials_and_finals_through_one_streaming_model(
         assert all(f["text"] and f["words"] for f in finals)
         assert any(m["type"] == "partial" for m in messages)
     assert backend.live_streams == 0  # every utterance's stream finished and forgotten
+    # One stream per utterance, never started over: 3 sessions x 2 utterances, and calibration's
+    # warm-up and 3 rounds. (Partials of a pause past the tail used to feed audio the final ends
+    # before, and every final decoded its utterance again.)
+    assert backend.streams_started == 6 + 4
 
 
 async def test_hotwords_on_a_ctc_model_are_refused_at_connect(nursery: trio.Nursery) -> None:

@@ -256,9 +256,10 @@ def test_partials_every_partial_ms_cover_the_utterance_so_far(partial_ms: int) -
         partial = track.take_partial()
         if partial is not None:
             partials.append(partial)
-    # Speech opens at 1000 ms; partials follow each partial_ms of new audio until the final at
-    # 3300 ms (500 ms after the speech ended at 2800 ms).
-    ends = list(range(1000 + partial_ms, 3300, partial_ms))
+    # Speech opens at 1000 ms; partials follow each partial_ms of new audio until the speaker
+    # has paused for longer than the 200 ms tail (the speech ended at 2800 ms; the final comes
+    # at 3300 ms, 500 ms after it).
+    ends = [end for end in range(1000 + partial_ms, 3300, partial_ms) if end <= 3000]
     assert [summary(job) for job in partials] == [("partial", 0, 700, end) for end in ends]
     for job in partials:
         assert_audio(job, source)
@@ -378,3 +379,19 @@ def test_skip_without_open_speech_gives_nothing() -> None:
     t.feed(quiet(333))
     assert t.skip(16000) == []
     assert t.position == 333 * SAMPLES_PER_MS + 16000
+
+
+def test_no_partial_takes_in_a_pause_past_the_tail() -> None:
+    """A partial of a pause shows nothing new, and its audio would run past where the final
+    will end (the last speech plus the 200 ms tail): a streaming model fed that far would have
+    to decode the final's utterance again from its start."""
+    track = tracker(partial_ms=300)
+    track.feed(signal(quiet(1000), sine(1000)))
+    first = track.take_partial()
+    assert first is not None and first.end_ms == 2000
+    track.feed(quiet(300))  # 300 ms of new audio, but all of it a pause past the tail
+    assert track.take_partial() is None
+    track.feed(sine(300))  # speech again: a partial again, over all of it
+    assert summary(track.take_partial()) == ("partial", 0, 700, 2600)
+    [final] = track.feed(quiet(600))
+    assert final.end_ms == 2600 + 200

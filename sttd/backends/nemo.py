@@ -237,6 +237,7 @@ class NemoBackend(ASRBackend):
         self._model = model
         self._options = options
         self._live: dict[str, _Live] = {}
+        self._started = 0  # streams begun for live utterances (each should begin once)
         # One call at a time (one lane): the live streams are shared state.
         self._lock = threading.Lock()
 
@@ -308,6 +309,7 @@ class NemoBackend(ASRBackend):
                 live = _Live(self._new_stream(request), 0, now)
                 if request.stream_id:
                     self._live[request.stream_id] = live
+                    self._started += 1
             live.stream.accept_waveform(SAMPLE_RATE_HZ, request.audio[live.fed :])
             live.fed, live.used_at = request.audio.size, now
             if request.kind == "final":
@@ -335,6 +337,12 @@ class NemoBackend(ASRBackend):
     def live_streams(self) -> int:
         """Live utterances with a recognizer stream now."""
         return len(self._live)
+
+    @property
+    def streams_started(self) -> int:
+        """Recognizer streams begun for live utterances so far (an utterance whose stream
+        had to start over counts twice)."""
+        return self._started
 
     # -- offline models ----------------------------------------------------------------------
 

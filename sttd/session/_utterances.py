@@ -200,10 +200,16 @@ class UtteranceTracker:
         return finals
 
     def take_partial(self) -> Utterance | None:
-        """A partial if ``partial_ms`` of new audio arrived in the open utterance."""
+        """A partial if ``partial_ms`` of new audio arrived in the open utterance, and the
+        speaker has not paused for longer than the tail: a partial of a pause shows nothing
+        new, and it would take in audio the utterance's final may end before (a streaming
+        model fed past that end would have to start the utterance over)."""
         if self._open_start is None:
             return None
         if self.partial_ms is None:
+            return None
+        if (self.endpointing and self.endpointer.in_speech and self.position
+                > self.endpointer.last_speech_end + self.tail_ms * SAMPLES_PER_MS):
             return None
         if (self.position - self._partial_at) < self.partial_ms * SAMPLES_PER_MS:
             return None
