@@ -14,7 +14,7 @@ import contextlib
 import os
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, has_request_context, has_websocket_context, request, websocket
@@ -40,6 +40,7 @@ from sttd.api import (
     dumps,
     parse_hotwords,
     parse_language,
+    parse_task,
     render,
 )
 from sttd.engine import transcribe_file
@@ -154,13 +155,15 @@ def create_app(state: AppState) -> QuartTrio:
         with admit_upload(state, request.content_length) as engine:
             language = parse_language(request.args.get("language", "auto"))
             hotwords = parse_hotwords(request.args.get("hotwords", ""))
+            task = parse_task(request.args.get("task", "transcribe"))
             engine.check_language(language)
             engine.check_hotwords(hotwords)
+            engine.check_task(task)
             upload, _ = await read_upload(request.body, request.mimetype,
                                           request.mimetype_params, settings=settings)
             with upload:
                 result = await transcribe_file(engine, upload, settings, language=language,
-                                               hotwords=hotwords)
+                                               hotwords=hotwords, task=task)
         return _json({
             "text": result.text,
             "duration_ms": round(result.duration_s * 1000),
@@ -185,15 +188,24 @@ def create_app(state: AppState) -> QuartTrio:
     @app.post("/v1/audio/transcriptions")
     async def openai_transcriptions() -> Response:
         """OpenAI's transcription API, so that its SDKs work unchanged."""
+        return await _openai_file("transcribe")
+
+    @app.post("/v1/audio/translations")
+    async def openai_translations() -> Response:
+        """OpenAI's translation API: speech in any language the model knows, English text."""
+        return await _openai_file("translate")
+
+    async def _openai_file(task: Literal["transcribe", "translate"]) -> Response:
         with admit_upload(state, request.content_length) as engine:
             upload, fields = await read_upload(request.body, request.mimetype,
                                                request.mimetype_params, settings=settings)
             with upload:
-                form = TranscriptionForm.parse(fields)
+                form = TranscriptionForm.parse(fields, task=task)
                 engine.check_language(form.language)
                 engine.check_hotwords(form.prompt)
+                engine.check_task(task)
                 result = await transcribe_file(engine, upload, settings, language=form.language,
-                                               hotwords=form.prompt)
+                                               hotwords=form.prompt, task=task)
         body, content_type = render(result, form)
         return Response(body, status=200, content_type=content_type)
 

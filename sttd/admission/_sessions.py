@@ -44,6 +44,7 @@ def admit_session(state: AppState, access: Access, codec: Codec, query: MultiDic
     engine = ready_engine(state)
     engine.check_language(request.options.language)
     engine.check_hotwords(request.options.hotwords)
+    engine.check_task(request.options.task)
     settings = state.settings
     if settings.max_sessions and len(state.sessions) >= settings.max_sessions:
         raise Overloaded(f"the server holds STT_MAX_SESSIONS={settings.max_sessions} sessions "

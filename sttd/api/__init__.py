@@ -59,6 +59,7 @@ from sttd.api._params import (
     MAX_TEXT_MESSAGE_BYTES,
     dumps,
     parse_hotwords,
+    parse_task,
     parse_language,
     quoted,
 )
@@ -109,6 +110,7 @@ __all__ = [
     "language_code",
     "language_name",
     "parse_hotwords",
+    "parse_task",
     "parse_language",
     "parse_server_message",
     "quoted",

@@ -93,6 +93,8 @@ class SessionOptions:
     # Whether the session reports its turns (`TurnEvent`s: speech start and stop, commits,
     # clears, reconfigurations), for protocols that have messages for them.
     turn_events: bool = False
+    # Transcribe, or translate into English (a multilingual Whisper model's second task).
+    task: Literal["transcribe", "translate"] = "transcribe"
     # Whether utterances end at the VAD's pauses; False: only at a commit (or the longest
     # utterance), the VAD still marking where speech starts.
     endpointing: bool = True

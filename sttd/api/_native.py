@@ -40,6 +40,7 @@ from sttd.api._params import (
     dumps,
     load_client_json,
     parse_hotwords,
+    parse_task,
     parse_language,
     query_int,
     quoted,
@@ -104,6 +105,7 @@ class NativeCodec:
                 partial_ms=partial_ms,
                 language=parse_language(query.get("language", "auto")),
                 hotwords=parse_hotwords(query.get("hotwords", "")),
+                task=parse_task(query.get("task", "transcribe")),
             ),
         )
 

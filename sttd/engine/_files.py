@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import IO, Final
+from typing import IO, Final, Literal
 
 import attrs
 import numpy as np
@@ -73,6 +73,7 @@ async def transcribe_file(
     *,
     language: str | None,
     hotwords: tuple[str, ...],
+    task: Literal["transcribe", "translate"] = "transcribe",
     block_s: float = _BLOCK_S,
 ) -> FileTranscript:
     """Transcribe the audio file that starts at `file`'s position, in memory independent of its length.
@@ -88,7 +89,7 @@ async def transcribe_file(
     reader, splitter = await trio.to_thread.run_sync(partial(_open, file, settings, block_s=block_s))
     try:
         return await _transcribe_blocks(engine, reader, splitter, settings, language=language,
-                                        hotwords=hotwords)
+                                        hotwords=hotwords, task=task)
     finally:
         if isinstance(reader, MediaReader):
             reader.close()  # no thread is in it: the calls above are not abandoned on cancel
@@ -97,6 +98,7 @@ async def transcribe_file(
 async def _transcribe_blocks(
     engine: Engine, reader: AudioReader, splitter: _PauseSplitter, settings: Settings,
     *, language: str | None, hotwords: tuple[str, ...],
+    task: Literal["transcribe", "translate"],
 ) -> FileTranscript:
     batch_size = settings.max_inference_batch_size
     waiting: list[Utterance] = []
@@ -110,7 +112,7 @@ async def _transcribe_blocks(
             log.debug("file.batch pieces=%d position_s=%.1f", len(batch),
                       splitter.position / SAMPLE_RATE_HZ)
             segments.extend(await _transcribe_batch(engine, batch, language=language,
-                                                    hotwords=hotwords))
+                                                    hotwords=hotwords, task=task))
     return FileTranscript(
         text=" ".join(segment.text for segment in segments),
         segments=tuple(segments),
@@ -182,10 +184,12 @@ def _split_next_block(reader: AudioReader, splitter: _PauseSplitter) -> tuple[li
 
 
 async def _transcribe_batch(
-    engine: Engine, jobs: list[Utterance], *, language: str | None, hotwords: tuple[str, ...]
+    engine: Engine, jobs: list[Utterance], *, language: str | None, hotwords: tuple[str, ...],
+    task: Literal["transcribe", "translate"],
 ) -> list[FileSegment]:
     """Transcribe `jobs` in one engine call; the pieces that have text."""
-    requests = [Request(pcm16_to_float32(job.audio), "final", language, hotwords, origin="file")
+    requests = [Request(pcm16_to_float32(job.audio), "final", language, hotwords, origin="file",
+                        task=task)
                 for job in jobs]
     results = await engine.transcribe_batch(requests)
     segments = []

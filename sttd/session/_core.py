@@ -435,7 +435,7 @@ class SessionCore:
         return Request(audio=pcm16_to_float32(utterance.audio), kind=utterance.kind,
                        stream_id=f"{self._tag}:{utterance.utterance_id}",
                        language=self.options.language, hotwords=self.options.hotwords,
-                       prefix=prefix, prefix_language=prefix_language)
+                       prefix=prefix, prefix_language=prefix_language, task=self.options.task)
 
     def _final(self, utterance: Utterance, ended_at: float, cause: FinalCause, *,
                forced: bool = False) -> list[Decode]:
