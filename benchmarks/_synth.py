@@ -15,7 +15,8 @@ import wave
 import attrs
 import numpy as np
 
-__all__ = ["ENGLISH", "Clip", "available", "speak", "english"]
+__all__ = ["ENGLISH", "OTHER_LANGUAGES", "Clip", "available", "english", "other_language",
+           "speak"]
 
 # Thirty sentences of the kind a call centre or a voice agent hears, 2-4 s each when spoken.
 ENGLISH = (
@@ -52,6 +53,46 @@ ENGLISH = (
 )
 _ENGLISH_VOICES = ("en-us", "en-gb", "en-us+m3", "en-us+f2", "en-gb-x-rp+m5", "en-us+f4")
 
+# Ten sentences each in German, Spanish and French (espeak-ng voice, sentences).
+OTHER_LANGUAGES = {
+    "de": ("de", (
+        "Guten Morgen, ich möchte meinen Kontostand überprüfen.",
+        "Können Sie mir sagen, wann meine Bestellung ankommt?",
+        "Das Treffen wurde auf Donnerstagnachmittag verschoben.",
+        "Bitte schicken Sie die Rechnung an meine E-Mail-Adresse.",
+        "Ich glaube, auf meiner letzten Rechnung ist ein Fehler.",
+        "Der Zug nach Berlin fährt um halb zehn ab.",
+        "Meine Internetverbindung bricht jeden Abend ab.",
+        "Ich habe gestern meine Karte verloren.",
+        "Die Kinder spielen im Park Fußball.",
+        "Vielen Dank für Ihre Geduld und einen schönen Tag.",
+    )),
+    "es": ("es", (
+        "Buenos días, quiero consultar el saldo de mi cuenta.",
+        "¿Puede decirme cuándo llegará mi pedido?",
+        "La reunión se ha cambiado al jueves por la tarde.",
+        "Por favor, envíe la factura a mi correo electrónico.",
+        "Creo que hay un error en mi última factura.",
+        "El tren a Madrid sale a las nueve y media.",
+        "Mi conexión a internet se corta todas las noches.",
+        "Ayer perdí mi tarjeta y necesito otra.",
+        "Los niños juegan al fútbol en el parque.",
+        "Gracias por su paciencia y que tenga un buen día.",
+    )),
+    "fr": ("fr", (
+        "Bonjour, je voudrais vérifier le solde de mon compte.",
+        "Pouvez-vous me dire quand ma commande arrivera?",
+        "La réunion a été déplacée à jeudi après-midi.",
+        "Veuillez envoyer la facture à mon adresse électronique.",
+        "Je crois qu'il y a une erreur sur ma dernière facture.",
+        "Le train pour Paris part à neuf heures et demie.",
+        "Ma connexion internet se coupe tous les soirs.",
+        "J'ai perdu ma carte hier et j'en ai besoin d'une autre.",
+        "Les enfants jouent au football dans le parc.",
+        "Merci de votre patience et bonne journée.",
+    )),
+}
+
 
 @attrs.frozen
 class Clip:
@@ -80,3 +121,10 @@ def english() -> list[Clip]:
     return [Clip(speak(text, _ENGLISH_VOICES[i % len(_ENGLISH_VOICES)], 150 + (i * 7) % 40),
                  text, _ENGLISH_VOICES[i % len(_ENGLISH_VOICES)])
             for i, text in enumerate(ENGLISH)]
+
+
+def other_language(code: str) -> list[Clip]:
+    """`OTHER_LANGUAGES[code]`'s sentences, spoken by that language's espeak-ng voice."""
+    voice, sentences = OTHER_LANGUAGES[code]
+    return [Clip(speak(text, voice, 150 + (i * 7) % 30), text, voice)
+            for i, text in enumerate(sentences)]

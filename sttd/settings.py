@@ -108,6 +108,11 @@ class Settings:
     # out the rest of STT_VAD_SILENCE_MS (used if the utterance does end there, dropped if the
     # speech goes on); 0: never. At least the 200 ms of audio kept after speech.
     speculate_ms: int = attrs.field(default=200, validator=_non_negative)
+    # With language auto, how the whisper backend's language is found: for each utterance
+    # ("utterance": a 30 s detection window on every final), or once per session, from its first
+    # final the model was sure of ("session": the rest is decoded in that language).
+    language_detection: str = attrs.field(default="utterance",
+                                          validator=_one_of(("utterance", "session")))
     # Longest utterance before it is cut at its quietest recent point.
     max_utterance_s: float = attrs.field(default=15.0, validator=_positive)
     # Default interval of new audio between partial re-decodes; a session's partial_ms wins.

@@ -257,6 +257,7 @@ def test_final_message_rounds_for_the_wire_and_keeps_server_fields_off_it() -> N
         ],
         "confidence": 0.9123,
         "language": "en",
+        "language_probability": None,
         "backlog_ms": 40,
     }
 
@@ -264,7 +265,8 @@ def test_final_message_rounds_for_the_wire_and_keeps_server_fields_off_it() -> N
 def test_final_message_without_confidence_or_words() -> None:
     message = encode(Final(0, "", 0, 500, backlog_ms=0))
     assert message == {"type": "final", "utterance_id": 0, "text": "", "start_ms": 0, "end_ms": 500,
-                       "words": [], "confidence": None, "language": None, "backlog_ms": 0}
+                       "words": [], "confidence": None, "language": None, "language_probability": None,
+                       "backlog_ms": 0}
 
 
 def test_partial_message_has_no_words() -> None:

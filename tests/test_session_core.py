@@ -329,3 +329,21 @@ def test_a_commit_after_a_speculation_decodes_the_committed_audio() -> None:
     assert final is not speculation and final.cause == "commit"
     assert final.utterance.end_ms > speculation.utterance.end_ms
     assert c.stale(speculation) is True
+
+
+def test_a_session_detecting_its_language_once_keeps_the_first_sure_one() -> None:
+    tracker = UtteranceTracker(make_endpointer("energy", threshold_rms=300.0, silence_ms=500),
+                               max_utterance_s=15.0, partial_ms=500)
+    c = SessionCore(tracker, SessionOptions(partial_ms=500), detect_language_once=True)
+    first = utterance(c, 0.0)
+    assert first.request.language is None  # auto: detected
+    c.decoded(first, Result("hallo", language="de", language_probability=0.3))  # unsure
+    second = utterance(c, 2.0)
+    assert second.request.language is None  # still detecting
+    [final] = c.decoded(second, Result("guten morgen", language="de", language_probability=0.8))
+    assert isinstance(final, Final) and (final.language, final.language_probability) == ("de", 0.8)
+    assert utterance(c, 4.0).request.language == "de"  # the rest is decoded in it, no detection
+    every = core()  # detecting each utterance
+    done = utterance(every, 0.0)
+    every.decoded(done, Result("guten morgen", language="de", language_probability=0.9))
+    assert utterance(every, 2.0).request.language is None

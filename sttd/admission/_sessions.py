@@ -93,7 +93,8 @@ def session_core(request: SessionRequest, settings: Settings, *,
     tracker = UtteranceTracker(endpointer, partial_ms=options.partial_ms,
                                max_utterance_s=settings.max_utterance_s,
                                speculate_ms=(settings.speculate_ms or None) if speculate else None)
-    return SessionCore(tracker, options)
+    return SessionCore(tracker, options,
+                       detect_language_once=settings.language_detection == "session")
 
 
 def _as_bearer(header: str | None) -> str | None:

@@ -162,6 +162,8 @@ class Final:
     words: tuple[Word, ...] = ()
     confidence: float | None = None
     language: str | None = None
+    # How sure the model was of `language`, where it detected it for this utterance.
+    language_probability: float | None = None
     # The session's backlog when the final was ready: audio received but not yet processed.
     backlog_ms: int | None = None
     cause: FinalCause = "speech_end"

@@ -149,6 +149,8 @@ def to_json(event: Ready | Partial | FinalEvent | UtteranceEnd | Error | Warning
                       for word in event.words],
             "confidence": None if event.confidence is None else round(event.confidence, WIRE_DIGITS),
             "language": event.language,
+            "language_probability": (None if event.language_probability is None
+                                     else round(event.language_probability, WIRE_DIGITS)),
             "backlog_ms": event.backlog_ms,
         }
     if isinstance(event, UtteranceEnd):
@@ -216,6 +218,7 @@ def parse_server_message(text: str) -> Ready | Partial | FinalEvent | UtteranceE
                         for w in words),
             confidence=_get(raw, "confidence", float, None),
             language=_get(raw, "language", str, None),
+            language_probability=_get(raw, "language_probability", float, None),
             backlog_ms=_get(raw, "backlog_ms", int, None), raw=raw)
     if kind == "utterance_end":
         return UtteranceEnd(_get(raw, "last_word_end_ms", int), raw=raw)

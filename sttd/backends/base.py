@@ -74,6 +74,8 @@ class Result:
     language: str | None = None
     # Mean word probability in [0, 1], where the backend has one.
     confidence: float | None = None
+    # How sure the backend was of `language`, where it detected it (None where it was given).
+    language_probability: float | None = None
 
 
 class BatchPartlyFailed(BackendError):

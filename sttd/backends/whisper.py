@@ -273,7 +273,7 @@ class WhisperBackend(ASRBackend):
         frames = max(floor, max(r.audio.size // _HOP_SAMPLES for r in requests))
         features = self._features([r.audio for r in requests], frames)
         encoded = self._encode(features)
-        languages = self._languages(requests, encoded, frames)
+        languages, probabilities = self._languages(requests, features, encoded, frames)
         tokenizers = [self._tokenizer(language, r.task) for language, r in zip(languages, requests,
                                                                                 strict=True)]
         prompts = [
@@ -291,9 +291,10 @@ class WhisperBackend(ASRBackend):
                                 tokenizers, outputs)
         words = self._align(requests, outputs, encoded, tokenizers)
         return [
-            _result(request, output, word_list, language)
-            for request, output, word_list, language in zip(
-                requests, outputs, words, languages, strict=True)
+            attrs.evolve(_result(request, output, word_list, language),
+                         language_probability=probability)
+            for request, output, word_list, language, probability in zip(
+                requests, outputs, words, languages, probabilities, strict=True)
         ]
 
     def _generate(self, encoded: Any, prompts: list[list[int]], caps: list[int], beam: int,
@@ -455,24 +456,32 @@ class WhisperBackend(ASRBackend):
             out[i, :, : mel.shape[1]] = mel
         return out
 
-    def _languages(self, requests: list[Request], encoded: Any, frames: int) -> list[str]:
+    def _languages(self, requests: list[Request], features: npt.NDArray[np.float32],
+                   encoded: Any, frames: int) -> tuple[list[str], list[float | None]]:
+        """Each request's language, and the probability Whisper gave it where it was detected
+        (None where it was given, or the model knows one language)."""
         if not self._multilingual:
-            return ["en"] * len(requests)
-        detected: list[str] = []
-        if any(r.language is None and not r.prefix_language for r in requests):
-            if frames < _WINDOW_FRAMES and any(r.kind == "final" for r in requests):
+            return ["en"] * len(requests), [None] * len(requests)
+        detect = [i for i, r in enumerate(requests) if r.language is None and not r.prefix_language]
+        detected: dict[int, tuple[str, float]] = {}
+        if detect:
+            if frames < _WINDOW_FRAMES and any(requests[i].kind == "final" for i in detect):
                 # A final's language (reported, and the one its words are decoded in) is
                 # detected on a whole 30 s window, as Whisper was trained: on the shortened
                 # window the decode uses, short clips detected as other languages. Partials,
                 # tentative, keep the cheap window, or the language their stable words were
-                # in.
-                encoded = self._encode(self._features([r.audio for r in requests],
-                                                      _WINDOW_FRAMES))
-            for probabilities in self._model.model.detect_language(encoded):
-                token, _ = probabilities[0]
-                detected.append(token[2:-2])
-        return [(r.language or r.prefix_language or detected[i]).split("-")[0].lower()
-                for i, r in enumerate(requests)]
+                # in. Only the clips whose language is not known pay for it.
+                window = self._encode(self._features([requests[i].audio for i in detect],
+                                                     _WINDOW_FRAMES))
+            else:
+                window = self._encoder_rows(features, encoded, detect)
+            for i, ranked in zip(detect, self._model.model.detect_language(window), strict=True):
+                token, probability = ranked[0]
+                detected[i] = (token[2:-2], float(probability))
+        languages = [(r.language or r.prefix_language or detected[i][0]).split("-")[0].lower()
+                     for i, r in enumerate(requests)]
+        return languages, [detected[i][1] if i in detected else None
+                           for i in range(len(requests))]
 
     def _tokenizer(self, language: str, task: str = "transcribe") -> Any:
         key = (language, task)

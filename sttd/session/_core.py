@@ -116,6 +116,11 @@ class Stop:
 InputItem = AudioFrame | Gap | Commit | End | Stop | Clear | Configure
 
 
+# The probability of the language detected in a final above which a session detecting its
+# language once takes it for the rest of the session.
+_SURE_OF_LANGUAGE = 0.5
+
+
 def _same_audio(a: Utterance, b: Utterance) -> bool:
     return (a.utterance_id, a.start_ms, a.end_ms, a.audio.size) == (
         b.utterance_id, b.start_ms, b.end_ms, b.audio.size)
@@ -191,7 +196,12 @@ class SessionCore:
 
     tracker: UtteranceTracker
     options: SessionOptions
+    # With language auto: detect each utterance's language (False), or the session's, once,
+    # from its first final the model was sure of, then decode the rest in it (True).
+    detect_language_once: bool = False
     outcome: SessionOutcome = attrs.field(init=False, default="client_gone")
+    # The language the session was detected in (`detect_language_once`).
+    _session_language: str | None = attrs.field(init=False, default=None)
     _stabilizer: PartialStabilizer = attrs.field(init=False, factory=PartialStabilizer)
     # Names this session's utterances to the backend (`Request.stream_id`).
     _tag: str = attrs.field(init=False, factory=lambda: secrets.token_hex(6))
@@ -325,6 +335,8 @@ class SessionCore:
 
     def _configure(self, options: SessionOptions) -> None:
         """Go on with `options`: what is None among the VAD's options stays as it was."""
+        if options.language != self.options.language:
+            self._session_language = None  # detected again, if auto
         tracker = self.tracker
         tracker.partial_ms = options.partial_ms if options.partials else None
         tracker.endpointing = options.endpointing
@@ -396,6 +408,10 @@ class SessionCore:
         """The final event for `decode`'s result (none for an empty one nobody asked for)."""
         utterance = decode.utterance
         text = result.text.strip()
+        if (self.detect_language_once and self.options.language is None and text
+                and self._session_language is None and result.language
+                and (result.language_probability or 0.0) >= _SURE_OF_LANGUAGE):
+            self._session_language = result.language
         ended_at, cause, forced = ((ending.ended_at, ending.cause, ending.forced)
                                    if ending is not None
                                    else (decode.ended_at, decode.cause, decode.forced))
@@ -407,6 +423,7 @@ class SessionCore:
             start_ms=utterance.start_ms, end_ms=utterance.end_ms,
             words=stream_words(result.words, utterance.start_ms) if text else (),
             confidence=result.confidence, language=result.language,
+            language_probability=result.language_probability,
             backlog_ms=backlog_ms, cause=cause, ended_at=ended_at)]
 
     def failed(self, decode: Decode, error: BackendError) -> list[SessionEvent]:
@@ -434,7 +451,8 @@ class SessionCore:
                  prefix_language: str | None = None) -> Request:
         return Request(audio=pcm16_to_float32(utterance.audio), kind=utterance.kind,
                        stream_id=f"{self._tag}:{utterance.utterance_id}",
-                       language=self.options.language, hotwords=self.options.hotwords,
+                       language=self.options.language or self._session_language,
+                       hotwords=self.options.hotwords,
                        prefix=prefix, prefix_language=prefix_language, task=self.options.task)
 
     def _final(self, utterance: Utterance, ended_at: float, cause: FinalCause, *,
