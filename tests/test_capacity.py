@@ -202,3 +202,20 @@ def test_the_engine_gives_speculation_its_head_start() -> None:
     # 500 ms of silence ends speech; the final starts after 200 of them.
     assert on._runner.capacity.head_start_s == pytest.approx(0.3)
     assert off._runner.capacity.head_start_s == 0.0
+
+
+def test_a_streaming_backends_partials_keep_no_pause() -> None:
+    """Its partials are the decoding itself: a pause after each would idle its one lane."""
+    from sttd.backends.nemo import NemoBackend, NemoOptions
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "references" / "nemo"
+    streaming = NemoBackend.load(NemoOptions(model=str(folder / "online-ctc"), threads=1,
+                                             decoding="greedy_search"))
+    offline = NemoBackend.load(NemoOptions(model=str(folder / "offline-ctc"), threads=1,
+                                           decoding="greedy_search"))
+    settings = Settings(backend="nemo")
+    metrics = Metrics.create(CollectorRegistry())
+    assert Engine.from_settings(streaming, settings, metrics).scheduler.config.background_share == 1.0
+    assert Engine.from_settings(offline, settings, Metrics.create(CollectorRegistry())
+                                ).scheduler.config.background_share == 0.5

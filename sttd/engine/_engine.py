@@ -117,8 +117,12 @@ class Engine:
                                             settings.max_batch_ms / 1000,
                                             head_start_s=head_start_ms / 1000))
         live_streams = LiveStreams()
-        scheduler = Scheduler(runner.run, SchedulerConfig.from_settings(settings, lanes=lanes),
-                              metrics, live_streams)
+        config = SchedulerConfig.from_settings(settings, lanes=lanes)
+        if backend.incremental:
+            # A streaming model's partials are the decoding itself (each piece of audio once):
+            # holding them back only moves that work into the finals, so they keep no pause.
+            config = attrs.evolve(config, background_share=1.0)
+        scheduler = Scheduler(runner.run, config, metrics, live_streams)
         return cls(backend, scheduler, runner, live_streams)
 
     @property
