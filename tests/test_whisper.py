@@ -296,3 +296,27 @@ def test_a_model_that_cannot_run_on_cuda_stops_start_up_naming_the_fix() -> None
 
     with pytest.raises(BackendError, match=r"libcublas\.so\.12.*uv sync --extra cuda"):
         _check_cuda(NoCublas())
+
+
+def test_a_long_final_keeps_silence_after_it_in_its_window() -> None:
+    """A 12.7 s final padded to its own length ends in the window's last frame, and tiny.en
+    repeats its last phrase there (babble at 10 dB, benchmarks/noise.py)."""
+    def bucket(seconds: float, kind: str = "final") -> int:
+        return whisper._padding_bucket(Request(np.zeros(int(seconds * RATE_HZ), np.float32),
+                                               kind=kind))  # type: ignore[arg-type]
+
+    assert bucket(3.0) == 1000  # 10 s: the floor
+    assert bucket(9.0) == 1500  # 9 s and 1.5 s of silence after it: the 15 s bucket
+    assert bucket(12.7) == 1500
+    assert bucket(14.0) == 2000
+    assert bucket(2.0, "partial") == 400
+    assert bucket(3.0, "partial") == 700
+
+
+def test_a_phrase_said_twice_in_a_row_is_still_a_loop_after_the_retry() -> None:
+    looped = whisper._Decoded([], "we were all going direct to heaven, we were all going "
+                              "direct to heaven, we were all", 0.0, 0.0, False)
+    assert whisper._looks_repetitive(looped)
+    assert not whisper._looks_repetitive(whisper._Decoded(
+        [], "it was the age of wisdom, it was the age of foolishness", 0.0, 0.0, False))
+    assert not whisper._looks_repetitive(whisper._Decoded([], "5 5", 0.0, 0.0, False))

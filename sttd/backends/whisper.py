@@ -5,10 +5,11 @@ grouped by decoding shape (beam width, where the start-of-transcript token falls
 hotword prompt, which CTranslate2 needs equal across a batch, and padded length: 4, 7, 10, 15,
 20 or 30 s). Each group is decoded in ONE
 generate call; on a CUDA device it is also encoded in one call, on a CPU clip by clip (cheaper
-there). Features are padded to the longest clip of the group but to at least ``_MIN_FRAMES``
-(10 s) for finals: Whisper is trained on 30 s windows and loops on much shorter ones, while 10 s
-costs a fifth of 30 s with no loss of accuracy; partials, tentative and redone every half
-second, take ``_MIN_PARTIAL_FRAMES`` (4 s). Finals then get word timings from one batched
+there). Features are padded to the group's length: a clip's own plus 1.5 s of silence after it,
+at least ``_MIN_FRAMES`` (10 s) for finals (Whisper is trained on 30 s windows and loops on much
+shorter ones, while 10 s costs a fifth of 30 s with no loss of accuracy) and
+``_MIN_PARTIAL_FRAMES`` (4 s) for partials (tentative, redone every half second), rounded up to
+one of `_BUCKET_FRAMES`. Finals then get word timings from one batched
 alignment over the same encoder output.
 
 Hallucination guards, applied to every output: the number of new tokens is capped by the clip's
@@ -68,6 +69,10 @@ _GREEDY_FROM_FINALS = 3
 _MIN_PARTIAL_FRAMES = 400
 # Padded lengths that clips of one batch are grouped by (frames; see `_padding_bucket`).
 _BUCKET_FRAMES = (400, 700, 1000, 1500, 2000, 3000)
+# Silence a clip keeps after it inside its window, at least (frames): a 12.7 s final (an
+# utterance cut at the length limit in babble) padded to its own length ended in the window's
+# last frame, and tiny.en repeated its last phrase (benchmarks/noise.py).
+_PAD_AFTER_FRAMES = 150
 # A clip quieter than this (float samples, about -80 dBFS) holds no speech: it is not decoded.
 _SILENT_RMS = 1e-4
 _WINDOW_SAMPLES = _WINDOW_FRAMES * _HOP_SAMPLES
@@ -92,7 +97,7 @@ _TIMESTAMP_TOKENS = 8
 # that comes back later in the same clip ("A, B. A," from a 3.5 s clip, measured on the
 # short-sentence stream: a start 32 ms later turned "eight of spades, four of clubs, seven of
 # hearts" into that).
-_MAX_LOOP_WORDS = 6
+_MAX_LOOP_WORDS = 10
 _RECURRING_PHRASE_WORDS = 4
 _PHRASE_REPEATS = 3
 _SAME_WORD_REPEATS = 5
@@ -269,8 +274,8 @@ class WhisperBackend(ASRBackend):
         self, requests: list[Request], before_sot: list[list[int]], beam: int
     ) -> list[Result]:
 
-        floor = _MIN_FRAMES if any(r.kind == "final" for r in requests) else _MIN_PARTIAL_FRAMES
-        frames = max(floor, max(r.audio.size // _HOP_SAMPLES for r in requests))
+        # The group's bucket: every clip in it pads to the same length, with silence after it.
+        frames = max(_padding_bucket(r) for r in requests)
         features = self._features([r.audio for r in requests], frames)
         encoded = self._encode(features)
         languages, probabilities = self._languages(requests, features, encoded, frames)
@@ -360,7 +365,10 @@ class WhisperBackend(ASRBackend):
                                [tokenizers[i] for i in looping],
                                durations_s=[requests[i].duration_s for i in looping])
         for i, output in zip(looping, again, strict=True):
-            if not _looks_repetitive(output, suspect_doubles=False):
+            # A phrase of three or more words said twice in a row is still a loop here (babble
+            # gave "... direct to heaven, we were all going direct to heaven, we were all"); a
+            # phrase that only comes back later is not (a retry keeps what was said twice).
+            if not _looks_repetitive(output):
                 outputs[i] = output
                 continue
             plain = tokenizers[i].sot_sequence + [tokenizers[i].no_timestamps]
@@ -538,7 +546,7 @@ def _padding_bucket(request: Request) -> int:
     with its padded length (4 s 27 ms, 7 s 64 ms, 10 s 100 ms on one AMD EPYC thread), as does
     a decode whose steps run as long as the longest clip's text."""
     floor = _MIN_FRAMES if request.kind == "final" else _MIN_PARTIAL_FRAMES
-    frames = max(floor, request.audio.size // _HOP_SAMPLES)
+    frames = max(floor, request.audio.size // _HOP_SAMPLES + _PAD_AFTER_FRAMES)
     return next((bucket for bucket in _BUCKET_FRAMES if bucket >= frames), _WINDOW_FRAMES)
 
 
