@@ -371,9 +371,11 @@ def test_piped_display_prints_only_the_finals_text_or_their_raw_json() -> None:
     assert [json.loads(line) for line in as_json.getvalue().splitlines()] == [
         json.loads(raw),  # as it came, with what this client does not know
         {"type": "final", "utterance_id": 1, "text": "", "start_ms": 10, "end_ms": 20,
-         "words": [], "confidence": None, "language": None, "backlog_ms": None},
+         "words": [], "confidence": None, "language": None,
+         "language_probability": None, "backlog_ms": None},
         {"type": "final", "utterance_id": 2, "text": "on", "start_ms": 30, "end_ms": 40,
-         "words": [], "confidence": None, "language": None, "backlog_ms": None}]
+         "words": [], "confidence": None, "language": None,
+         "language_probability": None, "backlog_ms": None}]
     assert err.getvalue() == ""
 
 
