@@ -197,13 +197,13 @@ def create_app(state: AppState) -> QuartTrio:
 
     async def _openai_file(task: Literal["transcribe", "translate"]) -> Response:
         with admit_upload(state, request.content_length) as engine:
+            engine.check_task(task)  # the route's own: refused before the upload is read
             upload, fields = await read_upload(request.body, request.mimetype,
                                                request.mimetype_params, settings=settings)
             with upload:
                 form = TranscriptionForm.parse(fields, task=task)
                 engine.check_language(form.language)
                 engine.check_hotwords(form.prompt)
-                engine.check_task(task)
                 result = await transcribe_file(engine, upload, settings, language=form.language,
                                                hotwords=form.prompt, task=task)
         body, content_type = render(result, form)

@@ -157,6 +157,10 @@ class Transcriber(Protocol):
         """Raise `Unsupported` if the backend cannot take `hotwords`."""
         ...
 
+    def overloaded(self) -> bool:
+        """Whether finals wait too long in the engine's queue."""
+        ...
+
     async def transcribe(self, request: Request, *, started: trio.Event | None = None) -> Result:
         """Transcribe `request`; `started` is set when its batch starts.
 
@@ -453,9 +457,14 @@ class Session:
                                 await room.acquire()
                                 finals.start_soon(self._final, output, send_out, room)
                     self._withdraw_speculation()  # if the round made it stale
-                    speculation = core.take_speculative()
+                    # A speculation is optional work: never worth a wait that would stop the
+                    # session listening, nor a place among real finals when the engine is behind.
+                    speculation = (core.take_speculative()
+                                   if room.value and not self.admission.engine.overloaded()
+                                   else None)
                     if speculation is not None:
-                        await room.acquire()
+                        room.acquire_nowait()
+                        self._withdraw_partial()  # the speculation may be the final
                         finals.start_soon(self._speculate, speculation, send_out, room)
                     partial = core.take_partial()
                     if partial is not None and not lagging:

@@ -219,3 +219,8 @@ def test_a_streaming_backends_partials_keep_no_pause() -> None:
     assert Engine.from_settings(streaming, settings, metrics).scheduler.config.background_share == 1.0
     assert Engine.from_settings(offline, settings, Metrics.create(CollectorRegistry())
                                 ).scheduler.config.background_share == 0.5
+    # Admission turns speculation off for a streaming model: no head start to count on.
+    assert Engine.from_settings(streaming, settings, Metrics.create(CollectorRegistry())
+                                )._runner.capacity.head_start_s == 0.0
+    assert Engine.from_settings(offline, settings, Metrics.create(CollectorRegistry())
+                                )._runner.capacity.head_start_s == pytest.approx(0.3)

@@ -400,14 +400,15 @@ async def test_a_session_drained_before_it_reads_closes_at_once() -> None:
     assert transport.close_code == 1001
 
 
+@pytest.mark.parametrize("speculate_ms", [0, 200])
 async def test_a_slow_engine_delays_finals_but_the_session_keeps_listening(
-        autojump_clock: trio.abc.Clock) -> None:
+        autojump_clock: trio.abc.Clock, speculate_ms: int) -> None:
     """Head-of-line blocking used to turn a slow decode into skipped speech: while a final
-    waited, the session stopped reading. Now the VAD keeps up and finals queue in the engine."""
+    waited, the session stopped reading. Now the VAD keeps up and finals queue in the engine,
+    speculative ones too."""
     gate = trio.Event()
     engine = FakeEngine(gate=gate)
-    # No speculative finals: this counts one decode per utterance.
-    session, metrics = _session(engine, max_lag_s=1.0, speculate_ms=0)
+    session, metrics = _session(engine, max_lag_s=1.0, speculate_ms=speculate_ms)
     transport = FakeTransport.create()
     names = ["ps_cards_001", "ps_goforward", "ps_librivox_0880", "ps_cards_001"]
     parts = [np.concatenate([load_pcm(name), silence(1.0)]) for name in names]
@@ -417,7 +418,10 @@ async def test_a_slow_engine_delays_finals_but_the_session_keeps_listening(
             await transport.incoming_send.send(frame)
             await trio.sleep(0.02)  # real time: about 20 s while the engine is stuck
         await trio.testing.wait_all_tasks_blocked()
-        assert engine.calls.count("final") == len(names)  # every utterance found, none decoded
+        # Every utterance found, none decoded (a speculation dropped when speech resumed
+        # after a pause inside an utterance is one decode more).
+        assert (engine.calls.count("final") == len(names) if not speculate_ms
+                else len(names) <= engine.calls.count("final") <= 2 * len(names))
         assert transport.of_type("final") == []
         stats = session.statistics()
         assert stats is not None and stats.audio.samples_buffered == 0  # no backlog at all

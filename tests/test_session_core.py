@@ -5,6 +5,7 @@ No trio, no engine: the test plays the engine, resolving decodes in any order it
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 import pytest
 
@@ -329,6 +330,32 @@ def test_a_commit_after_a_speculation_decodes_the_committed_audio() -> None:
     assert final is not speculation and final.cause == "commit"
     assert final.utterance.end_ms > speculation.utterance.end_ms
     assert c.stale(speculation) is True
+
+
+def test_a_configure_during_a_speculation_has_the_final_decoded_with_the_new_options() -> None:
+    from sttd.api import Configure
+
+    c = speculating_core()
+    speculation = paused(c)
+    options = attrs.evolve(c.options, hotwords=("Acme",))
+    c.feed(Configure(options, 5.0))
+    assert c.stale(speculation) is True  # asked for with the old options
+    assert c.decoded(speculation, Result("go forward")) == []
+    [final] = decodes(c.feed(AudioFrame(QUIET[: 300 * 16], 7.5)))
+    assert final is not speculation and final.request.hotwords == ("Acme",)
+    assert c.speculations_used == 0
+
+
+def test_a_configure_changing_nothing_the_decode_uses_keeps_the_speculation() -> None:
+    from sttd.api import Configure
+
+    c = speculating_core()
+    speculation = paused(c)
+    c.feed(Configure(attrs.evolve(c.options, vad_silence_ms=500), 5.0))
+    assert c.stale(speculation) is False
+    assert c.decoded(speculation, Result("go forward")) == []
+    [final] = events(c.feed(AudioFrame(QUIET[: 300 * 16], 7.5)))
+    assert isinstance(final, Final) and final.text == "go forward"
 
 
 def test_a_session_detecting_its_language_once_keeps_the_first_sure_one() -> None:

@@ -9,6 +9,7 @@ import trio
 
 from sttd.audio import float32_to_pcm16
 from sttd.engine import VadBatcher
+from sttd.errors import BackendError
 from sttd.vad import Endpointer, SileroModel, make_endpointer, silero_model
 from tests.conftest import load_pcm, silence
 
@@ -101,10 +102,17 @@ async def test_a_failed_run_fails_its_calls_and_the_batcher_goes_on(
     def broken(calls: object) -> list[float]:
         raise RuntimeError("onnxruntime fell over")
 
+    def short(calls: list[object]) -> list[float]:
+        return real(calls)[1:]  # a wrong answer: one score missing
+
     monkeypatch.setattr(model, "score", broken)
-    with trio.fail_after(30), pytest.raises(RuntimeError, match="the VAD net failed"):
+    with trio.fail_after(30), pytest.raises(BackendError, match="the VAD net failed"):
         await batcher.drive(_endpointer(model).feed_steps(loud))
+    monkeypatch.setattr(model, "score", short)
+    with trio.fail_after(30), pytest.raises(BackendError, match="0 scores for 1 windows"):
+        await batcher.drive(_endpointer(model).feed_steps(loud))
+    assert batcher.statistics().windows == 0  # no failed run counted
     monkeypatch.setattr(model, "score", real)
     with trio.fail_after(30):
-        assert await batcher.drive(_endpointer(model).feed_steps(
-            np.concatenate([loud, silence(1.0)]))) is not None
+        await batcher.drive(_endpointer(model).feed_steps(np.concatenate([loud, silence(1.0)])))
+    assert batcher.statistics().windows > 0  # the batcher went on scoring

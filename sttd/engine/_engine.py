@@ -109,9 +109,10 @@ class Engine:
         """An engine for `backend`, with its lanes, limiter and scheduler from `settings`."""
         lanes, source = resolve_lanes(settings, backend.preferred_lanes)
         log.info("engine.lanes lanes=%d source=%s", lanes, source)
-        # Speculative finals start this much before the end of speech is confirmed.
+        # Speculative finals start this much before the end of speech is confirmed (never for
+        # a streaming backend: admission turns speculation off for those).
         head_start_ms = (max(settings.vad_silence_ms - max(settings.speculate_ms, TAIL_MS), 0)
-                         if settings.speculate_ms else 0)
+                         if settings.speculate_ms and not backend.incremental else 0)
         runner = _BatchRunner(backend, trio.CapacityLimiter(lanes), metrics,
                               CapacityModel(lanes, settings.max_load, settings.max_final_wait_s,
                                             settings.max_batch_ms / 1000,

@@ -24,6 +24,7 @@ from typing import TypeVar
 import attrs
 import trio
 
+from sttd.errors import BackendError
 from sttd.vad import NetCall, SileroModel, SileroStream, VadSteps
 
 __all__ = ["VadBatcher", "VadStatistics"]
@@ -86,6 +87,8 @@ class VadBatcher:
             try:
                 probabilities = await trio.to_thread.run_sync(
                     self.model.score, [(p.stream, p.call.data) for p in batch])
+                if len(probabilities) != len(batch):
+                    raise ValueError(f"{len(probabilities)} scores for {len(batch)} windows")
             except Exception as exc:  # a failed run fails its calls, not the server
                 log.error("vad.failed windows=%d", len(batch), exc_info=True)
                 for pending in batch:
@@ -94,7 +97,7 @@ class VadBatcher:
                 continue
             self._runs += 1
             self._windows += len(batch)
-            for pending, probability in zip(batch, probabilities, strict=True):
+            for pending, probability in zip(batch, probabilities, strict=True):  # checked above
                 pending.probability = probability
                 pending.done.set()
 
@@ -111,5 +114,5 @@ class VadBatcher:
             if not pending.done.is_set() and pending in self._queue:
                 self._queue.remove(pending)  # withdrawn: its session went away
         if pending.error is not None:
-            raise RuntimeError(f"the VAD net failed: {pending.error!r}") from pending.error
+            raise BackendError(f"the VAD net failed: {pending.error!r}") from pending.error
         return pending.probability

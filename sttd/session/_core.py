@@ -337,6 +337,9 @@ class SessionCore:
         """Go on with `options`: what is None among the VAD's options stays as it was."""
         if options.language != self.options.language:
             self._session_language = None  # detected again, if auto
+        if (options.language, options.hotwords, options.task) != (
+                self.options.language, self.options.hotwords, self.options.task):
+            self._drop_speculation()  # asked for with the old options: decoded again at the end
         tracker = self.tracker
         tracker.partial_ms = options.partial_ms if options.partials else None
         tracker.endpointing = options.endpointing
