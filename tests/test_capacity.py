@@ -123,6 +123,27 @@ async def test_the_engine_calibrates_on_every_lane_and_refuses_past_capacity(
         hold.__exit__(None, None, None)
 
 
+async def test_an_engine_too_slow_for_the_target_still_takes_one_stream(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Whisper base on a slow 2-core machine measured capacity 0 and refused every session:
+    an idle server must serve one, late, rather than none."""
+
+    class Slower(MockBackend):  # type: ignore[misc]
+        def transcribe(self, requests):  # type: ignore[no-untyped-def]
+            trio.from_thread.run_sync(mock_clock.jump, 5.0)  # 5 s a call
+            return super().transcribe(requests)
+
+    engine = Engine.from_settings(Slower.from_directory(), Settings(backend="mock"),
+                                  Metrics.create(CollectorRegistry()))
+    await engine.calibrate()
+    assert engine.capacity().capacity == 0
+    engine.admit_stream()
+    with engine.live_stream():
+        with pytest.raises(Overloaded, match="measured capacity of 0 live streams"):
+            engine.admit_stream()
+    engine.admit_stream()
+
+
 def _fill(server: RunningServer, capacity_cost_s: float) -> None:
     """Teach the server's engine that one stream costs `capacity_cost_s` lane-seconds a second
     of speech: as if it had measured a much slower machine."""

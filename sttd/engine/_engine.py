@@ -155,10 +155,11 @@ class Engine:
         """Raise `Overloaded` if one more live stream would not fit the measured capacity.
 
         Admitting it would make every admitted stream's finals late: refusing the newcomer at
-        connect keeps them whole.
+        connect keeps them whole. An idle engine always takes one: on a machine too slow for
+        the latency target with this model (capacity 0), one stream served late beats none.
         """
         stats = self.capacity()
-        if stats.capacity is not None and self.live_streams >= stats.capacity:
+        if stats.capacity is not None and self.live_streams >= max(stats.capacity, 1):
             demand_ms = round(1000 * (stats.stream_demand or 0.0))
             raise Overloaded(
                 f"the server is at its measured capacity of {stats.capacity} live streams "
