@@ -128,8 +128,18 @@ def test_endpointing(value: str, endpointing: bool, silence_ms: int | None) -> N
     assert json.loads(sent)["speech_final"] is endpointing
 
 
-def test_language_multi_detects() -> None:
+def test_language_multi_detects_and_finals_name_the_language() -> None:
     assert _params("encoding=linear16&sample_rate=16000&language=multi").language is None
+    for language, named in (("multi", ["de"]), ("de", None)):
+        codec = DeepgramCodec()
+        _accept(f"encoding=linear16&sample_rate=16000&language={language}", codec)
+        codec.encode(Ready("sid", "call", "mock", 16000))
+        [sent] = codec.encode(_final("guten Morgen", "speech_end", language="de"))
+        [partial] = codec.encode(Partial(1, "guten", "", 0, 500))
+        # The SDK's model reads it (`languages`: only with language=multi, as Deepgram's).
+        alternative = ListenV1Results.model_validate(json.loads(sent)).channel.alternatives[0]
+        assert alternative.languages == named
+        assert "languages" not in json.loads(partial)["channel"]["alternatives"][0]
 
 
 INVALID_QUERIES = [

@@ -91,6 +91,8 @@ class DeepgramCodec:
     _request_id: str = attrs.field(init=False, default="")
     _audio_format: AudioFormat = attrs.field(init=False, factory=AudioFormat)
     _endpointing: bool = attrs.field(init=False, default=True)
+    # language=multi: finals name the language detected (Deepgram's `languages`).
+    _multi: bool = attrs.field(init=False, default=False)
     # From the session's `Ready`.
     _backend: str = attrs.field(init=False, default="")
     _created: str = attrs.field(init=False, default="")
@@ -143,6 +145,7 @@ class DeepgramCodec:
         self._request_id = request.call_id
         self._audio_format = request.audio_format
         self._endpointing = endpointing
+        self._multi = language == "multi"
         return request
 
     def decode(self, message: bytes | str, received_at: float) -> ClientCommand:
@@ -228,6 +231,10 @@ class DeepgramCodec:
                           if words else 0.0)
         cause = event.cause if isinstance(event, FinalEvent) else None
         start_s = event.start_ms / 1000
+        alternative: dict[str, Any] = {"transcript": event.text, "confidence": confidence,
+                                       "words": words}
+        if self._multi and isinstance(event, FinalEvent) and event.language and event.text:
+            alternative["languages"] = [event.language]  # only with language=multi, as Deepgram
         return {
             "type": "Results",
             "channel_index": [0, 1],
@@ -236,8 +243,7 @@ class DeepgramCodec:
             "is_final": final,
             "speech_final": final and self._endpointing and cause == "speech_end",
             "from_finalize": final and cause == "commit",
-            "channel": {"alternatives": [
-                {"transcript": event.text, "confidence": confidence, "words": words}]},
+            "channel": {"alternatives": [alternative]},
             "metadata": {
                 "request_id": self._request_id,
                 "model_info": {"name": self._backend, "version": "sttd", "arch": self._backend},
