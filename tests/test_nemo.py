@@ -355,3 +355,24 @@ async def test_a_bad_model_folder_stops_start_up_naming_it(tmp_path: Path) -> No
                                   capture_stdout=True, capture_stderr=True, check=False)
     assert done.returncode != 0
     assert f"STT_NEMO_MODEL={tmp_path} holds nothing" in done.stderr.decode()
+
+
+@pytest.mark.parametrize("kind", ["offline-transducer", "online-ctc"])
+async def test_a_file_is_transcribed_through_both_file_routes(nursery: trio.Nursery,
+                                                              kind: str) -> None:
+    import httpx
+
+    server = await start_server(nursery, backend="nemo", vad="energy", load_timeout_s=60,
+                                nemo_model=str(MODELS / kind))
+    wav = (MODELS.parent / "ps_librivox_0880.wav").read_bytes()
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=60) as client:
+        native = await client.post("/v1/stt/transcribe", files={"file": ("a.wav", wav, "audio/wav")})
+        openai = await client.post("/v1/audio/transcriptions",
+                                   data={"model": "whisper-1", "response_format": "verbose_json"},
+                                   files={"file": ("a.wav", wav, "audio/wav")})
+    assert native.status_code == 200 and openai.status_code == 200
+    body = native.json()
+    # Random weights: some text, in segments that tile the speech, never checked for words.
+    assert body["text"] and body["segments"]
+    assert all(0 <= s["start_ms"] < s["end_ms"] <= body["duration_ms"] for s in body["segments"])
+    assert openai.json()["text"] == body["text"]
