@@ -464,7 +464,6 @@ class Session:
                                    else None)
                     if speculation is not None:
                         room.acquire_nowait()
-                        self._withdraw_partial()  # the speculation may be the final
                         finals.start_soon(self._speculate, speculation, send_out, room)
                     partial = core.take_partial()
                     if partial is not None and not lagging:

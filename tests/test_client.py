@@ -76,8 +76,11 @@ async def test_stream_file_fast_gives_typed_finals_then_close_1000(
     assert all(f.start_ms <= w.start_ms <= w.end_ms <= f.end_ms
                for f in finals for w in f.words)
     assert finals[0].raw is not None and finals[0].raw["text"] == finals[0].text
+    # Streamed many times faster than real time, an utterance often ends before its partial's
+    # turn comes (a stale partial is not decoded, and none is asked for while a speculative
+    # final stands), so partials may not come at all here; those that do must fit the finals.
+    # (Typed partials are parsed in test_parse_message_types_the_protocol.)
     partials = [m for m in messages if isinstance(m, client.Partial)]
-    assert partials, "the mock backend answers partials for prefixes"
     for partial in partials:
         assert finals[partial.utterance_id].text.startswith(partial.text)
         assert partial.text == " ".join(p for p in (partial.stable, partial.unstable) if p)
