@@ -528,22 +528,22 @@ def audio_inputs(feat_dim):
     ]
 
 
-def cache_inputs(cfg):
+def _cache_tensors(cfg, next_=""):
+    """The streaming encoder's cache, as inputs (`next_` "") or outputs ("_next")."""
     c, d, k = LAST_CHANNEL_CACHE, cfg.d_model, cfg.conv_kernel
     return [
-        tensor("cache_last_channel", TensorProto.FLOAT, ["B", cfg.n_layers, c, d]),
-        tensor("cache_last_time", TensorProto.FLOAT, ["B", cfg.n_layers, d, k - 1]),
-        tensor("cache_last_channel_len", TensorProto.INT64, ["B"]),
+        tensor(f"cache_last_channel{next_}", TensorProto.FLOAT, ["B", cfg.n_layers, c, d]),
+        tensor(f"cache_last_time{next_}", TensorProto.FLOAT, ["B", cfg.n_layers, d, k - 1]),
+        tensor(f"cache_last_channel{next_}_len", TensorProto.INT64, ["B"]),
     ]
+
+
+def cache_inputs(cfg):
+    return _cache_tensors(cfg)
 
 
 def cache_outputs(cfg):
-    c, d, k = LAST_CHANNEL_CACHE, cfg.d_model, cfg.conv_kernel
-    return [
-        tensor("cache_last_channel_next", TensorProto.FLOAT, ["B", cfg.n_layers, c, d]),
-        tensor("cache_last_time_next", TensorProto.FLOAT, ["B", cfg.n_layers, d, k - 1]),
-        tensor("cache_last_channel_next_len", TensorProto.INT64, ["B"]),
-    ]
+    return _cache_tensors(cfg, "_next")
 
 
 def streaming_meta(cfg, window, shift):
