@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sttd.session import SampleBuffer, Utterance, UtteranceTracker
+from sttd.session import FIRST_PARTIAL_MS, SampleBuffer, Utterance, UtteranceTracker
 from sttd.vad import EnergyClassifier, Endpointer
 
 SAMPLES_PER_MS = 16
@@ -243,7 +244,7 @@ def test_commit_in_trailing_silence_suppresses_the_end_event() -> None:
 # --- partials ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("partial_ms", [300, 500])
+@pytest.mark.parametrize("partial_ms", [200, 300, 500])
 def test_partials_every_partial_ms_cover_the_utterance_so_far(partial_ms: int) -> None:
     source = signal(quiet(1000), sine(1800), quiet(1000))
     track = tracker(partial_ms=partial_ms)
@@ -256,15 +257,31 @@ def test_partials_every_partial_ms_cover_the_utterance_so_far(partial_ms: int) -
         partial = track.take_partial()
         if partial is not None:
             partials.append(partial)
-    # Speech opens at 1000 ms; partials follow each partial_ms of new audio until the speaker
-    # has paused for longer than the 200 ms tail (the speech ended at 2800 ms; the final comes
-    # at 3300 ms, 500 ms after it).
-    ends = [end for end in range(1000 + partial_ms, 3300, partial_ms) if end <= 3000]
+    # Speech opens at 1000 ms; the first partial comes after FIRST_PARTIAL_MS of it (or
+    # partial_ms if shorter; fed in 100 ms steps), the next ones each partial_ms of new audio
+    # until the speaker has paused for longer than the 200 ms tail (the speech ended at
+    # 2800 ms; the final comes at 3300 ms, 500 ms after it).
+    first = 1000 + math.ceil(min(partial_ms, FIRST_PARTIAL_MS) / 100) * 100
+    ends = [end for end in range(first, 3300, partial_ms) if end <= 3000]
     assert [summary(job) for job in partials] == [("partial", 0, 700, end) for end in ends]
     for job in partials:
         assert_audio(job, source)
     assert [summary(job) for job in finals] == [("final", 0, 700, 3000)]
     assert track.take_partial() is None
+
+
+def test_first_partial_comes_after_first_partial_ms_of_speech() -> None:
+    track = tracker(partial_ms=1000, first_partial_ms=300)
+    track.feed(signal(quiet(1000), sine(290)))
+    assert track.take_partial() is None
+    track.feed(sine(10))
+    first = track.take_partial()
+    assert first is not None and summary(first) == ("partial", 0, 700, 1300)
+    track.feed(sine(999))
+    assert track.take_partial() is None  # then every partial_ms
+    track.feed(sine(1))
+    second = track.take_partial()
+    assert second is not None and summary(second) == ("partial", 0, 700, 2300)
 
 
 def test_take_partial_is_not_repeated_without_new_audio() -> None:

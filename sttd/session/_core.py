@@ -361,6 +361,11 @@ class SessionCore:
         return decode.kind == "partial" and (
             self._ending or decode.utterance.utterance_id <= self._finalized)
 
+    @property
+    def utterance_open(self) -> bool:
+        """Whether an utterance is open (only then can a partial or a speculation be due)."""
+        return self.tracker.open_utterance_id is not None
+
     def take_speculative(self) -> Decode | None:
         """The open utterance's final to decode early, once its speaker has paused long
         enough (the tracker's ``speculate_ms``); see the module docstring."""
