@@ -258,14 +258,21 @@ class AudioReceiver:
     async def receive(self) -> InputItem:
         """Wait for the next item; raises `trio.EndOfChannel` once all senders closed and drained."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            item = self.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return item
         while True:
+            # Parking was this call's schedule point: what woke it is taken at once (a second
+            # checkpoint would cost every frame a pass of the scheduler).
+            await self._state.lot.park()
             try:
-                item = self.receive_nowait()
+                return self.receive_nowait()
             except trio.WouldBlock:
-                await self._state.lot.park()
-            else:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return item
+                continue
 
     def receive_nowait(self) -> InputItem:
         """Take the next item now; raises `trio.WouldBlock` when empty, `EndOfChannel` when done."""

@@ -460,8 +460,8 @@ class Session:
                     # A speculation is optional work: never worth a wait that would stop the
                     # session listening, nor a place among real finals when the engine is behind.
                     speculation = (core.take_speculative()
-                                   if room.value and not self.admission.engine.overloaded()
-                                   else None)
+                                   if room.value and core.utterance_open
+                                   and not self.admission.engine.overloaded() else None)
                     if speculation is not None:
                         room.acquire_nowait()
                         finals.start_soon(self._speculate, speculation, send_out, room)
