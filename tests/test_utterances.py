@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sttd.session import FIRST_PARTIAL_MS, SampleBuffer, Utterance, UtteranceTracker
+from sttd.session import SampleBuffer, Utterance, UtteranceTracker
 from sttd.vad import EnergyClassifier, Endpointer
 
 SAMPLES_PER_MS = 16
@@ -257,11 +257,11 @@ def test_partials_every_partial_ms_cover_the_utterance_so_far(partial_ms: int) -
         partial = track.take_partial()
         if partial is not None:
             partials.append(partial)
-    # Speech opens at 1000 ms; the first partial comes after FIRST_PARTIAL_MS of it (or
-    # partial_ms if shorter; fed in 100 ms steps), the next ones each partial_ms of new audio
+    # Speech opens at 1000 ms; the first partial comes after half a partial_ms of it (fed in
+    # 100 ms steps), the next ones each partial_ms of new audio
     # until the speaker has paused for longer than the 200 ms tail (the speech ended at
     # 2800 ms; the final comes at 3300 ms, 500 ms after it).
-    first = 1000 + math.ceil(min(partial_ms, FIRST_PARTIAL_MS) / 100) * 100
+    first = 1000 + math.ceil(partial_ms / 2 / 100) * 100
     ends = [end for end in range(first, 3300, partial_ms) if end <= 3000]
     assert [summary(job) for job in partials] == [("partial", 0, 700, end) for end in ends]
     for job in partials:
@@ -270,18 +270,18 @@ def test_partials_every_partial_ms_cover_the_utterance_so_far(partial_ms: int) -
     assert track.take_partial() is None
 
 
-def test_first_partial_comes_after_first_partial_ms_of_speech() -> None:
-    track = tracker(partial_ms=1000, first_partial_ms=300)
-    track.feed(signal(quiet(1000), sine(290)))
+def test_first_partial_comes_after_half_a_partial_ms_of_speech() -> None:
+    track = tracker(partial_ms=1000)
+    track.feed(signal(quiet(1000), sine(490)))
     assert track.take_partial() is None
     track.feed(sine(10))
     first = track.take_partial()
-    assert first is not None and summary(first) == ("partial", 0, 700, 1300)
+    assert first is not None and summary(first) == ("partial", 0, 700, 1500)
     track.feed(sine(999))
     assert track.take_partial() is None  # then every partial_ms
     track.feed(sine(1))
     second = track.take_partial()
-    assert second is not None and summary(second) == ("partial", 0, 700, 2300)
+    assert second is not None and summary(second) == ("partial", 0, 700, 2500)
 
 
 def test_take_partial_is_not_repeated_without_new_audio() -> None:

@@ -16,10 +16,9 @@ from sttd.session._core import (
     stream_words,
 )
 from sttd.session._stability import PartialStabilizer
-from sttd.session._utterances import FIRST_PARTIAL_MS, TAIL_MS, SampleBuffer, Utterance, UtteranceTracker
+from sttd.session._utterances import TAIL_MS, SampleBuffer, Utterance, UtteranceTracker
 
 __all__ = [
-    "FIRST_PARTIAL_MS",
     "TAIL_MS",
     "AudioFrame",
     "Decode",

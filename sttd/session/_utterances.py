@@ -32,13 +32,10 @@ import numpy.typing as npt
 from sttd.audio import SAMPLES_PER_MS, SAMPLE_RATE_HZ
 from sttd.vad import Endpointer, SpeechEnd, SpeechStart, VadSteps, run_steps
 
-__all__ = ["FIRST_PARTIAL_MS", "TAIL_MS", "SampleBuffer", "Utterance", "UtteranceTracker"]
+__all__ = ["TAIL_MS", "SampleBuffer", "Utterance", "UtteranceTracker"]
 
 # Audio kept after an utterance's last speech frame, ms (a final's audio ends here).
 TAIL_MS = 200
-
-# Speech before an utterance's first partial, ms (when partials come less often than this).
-FIRST_PARTIAL_MS = 250
 
 # How far back from the length limit we look for a quiet place to cut.
 _CUT_SEARCH_S = 3.0
@@ -120,11 +117,6 @@ class UtteranceTracker:
     # New audio between partials; None: no partials (a file is cut into finals only).
     partial_ms: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.gt(0)))
-    # Speech before an utterance's first partial, when less than ``partial_ms``: the first
-    # words show soon (what a caption's first word and a voice agent's barge-in wait for), the
-    # later partials then come every ``partial_ms``.
-    first_partial_ms: int = attrs.field(default=FIRST_PARTIAL_MS,
-                                        validator=attrs.validators.gt(0))
     preroll_ms: int = attrs.field(default=300, validator=attrs.validators.ge(0))
     tail_ms: int = attrs.field(default=TAIL_MS, validator=attrs.validators.ge(0))
     # False: the VAD's speech ends do not close utterances (only a commit or the length limit
@@ -259,10 +251,10 @@ class UtteranceTracker:
             return
         self._open_start = max(speech_start - self.preroll_ms * SAMPLES_PER_MS, self._floor,
                                self._buffer.start)
-        # As if the last partial were that much earlier: the first is due after
-        # ``first_partial_ms`` of speech.
-        early_ms = max((self.partial_ms or 0) - self.first_partial_ms, 0)
-        self._partial_at = speech_start - early_ms * SAMPLES_PER_MS
+        # As if the last partial were half a ``partial_ms`` earlier: the first is due after
+        # half a ``partial_ms`` of speech (the first words are what a caption's reader and a
+        # voice agent's barge-in wait for), the later ones every ``partial_ms``.
+        self._partial_at = speech_start - (self.partial_ms or 0) // 2 * SAMPLES_PER_MS
 
     def _close(self, end: int) -> Utterance:
         assert self._open_start is not None
