@@ -104,6 +104,11 @@ async def measure(server: Any, n: int, mode: str, frame_ms: int, seconds: float,
             "server_rss_mib": round(rss_mib, 1)}
 
 
+# What each server name runs: sttd, the bare quart-trio route (the floor each sttd point is
+# compared with) and the bare raw ASGI app (the floor without the framework).
+SERVERS = {"sttd": ("-m", "sttd.cli", "serve"),
+           "bare_stack": (str(Path(__file__).with_name("bare_ws.py")),),
+           "bare_asgi": (str(Path(__file__).with_name("bare_asgi.py")),)}
 MODES = (("silence", 20), ("silence", 100), ("keepalive", 0))
 # Silence as a line sends it: digital zeros and -50 dBFS noise, in 200 ms frames.
 QUIET_MODES = (("silence", 200), ("noise", 200))
@@ -111,9 +116,11 @@ QUIET_MODES = (("silence", 200), ("noise", 200))
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     modes = QUIET_MODES if args.quiet else MODES
+    if args.frame_ms:
+        modes = tuple((mode, ms) for mode, ms in modes if ms in (args.frame_ms, 0))
     points = []
-    for server_name, argv in (("sttd", ("-m", "sttd.cli", "serve")),
-                              ("bare_stack", (str(Path(__file__).with_name("bare_ws.py")),))):
+    for server_name in args.servers:
+        argv = SERVERS[server_name]
         # Every session is admitted: the measured capacity counts a caller as one who will
         # speak, and these never do.
         async with sttd_server(argv=argv, STT_BACKEND=args.backend, STT_MAX_LOAD="0") as server:
@@ -126,16 +133,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     print(point, flush=True)
                     points.append(point)
     for point in points:
-        if point["server"] != "sttd":
-            continue
-        # Against the bare stack's mean over its runs of the same mode.
+        # Against the bare quart-trio stack's mean over its runs of the same mode.
         floors = [p["server_cpu_percent_of_one_core"]["mean"] for p in points
                   if p["server"] == "bare_stack"
                   and (p["mode"], p["frame_ms"]) == (point["mode"], point["frame_ms"])]
-        point["ratio_to_bare_stack"] = (point["server_cpu_percent_of_one_core"]["mean"]
-                                        / max(statistics.fmean(floors), 0.1))
+        if point["server"] != "bare_stack" and floors:
+            point["ratio_to_bare_stack"] = (point["server_cpu_percent_of_one_core"]["mean"]
+                                            / max(statistics.fmean(floors), 0.1))
     return {"settings": {"n": args.n, "backend": args.backend, "quiet": args.quiet,
-                         "runs": args.runs},
+                         "runs": args.runs, "frame_ms": args.frame_ms or None,
+                         "servers": args.servers},
             "points": points}
 
 
@@ -148,6 +155,11 @@ def main() -> None:
                         help="silence as a line sends it, in 200 ms frames: digital zeros, then "
                              "-50 dBFS noise (instead of zeros in 20 and 100 ms, and keepalives)")
     parser.add_argument("--runs", type=int, default=1, help="passes of every mode per server")
+    parser.add_argument("--frame-ms", type=int, default=0,
+                        help="only the modes with frames of this length (and keepalives)")
+    parser.add_argument("--servers", nargs="+", choices=sorted(SERVERS),
+                        default=["sttd", "bare_stack"],
+                        help="which servers to measure (bare_stack is the ratios' floor)")
     parser.add_argument("--out", type=Path, default=RESULTS / "idle.json")
     args = parser.parse_args()
     write_result(args.out, "uv run --group bench python " + " ".join(sys.argv),
