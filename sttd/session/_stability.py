@@ -58,7 +58,9 @@ class PartialStabilizer:
                 agreed += 1
             committed = min(agreed, len(words) - 1)
             if committed > held:
-                self._stable = words[:committed]
+                # The promised words as first shown (a decode may differ in case or
+                # punctuation), then the newly agreed ones.
+                self._stable = self._stable + words[held:committed]
         return self.stable_text, " ".join(words[len(self._stable):])
 
     def reset(self) -> None:
