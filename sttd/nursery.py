@@ -246,6 +246,8 @@ class Session:
     # Events the core released, in its order, not yet in the output channel (see `_emit`).
     _outbox: collections.deque[SessionEvent] = attrs.field(init=False, factory=collections.deque)
     _draining_outbox: bool = attrs.field(init=False, default=False)
+    # The core's speculative finals used and dropped that the metrics have counted so far.
+    _speculations_counted: tuple[int, int] = attrs.field(init=False, default=(0, 0))
 
     @property
     def outcome(self) -> SessionOutcome:
@@ -297,10 +299,7 @@ class Session:
         finally:
             self.metrics.sessions_active.dec()
             self.metrics.sessions_total.labels(self.outcome).inc()
-            core = self.admission.core
-            self.metrics.speculative_finals_total.labels("used").inc(core.speculations_used)
-            self.metrics.speculative_finals_total.labels("dropped").inc(
-                core.speculations_offered - core.speculations_used)
+            self._count_speculations()
             log.info("session.closed sid=%s outcome=%s dropped_frames=%d", self.session_id,
                      self.outcome, send_audio.statistics().dropped_frames)
 
@@ -465,6 +464,7 @@ class Session:
                     if speculation is not None:
                         room.acquire_nowait()
                         finals.start_soon(self._speculate, speculation, send_out, room)
+                    self._count_speculations()
                     partial = core.take_partial()
                     if partial is not None and not lagging:
                         # The partial task decodes it; a newer one replaces an older still queued.
@@ -473,6 +473,17 @@ class Session:
                 # The session is ending: the nursery waits for the finals in flight, the last of
                 # which releases the Close (a speculation the end made stale is withdrawn).
                 self._withdraw_speculation()
+
+    def _count_speculations(self) -> None:
+        """Count the speculative finals the core used or dropped since the last call."""
+        core = self.admission.core
+        used, dropped = self._speculations_counted
+        if (core.speculations_used, core.speculations_dropped) == (used, dropped):
+            return
+        self.metrics.speculative_finals_total.labels("used").inc(core.speculations_used - used)
+        self.metrics.speculative_finals_total.labels("dropped").inc(
+            core.speculations_dropped - dropped)
+        self._speculations_counted = (core.speculations_used, core.speculations_dropped)
 
     async def _final(self, decode: Decode, send_out: OutputSender, room: trio.Semaphore
                      ) -> None:

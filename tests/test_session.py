@@ -683,6 +683,8 @@ async def test_a_speculative_final_is_withdrawn_when_speech_resumes_and_used_whe
             await trio.sleep(0.02)
         await trio.testing.wait_all_tasks_blocked()
         assert engine.withdrawn == ["final"]  # the first pause's, never decoded
+        # Counted as it happens, not when the session closes.
+        assert metrics.speculative_finals_total.labels("dropped")._value.get() == 1
         gate.set()
         await transport.incoming_send.send(json.dumps({"type": "end"}))
         await transport.closed.wait()

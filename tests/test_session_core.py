@@ -283,7 +283,7 @@ def test_a_speculation_whose_silence_lasts_is_the_final_without_a_second_decode(
     assert (final.text, final.cause, final.ended_at) == ("go forward", "speech_end", 7.5)
     assert (final.start_ms, final.end_ms) == (speculation.utterance.start_ms,
                                               speculation.utterance.end_ms)
-    assert (c.speculations_offered, c.speculations_used) == (1, 1)
+    assert (c.speculations_offered, c.speculations_used, c.speculations_dropped) == (1, 1, 0)
 
 
 def test_a_speculation_that_ends_before_its_result_answers_when_the_result_comes() -> None:
@@ -310,7 +310,7 @@ def test_speech_resuming_drops_the_speculation_and_the_final_is_decoded_afresh()
     assert c.feed(ms(300)) == []  # the end: the later speculation serves, no new decode
     [final] = c.decoded(again, Result("go forward now"))
     assert isinstance(final, Final) and final.text == "go forward now"
-    assert (c.speculations_offered, c.speculations_used) == (2, 1)
+    assert (c.speculations_offered, c.speculations_used, c.speculations_dropped) == (2, 1, 1)
 
 
 def test_a_failed_speculation_is_decoded_again_when_its_utterance_ends() -> None:
@@ -319,7 +319,7 @@ def test_a_failed_speculation_is_decoded_again_when_its_utterance_ends() -> None
     assert c.failed(speculation, BackendError("model fell over")) == []
     [final] = decodes(c.feed(AudioFrame(QUIET[: 300 * 16], 7.5)))
     assert final is not speculation and not final.speculative and final.ended_at == 7.5
-    assert c.speculations_used == 0
+    assert (c.speculations_used, c.speculations_dropped) == (0, 1)
 
 
 def test_a_commit_after_a_speculation_decodes_the_committed_audio() -> None:

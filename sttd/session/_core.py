@@ -218,9 +218,11 @@ class SessionCore:
     # The speculative final standing for the open utterance, and its outcome once it came.
     _speculation: Decode | None = attrs.field(init=False, default=None)
     _speculated: _Outcome | None = attrs.field(init=False, default=None)
-    # Speculative finals asked for, and those that became their utterance's final.
+    # Speculative finals asked for, those that became their utterance's final, and those
+    # dropped (speech resumed, a clear, new options, or the final came out another way).
     speculations_offered: int = attrs.field(init=False, default=0)
     speculations_used: int = attrs.field(init=False, default=0)
+    speculations_dropped: int = attrs.field(init=False, default=0)
     # For `options.utterance_end_ms`: the stream time (ms) at which an utterance end is due if
     # no speech comes first, and the end of the last word sent in a final since the last one.
     _utterance_end_at_ms: int | None = attrs.field(init=False, default=None)
@@ -473,9 +475,9 @@ class SessionCore:
         self._stabilizer.reset()
         self._partial_language = None
         speculation, outcome = self._speculation, self._speculated
-        self._drop_speculation()
         if (speculation is not None and _same_audio(speculation.utterance, utterance)
                 and (outcome is None or outcome.error is None)):
+            self._speculation = self._speculated = None  # used, not dropped
             slot = _Slot(decode=speculation, ending=_Ending(ended_at, cause, forced))
             self._slots.append(slot)
             self.speculations_used += 1
@@ -484,12 +486,15 @@ class SessionCore:
                 slot.events = self._final_events(speculation, slot.ending, outcome.result,
                                                  outcome.backlog_ms)
             return []
+        self._drop_speculation()
         decode = Decode(utterance, self._request(utterance), ended_at=ended_at, cause=cause,
                         forced=forced)
         self._slots.append(_Slot(decode=decode))
         return [decode]
 
     def _drop_speculation(self) -> None:
+        if self._speculation is not None:
+            self.speculations_dropped += 1
         self._speculation = None
         self._speculated = None
 
