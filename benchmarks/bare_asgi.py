@@ -11,13 +11,13 @@ runs it beside ``bare_ws.py`` (``--servers``).
 from __future__ import annotations
 
 import json
-import os
 import sys
+from pathlib import Path
 from typing import Any
 
-import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._bare import run  # noqa: E402
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -48,22 +48,5 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         # client closes after "end", and this app leaves the close to it.
 
 
-async def main() -> None:
-    config = Config()
-    config.bind = [f"127.0.0.1:{os.environ.get('STT_PORT', '0')}"]
-    config.accesslog = None
-    async with trio.open_nursery() as nursery:
-        ports: list[int] = []
-
-        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            binds = await nursery.start(serve, app, config)
-            ports.extend(int(bind.rsplit(":", 1)[1]) for bind in binds)
-            task_status.started()
-
-        await nursery.start(run)
-        print(json.dumps({"event": "server.listening", "port": str(ports[0])}),
-              '"engine.ready"', file=sys.stderr, flush=True)
-
-
 if __name__ == "__main__":
-    trio.run(main)
+    run(app)

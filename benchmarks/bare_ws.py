@@ -12,14 +12,15 @@ harness starts it.
 from __future__ import annotations
 
 import json
-import os
 import sys
+from pathlib import Path
 
-import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 from quart import websocket
 from quart_trio import QuartTrio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._bare import run  # noqa: E402
 
 app = QuartTrio(__name__)
 
@@ -34,22 +35,5 @@ async def discard() -> None:
             return
 
 
-async def main() -> None:
-    config = Config()
-    config.bind = [f"127.0.0.1:{os.environ.get('STT_PORT', '0')}"]
-    config.accesslog = None
-    async with trio.open_nursery() as nursery:
-        ports: list[int] = []
-
-        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            binds = await nursery.start(serve, app, config)
-            ports.extend(int(bind.rsplit(":", 1)[1]) for bind in binds)
-            task_status.started()
-
-        await nursery.start(run)
-        print(json.dumps({"event": "server.listening", "port": str(ports[0])}),
-              '"engine.ready"', file=sys.stderr, flush=True)
-
-
 if __name__ == "__main__":
-    trio.run(main)
+    run(app)
