@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import urllib.parse
 import uuid
 from collections.abc import Callable
@@ -332,15 +331,34 @@ def _sdk(server: RunningServer, key: str = "unused") -> DeepgramClient:
     return DeepgramClient(api_key=key, environment=environment)
 
 
+@pytest.fixture
+def stepped_clock() -> trio.testing.MockClock:
+    """The test's trio clock: it runs at real speed, and `_step` moves it on at once."""
+    return trio.testing.MockClock(rate=1.0)
+
+
+def _step(clock: trio.testing.MockClock, seconds: float) -> None:
+    """From the SDK's thread: once the server has taken in everything sent so far, move the
+    server's clock `seconds` on, as if the client had waited that long."""
+    async def settle_then_jump() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        clock.jump(seconds)
+
+    trio.from_thread.run(settle_then_jump)
+
+
 def _send_audio(socket: V1SocketClient, pcm: bytes, *, sample_rate_hz: int = 16000,
-                channels: int = 1, paced_s: float = 0.0) -> None:
-    """Send `pcm` in CHUNK_MS chunks: its first `paced_s` in real time, the rest at once."""
+                channels: int = 1, paced_s: float = 0.0,
+                clock: trio.testing.MockClock | None = None) -> None:
+    """Send `pcm` in CHUNK_MS chunks: its first `paced_s` in real time on `clock` (each chunk
+    taken in by the server, then the clock stepped a chunk on), the rest at once."""
     chunk = 2 * channels * sample_rate_hz * CHUNK_MS // 1000
     paced_bytes = 2 * channels * round(sample_rate_hz * paced_s)
+    assert clock is not None or not paced_bytes, "pacing needs the test's stepped_clock"
     for offset in range(0, len(pcm), chunk):
         socket.send_media(pcm[offset:offset + chunk])
-        if offset < paced_bytes:
-            time.sleep(CHUNK_MS / 1000)
+        if clock is not None and offset < paced_bytes:
+            _step(clock, CHUNK_MS / 1000)
 
 
 def _until_close(socket: V1SocketClient) -> tuple[list[Any], int]:
@@ -363,13 +381,12 @@ def _until(socket: V1SocketClient, done: Callable[[Any], bool]) -> list[Any]:
 
 
 def _stream(server: RunningServer, pcm: bytes, *, key: str = "unused", sample_rate_hz: int = 16000,
-            channels: int = 1, paced_s: float = 0.0, **options: Any) -> tuple[list[Any], int]:
+            channels: int = 1, **options: Any) -> tuple[list[Any], int]:
     """Stream `pcm` in CHUNK_MS chunks, send CloseStream; every message and the close code."""
     with _sdk(server, key).listen.v1.connect(
             model="nova-3", encoding="linear16", sample_rate=sample_rate_hz, channels=channels,
             **options) as socket:
-        _send_audio(socket, pcm, sample_rate_hz=sample_rate_hz, channels=channels,
-                    paced_s=paced_s)
+        _send_audio(socket, pcm, sample_rate_hz=sample_rate_hz, channels=channels)
         socket.send_close_stream()
         return _until_close(socket)
 
@@ -423,14 +440,29 @@ async def test_sdk_audio_at_8_khz_stereo_is_converted(server: RunningServer) -> 
     assert code == 1000
 
 
+def _paced_then_rest(server: RunningServer, pcm: bytes, clock: trio.testing.MockClock,
+                     interim: bool) -> tuple[list[Any], int]:
+    """The first 1.5 s of `pcm` (no pause in that speech) in real time on the server's clock,
+    an open utterance long enough for partials; where interim results are asked for, the first
+    one before the rest is sent (the server then had all the time it needed for it)."""
+    paced_s = 1.5
+    with _sdk(server).listen.v1.connect(model="nova-3", encoding="linear16", sample_rate=16000,
+                                        interim_results=interim) as socket:
+        split = 2 * round(16000 * paced_s)
+        _send_audio(socket, pcm[:split], paced_s=paced_s, clock=clock)
+        first = [socket.recv()] if interim else []
+        _send_audio(socket, pcm[split:])
+        socket.send_close_stream()
+        messages, code = _until_close(socket)
+        return first + messages, code
+
+
 @pytest.mark.parametrize("interim", [True, False])
-async def test_sdk_interim_results_only_when_asked(server: RunningServer, interim: bool) -> None:
+async def test_sdk_interim_results_only_when_asked(
+        stepped_clock: trio.testing.MockClock, server: RunningServer, interim: bool) -> None:
     refs = reference_texts()
     audio = np.concatenate([load_pcm("ps_goforward"), silence(1.0)]).tobytes()
-    # The first 1.5 s (no pause in that speech) in real time: an open utterance long enough
-    # for partials, which the server has all the time it needs to decode, if asked.
-    messages, code = await _in_thread(
-        _stream, server, audio, paced_s=1.5, interim_results=interim)
+    messages, code = await _in_thread(_paced_then_rest, server, audio, stepped_clock, interim)
     results = [m for m in messages if isinstance(m, ListenV1Results)]
     finals = _finals(messages)
     interims = [m for m in results if not m.is_final]
@@ -515,22 +547,22 @@ async def test_sdk_no_utterance_end_within_a_short_gap(server: RunningServer) ->
     assert code == 1000
 
 
-def _idle_with_keepalives(server: RunningServer, idle_s: float, keepalive_s: float) -> tuple[
-        list[Any], int]:
+def _idle_with_keepalives(server: RunningServer, clock: trio.testing.MockClock, idle_s: float,
+                          keepalive_s: float) -> tuple[list[Any], int]:
     with _sdk(server).listen.v1.connect(
             model="nova-3", encoding="linear16", sample_rate=16000) as socket:
-        deadline = time.monotonic() + idle_s
-        while time.monotonic() < deadline:  # a client with nothing to say, in real time
+        for _ in range(round(idle_s / keepalive_s)):  # nothing to say, on the server's clock
             socket.send_keep_alive()
-            time.sleep(keepalive_s)
+            _step(clock, keepalive_s)
         _send_audio(socket, np.concatenate([load_pcm("ps_cards_001"), silence(1.0)]).tobytes())
         socket.send_close_stream()
         return _until_close(socket)
 
 
-async def test_sdk_keepalive_holds_an_idle_session_open(nursery: trio.Nursery) -> None:
+async def test_sdk_keepalive_holds_an_idle_session_open(
+        stepped_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
     server = await start_server(nursery, idle_timeout_s=1.0)
-    messages, code = await _in_thread(_idle_with_keepalives, server, 2.5, 0.25)
+    messages, code = await _in_thread(_idle_with_keepalives, server, stepped_clock, 2.5, 0.25)
     assert [_transcript(f) for f in _finals(messages)] == [reference_texts()["ps_cards_001"]]
     assert [type(m) for m in messages] == [ListenV1Results, ListenV1Metadata]
     assert code == 1000
