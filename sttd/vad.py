@@ -79,16 +79,11 @@ _SILERO_THRESHOLD = 0.5
 _SILERO_HYSTERESIS = 0.15
 # int16 RMS units, -60.8 dBFS: quieter than any usable speech, louder than dither and idle inputs.
 _SILERO_FLOOR_RMS = 30.0
-# A frame outside speech within 3.5 dB of the line's own noise floor is not worth the net: a
-# speech onset rises well above it (even at 5 dB SNR speech frames are about twice the noise),
-# while a steady line (hum, hiss, a quiet room) stays within it. The floor rises 3 dB a second
-# (31 frames) when the line gets louder, and falls at once when it gets quieter.
-_SILERO_NOISE_GATE = 1.5
-_NOISE_RISE = 10 ** (3 / 20 / 31)
-# The gate opens only in a pause of 16 frames (512 ms): a gap between words must not reset the
-# net (a fresh net is slow to call speech again, and the sentence would be cut in two). On the
-# short-sentence stream the gate moved two of 22 onsets 30 ms later and no end.
-_GATE_AFTER_FRAMES = 16
+# There is deliberately no gate relative to the line's own noise floor: one (frames within
+# 3.5 dB of the floor, after a 512 ms pause, never reached the net) lost 14.7 s of a quiet
+# reader's speech on a line 2-3 dB below it that the net alone found (long_dev with white noise
+# at 10 dB SNR, benchmarks/vad_missed.py), and any frame that skips the net also resets it.
+# A noisy idle line costs the net every window instead (batched across sessions, off the loop).
 
 
 _T = TypeVar("_T")
@@ -200,22 +195,8 @@ class SileroClassifier:
     hysteresis: float = attrs.field(default=_SILERO_HYSTERESIS, validator=_below_threshold)
     # Frames with RMS (int16 units) below this are silence without asking the net.
     floor_rms: float = attrs.field(default=_SILERO_FLOOR_RMS, validator=attrs.validators.ge(0.0))
-    # Outside speech, frames less than this many times louder than the stream's noise floor are
-    # silence without asking the net either.
-    gate: float = attrs.field(default=_SILERO_NOISE_GATE, validator=attrs.validators.ge(1.0))
     _active: bool = attrs.field(init=False, default=False)
     _net_used: bool = attrs.field(init=False, default=False)  # net has state since its last reset
-    # The stream's noise floor (RMS, int16 units): from `floor_rms`, following a quieter line at
-    # once and a louder one only slowly, from frames that are not speech, so that a stream that
-    # opens with speech is never taken for its own noise.
-    _noise_rms: float = attrs.field(init=False)
-    # Frames in a row that were not speech: the gate waits for a pause this long, so that the
-    # net keeps its context across the gaps between words.
-    _quiet_frames: int = attrs.field(init=False, default=0)
-
-    @_noise_rms.default
-    def _noise_rms_default(self) -> float:
-        return self.floor_rms
 
     @classmethod
     def load(cls, *, threshold: float = _SILERO_THRESHOLD, hysteresis: float = _SILERO_HYSTERESIS,
@@ -233,29 +214,16 @@ class SileroClassifier:
         return run_steps(self.classify(frame, rms))
 
     def classify(self, frame: npt.NDArray[np.int16], rms: float) -> VadSteps[bool]:
-        noise = self._noise_rms
-        if rms < noise:
-            noise = self._noise_rms = max(rms, self.floor_rms)  # a quieter line: at once
-        gated = (self._quiet_frames >= _GATE_AFTER_FRAMES and not self._active
-                 and rms < noise * self.gate)
-        if rms < self.floor_rms or gated:
+        if rms < self.floor_rms:
             self._active = False
-            self._quiet_frames += 1
             if self._net_used:
                 self._reset_net()
-            if gated:
-                self._noise_rms = noise * _NOISE_RISE  # a louder line lifts it, slowly
             return False
         # A fresh float32 array: the net needs a writable, contiguous buffer of exactly one window.
         probability = yield NetCall(self.net, pcm16_to_float32(frame).data)
         self._net_used = True
         cutoff = self.threshold - self.hysteresis if self._active else self.threshold
         self._active = probability >= cutoff
-        if self._active:
-            self._quiet_frames = 0
-        else:
-            self._quiet_frames += 1
-            self._noise_rms = noise * _NOISE_RISE
         return self._active
 
     def reset(self) -> None:
