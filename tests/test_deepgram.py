@@ -55,6 +55,7 @@ from sttd.errors import InvalidMessage, InvalidParam
 from sttd.settings import Settings
 from sttd.vad import frame_rms
 from tests.conftest import RunningServer, load_pcm, reference_texts, silence, start_server
+from tests.test_formats import encode_media
 
 TIMEOUT_S = 30
 CHUNK_MS = 100
@@ -97,6 +98,13 @@ def test_query_defaults_follow_deepgram() -> None:
             partial_ms=500, language="en",  # Deepgram's default
             hotwords=(), vad_silence_ms=None, partials=False, utterance_end_ms=None))
     assert _accept("encoding=linear16&sample_rate=16000").call_id != request.call_id
+
+
+@pytest.mark.parametrize(("encoding", "sample_format"),
+                         [("linear16", "pcm16"), ("MULAW", "mulaw"), ("alaw", "alaw")])
+def test_raw_encodings_name_the_sample_format(encoding: str, sample_format: str) -> None:
+    request = _accept(f"encoding={encoding}&sample_rate=8000")
+    assert request.audio_format == AudioFormat(8000, 1, sample_format)  # type: ignore[arg-type]
 
 
 def test_query_options_map_to_the_session() -> None:
@@ -143,8 +151,9 @@ def test_language_multi_detects_and_finals_name_the_language() -> None:
 
 INVALID_QUERIES = [
     ("sample_rate=16000", "encoding", "got nothing"),
-    ("encoding=mulaw&sample_rate=8000", "encoding", "'mulaw'"),
+    ("encoding=opus&sample_rate=48000", "encoding", "'opus'"),
     ("encoding=linear16", "sample_rate", "required"),
+    ("encoding=mulaw", "sample_rate", "required with encoding=mulaw"),
     ("encoding=linear16&sample_rate=abc", "sample_rate", "'abc'"),
     ("encoding=linear16&sample_rate=1000", "sample_rate", "1000"),
     ("encoding=linear16&sample_rate=16000&channels=0", "channels", "0"),
@@ -597,13 +606,42 @@ async def test_sdk_token_auth(nursery: trio.Nursery) -> None:
 async def test_sdk_unsupported_encoding_is_refused(server: RunningServer) -> None:
     def connect() -> tuple[list[Any], int]:
         with _sdk(server).listen.v1.connect(
-                model="nova-3", encoding="mulaw", sample_rate=8000) as socket:
+                model="nova-3", encoding="opus", sample_rate=48000) as socket:
             return _until_close(socket)
 
     messages, code = await _in_thread(connect)
     [error] = messages
     assert isinstance(error, ListenV1Error)
     assert error.variant == "invalid_param"
-    assert error.description == ("encoding must be linear16 (raw PCM16 little-endian; sttd "
-                                 "decodes no containers or codecs), got 'mulaw'")
+    assert error.description == (
+        "encoding must be linear16 (raw PCM16 little-endian), mulaw or alaw (raw G.711, as "
+        "telephony sends it); sttd decodes no containers or other codecs, got 'opus'")
     assert code == 1008
+
+
+@pytest.mark.parametrize(("encoding", "codec"), [("mulaw", "pcm_mulaw"), ("alaw", "pcm_alaw")])
+async def test_sdk_streams_g711_telephony_audio(server: RunningServer, encoding: str,
+                                                codec: str) -> None:
+    """8 kHz G.711, as Twilio and most telephony send it, encoded by FFmpeg: the reference
+    finals, and the summary's duration counts one byte a sample."""
+    audio = np.concatenate([load_pcm("ps_cards_001"), silence(1.0), load_pcm("ps_goforward"),
+                            silence(1.0)])
+    g711 = encode_media(audio, encoding, codec, rate_hz=8000, layout="mono")
+    assert len(g711) == pytest.approx(audio.size / 2, abs=8)
+
+    def stream() -> tuple[list[Any], int]:
+        with _sdk(server).listen.v1.connect(model="nova-3", encoding=encoding,
+                                            sample_rate=8000) as socket:
+            chunk = 8 * CHUNK_MS  # bytes: 8 samples a millisecond, one byte each
+            for offset in range(0, len(g711), chunk):
+                socket.send_media(g711[offset:offset + chunk])
+            socket.send_close_stream()
+            return _until_close(socket)
+
+    messages, code = await _in_thread(stream)
+    references = reference_texts()
+    assert [_transcript(f) for f in _finals(messages)] == [references["ps_cards_001"],
+                                                           references["ps_goforward"]]
+    [metadata] = [m for m in messages if isinstance(m, ListenV1Metadata)]
+    assert metadata.duration == pytest.approx(len(g711) / 8000, abs=0.01)
+    assert code == 1000

@@ -29,7 +29,8 @@ import pytest
 import soxr
 import trio
 
-from sttd.audio import ACCEPTED_FORMATS, MediaReader, WavReader, encode_wav, pcm16_to_float32
+from sttd.audio import (ACCEPTED_FORMATS, AudioFormat, MediaReader, StreamConverter, WavReader,
+                        encode_wav, pcm16_to_float32)
 from sttd.engine import MAX_MEDIA_AUDIO_S
 from sttd.errors import PayloadTooLarge
 from tests.conftest import REFERENCES, RunningServer, load_pcm, reference_texts, silence, start_server
@@ -494,6 +495,23 @@ def test_sixteen_channels() -> None:
     assert decoded.size == frames * frame_samples // 3
     # Every channel holds the tone, so their mean does too (its RMS is 0.5 / sqrt(2)).
     assert float(np.sqrt(np.mean(decoded[1600:] ** 2))) == pytest.approx(0.5 / np.sqrt(2), rel=0.1)
+
+
+# --- raw G.711 streams -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sample_format", "codec"), [("mulaw", "pcm_mulaw"), ("alaw", "pcm_alaw")])
+def test_g711_code_words_decode_as_ffmpeg_decodes_them(sample_format: str, codec: str) -> None:
+    """Every one of the 256 code words, through sttd's converter and FFmpeg's own decoder."""
+    decoder = av.CodecContext.create(codec, "r")
+    decoder.sample_rate, decoder.layout = 16000, "mono"
+    frames = decoder.decode(av.Packet(bytes(range(256))))
+    ffmpeg = np.concatenate([frame.to_ndarray().reshape(-1) for frame in frames])
+    converter = StreamConverter.for_format(AudioFormat(16000, 1, sample_format))  # type: ignore[arg-type]
+    ours = np.concatenate([converter.convert_pcm16(bytes(range(0, 100))),  # any chunking
+                           converter.convert_pcm16(bytes(range(100, 256)), last=True)])
+    assert ffmpeg.dtype == np.int16 and ffmpeg.size == 256
+    assert ours.tolist() == ffmpeg.tolist()
 
 
 # --- telephony WAVs: RIFF/WAVE whose encoding the numpy reader leaves to FFmpeg ----------------

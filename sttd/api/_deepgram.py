@@ -2,8 +2,9 @@
 
 Theory of operation. `DeepgramCodec` is one connection's protocol (see `Codec`):
 
-* `accept` turns Deepgram's query (``encoding=linear16``, ``sample_rate``, ``channels``,
-  ``interim_results``, ``endpointing``, ``utterance_end_ms``, ``language``, ``keyterm``, ...)
+* `accept` turns Deepgram's query (``encoding=linear16``, ``mulaw`` or ``alaw``,
+  ``sample_rate``, ``channels``, ``interim_results``, ``endpointing``, ``utterance_end_ms``,
+  ``language``, ``keyterm``, ...)
   into a `SessionRequest`: the client's audio format (the session converts it to 16 kHz mono
   with the one audio converter) and the session's options. It keeps what the protocol itself
   needs later: the request id, whether endpointing is on, the audio format for the summary.
@@ -64,7 +65,7 @@ from sttd.api._params import (
     query_int,
     quoted,
 )
-from sttd.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormat
+from sttd.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormat, SampleFormat
 from sttd.errors import InvalidMessage, InvalidParam
 from sttd.settings import Settings
 
@@ -73,6 +74,9 @@ __all__ = ["DeepgramCodec"]
 log = logging.getLogger(__name__)
 
 _MAX_CHANNELS: Final = 32
+# Deepgram's raw encodings sttd takes: PCM16, and G.711 (Twilio's and most telephony's media).
+_ENCODINGS: Final[dict[str, SampleFormat]] = {"linear16": "pcm16", "mulaw": "mulaw",
+                                              "alaw": "alaw"}
 # Shorter VAD silences split sentences at the gaps between words (on references/, 10 ms split
 # one of the four, 100 ms none): Deepgram's default (10 ms) and the small values its clients
 # send are raised to this.
@@ -108,13 +112,16 @@ class DeepgramCodec:
         is also the ``request_id`` the client sees.
         """
         encoding = query.get("encoding")
-        if encoding is None or encoding.strip().lower() != "linear16":
+        sample_format = _ENCODINGS.get((encoding or "").strip().lower())
+        if encoding is None or sample_format is None:
             got = "nothing" if encoding is None else quoted(encoding)
             raise InvalidParam(
-                "encoding", f"encoding must be linear16 (raw PCM16 little-endian; sttd decodes "
-                            f"no containers or codecs), got {got}")
+                "encoding", f"encoding must be linear16 (raw PCM16 little-endian), mulaw or alaw "
+                            f"(raw G.711, as telephony sends it); sttd decodes no containers or "
+                            f"other codecs, got {got}")
         if "sample_rate" not in query:
-            raise InvalidParam("sample_rate", "sample_rate is required with encoding=linear16")
+            raise InvalidParam("sample_rate",
+                               f"sample_rate is required with encoding={encoding.strip().lower()}")
         sample_rate = query_int(query, "sample_rate", 0, lo=MIN_SAMPLE_RATE_HZ,
                                 hi=MAX_SAMPLE_RATE_HZ)
         channels = query_int(query, "channels", 1, lo=1, hi=_MAX_CHANNELS)
@@ -132,7 +139,7 @@ class DeepgramCodec:
         terms = [term.replace(",", " ") for term in query.getlist("keyterm") + keywords]
         request = SessionRequest(
             call_id=str(uuid.uuid4()),
-            audio_format=AudioFormat(sample_rate, channels),
+            audio_format=AudioFormat(sample_rate, channels, sample_format),
             options=SessionOptions(
                 partial_ms=default_partial_ms(settings),
                 partials=query_bool(query, "interim_results", default=False),

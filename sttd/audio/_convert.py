@@ -42,11 +42,12 @@ MIN_SAMPLE_RATE_HZ: Final = 4000
 MAX_SAMPLE_RATE_HZ: Final = 384_000
 MAX_CHANNELS: Final = 255  # Opus's limit, the highest of any format we read
 
-SampleFormat = Literal["pcm8", "pcm16", "pcm24", "pcm32", "float32", "float64"]
+SampleFormat = Literal["pcm8", "pcm16", "pcm24", "pcm32", "float32", "float64", "mulaw", "alaw"]
 SAMPLE_FORMATS: Final[tuple[SampleFormat, ...]] = (
-    "pcm8", "pcm16", "pcm24", "pcm32", "float32", "float64")
+    "pcm8", "pcm16", "pcm24", "pcm32", "float32", "float64", "mulaw", "alaw")
 _BYTES_PER_SAMPLE: Final[dict[SampleFormat, int]] = {
-    "pcm8": 1, "pcm16": 2, "pcm24": 3, "pcm32": 4, "float32": 4, "float64": 8}
+    "pcm8": 1, "pcm16": 2, "pcm24": 3, "pcm32": 4, "float32": 4, "float64": 8, "mulaw": 1,
+    "alaw": 1}
 
 _Float32Array = npt.NDArray[np.float32]
 _Int16Array = npt.NDArray[np.int16]
@@ -167,8 +168,34 @@ class StreamConverter:
         return np.ascontiguousarray(mono, dtype=np.float32)
 
 
+def _g711_table(law: Literal["mulaw", "alaw"]) -> _Float32Array:
+    """Each of the 256 G.711 code words (ITU-T G.711) as float32 in [-1, 1].
+
+    Written here rather than taken from a library: the standard library's ``audioop`` is gone
+    from Python 3.13, and its backport (audioop-lts) is a C extension for 8 lines of table.
+    """
+    codes = np.arange(256, dtype=np.int32)
+    if law == "mulaw":
+        inverted = ~codes & 0xFF
+        exponent, mantissa = (inverted >> 4) & 0x07, inverted & 0x0F
+        magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+        linear = np.where(inverted & 0x80, -magnitude, magnitude)
+    else:
+        toggled = codes ^ 0x55
+        exponent, mantissa = (toggled >> 4) & 0x07, toggled & 0x0F
+        magnitude = np.where(exponent == 0, (mantissa << 4) + 8,
+                             ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+        linear = np.where(toggled & 0x80, magnitude, -magnitude)
+    return (linear.astype(np.float32) / np.float32(32768)).astype(np.float32)
+
+
+_G711: Final[dict[str, _Float32Array]] = {law: _g711_table(law) for law in ("mulaw", "alaw")}
+
+
 def _to_float32(raw: bytes | memoryview, sample_format: SampleFormat) -> _Float32Array:
     """Interleaved samples as finite float32 in [-1, 1]; `raw` holds whole frames."""
+    if sample_format in ("mulaw", "alaw"):
+        return _G711[sample_format][np.frombuffer(raw, dtype=np.uint8)]
     if sample_format in ("float32", "float64"):
         values = np.frombuffer(raw, dtype="<f4" if sample_format == "float32" else "<f8")
         return clean(values)  # one copy (the buffer is read-only), cleaned in place
