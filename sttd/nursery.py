@@ -360,6 +360,12 @@ class Session:
                         if isinstance(command, End):
                             return
                         continue
+                    if (command.audio_format is not None
+                            and command.audio_format != converter.format):
+                        # The client changed its format (a Realtime session.update): what the
+                        # old converter holds back goes first, then the new one takes over.
+                        await self._flush(converter, send_audio)
+                        converter = StreamConverter.for_format(command.audio_format)
                     samples = await self._convert(converter, command)
                     if samples.size == 0:
                         continue

@@ -29,6 +29,7 @@ from tests.conftest import (
     wer,
 )
 from tests.test_drain import _start
+from tests.test_formats import encode_media
 
 TIMEOUT_S = 60
 NAMES = ("ps_cards_001", "ps_librivox_0880", "ps_goforward")
@@ -246,6 +247,33 @@ async def test_bad_events_get_openai_errors_naming_the_field_and_the_session_goe
     # None of the refused updates was applied: no session.updated came.
     assert "session.updated" not in [e.type for e in events]
     assert [e.transcript for e in events if e.type == COMPLETED] == [refs["ps_cards_001"]]
+
+
+async def test_the_sdk_switches_to_g711_mid_session(nursery: trio.Nursery) -> None:
+    """A telephony bridge's G.711 at 8 kHz (encoded by FFmpeg) after PCM16 at 24 kHz: every
+    utterance transcribed, the update echoed in OpenAI's shape."""
+    refs = reference_texts()
+    server = await start_server(nursery, vad="energy")
+    first, *rest = NAMES
+
+    def run() -> list[Any]:
+        with _connect(server) as connection:
+            _append(connection, load_pcm(first), silence(1.0))
+            connection.session.update(session={"type": "transcription", "audio": {
+                "input": {"format": {"type": "audio/pcmu"}}}})
+            pcmu = encode_media(np.concatenate([part for name in rest
+                                                for part in (load_pcm(name), silence(1.0))]),
+                                "mulaw", "pcm_mulaw", rate_hz=8000, layout="mono")
+            for chunk in _chunks(pcmu, size=1600):  # 200 ms at 8 kHz, a byte a sample
+                connection.input_audio_buffer.append(audio=chunk)
+            return _events_until(connection, _completed(len(NAMES)))
+
+    events = await _in_thread(run)
+    assert "error" not in [event.type for event in events]
+    [updated] = [event for event in events if event.type == "session.updated"]
+    assert updated.session.audio.input.format.type == "audio/pcmu"
+    assert [event.transcript for event in events if event.type == COMPLETED] == [
+        refs[name] for name in NAMES]
 
 
 async def test_the_older_transcription_session_update_shape(nursery: trio.Nursery) -> None:

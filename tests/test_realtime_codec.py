@@ -3,6 +3,7 @@ session's events are said, without a server."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from werkzeug.datastructures import MultiDict
 
 from sttd.api import (
+    Audio,
     Clear,
     Cleared,
     Commit,
@@ -26,6 +28,7 @@ from sttd.api import (
     SpeechStopped,
     Word,
 )
+from sttd.audio import AudioFormat
 from sttd.errors import InvalidMessage, InvalidParam
 from sttd.settings import Settings
 
@@ -180,5 +183,45 @@ def test_the_older_shape_is_answered_in_it() -> None:
     assert updated["type"] == "transcription_session.updated"
     assert updated["session"]["turn_detection"] is None
     with pytest.raises(InvalidMessage) as caught:
-        _update(codec, {"input_audio_format": "g711_ulaw"}, kind="transcription_session.update")
+        _update(codec, {"input_audio_format": "opus"}, kind="transcription_session.update")
     assert caught.value.param == "session.input_audio_format"
+
+
+@pytest.mark.parametrize(("shape", "fields", "sample_format", "echo"), [
+    ("transcription_session.update", {"input_audio_format": "g711_ulaw"}, "mulaw", "g711_ulaw"),
+    ("transcription_session.update", {"input_audio_format": "g711_alaw"}, "alaw", "g711_alaw"),
+    ("session.update", {"type": "transcription",
+                        "audio": {"input": {"format": {"type": "audio/pcmu"}}}}, "mulaw",
+     {"type": "audio/pcmu"}),
+    ("session.update", {"type": "transcription",
+                        "audio": {"input": {"format": {"type": "audio/pcma", "rate": 8000}}}},
+     "alaw", {"type": "audio/pcma"}),
+])
+def test_g711_input_formats_apply_to_the_appends_after_the_update(
+        shape: str, fields: dict[str, Any], sample_format: str, echo: Any) -> None:
+    codec = _codec()
+    before = codec.decode(json.dumps({"type": "input_audio_buffer.append",
+                                      "audio": base64.b64encode(b"\0\0").decode()}), 0.0)
+    assert isinstance(before, Audio) and before.audio_format == AudioFormat(24000, 1)
+    command = _update(codec, fields, kind=shape)
+    after = codec.decode(json.dumps({"type": "input_audio_buffer.append",
+                                     "audio": base64.b64encode(b"\xff\x7f\x00").decode()}), 0.0)
+    assert isinstance(after, Audio)
+    assert after.audio_format == AudioFormat(8000, 1, sample_format)  # type: ignore[arg-type]
+    assert after.data == b"\xff\x7f\x00"  # one byte a sample: an odd count is whole samples
+    [updated] = _said(codec, Configured(command.options))
+    session = updated["session"]
+    said = (session["input_audio_format"] if shape.startswith("transcription")
+            else session["audio"]["input"]["format"])
+    assert said == echo
+
+
+@pytest.mark.parametrize(("fmt", "param"), [
+    ({"type": "audio/pcmu", "rate": 24000}, "session.audio.input.format.rate"),
+    ({"type": "audio/pcm", "rate": 16000}, "session.audio.input.format.rate"),
+    ({"type": "audio/opus"}, "session.audio.input.format.type"),
+])
+def test_a_ga_format_sttd_cannot_take_is_refused(fmt: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        _update(_codec(), {"type": "transcription", "audio": {"input": {"format": fmt}}})
+    assert caught.value.param == param

@@ -268,9 +268,11 @@ SessionEvent: TypeAlias = (Ready | Partial | Final | UtteranceEnd | Error | Warn
 
 @attrs.frozen
 class Audio:
-    """Audio as the client sent it, in its `SessionRequest.audio_format`."""
+    """Audio as the client sent it: in `audio_format`, or (None) its `SessionRequest`'s."""
 
     data: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
+    # A protocol whose client can change the format mid-session (OpenAI's Realtime) names it.
+    audio_format: AudioFormat | None = None
 
 
 @attrs.frozen

@@ -7,7 +7,9 @@ client configures its session with messages after it connects, not in the URL, s
 * `accept` takes the URL (``intent=transcription``; ``model`` is accepted and ignored) and opens
   the session with OpenAI's defaults: PCM16 at 24 kHz, server VAD (silence 500 ms, prefix
   padding 300 ms), auto language, no prompt, and the session core's turn events on;
-* `decode`: ``input_audio_buffer.append`` (base64 PCM16) is `Audio`; ``.commit`` is `Commit`;
+* `decode`: ``input_audio_buffer.append`` (base64) is `Audio` in the format of the latest
+  update (PCM16 at 24 kHz, or G.711 mu-law or A-law at 8 kHz; the session switches converters
+  where the format changes); ``.commit`` is `Commit`;
   ``.clear`` is `Clear`; ``session.update`` (the GA shape, ``{"type": "transcription", "audio":
   {"input": {...}}}``) and the older ``transcription_session.update`` are `Configure` with the
   options they set. Every field is checked: one sttd does not know or cannot honour is refused
@@ -78,6 +80,15 @@ RATE_HZ: Final = 24_000  # OpenAI's audio/pcm: 16-bit mono little-endian at 24 k
 _DEFAULT_SILENCE_MS: Final = 500
 _DEFAULT_PREFIX_MS: Final = 300
 _DEFAULT_THRESHOLD: Final = 0.5
+# The input formats OpenAI's Realtime API names: PCM16 at 24 kHz, and G.711 at 8 kHz (what a
+# telephony bridge such as Twilio's Media Streams sends), as the beta shape's
+# ``input_audio_format`` and the GA shape's ``audio.input.format.type`` call them.
+_PCM: Final = AudioFormat(RATE_HZ, 1, "pcm16")
+_FORMATS: Final[dict[str, AudioFormat]] = {
+    "pcm16": _PCM, "g711_ulaw": AudioFormat(8000, 1, "mulaw"),
+    "g711_alaw": AudioFormat(8000, 1, "alaw")}
+_GA_TYPES: Final[dict[str, str]] = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw",
+                                    "audio/pcma": "g711_alaw"}
 _MIN_SILENCE_MS: Final = 100
 _MAX_WAIT_MS: Final = 60_000
 _LOGPROBS: Final = "item.input_audio_transcription.logprobs"
@@ -103,6 +114,7 @@ class _Setup:
     threshold: float
     logprobs: bool
     legacy: bool  # asked as transcription_session.update: answered in that shape
+    audio_format: AudioFormat = _PCM
 
 
 @attrs.define
@@ -140,8 +152,7 @@ class RealtimeCodec:
         self._setup = _Setup(options, model=query.get("model", "") or "", prompt="",
                              server_vad=True, threshold=_DEFAULT_THRESHOLD, logprobs=False,
                              legacy=False)
-        return SessionRequest(call_id=self._session_id, audio_format=AudioFormat(RATE_HZ, 1),
-                              options=options)
+        return SessionRequest(call_id=self._session_id, audio_format=_PCM, options=options)
 
     # -- client events ---------------------------------------------------------------------
 
@@ -157,9 +168,12 @@ class RealtimeCodec:
                                  code="invalid_value")
         if kind == "input_audio_buffer.append":
             _only(event, {"type", "event_id", "audio"}, "")
-            audio = _decode_audio(event.get("audio"))
+            assert self._setup is not None
+            # The format of the latest update: appends after it are in it.
+            audio_format = (self._pending[-1] if self._pending else self._setup).audio_format
+            audio = _decode_audio(event.get("audio"), audio_format)
             self._buffered_bytes += len(audio)
-            return Audio(audio)
+            return Audio(audio, audio_format)
         if kind == "input_audio_buffer.commit":
             _only(event, {"type", "event_id"}, "")
             return Commit(received_at)
@@ -201,8 +215,9 @@ class RealtimeCodec:
                 where = "session.audio.input"
                 _only(given, {"format", "transcription", "turn_detection", "noise_reduction"},
                       where)
-                if "format" in given:
-                    _check_format(given["format"], f"{where}.format")
+                if "format" in given and given["format"] is not None:
+                    changes["audio_format"] = _FORMATS[_ga_format(given["format"],
+                                                                  f"{where}.format")]
                 if "noise_reduction" in given:
                     _check_noise_reduction(given["noise_reduction"], f"{where}.noise_reduction")
                 if "transcription" in given:
@@ -221,10 +236,13 @@ class RealtimeCodec:
                         "input_audio_noise_reduction", "include", "modalities",
                         "client_secret"}, "session")
         changes: dict[str, Any] = {"legacy": True}
-        if "input_audio_format" in session and session["input_audio_format"] != "pcm16":
-            raise _invalid("session.input_audio_format",
-                           "sttd takes input_audio_format pcm16 (24 kHz), got "
-                           f"{quoted(str(session['input_audio_format']))}")
+        if session.get("input_audio_format") is not None:
+            name = session["input_audio_format"]
+            if not isinstance(name, str) or name not in _FORMATS:
+                raise _invalid("session.input_audio_format",
+                               "input_audio_format must be pcm16 (24 kHz), g711_ulaw or "
+                               f"g711_alaw (8 kHz), got {quoted(str(name))}")
+            changes["audio_format"] = _FORMATS[name]
         if "modalities" in session and session["modalities"] not in (["text"], None):
             raise _invalid("session.modalities", "a transcription session's modalities are "
                                                  "['text']")
@@ -406,12 +424,13 @@ class RealtimeCodec:
         include = [_LOGPROBS] if setup.logprobs else []
         if setup.legacy:
             return {"id": self._session_id, "object": "realtime.transcription_session",
-                    "input_audio_format": "pcm16", "input_audio_transcription": transcription,
+                    "input_audio_format": _format_name(setup.audio_format),
+                    "input_audio_transcription": transcription,
                     "turn_detection": turns, "input_audio_noise_reduction": None,
                     "include": include, "modalities": ["text"]}
         return {"type": "transcription", "id": self._session_id,
                 "object": "realtime.transcription_session", "expires_at": 0,
-                "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE_HZ},
+                "audio": {"input": {"format": _ga_echo(setup.audio_format),
                                     "transcription": transcription, "noise_reduction": None,
                                     "turn_detection": turns}},
                 "include": include}
@@ -464,33 +483,48 @@ def _number(value: Any, param: str, lo: float, hi: float) -> float:
     return float(value)
 
 
-def _decode_audio(value: Any) -> bytes:
+def _decode_audio(value: Any, audio_format: AudioFormat) -> bytes:
     if not isinstance(value, str):
-        raise InvalidMessage("input_audio_buffer.append needs 'audio': base64 PCM16",
-                             param="audio", code="invalid_value")
+        raise InvalidMessage(f"input_audio_buffer.append needs 'audio': base64 "
+                             f"{_format_name(audio_format)}", param="audio",
+                             code="invalid_value")
     try:
         audio = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidMessage("input_audio_buffer.append's audio is not valid base64",
                              param="audio", code="invalid_value") from None
-    if len(audio) % 2:
+    if len(audio) % audio_format.frame_bytes:
         raise InvalidMessage(f"input_audio_buffer.append's audio must be whole 16-bit samples, "
                              f"got {len(audio)} bytes", param="audio", code="invalid_value")
     return audio
 
 
-def _check_format(value: Any, where: str) -> None:
-    if value is None:
-        return
+def _ga_format(value: Any, where: str) -> str:
+    """The beta name of a GA ``audio.input.format`` object."""
     if not isinstance(value, dict):
         raise _invalid(where, f"{where} must be an object such as "
                               f"{{\"type\": \"audio/pcm\", \"rate\": {RATE_HZ}}}")
     _only(value, {"type", "rate"}, where)
-    if value.get("type", "audio/pcm") != "audio/pcm":
-        raise _invalid(f"{where}.type", f"sttd takes audio/pcm (16-bit at {RATE_HZ} Hz), got "
-                                        f"{quoted(str(value.get('type')))}")
-    if value.get("rate", RATE_HZ) != RATE_HZ:
-        raise _invalid(f"{where}.rate", f"audio/pcm is at {RATE_HZ} Hz, got {value.get('rate')!r}")
+    kind = value.get("type", "audio/pcm")
+    if kind not in _GA_TYPES:
+        raise _invalid(f"{where}.type", f"{where}.type must be audio/pcm (16-bit at {RATE_HZ} "
+                                        f"Hz), audio/pcmu or audio/pcma (G.711 at 8 kHz), got "
+                                        f"{quoted(str(kind))}")
+    name = _GA_TYPES[kind]
+    rate = _FORMATS[name].sample_rate_hz
+    if value.get("rate", rate) != rate:
+        raise _invalid(f"{where}.rate", f"{kind} is at {rate} Hz, got {value.get('rate')!r}")
+    return name
+
+
+def _format_name(audio_format: AudioFormat) -> str:
+    return next(name for name, known in _FORMATS.items() if known == audio_format)
+
+
+def _ga_echo(audio_format: AudioFormat) -> dict[str, Any]:
+    name = _format_name(audio_format)
+    kind = next(kind for kind, beta in _GA_TYPES.items() if beta == name)
+    return {"type": kind, "rate": RATE_HZ} if name == "pcm16" else {"type": kind}
 
 
 def _check_noise_reduction(value: Any, where: str) -> None:
