@@ -220,6 +220,8 @@ def test_g711_input_formats_apply_to_the_appends_after_the_update(
     ({"type": "audio/pcmu", "rate": 24000}, "session.audio.input.format.rate"),
     ({"type": "audio/pcm", "rate": 16000}, "session.audio.input.format.rate"),
     ({"type": "audio/opus"}, "session.audio.input.format.type"),
+    ({"type": ["audio/pcmu"]}, "session.audio.input.format.type"),
+    ({"type": "audio/pcmu", "rate": [8000]}, "session.audio.input.format.rate"),
 ])
 def test_a_ga_format_sttd_cannot_take_is_refused(fmt: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidMessage) as caught:

@@ -506,7 +506,7 @@ def _ga_format(value: Any, where: str) -> str:
                               f"{{\"type\": \"audio/pcm\", \"rate\": {RATE_HZ}}}")
     _only(value, {"type", "rate"}, where)
     kind = value.get("type", "audio/pcm")
-    if kind not in _GA_TYPES:
+    if not isinstance(kind, str) or kind not in _GA_TYPES:
         raise _invalid(f"{where}.type", f"{where}.type must be audio/pcm (16-bit at {RATE_HZ} "
                                         f"Hz), audio/pcmu or audio/pcma (G.711 at 8 kHz), got "
                                         f"{quoted(str(kind))}")
