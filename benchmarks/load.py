@@ -223,19 +223,25 @@ def capacity(points: list[dict[str, Any]]) -> int:
     return best
 
 
-def _stream(name: str) -> Stream:
+def _stream(name: str, line_noise_dbfs: float | None = None) -> Stream:
+    """`name`'s stream with 1 s of silence after it; with `line_noise_dbfs`, seeded white noise
+    at that RMS over all of it, pauses included (a line is never digitally silent)."""
     if name == "sentences":
         stream = sentences()
     elif name == "sentences-once":  # one pass: 11 utterances, about 50 s (the GPU script's)
         stream = sentences(repeats=1)
     else:
         stream = Stream(load(name), references()[name])
-    return Stream(np.concatenate([stream.audio, np.zeros(RATE_HZ, np.float32)]),
-                  stream.reference, stream.speech_ends)
+    audio = np.concatenate([stream.audio, np.zeros(RATE_HZ, np.float32)])
+    if line_noise_dbfs is not None:
+        noise = np.random.default_rng(20261207).normal(0.0, 10 ** (line_noise_dbfs / 20),
+                                                        audio.size)
+        audio = np.clip(audio + noise, -1.0, 1.0).astype(np.float32)
+    return Stream(audio, stream.reference, stream.speech_ends)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    stream = _stream(args.file)
+    stream = _stream(args.file, args.line_noise_dbfs)
     stagger_s = 0.1 if args.together else args.stagger_s
     if args.target == "whisperlive":
         return await _whisperlive(args, stream, stagger_s)
@@ -261,7 +267,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 break  # far past any use at this N: larger N only takes longer to say so
     return {"settings": {"backend": args.backend, "vad": args.vad, "file": args.file,
                          "stagger_s": stagger_s, "together": args.together, "runs": args.runs,
-                         "server_env": settings,
+                         "line_noise_dbfs": args.line_noise_dbfs, "server_env": settings,
                          "overhead": args.overhead},
             "points": points,
             "capacity": overhead_capacity(points) if args.overhead else capacity(points)}
@@ -316,6 +322,8 @@ def main() -> None:
                         help="sessions start at random within this many seconds")
     parser.add_argument("--together", action="store_true",
                         help="all sessions start within 100 ms (overrides --stagger-s)")
+    parser.add_argument("--line-noise-dbfs", type=float, default=None,
+                        help="white noise at this RMS over the whole stream, pauses included")
     parser.add_argument("--target", choices=("sttd", "whisperlive"), default="sttd")
     parser.add_argument("--url", default="ws://127.0.0.1:9090", help="whisperlive target only")
     parser.add_argument("--pid", type=int, default=0, help="whisperlive server pid (CPU, RSS)")

@@ -184,6 +184,34 @@ def test_long_recording_with_pauses_never_loops(backend: WhisperBackend) -> None
     assert 0.8 * len(reference.split()) <= len(words) <= 1.2 * len(reference.split())
 
 
+def test_a_final_looping_with_and_without_timestamps_gets_a_beam_search_before_a_window(
+        backend: WhisperBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"five five" on a -50 dBFS line: greedy decodes loop with and without timestamps; a beam
+    search on the same encoder output says it, without a 30 s window's encoder pass."""
+    five = decode_wav((DATA / "ps_cards_004.wav").read_bytes())
+    clip = five + np.random.default_rng(2).normal(0.0, 10 ** (-50 / 20), five.size).astype(
+        np.float32)
+    request = Request(clip, kind="final")
+    tok = backend._tokenizer("en")
+    encoded = backend._encode(backend._features([clip], whisper._padding_bucket(request)))
+    cap = whisper._new_token_cap(request.duration_s)
+    [greedy] = backend._generate(encoded, [tok.sot_sequence + [tok.no_timestamps]], [cap], 1, [tok])
+    [timed] = backend._generate(encoded, [tok.sot_sequence], [cap], 1, [tok],
+                                durations_s=[request.duration_s])
+    assert whisper._looks_repetitive(greedy) and whisper._looks_repetitive(timed)  # the case
+    windows: list[Any] = []
+    retry_window = WhisperBackend._retry_window
+
+    def counted(self: WhisperBackend, *args: Any) -> Any:
+        windows.append(args)
+        return retry_window(self, *args)
+
+    monkeypatch.setattr(WhisperBackend, "_retry_window", counted)
+    [result] = backend.transcribe([request])
+    assert _words(result.text) == ["5", "5"]
+    assert windows == []
+
+
 @pytest.mark.parametrize(("text", "loops"), [
     ("10 of clubs 10 of clubs 10 of clubs", True),
     ("Thank you. Thank you. Thank you.", True),

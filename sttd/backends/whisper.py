@@ -101,6 +101,9 @@ _MAX_LOOP_WORDS = 10
 _RECURRING_PHRASE_WORDS = 4
 _PHRASE_REPEATS = 3
 _SAME_WORD_REPEATS = 5
+# The beam of the retry of a decode that looped with and without timestamps (see
+# `WhisperBackend._retry_looping`).
+_RETRY_BEAM = 5
 _LONG_PHRASE_WORDS = 3
 _PREPEND_PUNCTUATION = "\"'“¿([{-"
 _APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
@@ -345,15 +348,19 @@ class WhisperBackend(ASRBackend):
                        before_sot: list[list[int]], caps: list[int], tokenizers: list[Any],
                        outputs: list[_Decoded]) -> None:
         """Decode the `looping` outputs again, in place: first on the same encoder output with
-        timestamps, then a final on a full 30 s window, a partial on a final's 10 s window
-        where its own was shorter; a partial still looping is blanked, the next one comes soon.
+        timestamps, then on it with a beam search, then a final on a full 30 s window, a partial
+        on a final's 10 s window where its own was shorter; a partial still looping is blanked,
+        the next one comes soon.
 
         Whisper loops on a short clip in a padded window when it decodes without timestamps
         ("10 of clubs 10 of clubs ..." for a 1 s clip); with timestamps, its training format,
         it ends the segment where the speech ends. That costs one more greedy decode of the
         clips concerned (40-110 ms for tiny.en on one AMD EPYC thread), where a 30 s window
-        costs an encoder pass eight times dearer (1.5-2.4 s there). Hotwords are left out of
-        both retries: they can seed loops.
+        costs an encoder pass eight times dearer (1.5-2.4 s there). A beam search on the same
+        encoder output costs a decode too: "five five" in -50 dBFS line noise looped greedily
+        with and without timestamps, and beam 5 said "5, 5" where the 30 s window took 0.66 s
+        more (a final's latency 1.1-1.6 s against 0.3 s on a silent line). Hotwords are left
+        out of every retry: they can seed loops.
         """
         rows = self._encoder_rows(features, encoded, looping)
         timed = [tokenizers[i].sot_sequence
@@ -364,10 +371,23 @@ class WhisperBackend(ASRBackend):
         again = self._generate(rows, timed, [caps[i] for i in looping], 1,
                                [tokenizers[i] for i in looping],
                                durations_s=[requests[i].duration_s for i in looping])
+        still = []
         for i, output in zip(looping, again, strict=True):
             # A phrase of three or more words said twice in a row is still a loop here (babble
             # gave "... direct to heaven, we were all going direct to heaven, we were all"); a
             # phrase that only comes back later is not (a retry keeps what was said twice).
+            if not _looks_repetitive(output):
+                outputs[i] = output
+            else:
+                still.append(i)
+        if not still:
+            return
+        plains = [tokenizers[i].sot_sequence + [tokenizers[i].no_timestamps]
+                  + self._prefix_tokens(tokenizers[i], requests[i].prefix) for i in still]
+        searched = self._generate(self._encoder_rows(features, encoded, still), plains,
+                                  [caps[i] for i in still], _RETRY_BEAM,
+                                  [tokenizers[i] for i in still])
+        for i, output in zip(still, searched, strict=True):
             if not _looks_repetitive(output):
                 outputs[i] = output
                 continue
