@@ -388,7 +388,10 @@ class WhisperBackend(ASRBackend):
                                   [caps[i] for i in still], _RETRY_BEAM,
                                   [tokenizers[i] for i in still])
         for i, output in zip(still, searched, strict=True):
-            if not _looks_repetitive(output):
+            # Without timestamps a beam loops as a greedy decode does: held to the first
+            # decode's test (in babble, beam 5 brought "it was the age of wisdom, it was the age
+            # of foolishness" back after the sentence that ends a 12.7 s clip).
+            if not _looks_repetitive(output, recurring=True):
                 outputs[i] = output
                 continue
             plain = tokenizers[i].sot_sequence + [tokenizers[i].no_timestamps]
