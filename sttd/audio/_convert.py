@@ -186,7 +186,7 @@ def _g711_table(law: Literal["mulaw", "alaw"]) -> _Float32Array:
         magnitude = np.where(exponent == 0, (mantissa << 4) + 8,
                              ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
         linear = np.where(toggled & 0x80, magnitude, -magnitude)
-    return (linear.astype(np.float32) / np.float32(32768)).astype(np.float32)
+    return linear.astype(np.float32) / np.float32(32768)
 
 
 _G711: Final[dict[str, _Float32Array]] = {law: _g711_table(law) for law in ("mulaw", "alaw")}
