@@ -105,6 +105,21 @@ def test_partials_are_dropped_when_stale_and_when_unchanged() -> None:
     assert [type(e) for e in c.decoded(final, Result("go forward ten meters"))] == [Final]
 
 
+def test_a_partial_that_showed_nothing_has_the_next_come_sooner() -> None:
+    c = core()
+    c.feed(AudioFrame(LOUD[:4800], 0.0))  # speech opens at once; the first partial is due at 250 ms
+    first = c.take_partial()
+    assert first is not None and first.utterance.end_ms == 300
+    assert c.decoded(first, Result("")) == []  # too little to say anything
+    c.feed(AudioFrame(LOUD[:4000], 0.3))
+    second = c.take_partial()  # 250 ms after the empty one, not 500
+    assert second is not None and second.utterance.end_ms == 550
+    [shown] = c.decoded(second, Result("go"))
+    assert isinstance(shown, Partial) and shown.text == "go"
+    c.feed(AudioFrame(LOUD[:4000], 0.55))
+    assert c.take_partial() is None  # then every 500 ms again
+
+
 def test_the_stable_prefix_is_forced_on_later_partials_and_reset_by_the_final() -> None:
     c = core()
     texts = ["go", "go forward", "go forward ten", "go forward ten meters"]

@@ -284,6 +284,40 @@ def test_first_partial_comes_after_half_a_partial_ms_of_speech() -> None:
     assert second is not None and summary(second) == ("partial", 0, 700, 2500)
 
 
+def test_a_first_partial_that_showed_nothing_brings_the_next_forward_once() -> None:
+    track = tracker(partial_ms=1000)
+    track.feed(signal(quiet(1000), sine(500)))
+    first = track.take_partial()
+    assert first is not None and summary(first) == ("partial", 0, 700, 1500)
+    track.feed(sine(200))  # the decode took 200 ms and showed nothing
+    track.partial_showed_nothing(first)
+    track.feed(sine(290))
+    assert track.take_partial() is None
+    track.feed(sine(10))  # half a partial_ms after the empty one, not a whole one
+    second = track.take_partial()
+    assert second is not None and summary(second) == ("partial", 0, 700, 2000)
+    track.partial_showed_nothing(second)  # once per utterance: then every partial_ms again
+    track.feed(sine(999))
+    assert track.take_partial() is None
+    track.feed(sine(1))
+    third = track.take_partial()
+    assert third is not None and summary(third) == ("partial", 0, 700, 3000)
+
+
+def test_an_empty_partial_of_an_utterance_already_ended_changes_nothing() -> None:
+    track = tracker(partial_ms=1000)
+    track.feed(signal(quiet(1000), sine(500)))
+    stale = track.take_partial()
+    assert stale is not None
+    assert [summary(job) for job in track.feed(quiet(1000))] == [("final", 0, 700, 1700)]
+    track.feed(sine(500))  # the next utterance opens at 2500 ms
+    first = track.take_partial()
+    assert first is not None and summary(first) == ("partial", 1, 2200, 3000)
+    track.partial_showed_nothing(stale)
+    track.feed(sine(500))
+    assert track.take_partial() is None  # its own schedule: a whole partial_ms after its first
+
+
 def test_take_partial_is_not_repeated_without_new_audio() -> None:
     track = tracker(partial_ms=500)
     track.feed(signal(quiet(1000), sine(600)))

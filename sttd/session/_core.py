@@ -17,7 +17,8 @@ an `UtteranceEnd` due after it, the error and `Close` that end the session. So t
 finals in utterance order however their decodes interleave (several may decode at once: the
 session does not wait for one before listening on). A partial is only the newest guess at the open utterance: one whose utterance was
 finalized meanwhile, or that comes back while a final is outstanding, is dropped (and so is its
-failure), and one whose text did not change is not sent.
+failure), and one whose text did not change is not sent. One that showed nothing has the
+tracker bring the next forward (`UtteranceTracker.partial_showed_nothing`).
 
 Speculation. Once an open utterance has been silent for a while (the tracker's
 ``speculate_ms``), `take_speculative` asks for its final early, as it will be if the silence lasts,
@@ -510,8 +511,11 @@ class SessionCore:
             return []
         stable, unstable = self._stabilizer.update(text)
         joined = f"{stable} {unstable}".strip()
+        if not joined:
+            self.tracker.partial_showed_nothing(utterance)
+            return []
         key = (utterance.utterance_id, joined)
-        if not joined or self._last_partial == key:
+        if self._last_partial == key:
             return []
         self._last_partial = key
         return [Partial(utterance.utterance_id, stable, unstable, utterance.start_ms,
