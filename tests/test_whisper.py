@@ -111,9 +111,8 @@ def test_hotwords_do_not_seed_a_loop(backend: WhisperBackend) -> None:
     assert _words(result.text) == ["10", "of", "clubs"]
 
 
-@pytest.mark.parametrize("kind", ["final", "partial"])
-def test_a_short_clip_that_loops_is_decoded_again_with_timestamps(
-        backend: WhisperBackend, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_short_final_that_loops_is_decoded_again_with_timestamps(
+        backend: WhisperBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     """1 s of speech padded to the decode window loops without timestamps ("10 of clubs 10 of
     clubs ..."); the retry with timestamps on the same encoder output ends it, so no 30 s
     window (an encoder pass eight times dearer) is needed."""
@@ -132,9 +131,45 @@ def test_a_short_clip_that_loops_is_decoded_again_with_timestamps(
 
     monkeypatch.setattr(backend, "_generate", generate)
     monkeypatch.setattr(backend, "_retry_window", full_window)
-    [result] = backend.transcribe([Request(padded, kind=kind)])  # type: ignore[arg-type]
+    [result] = backend.transcribe([Request(padded, kind="final")])
     assert whisper._looks_repetitive(whisper._Decoded([], looped[0], 0, 0, False))
     assert _words(result.text) == ["10", "of", "clubs"]
+
+
+def test_a_short_partial_that_loops_is_cut_where_it_starts_over_without_a_second_decode(
+        backend: WhisperBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    clip = _fixture("ps_cards_001")
+    padded = np.concatenate([np.zeros(4800, np.float32), clip, np.zeros(3200, np.float32)])
+    first = backend._generate
+    decoded: list[str] = []
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        outputs = first(*args, **kwargs)
+        decoded.extend(o.text for o in outputs)
+        return outputs
+
+    monkeypatch.setattr(backend, "_generate", generate)
+    [result] = backend.transcribe([Request(padded, kind="partial")])
+    [looped] = decoded  # one decode, and it looped
+    assert whisper._looks_repetitive(whisper._Decoded([], looped, 0, 0, False))
+    assert _words(result.text) == ["10", "of", "clubs"]
+
+
+@pytest.mark.parametrize(("text", "prefix", "first"), [
+    ("go forward 10 meters. Go forward 10 meters. Go forward 10", "", "go forward 10 meters."),
+    ("unless unless unless unless unless unless", "", "unless"),
+    ("Eight of spades, four of- Eight of spades, four", "", "Eight of spades, four of-"),
+    # A phrase that comes back after other words: cut where it comes back.
+    ("Eight of spades, four of clubs, seven of hearts. Eight of spades, four of clubs", "",
+     "Eight of spades, four of clubs, seven of hearts."),
+    # The forced stable words are kept even where the loop would cut inside them.
+    ("five five five five five five", "five five", "five five"),
+    ("garbage that never starts over at all but ran to the cap", "", ""),
+])
+def test_a_looping_partial_keeps_its_first_pass(text: str, prefix: str, first: str) -> None:
+    output = whisper._first_pass(whisper._Decoded([1, 2], text, -0.5, 0.1, True), prefix)
+    assert output.text == first
+    assert output.hit_cap is False and output.avg_logprob == -0.5
 
 
 def test_digital_silence_is_not_decoded(backend: WhisperBackend,
