@@ -634,10 +634,10 @@ def _first_pass(output: _Decoded, prefix: str) -> _Decoded:
     which the rest repeats the phrase before it (up to `_MAX_LOOP_WORDS` words, word for word,
     case and punctuation aside) is cut off. A final decodes again instead (`_retry_looping`),
     but a partial is tentative and the next comes half a second later: on a -50 dBFS noisy
-    line 20 of 141 partials looped, and the ladder of decodes took them 0.63 s each (median)
-    on one AMD EPYC thread, a third of all partial decoding, where this costs nothing and gave
-    the retries' own text. The forced `prefix`'s words are never cut. Partials get no word
-    timings, so the tokens are not kept.
+    line 21 of 141 partials looped (`benchmarks/partial_decodes.py`), and that ladder of
+    decodes took them 0.45 s each (median, one AMD EPYC thread; 0.13 s with this), over a third
+    of all partial decoding, where this costs nothing and gave the retries' own text. The
+    forced `prefix`'s words are never cut. Partials get no word timings: no tokens are kept.
     """
     raw = output.text.split()
     words = [w.strip(string.punctuation).lower() for w in raw]

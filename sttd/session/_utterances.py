@@ -224,10 +224,10 @@ class UtteranceTracker:
         the next is due half a ``partial_ms`` after it rather than a whole one.
 
         The first partial has only half a ``partial_ms`` of speech, and on a noisy line Whisper
-        often marks so little as not speech (measured: 14 of 22 first partials of a sentence
-        stream under -50 dBFS white noise came back empty, against 4 clean), so the client's
-        first words waited a whole ``partial_ms`` more. Only once per utterance: an utterance
-        of noise the VAD took for speech does not get partials at twice the rate.
+        often marks so little as not speech (`benchmarks/partial_decodes.py`: 13 of 22 first
+        partials of a sentence stream under -50 dBFS white noise came back empty, 3 clean), so
+        the client's first words waited a whole ``partial_ms`` more. Only once per utterance:
+        an utterance of noise the VAD took for speech does not get partials at twice the rate.
         """
         if (self.partial_ms is None or partial.utterance_id != self._next_id
                 or self._open_start is None or self._hastened == partial.utterance_id):
