@@ -196,6 +196,31 @@ def test_mixed_batch_keeps_order(backend: WhisperBackend) -> None:
     assert _words(results[3].text)[:3] == ["he", "was", "not"]
 
 
+@pytest.mark.parametrize(("first", "timestamped", "kept"), [
+    # A phrase that comes back, said: the retry with timestamps says as much, the first stands.
+    ("It was the season of light, it was the season of darkness.",
+     "It was a season of light that was a season of darkness.",
+     "It was the season of light, it was the season of darkness."),
+    # A phrase brought back after the speech ended: the retry ends where the speech does.
+    ("Eight of spades, four of clubs, seven of hearts. Eight of spades, four of clubs",
+     "Eight of spades, four of clubs, seven of hearts.",
+     "Eight of spades, four of clubs, seven of hearts."),
+])
+def test_a_final_suspect_for_a_phrase_coming_back_keeps_the_decode_that_says_it_all(
+        backend: WhisperBackend, monkeypatch: pytest.MonkeyPatch, first: str,
+        timestamped: str, kept: str) -> None:
+    """The decodes are stand-ins: what is tested is which of the two the ladder keeps."""
+    def generate(_encoded: Any, prompts: list[list[int]], *_args: Any, **kwargs: Any) -> Any:
+        text = timestamped if kwargs.get("durations_s") is not None else first
+        return [whisper._Decoded([1], text, -0.2, 0.01, False) for _ in prompts]
+
+    monkeypatch.setattr(backend, "_generate", generate)
+    monkeypatch.setattr(backend, "_align", lambda requests, *_: [[] for _ in requests])
+    assert whisper._looks_repetitive(whisper._Decoded([], first, 0, 0, False), recurring=True)
+    [result] = backend.transcribe([Request(_fixture("ps_librivox_0880"))])
+    assert result.text == kept
+
+
 def test_english_only_model_refuses_other_languages(backend: WhisperBackend) -> None:
     backend.check_language("en-GB")
     with pytest.raises(UnsupportedLanguage, match="English-only model"):

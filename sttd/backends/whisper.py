@@ -379,6 +379,13 @@ class WhisperBackend(ASRBackend):
             # gave "... direct to heaven, we were all going direct to heaven, we were all"); a
             # phrase that only comes back later is not (a retry keeps what was said twice).
             if not _looks_repetitive(output):
+                if not _looks_repetitive(outputs[i]) and _word_count(output) >= _word_count(
+                        outputs[i]):
+                    # The first decode was suspect only for a phrase that came back, and the
+                    # retry, ending where the speech does, said as much: the phrase was said
+                    # ("it was the season of light, it was the season of darkness"), and the
+                    # first decode stands (there the retry said "a season ... that was a").
+                    continue
                 outputs[i] = output
             else:
                 still.append(i)
@@ -624,6 +631,10 @@ def _repeats_phrase(text: str, *, suspect_doubles: bool = False, recurring: bool
                    for k in range(1, needed)):
                 return True
     return False
+
+
+def _word_count(output: _Decoded) -> int:
+    return len(output.text.split())
 
 
 def _first_pass(output: _Decoded, prefix: str) -> _Decoded:
