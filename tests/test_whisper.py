@@ -111,46 +111,49 @@ def test_hotwords_do_not_seed_a_loop(backend: WhisperBackend) -> None:
     assert _words(result.text) == ["10", "of", "clubs"]
 
 
-def test_a_short_final_that_loops_is_decoded_again_with_timestamps(
-        backend: WhisperBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    """1 s of speech padded to the decode window loops without timestamps ("10 of clubs 10 of
-    clubs ..."); the retry with timestamps on the same encoder output ends it, so no 30 s
-    window (an encoder pass eight times dearer) is needed."""
+def _looping_clip() -> np.ndarray:
+    """1 s of speech with a session's silence around it: tiny.en loops on it in its padded
+    window without timestamps ("10 of clubs 10 of clubs ...")."""
     clip = _fixture("ps_cards_001")
-    padded = np.concatenate([np.zeros(4800, np.float32), clip, np.zeros(3200, np.float32)])
+    return np.concatenate([np.zeros(4800, np.float32), clip, np.zeros(3200, np.float32)])
+
+
+def _record_decodes(backend: WhisperBackend, monkeypatch: pytest.MonkeyPatch
+                    ) -> list[tuple[bool, str]]:
+    """Each decode's (with timestamps, text) from now on, as the backend first made it."""
     first = backend._generate
-    looped: list[str] = []
+    decoded: list[tuple[bool, str]] = []
 
     def generate(*args: Any, **kwargs: Any) -> Any:
         outputs = first(*args, **kwargs)
-        looped.extend(o.text for o in outputs if kwargs.get("durations_s") is None)
+        decoded.extend((kwargs.get("durations_s") is not None, o.text) for o in outputs)
         return outputs
+
+    monkeypatch.setattr(backend, "_generate", generate)
+    return decoded
+
+
+def test_a_short_final_that_loops_is_decoded_again_with_timestamps(
+        backend: WhisperBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry with timestamps on the same encoder output ends the loop, so no 30 s window
+    (an encoder pass eight times dearer) is needed."""
+    decoded = _record_decodes(backend, monkeypatch)
 
     def full_window(*_args: Any) -> Any:
         raise AssertionError("a longer window was used")
 
-    monkeypatch.setattr(backend, "_generate", generate)
     monkeypatch.setattr(backend, "_retry_window", full_window)
-    [result] = backend.transcribe([Request(padded, kind="final")])
+    [result] = backend.transcribe([Request(_looping_clip(), kind="final")])
+    looped = [text for timed, text in decoded if not timed]
     assert whisper._looks_repetitive(whisper._Decoded([], looped[0], 0, 0, False))
     assert _words(result.text) == ["10", "of", "clubs"]
 
 
 def test_a_short_partial_that_loops_is_cut_where_it_starts_over_without_a_second_decode(
         backend: WhisperBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    clip = _fixture("ps_cards_001")
-    padded = np.concatenate([np.zeros(4800, np.float32), clip, np.zeros(3200, np.float32)])
-    first = backend._generate
-    decoded: list[str] = []
-
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        outputs = first(*args, **kwargs)
-        decoded.extend(o.text for o in outputs)
-        return outputs
-
-    monkeypatch.setattr(backend, "_generate", generate)
-    [result] = backend.transcribe([Request(padded, kind="partial")])
-    [looped] = decoded  # one decode, and it looped
+    decoded = _record_decodes(backend, monkeypatch)
+    [result] = backend.transcribe([Request(_looping_clip(), kind="partial")])
+    [(_, looped)] = decoded  # one decode, and it looped
     assert whisper._looks_repetitive(whisper._Decoded([], looped, 0, 0, False))
     assert _words(result.text) == ["10", "of", "clubs"]
 
