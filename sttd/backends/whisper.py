@@ -291,8 +291,9 @@ class WhisperBackend(ASRBackend):
         ]
         caps = [_new_token_cap(r.duration_s) for r in requests]
         outputs = self._generate(encoded, prompts, caps, beam, tokenizers)
-        # A phrase that comes back later makes a decode suspect too: the retry with timestamps
-        # is cheap, and keeps a phrase the speaker did say twice.
+        # A phrase that comes back later makes a decode suspect too: a final's retry with
+        # timestamps is cheap, and keeps a phrase the speaker did say twice; a partial is cut
+        # where the phrase comes back (its final, decoded afresh, says the rest).
         looping = [i for i, output in enumerate(outputs)
                    if _looks_repetitive(output, recurring=True)]
         for i in looping:
@@ -379,8 +380,8 @@ class WhisperBackend(ASRBackend):
             # gave "... direct to heaven, we were all going direct to heaven, we were all"); a
             # phrase that only comes back later is not (a retry keeps what was said twice).
             if not _looks_repetitive(output):
-                if not _looks_repetitive(outputs[i]) and _word_count(output) >= _word_count(
-                        outputs[i]):
+                if (not _looks_repetitive(outputs[i])
+                        and len(output.text.split()) >= len(outputs[i].text.split())):
                     # The first decode was suspect only for a phrase that came back, and the
                     # retry, ending where the speech does, said as much: the phrase was said
                     # ("it was the season of light, it was the season of darkness"), and the
@@ -631,10 +632,6 @@ def _repeats_phrase(text: str, *, suspect_doubles: bool = False, recurring: bool
                    for k in range(1, needed)):
                 return True
     return False
-
-
-def _word_count(output: _Decoded) -> int:
-    return len(output.text.split())
 
 
 def _first_pass(output: _Decoded, prefix: str) -> _Decoded:
