@@ -7,6 +7,11 @@ final received), partial interval, WER of the joined finals and whether it ended
 server process (a ``sttd serve`` child started here) it samples CPU % and RSS with psutil, and
 reads dropped frames and partials from /metrics.
 
+With ``--query`` each point is run once per query variant (extra native query parameters,
+``-`` for none), the variants alternating within the one server, so that what a parameter
+changes is measured against a baseline in the same command; capacities are then given per
+variant.
+
 capacity = the largest N with p95 final latency <= 1.5 s, WER within 2 points of N=1, and every
 session closed normally with as many finals as at N=1. Where admission refuses some sessions at
 connect, that stops at the last N served whole; ``admitted_capacity`` is then the most sessions
@@ -256,29 +261,47 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     settings = {"STT_BACKEND": args.backend, "STT_VAD": args.vad,
                 "STT_IN_QUEUE_MAX_DROPS": str(10**9)}
     settings.update(dict(item.split("=", 1) for item in args.set))
+    queries = [_query(q) for q in args.query]
     async with sttd_server(**settings) as server:
-        url = server.ws_url("call_id=load&sample_rate=16000")
         for n in args.n:
             for run in range(args.runs):
-                point = await run_point(url, server.base_url, server.process.pid, n, stream,
-                                        stagger_s, seed=run)
-                point["run"] = run
-                points.append(point)
-                print(f"N={n:4d} run={run} p50={point['final_latency_s']['p50']} "
-                      f"p95={point['final_latency_s']['p95']} wer={point['wer_mean']} "
-                      f"ok={point['sessions_ok']} refused={point['sessions_refused']} "
-                      f"skipped_s={point['audio_skipped_s']} partial_gap={point['partial_gap_s']} "
-                      f"cpu={point['server_cpu_percent']['mean']} "
-                      f"batch={point['mean_batch_size']} lag={point['frame_lag_s']}", flush=True)
+                # Alternating the order each run, so neither variant always goes first.
+                for query in (queries if run % 2 == 0 else queries[::-1]):
+                    url = server.ws_url("call_id=load&sample_rate=16000" + query)
+                    point = await run_point(url, server.base_url, server.process.pid, n, stream,
+                                            stagger_s, seed=run)
+                    point["run"] = run
+                    if len(queries) > 1:
+                        point["query"] = query
+                    points.append(point)
+                    print(f"N={n:4d} run={run}{query} p50={point['final_latency_s']['p50']} "
+                          f"p95={point['final_latency_s']['p95']} wer={point['wer_mean']} "
+                          f"ok={point['sessions_ok']} refused={point['sessions_refused']} "
+                          f"skipped_s={point['audio_skipped_s']} partial_gap={point['partial_gap_s']} "
+                          f"cpu={point['server_cpu_percent']['mean']} "
+                          f"batch={point['mean_batch_size']} lag={point['frame_lag_s']}", flush=True)
             if args.until_fail and all(_fell_over(p) for p in points if p["n"] == n):
                 break  # far past any use at this N: larger N only takes longer to say so
-    return {"settings": {"backend": args.backend, "vad": args.vad, "file": args.file,
-                         "stagger_s": stagger_s, "together": args.together, "runs": args.runs,
-                         "line_noise_dbfs": args.line_noise_dbfs, "server_env": settings,
-                         "overhead": args.overhead},
-            "points": points,
-            "capacity": overhead_capacity(points) if args.overhead else capacity(points),
-            "admitted_capacity": None if args.overhead else capacity(points, admitted=True)}
+    result: dict[str, Any] = {
+        "settings": {"backend": args.backend, "vad": args.vad, "file": args.file,
+                     "stagger_s": stagger_s, "together": args.together, "runs": args.runs,
+                     "line_noise_dbfs": args.line_noise_dbfs, "server_env": settings,
+                     "overhead": args.overhead, "queries": queries},
+        "points": points}
+    for query in queries:
+        mine = [p for p in points if p.get("query", query) == query]
+        summary = {"capacity": overhead_capacity(mine) if args.overhead else capacity(mine),
+                   "admitted_capacity": None if args.overhead else capacity(mine, admitted=True)}
+        if len(queries) == 1:
+            result.update(summary)
+        else:
+            result.setdefault("by_query", {})[query or "-"] = summary
+    return result
+
+
+def _query(variant: str) -> str:
+    """A ``--query`` variant as the text to append to the session URL."""
+    return "" if variant in ("", "-") else "&" + variant.lstrip("&")
 
 
 async def _whisperlive(args: argparse.Namespace, stream: Stream,
@@ -342,10 +365,14 @@ def main() -> None:
                              "WER > 50%% or a session failed)")
     parser.add_argument("--overhead", action="store_true",
                         help="capacity by frame lag (for the mock backend), not by final latency")
+    parser.add_argument("--query", nargs="+", default=["-"], metavar="QUERY",
+                        help="native query parameters added to each session's URL (e.g. "
+                             "words=false); several: each point once per variant; - for none")
     parser.add_argument("--out", type=Path, default=RESULTS / "load_whisper.json")
     args = parser.parse_args()
     result = trio.run(main_async, args)
-    print("capacity:", result["capacity"], "admitted:", result.get("admitted_capacity"))
+    print("capacity:", result.get("capacity"), "admitted:", result.get("admitted_capacity"),
+          result.get("by_query", ""))
     write_result(args.out, "uv run --group bench python " + " ".join(sys.argv), result)
 
 

@@ -162,8 +162,9 @@ def create_app(state: AppState) -> QuartTrio:
             upload, _ = await read_upload(request.body, request.mimetype,
                                           request.mimetype_params, settings=settings)
             with upload:
+                # This route's answer has no words: none are aligned.
                 result = await transcribe_file(engine, upload, settings, language=language,
-                                               hotwords=hotwords, task=task)
+                                               hotwords=hotwords, task=task, word_timings=False)
         return _json({
             "text": result.text,
             "duration_ms": round(result.duration_s * 1000),
@@ -204,8 +205,9 @@ def create_app(state: AppState) -> QuartTrio:
                 form = TranscriptionForm.parse(fields, task=task)
                 engine.check_language(form.language)
                 engine.check_hotwords(form.prompt)
-                result = await transcribe_file(engine, upload, settings, language=form.language,
-                                               hotwords=form.prompt, task=task)
+                result = await transcribe_file(
+                    engine, upload, settings, language=form.language, hotwords=form.prompt,
+                    task=task, word_timings="word" in form.timestamp_granularities)
         body, content_type = render(result, form)
         return Response(body, status=200, content_type=content_type)
 

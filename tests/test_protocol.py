@@ -72,6 +72,12 @@ def test_every_parameter_parses() -> None:
         options=SessionOptions(partial_ms=100, language="en-US", hotwords=("a", "b", "c")))
 
 
+@pytest.mark.parametrize(("raw", "expected"), [(None, True), ("true", True), ("false", False),
+                                               (" FALSE ", False)])
+def test_words(raw: str | None, expected: bool) -> None:
+    assert options(VALID if raw is None else with_(words=raw)).word_timings is expected
+
+
 @pytest.mark.parametrize(("raw", "expected"), [("auto", None), ("", None), (" auto ", None), ("en", "en"),
                                                ("en-US", "en-US"), ("yue", "yue"), ("zh-Hant-TW", "zh-Hant-TW")])
 def test_language(raw: str, expected: str | None) -> None:
@@ -133,6 +139,7 @@ def test_call_id_of_256_characters_accepted() -> None:
          "language must be 'auto' or a BCP-47 code such as 'en' or 'en-US', got 'e'"),
         (with_(language="en_US"), "language",
          "language must be 'auto' or a BCP-47 code such as 'en' or 'en-US', got 'en_US'"),
+        (with_(words="no"), "words", "words must be true or false, got 'no'"),
         (with_(hotwords=",".join(["w"] * 101)), "hotwords", "hotwords must hold at most 100 entries, got 101"),
         (with_(hotwords="ok," + "y" * 65), "hotwords",
          "each of hotwords must be at most 64 characters, got 65 in 'yyyyyyyyyyyyyyyy'..."),

@@ -59,6 +59,8 @@ def test_the_url_opens_at_openais_defaults_and_other_intents_are_refused() -> No
     options = request.options
     assert (options.vad_silence_ms, options.preroll_ms, options.turn_events,
             options.endpointing, options.language) == (500, 300, True, True, None)
+    # Words show only in the logprobs, which a session asks for: until then, no alignment.
+    assert options.word_timings is False
     with pytest.raises(InvalidParam, match="intent must be transcription"):
         RealtimeCodec().accept(MultiDict({"intent": "conversation"}), Settings())
 
@@ -139,6 +141,7 @@ def test_deltas_are_append_only_and_add_up_to_the_final_where_it_agrees() -> Non
 def test_logprobs_per_word_when_included() -> None:
     codec = _codec()
     setup = _update(codec, {"include": ["item.input_audio_transcription.logprobs"]})
+    assert setup.options.word_timings is True  # the finals' words are aligned from now on
     _said(codec, Configured(setup.options))
     *deltas, completed = _said(codec, Final(2, "hi there", 0, 900, words=(
         Word("hi", 0, 300, 0.5), Word("there", 300, 900, 1.0))))
@@ -146,6 +149,9 @@ def test_logprobs_per_word_when_included() -> None:
     assert completed["logprobs"] == [
         {"token": "hi", "logprob": round(math.log(0.5), 4), "bytes": list(b"hi")},
         {"token": "there", "logprob": 0.0, "bytes": list(b"there")}]
+    # Asked no more (an update that leaves `include` out keeps it): aligned no more.
+    assert _update(codec, {"type": "transcription"}).options.word_timings is True
+    assert _update(codec, {"include": []}).options.word_timings is False
 
 
 def test_turns_items_and_failures() -> None:

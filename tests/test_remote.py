@@ -187,6 +187,19 @@ def test_the_request_carries_the_form_openai_servers_take() -> None:
     assert b"RIFF" in by_kind[True].content and b"WAVE" in by_kind[True].content
 
 
+def test_a_final_without_word_timings_asks_the_upstream_for_none() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return _answer(" Hi there. ")
+
+    backend, _ = _backend(handler, A)
+    [final] = backend.transcribe([_request(word_timings=False)])
+    assert (final.text, final.words) == ("Hi there.", ())
+    assert _form(seen[0]) == {"model": ["m"], "response_format": ["verbose_json"]}
+
+
 def test_a_failing_upstream_is_retried_elsewhere_then_left_out() -> None:
     calls: list[str] = []
 

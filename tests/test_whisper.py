@@ -89,6 +89,44 @@ def test_transcribes_speech_with_word_timings(backend: WhisperBackend) -> None:
     assert first.language == "en"
 
 
+def test_a_final_without_word_timings_is_not_aligned(backend: WhisperBackend,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The alignment is a pass of its own (a tenth to a quarter of a final's cost,
+    benchmarks/word_timings.py): a final that wants no words skips it, text unchanged."""
+    clip = _fixture("ps_goforward")
+    [timed] = backend.transcribe([Request(clip)])
+    aligned: list[int] = []
+    find_alignment = backend._model.find_alignment
+
+    def counted(tokenizer: object, text_tokens: list[list[int]], *args: object) -> object:
+        aligned.append(len(text_tokens))
+        return find_alignment(tokenizer, text_tokens, *args)
+
+    monkeypatch.setattr(backend._model, "find_alignment", counted)
+    [untimed] = backend.transcribe([Request(clip, word_timings=False)])
+    assert aligned == []
+    assert (untimed.text, untimed.words) == (timed.text, ())
+    assert untimed.confidence is not None and 0 < untimed.confidence <= 1
+    # In one batch, the final that wants its words still gets them.
+    wanted, unwanted = backend.transcribe([Request(clip), Request(clip, word_timings=False)])
+    assert aligned == [2]  # one pass for the batch
+    assert wanted.words == timed.words and unwanted.words == ()
+
+
+def test_a_clip_past_30_s_without_word_timings_has_its_windows_text_and_confidence(
+        backend: WhisperBackend) -> None:
+    first, second = _fixture("ps_goforward"), _fixture("ps_librivox_0930")
+    gap = np.zeros(30 * RATE_HZ - first.size, np.float32)
+    clip = np.concatenate((first, gap, second))  # one per 30 s window
+    [timed] = backend.transcribe([Request(clip)])
+    [untimed] = backend.transcribe([Request(clip, word_timings=False)])
+    assert untimed.text == timed.text
+    assert _words(untimed.text) == ["go", "forward", "10", "meters", *"he might even have been "
+                                    "made amiable himself".split()]
+    assert timed.words and untimed.words == ()
+    assert untimed.confidence is not None and 0 < untimed.confidence <= 1
+
+
 @pytest.mark.parametrize("kind", ["partial", "final"])
 @pytest.mark.parametrize("name", sorted(_noises()))
 def test_no_text_from_silence_noise_or_hum(backend: WhisperBackend, name: str, kind: str) -> None:

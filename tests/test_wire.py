@@ -128,6 +128,21 @@ async def test_end_finalizes_open_speech_before_closing(server: RunningServer) -
     assert code == 1000
 
 
+@pytest.mark.parametrize(("query", "timed"), [("", True), ("&words=false", False)])
+async def test_words_false_gives_finals_without_word_timings(server: RunningServer, query: str,
+                                                             timed: bool) -> None:
+    speech = _trim_trailing_quiet(load_pcm("ps_goforward"))
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url("call_id=w&sample_rate=16000" + query)) as ws:
+            await receive_type(ws, "ready")
+            await send_pcm(ws, speech)
+            await ws.send_message(json.dumps({"type": "end"}))
+            messages, _ = await receive_until_close(ws)
+    [final] = [m for m in messages if m["type"] == "final"]
+    assert final["text"] == reference_texts()["ps_goforward"]
+    assert [w["word"] for w in final["words"]] == (final["text"].split() if timed else [])
+
+
 @pytest.mark.parametrize("abrupt", [False, True], ids=["close-frame", "tcp-reset"])
 async def test_disconnect_mid_utterance_leaks_nothing(server: RunningServer, abrupt: bool) -> None:
     speech = load_pcm("ps_librivox_0880")

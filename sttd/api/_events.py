@@ -98,6 +98,9 @@ class SessionOptions:
     # Whether utterances end at the VAD's pauses; False: only at a commit (or the longest
     # utterance), the VAD still marking where speech starts.
     endpointing: bool = True
+    # Whether finals carry their words' times. Without them a whisper final skips its word
+    # alignment, a tenth to a quarter of its cost (benchmarks/word_timings.py).
+    word_timings: bool = True
 
 
 @attrs.frozen

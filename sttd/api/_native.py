@@ -42,6 +42,7 @@ from sttd.api._params import (
     parse_hotwords,
     parse_task,
     parse_language,
+    query_bool,
     query_int,
     quoted,
 )
@@ -106,6 +107,7 @@ class NativeCodec:
                 language=parse_language(query.get("language", "auto")),
                 hotwords=parse_hotwords(query.get("hotwords", "")),
                 task=parse_task(query.get("task", "transcribe")),
+                word_timings=query_bool(query, "words", default=True),
             ),
         )
 

@@ -148,7 +148,7 @@ class RealtimeCodec:
         options = SessionOptions(
             partial_ms=default_partial_ms(settings), partials=True,
             vad_silence_ms=_DEFAULT_SILENCE_MS, preroll_ms=_DEFAULT_PREFIX_MS,
-            turn_events=True, endpointing=True)
+            turn_events=True, endpointing=True, word_timings=False)
         self._setup = _Setup(options, model=query.get("model", "") or "", prompt="",
                              server_vad=True, threshold=_DEFAULT_THRESHOLD, logprobs=False,
                              legacy=False)
@@ -577,9 +577,11 @@ _OPTION_FIELDS: Final = frozenset({"language", "hotwords", "preroll_ms", "vad_si
 
 def _apply(base: _Setup, changes: Mapping[str, Any]) -> _Setup:
     """`base` with `changes`; the core's options follow the setup (turn detection off: only
-    commits end utterances; a threshold asked for goes to the Silero VAD)."""
+    commits end utterances; a threshold asked for goes to the Silero VAD; word timings only
+    for the logprobs, the one place this protocol shows words)."""
     updates = {k: v for k, v in changes.items() if k in _OPTION_FIELDS}
     updates["endpointing"] = changes.get("server_vad", base.server_vad)
+    updates["word_timings"] = changes.get("logprobs", base.logprobs)
     if "threshold" in changes:
         updates["vad_threshold"] = changes["threshold"]
     options = attrs.evolve(base.options, **updates)

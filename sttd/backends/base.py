@@ -45,6 +45,10 @@ class Request:
     origin: Literal["live", "file"] = "live"
     # Transcribe in the speech's own language, or translate it into English (Whisper's tasks).
     task: Literal["transcribe", "translate"] = "transcribe"
+    # Whether a final's words with their times are wanted. A backend for which they cost work
+    # of their own (whisper's word alignment) skips it when not; one that gets them for free
+    # may still give them. Partials never carry them.
+    word_timings: bool = True
     # The live utterance this request is of (its session's and its own id), the same for its
     # partials and its final: a backend that keeps state per utterance (a streaming model's
     # stream) finds it by this. Empty for file pieces.

@@ -136,8 +136,8 @@ class MockBackend(ASRBackend):
             )
             for i in chosen
         )
-        return Result(text=" ".join(word.word for word in words), words=words, language="en",
-                      confidence=1.0)
+        return Result(text=" ".join(word.word for word in words),
+                      words=words if request.word_timings else (), language="en", confidence=1.0)
 
 
 def _envelope(audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:

@@ -408,10 +408,10 @@ def _error_message(response: httpx.Response) -> str:
 def _transcription_form(model: str, request: Request, *, verbose: bool) -> dict[str, Any]:
     """The form of an OpenAI transcription request: the hotwords as the prompt (Whisper's
     prompt, and vLLM's Qwen3-ASR context), the language where it is forced; word and segment
-    times for finals where the answer can hold them."""
+    times for finals that want them where the answer can hold them."""
     data: dict[str, Any] = {"model": model,
                             "response_format": "verbose_json" if verbose else "json"}
-    if verbose and request.kind == "final":
+    if verbose and request.kind == "final" and request.word_timings:
         data["timestamp_granularities[]"] = ["segment", "word"]
     if request.language:
         data["language"] = request.language

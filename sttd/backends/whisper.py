@@ -433,7 +433,7 @@ class WhisperBackend(ASRBackend):
                tokenizers: list[Any]) -> list[list[RecognisedWord]]:
         words: list[list[RecognisedWord]] = [[] for _ in requests]
         wanted = [i for i, (r, o) in enumerate(zip(requests, outputs))
-                  if r.kind == "final" and o.tokens and _keep(o)]
+                  if r.kind == "final" and r.word_timings and o.tokens and _keep(o)]
         if not wanted:
             return words
         from faster_whisper.transcribe import merge_punctuations
@@ -466,7 +466,12 @@ class WhisperBackend(ASRBackend):
             attrs.evolve(word, start_s=word.start_s + n * offset_s, end_s=word.end_s + n * offset_s)
             for n, part in enumerate(parts) for word in part.words)
         text = " ".join(part.text for part in parts if part.text)
-        return _with_words(text, words, parts[0].language if parts else None)
+        language = parts[0].language if parts else None
+        if not request.word_timings:
+            said = [part.confidence for part in parts if part.text and part.confidence is not None]
+            return Result(text=text, language=language,
+                          confidence=float(np.mean(said)) if said else None)
+        return _with_words(text, words, language)
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -678,7 +683,8 @@ def _keep(output: _Decoded) -> bool:
 def _result(request: Request, output: _Decoded, words: list[RecognisedWord], language: str) -> Result:
     if not _keep(output):
         return Result(text="", language=language)
-    if request.kind == "partial":
+    if request.kind == "partial" or not request.word_timings:
+        # No alignment, so no word probabilities: the decode's own mean token probability.
         return Result(text=output.text, language=language,
                       confidence=math.exp(min(output.avg_logprob, 0.0)))
     return _with_words(output.text, tuple(words), language)

@@ -74,6 +74,7 @@ async def transcribe_file(
     language: str | None,
     hotwords: tuple[str, ...],
     task: Literal["transcribe", "translate"] = "transcribe",
+    word_timings: bool = True,
     block_s: float = _BLOCK_S,
 ) -> FileTranscript:
     """Transcribe the audio file that starts at `file`'s position, in memory independent of its length.
@@ -84,12 +85,13 @@ async def transcribe_file(
     not closed. Cancellation waits for the block or the engine call in flight. Raises
     `UnsupportedMedia` if `file` is not audio in a format we accept, `BadAudio` if it is but is
     broken, `PayloadTooLarge` if compressed audio runs past `MAX_MEDIA_AUDIO_S`, and
-    `BackendError` if the engine fails.
+    `BackendError` if the engine fails. Without `word_timings` the segments carry no words
+    (a whisper engine then skips its word alignment).
     """
     reader, splitter = await trio.to_thread.run_sync(partial(_open, file, settings, block_s=block_s))
     try:
         return await _transcribe_blocks(engine, reader, splitter, settings, language=language,
-                                        hotwords=hotwords, task=task)
+                                        hotwords=hotwords, task=task, word_timings=word_timings)
     finally:
         if isinstance(reader, MediaReader):
             reader.close()  # no thread is in it: the calls above are not abandoned on cancel
@@ -98,7 +100,7 @@ async def transcribe_file(
 async def _transcribe_blocks(
     engine: Engine, reader: AudioReader, splitter: _PauseSplitter, settings: Settings,
     *, language: str | None, hotwords: tuple[str, ...],
-    task: Literal["transcribe", "translate"],
+    task: Literal["transcribe", "translate"], word_timings: bool,
 ) -> FileTranscript:
     batch_size = settings.max_inference_batch_size
     waiting: list[Utterance] = []
@@ -112,7 +114,8 @@ async def _transcribe_blocks(
             log.debug("file.batch pieces=%d position_s=%.1f", len(batch),
                       splitter.position / SAMPLE_RATE_HZ)
             segments.extend(await _transcribe_batch(engine, batch, language=language,
-                                                    hotwords=hotwords, task=task))
+                                                    hotwords=hotwords, task=task,
+                                                    word_timings=word_timings))
     return FileTranscript(
         text=" ".join(segment.text for segment in segments),
         segments=tuple(segments),
@@ -185,11 +188,11 @@ def _split_next_block(reader: AudioReader, splitter: _PauseSplitter) -> tuple[li
 
 async def _transcribe_batch(
     engine: Engine, jobs: list[Utterance], *, language: str | None, hotwords: tuple[str, ...],
-    task: Literal["transcribe", "translate"],
+    task: Literal["transcribe", "translate"], word_timings: bool,
 ) -> list[FileSegment]:
     """Transcribe `jobs` in one engine call; the pieces that have text."""
     requests = [Request(pcm16_to_float32(job.audio), "final", language, hotwords, origin="file",
-                        task=task)
+                        task=task, word_timings=word_timings)
                 for job in jobs]
     results = await engine.transcribe_batch(requests)
     segments = []

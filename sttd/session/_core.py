@@ -464,7 +464,8 @@ class SessionCore:
                        stream_id=f"{self._tag}:{utterance.utterance_id}",
                        language=self.options.language or self._session_language,
                        hotwords=self.options.hotwords,
-                       prefix=prefix, prefix_language=prefix_language, task=self.options.task)
+                       prefix=prefix, prefix_language=prefix_language, task=self.options.task,
+                       word_timings=self.options.word_timings)
 
     def _final(self, utterance: Utterance, ended_at: float, cause: FinalCause, *,
                forced: bool = False) -> list[Decode]:
