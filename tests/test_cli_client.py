@@ -11,13 +11,17 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 import trio
 from rich.console import Console
 
 from sttd import client
+from sttd.backends import Request, Result
+from sttd.backends.mock import MockBackend
 from sttd.audio import encode_wav, pcm16_to_float32
 from tests.conftest import (
     REFERENCES,
@@ -76,7 +80,24 @@ async def test_stream_json_prints_the_finals_as_the_server_sent_them(
     lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
     assert [(m["type"], m["text"]) for m in lines] == [("final", reference_texts()["ps_cards_001"])]
     assert {"utterance_id", "start_ms", "end_ms", "words", "backlog_ms"} <= set(lines[0])
+    assert lines[0]["words"]  # --json shows the words, so the CLI asks for them
     assert result.returncode == 0
+
+
+async def test_stream_without_json_asks_the_server_for_no_word_timings(
+        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[bool] = []
+    transcribe = MockBackend.transcribe
+
+    def recorded(self: MockBackend, requests: Sequence[Request]) -> list[Result]:
+        asked.extend(request.word_timings for request in requests if request.kind == "final")
+        return transcribe(self, requests)
+
+    monkeypatch.setattr(MockBackend, "transcribe", recorded)
+    result = await _sttd("stream", str(REFERENCES / "ps_cards_001.wav"), "--fast",
+                         "--url", server.http_url)
+    assert result.stdout.decode() == reference_texts()["ps_cards_001"] + "\n"
+    assert asked == [False]
 
 
 async def test_stream_stdin_sends_raw_pcm(server: RunningServer) -> None:

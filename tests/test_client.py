@@ -128,13 +128,13 @@ async def test_bad_parameter_refuses_the_session_with_the_servers_error(
         server: RunningServer) -> None:
     with trio.fail_after(TIMEOUT_S):
         with pytest.raises(client.SessionRefused) as refused:
-            async with client.connect(server.http_url, sample_rate_hz=8000):
+            async with client.connect(server.http_url, sample_rate_hz=1000):
                 raise AssertionError("the session must not open")
     assert refused.value.code == "invalid_param"
     assert refused.value.close_code == 1008
-    assert str(refused.value) == "sample_rate must be 16000, got 8000"
+    assert str(refused.value) == "sample_rate must be in 4000..384000, got 1000"
     assert refused.value.error == client.Error(
-        "invalid_param", "sample_rate must be 16000, got 8000", raw={})
+        "invalid_param", "sample_rate must be in 4000..384000, got 1000", raw={})
 
 
 async def test_unsupported_language_and_extra_query_reach_the_server(

@@ -416,7 +416,7 @@ _RAW_QUERIES: Final = [
     ("call_id=a&sample_rate=16000&frame_ms=%2B20", None),  # int() takes "+20"
     ("call_id=" + "c" * 4000 + "&sample_rate=16000", "call_id"),
     ("sample_rate=16000&=x&&&call_id=a", None),
-    ("call_id=a&sample_rate=1%306000", "sample_rate"),
+    ("call_id=a&sample_rate=1%3000", "sample_rate"),  # 1000, below the lowest rate
     ("call_id=a;sample_rate=16000", "sample_rate"),
     ("call_id=a&sample_rate=16000&language=fr", "language!"),  # valid, but not for the mock backend
     ("call_id=a&sample_rate=16000&language=de-DE", "language!"),

@@ -72,6 +72,15 @@ def test_every_parameter_parses() -> None:
         options=SessionOptions(partial_ms=100, language="en-US", hotwords=("a", "b", "c")))
 
 
+@pytest.mark.parametrize(("rate", "codec", "expected"), [
+    ("16000", None, AudioFormat()), ("8000", "mulaw", AudioFormat(8000, 1, "mulaw")),
+    ("8000", "alaw", AudioFormat(8000, 1, "alaw")), ("48000", "pcm_s16le", AudioFormat(48000)),
+    ("4000", None, AudioFormat(4000)), ("384000", None, AudioFormat(384000))])
+def test_sample_rate_and_codec(rate: str, codec: str | None, expected: AudioFormat) -> None:
+    query = with_(sample_rate=rate) if codec is None else with_(sample_rate=rate, codec=codec)
+    assert accept(query).audio_format == expected
+
+
 @pytest.mark.parametrize(("raw", "expected"), [(None, True), ("true", True), ("false", False),
                                                (" FALSE ", False)])
 def test_words(raw: str | None, expected: bool) -> None:
@@ -119,11 +128,15 @@ def test_call_id_of_256_characters_accepted() -> None:
         (with_(call_id=""), "call_id", "call_id is required, got nothing"),
         (with_(call_id="   "), "call_id", "call_id is required, got nothing"),
         (with_(call_id="c" * 257), "call_id", "call_id must be at most 256 characters, got 257"),
-        ({"call_id": "x"}, "sample_rate", "sample_rate is required and must be 16000"),
-        (with_(sample_rate="8000"), "sample_rate", "sample_rate must be 16000, got 8000"),
+        ({"call_id": "x"}, "sample_rate",
+         "sample_rate is required (the audio's rate in Hz, 16000 for the server's own)"),
+        (with_(sample_rate="3999"), "sample_rate", "sample_rate must be in 4000..384000, got 3999"),
+        (with_(sample_rate="384001"), "sample_rate",
+         "sample_rate must be in 4000..384000, got 384001"),
         (with_(sample_rate="abc"), "sample_rate", "sample_rate must be an integer, got 'abc'"),
         (with_(sample_rate=""), "sample_rate", "sample_rate must be an integer, got ''"),
-        (with_(codec="opus"), "codec", "codec must be pcm_s16le, got 'opus'"),
+        (with_(codec="opus"), "codec", "codec must be one of pcm_s16le, mulaw, alaw, got 'opus'"),
+        (with_(codec="MULAW"), "codec", "codec must be one of pcm_s16le, mulaw, alaw, got 'MULAW'"),
         (with_(channels="2"), "channels", "channels must be 1, got 2"),
         (with_(channels="mono"), "channels", "channels must be an integer, got 'mono'"),
         (with_(frame_ms="5"), "frame_ms", "frame_ms must be in 10..200, got 5"),
@@ -155,7 +168,7 @@ def test_invalid_param_names_the_parameter(query: dict[str, str], param: str, me
 
 def test_first_bad_parameter_is_reported() -> None:
     with pytest.raises(InvalidParam) as info:
-        accept({"call_id": "x", "sample_rate": "8000", "codec": "opus", "channels": "2"})
+        accept({"call_id": "x", "sample_rate": "1000", "codec": "opus", "channels": "2"})
     assert info.value.param == "sample_rate"
 
 

@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
+import soxr
 import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
+from sttd.audio import float32_to_pcm16, pcm16_to_float32
 from sttd.vad import frame_rms
 from tests.conftest import (
     RunningServer,
@@ -21,6 +23,7 @@ from tests.conftest import (
     send_pcm,
     silence,
 )
+from tests.test_formats import encode_media
 
 TIMEOUT_S = 30
 
@@ -128,6 +131,33 @@ async def test_end_finalizes_open_speech_before_closing(server: RunningServer) -
     assert code == 1000
 
 
+@pytest.mark.parametrize(("codec", "rate_hz"), [("mulaw", 8000), ("alaw", 8000),
+                                               ("pcm_s16le", 8000), ("pcm_s16le", 48000)])
+async def test_telephony_and_other_rates_give_the_reference_finals(
+        server: RunningServer, codec: str, rate_hz: int) -> None:
+    """G.711 at 8 kHz (as telephony sends it, encoded by FFmpeg) and PCM16 at other rates are
+    converted to 16 kHz; frames of 30 ms, whatever a sample's size."""
+    names = ["ps_cards_001", "ps_goforward"]
+    pcm = np.concatenate([part for name in names for part in (load_pcm(name), silence(1.0))])
+    if codec == "pcm_s16le":
+        data = float32_to_pcm16(soxr.resample(pcm16_to_float32(pcm), 16000, rate_hz)).tobytes()
+    else:
+        data = encode_media(pcm, codec, "pcm_" + codec, rate_hz=rate_hz, layout="mono")
+    chunk = len(data) * 30 // (1000 * len(pcm) // 16000)  # about 30 ms
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url(
+                f"call_id=t&sample_rate={rate_hz}&codec={codec}")) as ws:
+            ready = await receive_type(ws, "ready")
+            for offset in range(0, len(data), chunk):
+                await ws.send_message(data[offset:offset + chunk])
+            await ws.send_message(json.dumps({"type": "end"}))
+            messages, code = await receive_until_close(ws)
+    assert ready["sample_rate"] == rate_hz
+    refs = reference_texts()
+    assert [m["text"] for m in messages if m["type"] == "final"] == [refs[n] for n in names]
+    assert code == 1000
+
+
 @pytest.mark.parametrize(("query", "timed"), [("", True), ("&words=false", False)])
 async def test_words_false_gives_finals_without_word_timings(server: RunningServer, query: str,
                                                              timed: bool) -> None:
@@ -168,7 +198,8 @@ INVALID_QUERIES = [
     ("sample_rate=16000", "call_id"),
     ("call_id=&sample_rate=16000", "call_id"),
     ("call_id=a", "sample_rate"),
-    ("call_id=a&sample_rate=8000", "sample_rate"),
+    ("call_id=a&sample_rate=1000", "sample_rate"),
+    ("call_id=a&sample_rate=400000", "sample_rate"),
     ("call_id=a&sample_rate=abc", "sample_rate"),
     ("call_id=a&sample_rate=16000&codec=opus", "codec"),
     ("call_id=a&sample_rate=16000&channels=2", "channels"),

@@ -46,7 +46,13 @@ from sttd.api._params import (
     query_int,
     quoted,
 )
-from sttd.audio import SAMPLE_RATE_HZ, AudioFormat
+from sttd.audio import (
+    MAX_SAMPLE_RATE_HZ,
+    MIN_SAMPLE_RATE_HZ,
+    SAMPLE_RATE_HZ,
+    AudioFormat,
+    SampleFormat,
+)
 from sttd.errors import InvalidMessage, InvalidParam, SttdError
 from sttd.settings import Settings
 
@@ -60,6 +66,9 @@ __all__ = [
 ]
 
 _MAX_CALL_ID_CHARS: Final = 256
+# The codecs a stream may send: PCM16 little-endian, or G.711 (one byte a sample) as telephony
+# sends it.
+_CODECS: Final[dict[str, SampleFormat]] = {"pcm_s16le": "pcm16", "mulaw": "mulaw", "alaw": "alaw"}
 _FRAME_MS_RANGE: Final = (10, 200)
 _MAX_QUOTED_CHARS: Final = 200  # of an unreadable server message
 
@@ -77,15 +86,16 @@ class NativeCodec:
                 "call_id", f"call_id must be at most {_MAX_CALL_ID_CHARS} characters, "
                 f"got {len(call_id)}")
         if "sample_rate" not in query:
-            raise InvalidParam("sample_rate",
-                               f"sample_rate is required and must be {SAMPLE_RATE_HZ}")
-        sample_rate = query_int(query, "sample_rate", SAMPLE_RATE_HZ)
-        if sample_rate != SAMPLE_RATE_HZ:
-            raise InvalidParam("sample_rate",
-                               f"sample_rate must be {SAMPLE_RATE_HZ}, got {sample_rate}")
+            raise InvalidParam("sample_rate", "sample_rate is required (the audio's rate in Hz, "
+                                              f"{SAMPLE_RATE_HZ} for the server's own)")
+        # Any rate is converted to the server's 16 kHz (telephony's 8 kHz G.711 among them).
+        sample_rate = query_int(query, "sample_rate", SAMPLE_RATE_HZ, lo=MIN_SAMPLE_RATE_HZ,
+                                hi=MAX_SAMPLE_RATE_HZ)
         codec = query.get("codec", "pcm_s16le")
-        if codec != "pcm_s16le":
-            raise InvalidParam("codec", f"codec must be pcm_s16le, got {quoted(codec)}")
+        sample_format = _CODECS.get(codec)
+        if sample_format is None:
+            raise InvalidParam("codec", f"codec must be one of {', '.join(_CODECS)}, "
+                                        f"got {quoted(codec)}")
         channels = query_int(query, "channels", 1)
         if channels != 1:
             raise InvalidParam("channels", f"channels must be 1, got {channels}")
@@ -101,7 +111,7 @@ class NativeCodec:
                 "partial_ms", f"partial_ms must be >= {MIN_PARTIAL_MS}, got {partial_ms}")
         return SessionRequest(
             call_id=call_id,
-            audio_format=AudioFormat(),
+            audio_format=AudioFormat(sample_rate, 1, sample_format),
             options=SessionOptions(
                 partial_ms=partial_ms,
                 language=parse_language(query.get("language", "auto")),

@@ -110,7 +110,7 @@ def stream(*, file: str | None, fast: bool, as_json: bool, url: str, api_key: st
         source = partial(stream_pcm, pcm=pcm, fast=fast, end=False)
     return trio.run(partial(
         _run_stream, url, source, display, api_key=api_key, language=language,
-        hotwords=hotwords, until_interrupted=file is None))
+        hotwords=hotwords, until_interrupted=file is None, word_timings=as_json))
 
 
 @attrs.define
@@ -123,13 +123,14 @@ class _Interrupts:
 
 async def _run_stream(url: str, source: _Source, display: _Display, *, api_key: str | None,
                       language: str | None, hotwords: tuple[str, ...],
-                      until_interrupted: bool) -> int:
+                      until_interrupted: bool, word_timings: bool) -> int:
     interrupts = _Interrupts()
     with display.shown():
         try:
+            # Only --json shows the finals' words: otherwise the server is spared aligning them.
             async with connect(url, call_id=f"sttd-cli-{secrets.token_hex(4)}",
                                language=language, hotwords=hotwords,
-                               api_key=api_key) as session:
+                               word_timings=word_timings, api_key=api_key) as session:
                 if until_interrupted:
                     display.status("listening (Ctrl-C to stop)")
                 async with trio.open_nursery() as nursery:

@@ -33,6 +33,7 @@ class Session {
       call_id: "browser-" + Math.random().toString(36).slice(2, 10),
       sample_rate: RATE_HZ,
       frame_ms: FRAME_MS,
+      words: "false", // the page shows no word timings: the server need not align them
     });
     if (key) query.set("token", key);
     if (language && language !== "auto") query.set("language", language);
