@@ -177,7 +177,7 @@ class Settings:
     # CTranslate2 compute type; empty picks int8 on CPU, float16 on CUDA.
     whisper_compute_type: str = ""
     # Beam width for finals; partials always decode greedily.
-    whisper_beam_size: int = attrs.field(default=1, validator=_positive)
+    whisper_beam_size: int = attrs.field(default=5, validator=_positive)
     # CPU threads for one backend call; 0 lets CTranslate2 choose (all cores).
     whisper_cpu_threads: int = attrs.field(default=0, validator=_non_negative)
     # NeMo backend (extra `nemo`): a folder holding a NeMo model exported to ONNX for

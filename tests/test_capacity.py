@@ -3,6 +3,7 @@ refusals at connect on the real server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import httpx
@@ -13,6 +14,8 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 from trio_websocket import ConnectionRejected, open_websocket_url
 
+from sttd.audio import pcm16_to_float32
+from sttd.backends import Request
 from sttd.backends.mock import MockBackend
 from sttd.engine import PARTIALS_PER_SPEECH_S, CapacityModel, Engine
 from sttd.errors import Overloaded
@@ -121,6 +124,36 @@ async def test_the_engine_calibrates_on_every_lane_and_refuses_past_capacity(
     engine.admit_stream()  # room again
     for hold in held:
         hold.__exit__(None, None, None)
+
+
+async def test_finals_go_thorough_only_while_the_engine_has_time_to_spare(
+        nursery: trio.Nursery, mock_clock: trio.testing.MockClock) -> None:
+    seen: list[tuple[str, bool]] = []
+
+    class Slow(MockBackend):  # type: ignore[misc]
+        def transcribe(self, requests):  # type: ignore[no-untyped-def]
+            seen.extend((r.kind, r.thorough) for r in requests)
+            trio.from_thread.run_sync(mock_clock.jump, 0.02)
+            return super().transcribe(requests)
+
+    engine = Engine.from_settings(Slow.from_directory(),
+                                  Settings(backend="mock", inference_lanes=2, batch_window_ms=0.0),
+                                  Metrics.create(CollectorRegistry()))
+    await engine.calibrate()
+    await nursery.start(engine.run)
+    seen.clear()
+    clip = pcm16_to_float32(load_pcm("ps_goforward"))
+    assert engine.has_time_to_spare()
+    assert (await engine.transcribe(Request(clip, "final"))).text == reference_texts()["ps_goforward"]
+    await engine.transcribe(Request(clip, "partial"))  # never: partials are redone anyway
+    with contextlib.ExitStack() as held:
+        # Live streams whose expected work fills more than a third of the lanes' time.
+        while (engine.load().load or 0.0) <= 0.35:
+            held.enter_context(engine.live_stream())
+        assert not engine.has_time_to_spare()
+        await engine.transcribe(Request(clip, "final"))
+    assert engine.has_time_to_spare()
+    assert seen == [("final", True), ("partial", False), ("final", False)]
 
 
 async def test_an_engine_too_slow_for_the_target_still_takes_one_stream(

@@ -113,6 +113,27 @@ def test_a_final_without_word_timings_is_not_aligned(backend: WhisperBackend,
     assert wanted.words == timed.words and unwanted.words == ()
 
 
+def test_only_a_thorough_final_gets_the_beam(backend: WhisperBackend,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    beams: list[int] = []
+    generate = backend._generate
+
+    def recorded(encoded: Any, prompts: list[list[int]], caps: list[int], beam: int,
+                 *args: Any, **kwargs: Any) -> Any:
+        beams.append(beam)
+        return generate(encoded, prompts, caps, beam, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "_generate", recorded)
+    clip = _fixture("ps_goforward")
+    for requests in ([Request(clip)], [Request(clip, thorough=True)],
+                     [Request(clip, "partial", thorough=True)],
+                     [Request(clip, thorough=True)] * 3):  # a burst: greedy, to clear in time
+        results = backend.transcribe(requests)
+        assert all(_words(r.text) == ["go", "forward", "10", "meters"] for r in results)
+    assert backend._options.beam_size == 5  # the default
+    assert beams == [1, 5, 1, 1]
+
+
 def test_a_clip_past_30_s_without_word_timings_has_its_windows_text_and_confidence(
         backend: WhisperBackend) -> None:
     first, second = _fixture("ps_goforward"), _fixture("ps_librivox_0930")

@@ -49,6 +49,10 @@ class Request:
     # of their own (whisper's word alignment) skips it when not; one that gets them for free
     # may still give them. Partials never carry them.
     word_timings: bool = True
+    # Whether the engine has time to spare for this request (it sets this; under load,
+    # requests go without): a backend with a dearer, more accurate way to decode may use it
+    # (whisper's beam search for finals).
+    thorough: bool = False
     # The live utterance this request is of (its session's and its own id), the same for its
     # partials and its final: a backend that keeps state per utterance (a streaming model's
     # stream) finds it by this. Empty for file pieces.

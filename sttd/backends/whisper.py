@@ -259,11 +259,11 @@ class WhisperBackend(ASRBackend):
         groups: dict[tuple[int, int, int], list[int]] = {}
         prompts_before_sot = [self._hotword_prompt(r) for r in requests]
         finals = sum(request.kind == "final" for request in requests)
-        # A burst of finals (many sessions ending their sentences at once) is decoded greedily,
-        # so that it clears in time; one or two at a time get the wider beam.
+        # The wider beam only for a final the engine has time for (`thorough`), and never in
+        # a burst of finals (many sessions ending their sentences at once), so that it clears.
         final_beam = self._options.beam_size if finals < _GREEDY_FROM_FINALS else 1
         for index, request in enumerate(requests):
-            beam = final_beam if request.kind == "final" else 1
+            beam = final_beam if request.kind == "final" and request.thorough else 1
             key = (len(prompts_before_sot[index]), beam, _padding_bucket(request))
             groups.setdefault(key, []).append(index)
         results: list[Result] = [Result("")] * len(requests)

@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 _CALIBRATION_ROUNDS = 3
 # The longest `aclose` waits for the backend to release what it holds.
 _CLOSE_TIMEOUT_S = 30.0
+# Below this share of the lanes' time taken by the live streams' expected work (and with no
+# final waiting too long), the engine has time to spare: live finals go `thorough` (whisper:
+# beam 5 rather than greedy, 0.9 to 2.3 WER points better one session at a time, for a few per
+# cent more per final; at 4 sessions on 2 EPYC vCPUs it added 0.1-0.4 s to the finals' p95,
+# so not near capacity: benchmarks/README.md). About half of the default STT_MAX_LOAD.
+_SPARE_LOAD = 0.35
 
 
 @attrs.frozen
@@ -251,14 +257,23 @@ class Engine:
         await self.scheduler.run(task_status=task_status)
 
     async def transcribe(self, request: Request, *, started: trio.Event | None = None) -> Result:
-        """Transcribe one live request; `started` is set when its batch starts.
+        """Transcribe one live request; `started` is set when its batch starts. A final is
+        decoded `thorough` while the engine has time to spare (`has_time_to_spare`).
 
         Raises `BackendError` (`InferenceTimeout` past STT_INFERENCE_TIMEOUT_S). Cancelling
         withdraws it if it has not started.
         """
         if request.kind == "final":
             self._final_audio_s += request.duration_s
+            if self.has_time_to_spare():
+                request = attrs.evolve(request, thorough=True)
         return await self.scheduler.submit(request, started=started)
+
+    def has_time_to_spare(self) -> bool:
+        """Whether the live streams leave the engine time for thorough finals (`_SPARE_LOAD`):
+        their expected work is a small share of the lanes' time and no final waits too long."""
+        load = self.load().load
+        return load is not None and load <= _SPARE_LOAD and not self.overloaded()
 
     async def transcribe_batch(self, requests: Sequence[Request]) -> list[Result]:
         """Transcribe file pieces, below live traffic in priority; one result per request.
