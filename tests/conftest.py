@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from functools import partial
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from sttd.audio import decode_wav, float32_to_pcm16
 from sttd.admission import AppState
+from sttd.backends import Request, Result
+from sttd.backends.mock import MockBackend
 from sttd.metrics import Metrics
 from sttd.server import serve
 from sttd.settings import Settings
@@ -61,6 +63,21 @@ async def start_server(nursery: trio.Nursery, *, load_timeout_s: float = 10,
     with trio.fail_after(load_timeout_s):
         await state.engine_loaded.wait()
     return RunningServer(port, state)
+
+
+@pytest.fixture
+def mock_requests(monkeypatch: pytest.MonkeyPatch) -> list[Request]:
+    """Every request the mock backend is given from now on (the engine's start-up measurement
+    included), in order."""
+    seen: list[Request] = []
+    transcribe = MockBackend.transcribe
+
+    def recorded(self: MockBackend, requests: Sequence[Request]) -> list[Result]:
+        seen.extend(requests)
+        return transcribe(self, requests)
+
+    monkeypatch.setattr(MockBackend, "transcribe", recorded)
+    return seen
 
 
 @pytest.fixture

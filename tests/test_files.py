@@ -102,25 +102,17 @@ async def test_long_file_gives_the_references_in_order(
                                   "timestamp_granularities[]": "word"}, True),
 ])
 async def test_a_file_route_asks_for_word_timings_only_where_its_answer_shows_them(
-        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, path: str,
+        nursery: trio.Nursery, mock_requests: list[Request], path: str,
         form: dict[str, str], timed: bool) -> None:
-    asked: list[bool] = []
-    transcribe = MockBackend.transcribe
-
-    def recorded(self: MockBackend, requests: Sequence[Request]) -> list[Result]:
-        asked.extend(request.word_timings for request in requests)
-        return transcribe(self, requests)
-
-    monkeypatch.setattr(MockBackend, "transcribe", recorded)
     pcm, _ = _layout(NAMES[:2], [0.8, 0.8])
     server = await start_server(nursery)
-    asked.clear()  # the engine's start-up measurement
+    mock_requests.clear()  # the engine's start-up measurement
     with trio.fail_after(30):
         async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as client:
             response = await client.post(path, data=form, files={
                 "file": ("two.wav", encode_wav(pcm16_to_float32(pcm)), "audio/wav")})
     assert response.status_code == 200, response.text
-    assert asked == [timed, timed]
+    assert [request.word_timings for request in mock_requests] == [timed, timed]
     assert bool(response.json().get("words")) is timed
 
 
