@@ -47,9 +47,10 @@ _CALIBRATION_ROUNDS = 3
 _CLOSE_TIMEOUT_S = 30.0
 # Below this share of the lanes' time taken by the live streams' expected work (and with no
 # final waiting too long), the engine has time to spare: live finals go `thorough` (whisper:
-# beam 5 rather than greedy, 0.9 to 2.3 WER points better one session at a time, for a few per
-# cent more per final; at 4 sessions on 2 EPYC vCPUs it added 0.1-0.4 s to the finals' p95,
-# so not near capacity: benchmarks/README.md). About half of the default STT_MAX_LOAD.
+# beam 5 rather than greedy, 0.9 to 1.9 WER points better one session at a time, clean and in
+# white noise or hum, for a few per cent more per final; at 4 sessions on 2 EPYC vCPUs it
+# added 0.1-0.4 s to the finals' p95, so not near capacity: benchmarks/README.md). About half
+# of the default STT_MAX_LOAD.
 _SPARE_LOAD = 0.35
 
 
