@@ -72,6 +72,7 @@ class Metrics:
     warnings_total: Counter
     partials_dropped_total: Counter
     speculative_finals_total: Counter
+    thorough_finals_total: Counter
     errors_total: Counter
     inference_duration_seconds: Histogram
     final_latency_seconds: Histogram
@@ -129,6 +130,12 @@ class Metrics:
                 "Finals decoded early, while the VAD waited out the silence after the speech, by "
                 "outcome: used as the utterance's final, or dropped (speech resumed).",
                 ["outcome"], registry=registry,
+            ),
+            thorough_finals_total=Counter(
+                "sttd_thorough_finals_total",
+                "Live finals decoded thoroughly (whisper: with the beam) because the engine had "
+                "time to spare; the others are decoded greedily.",
+                registry=registry,
             ),
             errors_total=Counter(
                 "sttd_errors_total", "Errors reported to clients, by code.", ["code"],

@@ -136,9 +136,10 @@ async def test_finals_go_thorough_only_while_the_engine_has_time_to_spare(
             trio.from_thread.run_sync(mock_clock.jump, 0.02)
             return super().transcribe(requests)
 
+    metrics = Metrics.create(CollectorRegistry())
     engine = Engine.from_settings(Slow.from_directory(),
                                   Settings(backend="mock", inference_lanes=2, batch_window_ms=0.0),
-                                  Metrics.create(CollectorRegistry()))
+                                  metrics)
     await engine.calibrate()
     await nursery.start(engine.run)
     seen.clear()
@@ -154,6 +155,7 @@ async def test_finals_go_thorough_only_while_the_engine_has_time_to_spare(
         await engine.transcribe(Request(clip, "final"))
     assert engine.has_time_to_spare()
     assert seen == [("final", True), ("partial", False), ("final", False)]
+    assert metrics.registry.get_sample_value("sttd_thorough_finals_total") == 1
 
 
 async def test_an_engine_too_slow_for_the_target_still_takes_one_stream(

@@ -268,6 +268,7 @@ class Engine:
             self._final_audio_s += request.duration_s
             if self.has_time_to_spare():
                 request = attrs.evolve(request, thorough=True)
+                self._runner.metrics.thorough_finals_total.inc()
         return await self.scheduler.submit(request, started=started)
 
     def has_time_to_spare(self) -> bool:
