@@ -92,23 +92,30 @@ def test_a_backend_that_costs_nothing_sets_no_limit() -> None:
     assert model.capacity is None
 
 
-async def test_the_engine_calibrates_on_every_lane_and_refuses_past_capacity(
-        mock_clock: trio.testing.MockClock) -> None:
-    calls: list[tuple[str, int]] = []
+def _clocked_mock(clock: trio.testing.MockClock, cost_s: float,
+                  seen: list[Request] | None = None) -> MockBackend:
+    """The mock backend, each call costing `cost_s` on the trio clock the engine times it with;
+    the requests it gets go to `seen`."""
 
-    class Slow(MockBackend):  # type: ignore[misc]
+    class Clocked(MockBackend):  # type: ignore[misc]
         def transcribe(self, requests):  # type: ignore[no-untyped-def]
-            calls.extend((r.kind, r.audio.size) for r in requests)
-            # Every call costs 20 ms on the trio clock the engine times it with.
-            trio.from_thread.run_sync(mock_clock.jump, 0.02)
+            if seen is not None:
+                seen.extend(requests)
+            trio.from_thread.run_sync(clock.jump, cost_s)
             return super().transcribe(requests)
 
-    backend = Slow.from_directory()
-    engine = Engine.from_settings(backend, Settings(backend="mock", inference_lanes=2),
+    backend: MockBackend = Clocked.from_directory()
+    return backend
+
+
+async def test_the_engine_calibrates_on_every_lane_and_refuses_past_capacity(
+        mock_clock: trio.testing.MockClock) -> None:
+    seen: list[Request] = []
+    engine = Engine.from_settings(_clocked_mock(mock_clock, 0.02, seen), Settings(backend="mock", inference_lanes=2),
                                   Metrics.create(CollectorRegistry()))
     await engine.calibrate()
     # For each kind, a warm-up call, then three rounds on both lanes at once.
-    assert [kind for kind, _ in calls] == ["final"] * 7 + ["partial"] * 7
+    assert [r.kind for r in seen] == ["final"] * 7 + ["partial"] * 7
     stats = engine.capacity()
     assert stats.final_s_per_audio_s is not None and stats.final_s_per_audio_s > 0
     assert stats.partial_s is not None and stats.partial_s >= 0.02
@@ -128,16 +135,9 @@ async def test_the_engine_calibrates_on_every_lane_and_refuses_past_capacity(
 
 async def test_finals_go_thorough_only_while_the_engine_has_time_to_spare(
         nursery: trio.Nursery, mock_clock: trio.testing.MockClock) -> None:
-    seen: list[tuple[str, bool]] = []
-
-    class Slow(MockBackend):  # type: ignore[misc]
-        def transcribe(self, requests):  # type: ignore[no-untyped-def]
-            seen.extend((r.kind, r.thorough) for r in requests)
-            trio.from_thread.run_sync(mock_clock.jump, 0.02)
-            return super().transcribe(requests)
-
+    seen: list[Request] = []
     metrics = Metrics.create(CollectorRegistry())
-    engine = Engine.from_settings(Slow.from_directory(),
+    engine = Engine.from_settings(_clocked_mock(mock_clock, 0.02, seen),
                                   Settings(backend="mock", inference_lanes=2, batch_window_ms=0.0),
                                   metrics)
     await engine.calibrate()
@@ -148,13 +148,14 @@ async def test_finals_go_thorough_only_while_the_engine_has_time_to_spare(
     assert (await engine.transcribe(Request(clip, "final"))).text == reference_texts()["ps_goforward"]
     await engine.transcribe(Request(clip, "partial"))  # never: partials are redone anyway
     with contextlib.ExitStack() as held:
-        # Live streams whose expected work fills more than a third of the lanes' time.
+        # Live streams whose expected work fills more of the lanes' time than spare allows.
         while (engine.load().load or 0.0) <= 0.35:
             held.enter_context(engine.live_stream())
         assert not engine.has_time_to_spare()
         await engine.transcribe(Request(clip, "final"))
     assert engine.has_time_to_spare()
-    assert seen == [("final", True), ("partial", False), ("final", False)]
+    assert [(r.kind, r.thorough) for r in seen] == [("final", True), ("partial", False),
+                                                    ("final", False)]
     assert metrics.registry.get_sample_value("sttd_thorough_finals_total") == 1
 
 
@@ -163,12 +164,7 @@ async def test_an_engine_too_slow_for_the_target_still_takes_one_stream(
     """Whisper base on a slow 2-core machine measured capacity 0 and refused every session:
     an idle server must serve one, late, rather than none."""
 
-    class Slower(MockBackend):  # type: ignore[misc]
-        def transcribe(self, requests):  # type: ignore[no-untyped-def]
-            trio.from_thread.run_sync(mock_clock.jump, 5.0)  # 5 s a call
-            return super().transcribe(requests)
-
-    engine = Engine.from_settings(Slower.from_directory(), Settings(backend="mock"),
+    engine = Engine.from_settings(_clocked_mock(mock_clock, 5.0), Settings(backend="mock"),
                                   Metrics.create(CollectorRegistry()))
     await engine.calibrate()
     assert engine.capacity().capacity == 0
