@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import importlib.resources
+import math
 import threading
 from collections.abc import Generator
 from typing import Protocol, TypeVar
@@ -135,6 +136,15 @@ class FrameClassifier(Protocol):
         at a `NetCall` where it needs a net's probability."""
         ...
 
+    def decide(self, rms: float) -> bool | None:
+        """`classify` for a frame whose RMS alone settles it (its state moves on as
+        `classify` would move it), or None when the frame itself is needed.
+
+        The endpointer asks this first: most frames of a stream (all of them for the energy
+        VAD, the quiet ones for Silero) are settled here without a generator per frame.
+        """
+        ...
+
     def reset(self) -> None:
         """Forget any state carried between frames."""
         ...
@@ -162,6 +172,9 @@ class EnergyClassifier:
     def classify(self, frame: npt.NDArray[np.int16], rms: float) -> VadSteps[bool]:
         return rms > self.threshold_rms
         yield  # a generator that never suspends: the energy VAD needs no net
+
+    def decide(self, rms: float) -> bool:
+        return rms > self.threshold_rms
 
     def is_speech(self, frame: npt.NDArray[np.int16], rms: float) -> bool:
         """`classify` at once."""
@@ -214,10 +227,7 @@ class SileroClassifier:
         return run_steps(self.classify(frame, rms))
 
     def classify(self, frame: npt.NDArray[np.int16], rms: float) -> VadSteps[bool]:
-        if rms < self.floor_rms:
-            self._active = False
-            if self._net_used:
-                self._reset_net()
+        if self.decide(rms) is False:
             return False
         # A fresh float32 array: the net needs a writable, contiguous buffer of exactly one window.
         probability = yield NetCall(self.net, pcm16_to_float32(frame).data)
@@ -225,6 +235,14 @@ class SileroClassifier:
         cutoff = self.threshold - self.hysteresis if self._active else self.threshold
         self._active = probability >= cutoff
         return self._active
+
+    def decide(self, rms: float) -> bool | None:
+        if rms >= self.floor_rms:
+            return None
+        self._active = False
+        if self._net_used:
+            self._reset_net()
+        return False
 
     def reset(self) -> None:
         self._active = False
@@ -299,17 +317,23 @@ class Endpointer:
 
     def feed_steps(self, samples: npt.NDArray[np.int16]) -> VadSteps[list[VadEvent]]:
         """`feed`, suspending at each frame that needs the net (see the module docstring)."""
-        size = self.classifier.frame_samples
+        classifier = self.classifier
+        size = classifier.frame_samples
         data = np.concatenate((self._pending, samples)) if self._pending.size else samples
         whole = data.size - data.size % size
         events: list[VadEvent] = []
         if whole:
             frames = data[:whole].reshape(-1, size)
-            # Every frame's RMS in one numpy call: most frames need nothing else.
-            as_float = frames.astype(np.float64)
-            rms_values = np.sqrt(np.einsum("ij,ij->i", as_float, as_float) / size).tolist()
-            for frame, rms in zip(frames, rms_values):
-                event = yield from self._step(frame, rms)
+            # Every frame's energy in one pass (most frames need nothing else); the few square
+            # roots in Python, which costs less than more numpy calls on so small an array.
+            squares = frames.astype(np.float64)
+            energies = np.add.reduce(np.square(squares, out=squares), axis=1).tolist()
+            rms_values = [math.sqrt(energy / size) for energy in energies]
+            for index, rms in enumerate(rms_values):
+                speech = classifier.decide(rms)
+                if speech is None:
+                    speech = yield from classifier.classify(frames[index], rms)
+                event = self._advance(size, rms, speech)
                 if event is not None:
                     events.append(event)
         self._pending = data[whole:].copy()
@@ -345,12 +369,11 @@ class Endpointer:
         quietest = int(np.argmin(history))
         return first_kept + (first + quietest) * size
 
-    def _step(self, frame: npt.NDArray[np.int16], rms: float) -> VadSteps[VadEvent | None]:
-        size = frame.size
+    def _advance(self, size: int, rms: float, speech: bool) -> VadEvent | None:
+        """Move past one classified frame of `size` samples; the event it completes."""
         start = self._position
         self._position += size
         self._rms.append(rms)
-        speech = yield from self.classifier.classify(frame, rms)
         if self._in_speech:
             if speech:
                 self._last_speech_end = self._position

@@ -65,6 +65,11 @@ def test_classifier_is_speech_strictly_above_threshold() -> None:
     assert classifier.is_speech(frame, 0.0) is False
 
 
+def test_the_energy_classifier_decides_every_frame_from_its_rms_alone() -> None:
+    classifier = EnergyClassifier(THRESHOLD)
+    assert [classifier.decide(rms) for rms in (0.0, 300.0, 300.001)] == [False, False, True]
+
+
 @pytest.mark.parametrize("kwargs", [{"threshold_rms": 0}, {"threshold_rms": -1}, {"threshold_rms": 1, "frame_ms": 0}])
 def test_classifier_validates(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="must be > 0"):

@@ -115,6 +115,18 @@ def test_quiet_frames_are_silence_without_asking_the_net() -> None:
     assert not net.probabilities
 
 
+def test_decide_settles_a_quiet_frame_as_classify_would_and_leaves_the_rest_to_the_net() -> None:
+    """The endpointer asks `decide` first and calls `classify` only on None: a quiet frame is
+    settled there, moving the state as `classify` does (speech over, the net reset)."""
+    classifier, net = fake(0.9, 0.4)
+    assert classifier.decide(LOUD_RMS) is None
+    assert classifier.decide(classifier.floor_rms) is None  # at the floor: the net decides
+    assert decide(classifier, [LOUD_RMS]) == [True]
+    assert classifier.decide(QUIET_RMS) is False
+    assert net.resets == 1 and len(net.windows) == 1
+    assert decide(classifier, [LOUD_RMS]) == [False]  # 0.4 holds speech only in a run: none now
+
+
 def test_a_steady_line_above_the_floor_goes_to_the_net_on_every_frame() -> None:
     """No gate relative to the line's own level: a frame barely louder than a steady line can
     be a quiet talker's speech (`test_finds_a_quiet_reader_as_loud_as_the_line`)."""

@@ -61,10 +61,17 @@ class Utterance:
 
 @attrs.define
 class SampleBuffer:
-    """A growable int16 buffer addressed by absolute sample index."""
+    """A growable int16 buffer addressed by absolute sample index.
 
-    _data: npt.NDArray[np.int16] = attrs.field(init=False, factory=lambda: np.zeros(4096, np.int16))
-    _start: int = attrs.field(init=False, default=0)  # absolute index of _data[0]
+    Held samples are ``_data[_head:_head + _size]``. Trimming only moves `_head`; the held
+    samples move to the front of `_data` when an append finds no room after them. Between
+    utterances a stream trims its pre-roll at every frame, and moving the pre-roll each time
+    was most of a silent frame's cost.
+    """
+
+    _data: npt.NDArray[np.int16] = attrs.field(init=False, factory=lambda: np.zeros(8192, np.int16))
+    _head: int = attrs.field(init=False, default=0)  # where the held samples begin in _data
+    _start: int = attrs.field(init=False, default=0)  # absolute index of the first held sample
     _size: int = attrs.field(init=False, default=0)
 
     @property
@@ -77,34 +84,38 @@ class SampleBuffer:
 
     def append(self, samples: npt.NDArray[np.int16]) -> None:
         """Append `samples` at the end."""
-        needed = self._size + samples.size
-        if needed > self._data.size:
-            grown = np.zeros(max(needed, 2 * self._data.size), np.int16)
-            grown[: self._size] = self._data[: self._size]
-            self._data = grown
-        self._data[self._size : needed] = samples
+        size, head = self._size, self._head
+        needed = size + samples.size
+        if head + needed > self._data.size:
+            if needed > self._data.size // 2:  # grow, so that compacting stays rare
+                grown = np.zeros(max(2 * needed, 2 * self._data.size), np.int16)
+                grown[:size] = self._data[head : head + size]
+                self._data = grown
+            else:
+                self._data[:size] = self._data[head : head + size]
+            head = self._head = 0
+        self._data[head + size : head + needed] = samples
         self._size = needed
 
     def slice(self, start: int, end: int) -> npt.NDArray[np.int16]:
         """A copy of absolute samples [start, end), clamped to what is held."""
         lo = max(start, self._start) - self._start
         hi = min(end, self.end) - self._start
-        return self._data[lo:max(lo, hi)].copy()
+        return self._data[self._head + lo : self._head + max(lo, hi)].copy()
 
     def skip(self, samples: int) -> None:
         """Forget everything held and advance the end by `samples` never received."""
         self._start = self.end + samples
-        self._size = 0
+        self._head = self._size = 0
 
     def trim_before(self, index: int) -> None:
         """Forget samples before absolute `index`."""
         drop = min(max(index - self._start, 0), self._size)
         if drop == 0:
             return
-        remaining = self._size - drop
-        self._data[:remaining] = self._data[drop : self._size]
+        self._head += drop
         self._start += drop
-        self._size = remaining
+        self._size -= drop
 
 
 # Validated when built; its state then changes per frame, without attrs' setattr hooks.
