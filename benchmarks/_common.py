@@ -8,9 +8,10 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -150,15 +151,18 @@ class ServerProcess:
 
 @asynccontextmanager
 async def sttd_server(*, argv: tuple[str, ...] = ("-m", "sttd.cli", "serve"),
-                      **settings: str) -> AsyncIterator[ServerProcess]:
+                      tree: Path | None = None, **settings: str) -> AsyncIterator[ServerProcess]:
     """Run ``sttd serve`` (or `argv` under this Python, which must log like it) as a child
-    process on a free loopback port until the block exits."""
+    process on a free loopback port until the block exits; with `tree`, the sttd of that
+    source tree (another commit's, for a baseline) rather than this one's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STT_")}
     env.update({"STT_HOST": "127.0.0.1", "STT_PORT": "0", "STT_LOG_FORMAT": "json", **settings})
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
             lambda task_status: trio.run_process(
-                [sys.executable, *argv], env=env, stderr=subprocess.PIPE,
+                [sys.executable, *argv], env=env, stderr=subprocess.PIPE, cwd=tree,
                 check=False, task_status=task_status))
         assert process.stderr is not None
         buffer = b""
@@ -289,3 +293,17 @@ def _plain(text: str) -> str:
 
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
+
+
+@contextmanager
+def source_tree(commit: str) -> Iterator[tuple[str, Path]]:
+    """The project's tracked files at `commit` in a temporary folder (`git archive`), with
+    the commit's short name: a baseline a benchmark runs beside this tree."""
+    root = Path(__file__).resolve().parents[1]
+    short = subprocess.run(["git", "rev-parse", "--short", commit], cwd=root, check=True,
+                           capture_output=True, text=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", short], cwd=root, check=True,
+                             capture_output=True).stdout
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+        yield short, Path(folder)

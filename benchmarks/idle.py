@@ -10,7 +10,8 @@ the steady state, from 5 s after the last session connected.
 
 The same three passes then run against ``bare_ws.py``: a quart-trio WebSocket route under
 hypercorn that reads and discards messages. That is the floor of the serving stack itself, and
-each sttd point reports its ratio to it.
+each sttd point reports its ratio to it. With ``--baseline COMMIT`` sttd at that commit runs
+too (from ``git archive``), first in each run, and each point reports its ratio to it as well.
 
     uv run --group bench python benchmarks/idle.py -n 200 --out benchmarks/results/idle.json
 """
@@ -18,6 +19,7 @@ each sttd point reports its ratio to it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -33,7 +35,7 @@ from trio_websocket import open_websocket_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, sttd_server, write_result  # noqa: E402
+from benchmarks._common import RESULTS, source_tree, sttd_server, write_result  # noqa: E402
 
 
 async def requests_run(base_url: str) -> float:
@@ -119,30 +121,44 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if args.frame_ms:
         modes = tuple((mode, ms) for mode, ms in modes if ms in (args.frame_ms, 0))
     points = []
-    for server_name in args.servers:
-        argv = SERVERS[server_name]
-        # Every session is admitted: the measured capacity counts a caller as one who will
-        # speak, and these never do.
-        async with sttd_server(argv=argv, STT_BACKEND=args.backend, STT_MAX_LOAD="0") as server:
-            for run in range(args.runs):
-                for mode, frame_ms in modes:
-                    point = await measure(server, args.n, mode, frame_ms, args.seconds,
-                                          count_requests=server_name == "sttd")
-                    point["server"] = server_name
-                    point["run"] = run
-                    print(point, flush=True)
-                    points.append(point)
+    with contextlib.ExitStack() as stack:
+        servers: list[tuple[str, tuple[str, ...], Path | None]] = [
+            (name, SERVERS[name], None) for name in args.servers]
+        if args.baseline:
+            commit, tree = stack.enter_context(source_tree(args.baseline))
+            servers.insert(0, (f"sttd@{commit}", SERVERS["sttd"], tree))
+        # Run by run, every server in turn (each started afresh), so that the machine's drift
+        # over the command falls on all of them alike.
+        for run in range(args.runs):
+            for server_name, argv, source in servers:
+                # Every session is admitted: the measured capacity counts a caller as one who
+                # will speak, and these never do.
+                async with sttd_server(argv=argv, tree=source, STT_BACKEND=args.backend,
+                                       STT_MAX_LOAD="0") as server:
+                    for mode, frame_ms in modes:
+                        point = await measure(server, args.n, mode, frame_ms, args.seconds,
+                                              count_requests=server_name.startswith("sttd"))
+                        point["server"] = server_name
+                        point["run"] = run
+                        print(point, flush=True)
+                        points.append(point)
+    baseline = servers[0][0] if args.baseline else None
     for point in points:
-        # Against the bare quart-trio stack's mean over its runs of the same mode.
-        floors = [p["server_cpu_percent_of_one_core"]["mean"] for p in points
-                  if p["server"] == "bare_stack"
-                  and (p["mode"], p["frame_ms"]) == (point["mode"], point["frame_ms"])]
-        if point["server"] != "bare_stack" and floors:
-            point["ratio_to_bare_stack"] = (point["server_cpu_percent_of_one_core"]["mean"]
-                                            / max(statistics.fmean(floors), 0.1))
+        # Each server against the bare quart-trio stack's mean over its runs of the same mode;
+        # this tree's sttd against the baseline commit's too.
+        floors = {"ratio_to_bare_stack": "bare_stack"} if point["server"] != "bare_stack" else {}
+        if baseline is not None and point["server"] == "sttd":
+            floors["ratio_to_baseline"] = baseline
+        for key, floor_name in floors.items():
+            means = [p["server_cpu_percent_of_one_core"]["mean"] for p in points
+                     if p["server"] == floor_name
+                     and (p["mode"], p["frame_ms"]) == (point["mode"], point["frame_ms"])]
+            if means:
+                point[key] = (point["server_cpu_percent_of_one_core"]["mean"]
+                              / max(statistics.fmean(means), 0.1))
     return {"settings": {"n": args.n, "backend": args.backend, "quiet": args.quiet,
                          "runs": args.runs, "frame_ms": args.frame_ms or None,
-                         "servers": args.servers},
+                         "servers": [name for name, _, _ in servers]},
             "points": points}
 
 
@@ -160,6 +176,8 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", choices=sorted(SERVERS),
                         default=["sttd", "bare_stack"],
                         help="which servers to measure (bare_stack is the ratios' floor)")
+    parser.add_argument("--baseline", metavar="COMMIT",
+                        help="also run sttd at this commit (a baseline for the ratios)")
     parser.add_argument("--out", type=Path, default=RESULTS / "idle.json")
     args = parser.parse_args()
     write_result(args.out, "uv run --group bench python " + " ".join(sys.argv),
