@@ -73,6 +73,7 @@ class Metrics:
     partials_dropped_total: Counter
     speculative_finals_total: Counter
     thorough_finals_total: Counter
+    thorough_file_pieces_total: Counter
     errors_total: Counter
     inference_duration_seconds: Histogram
     final_latency_seconds: Histogram
@@ -135,6 +136,12 @@ class Metrics:
                 "sttd_thorough_finals_total",
                 "Live finals decoded thoroughly (whisper: with the beam) because the engine had "
                 "time to spare; the others are decoded greedily.",
+                registry=registry,
+            ),
+            thorough_file_pieces_total=Counter(
+                "sttd_thorough_file_pieces_total",
+                "Pieces of uploaded files decoded thoroughly (whisper: with the beam) because the "
+                "engine had time to spare and no other file was being decoded.",
                 registry=registry,
             ),
             errors_total=Counter(

@@ -159,6 +159,45 @@ async def test_finals_go_thorough_only_while_the_engine_has_time_to_spare(
     assert metrics.registry.get_sample_value("sttd_thorough_finals_total") == 1
 
 
+async def test_a_file_goes_thorough_only_alone_on_an_engine_with_time_to_spare(
+        nursery: trio.Nursery, mock_clock: trio.testing.MockClock) -> None:
+    """An idle engine gives a file's pieces the dearer decode, one file at a time, and keeps
+    what they cost out of the capacity model, which prices finals as they cost under load."""
+    seen: list[Request] = []
+    metrics = Metrics.create(CollectorRegistry())
+    engine = Engine.from_settings(_clocked_mock(mock_clock, 0.02, seen),
+                                  Settings(backend="mock", inference_lanes=2, batch_window_ms=0.0),
+                                  metrics)
+    await engine.calibrate()
+    await nursery.start(engine.run)
+    seen.clear()
+    clip = pcm16_to_float32(load_pcm("ps_goforward"))
+    pieces = [Request(clip, "final", origin="file")] * 2
+    cost = engine.capacity().final_s_per_audio_s
+    results = await engine.transcribe_batch(pieces)
+    assert [r.text for r in results] == [reference_texts()["ps_goforward"]] * 2
+    assert [r.thorough for r in seen] == [True, True]
+    assert engine.capacity().final_s_per_audio_s == cost  # not learnt from
+    assert metrics.registry.get_sample_value("sttd_thorough_file_pieces_total") == 2
+
+    seen.clear()
+    async with trio.open_nursery() as files:
+        files.start_soon(engine.transcribe_batch, pieces)
+        await trio.lowlevel.checkpoint()  # the first file's batch is in flight now
+        await engine.transcribe_batch([Request(clip, "final", origin="file")])
+    assert sorted(r.thorough for r in seen) == [False, True, True]  # the second goes greedy
+
+    seen.clear()
+    with contextlib.ExitStack() as held:
+        while (engine.load().load or 0.0) <= 0.35:
+            held.enter_context(engine.live_stream())
+        cost = engine.capacity().final_s_per_audio_s
+        await engine.transcribe_batch(pieces)
+    assert [r.thorough for r in seen] == [False, False]
+    assert engine.capacity().final_s_per_audio_s != cost  # a greedy file batch is learnt from
+    assert metrics.registry.get_sample_value("sttd_thorough_file_pieces_total") == 4
+
+
 async def test_an_engine_too_slow_for_the_target_still_takes_one_stream(
         mock_clock: trio.testing.MockClock) -> None:
     """Whisper base on a slow 2-core machine measured capacity 0 and refused every session:

@@ -125,13 +125,16 @@ def test_only_a_thorough_final_gets_the_beam(backend: WhisperBackend,
 
     monkeypatch.setattr(backend, "_generate", recorded)
     clip = _fixture("ps_goforward")
+    piece = Request(clip, thorough=True, origin="file")
     for requests in ([Request(clip)], [Request(clip, thorough=True)],
                      [Request(clip, "partial", thorough=True)],
-                     [Request(clip, thorough=True)] * 3):  # a burst: greedy, to clear in time
+                     [Request(clip, thorough=True)] * 3,  # a burst: greedy, to clear in time
+                     [piece] * 3,  # a file's batch the engine had time for: the beam
+                     [Request(clip, thorough=True)] * 3 + [piece]):  # in a burst, only it
         results = backend.transcribe(requests)
         assert all(_words(r.text) == ["go", "forward", "10", "meters"] for r in results)
     assert backend._options.beam_size == 5  # the default
-    assert beams == [1, 5, 1, 1]
+    assert beams == [1, 5, 1, 1, 5, 1, 5]
 
 
 def test_a_clip_past_30_s_without_word_timings_has_its_windows_text_and_confidence(

@@ -258,12 +258,15 @@ class WhisperBackend(ASRBackend):
     def _transcribe_short(self, requests: Sequence[Request]) -> list[Result]:
         groups: dict[tuple[int, int, int], list[int]] = {}
         prompts_before_sot = [self._hotword_prompt(r) for r in requests]
-        finals = sum(request.kind == "final" for request in requests)
+        live_finals = sum(r.kind == "final" and r.origin == "live" for r in requests)
         # The wider beam only for a final the engine has time for (`thorough`), and never in
-        # a burst of finals (many sessions ending their sentences at once), so that it clears.
-        final_beam = self._options.beam_size if finals < _GREEDY_FROM_FINALS else 1
+        # a burst of live finals (many sessions ending their sentences at once), so that it
+        # clears. A file's pieces come in batches by design; the engine marks them thorough
+        # only when it has time to spare for the whole batch.
+        burst = live_finals >= _GREEDY_FROM_FINALS
         for index, request in enumerate(requests):
-            beam = final_beam if request.kind == "final" and request.thorough else 1
+            beam = (self._options.beam_size if request.kind == "final" and request.thorough
+                    and not (burst and request.origin == "live") else 1)
             key = (len(prompts_before_sot[index]), beam, _padding_bucket(request))
             groups.setdefault(key, []).append(index)
         results: list[Result] = [Result("")] * len(requests)
