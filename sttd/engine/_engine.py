@@ -286,8 +286,8 @@ class Engine:
         """Transcribe file pieces, below live traffic in priority; one result per request.
 
         The pieces are decoded `thorough` when the engine has time to spare and no other
-        file's batch is in flight (whisper: beam 5, 1.1 WER points better on the dev set for
-        x1.29 the time, `benchmarks/file_beam.py`); a file that shares the engine with others
+        file's batch is in flight (whisper: beam 5, 1.2 WER points better on the dev set for
+        x1.28 the time, `benchmarks/file_beam.py`); a file that shares the engine with others
         or with a full load of live streams goes greedy, batch by batch.
 
         Raises the first `BackendError` of its pieces (the others are withdrawn or dropped).
