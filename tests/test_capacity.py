@@ -93,15 +93,15 @@ def test_a_backend_that_costs_nothing_sets_no_limit() -> None:
 
 
 def _clocked_mock(clock: trio.testing.MockClock, cost_s: float,
-                  seen: list[Request] | None = None) -> MockBackend:
-    """The mock backend, each call costing `cost_s` on the trio clock the engine times it with;
-    the requests it gets go to `seen`."""
+                  seen: list[Request] | None = None, *, per_request: bool = False) -> MockBackend:
+    """The mock backend, each call (or, `per_request`, each request in it) costing `cost_s` on
+    the trio clock the engine times it with; the requests it gets go to `seen`."""
 
     class Clocked(MockBackend):  # type: ignore[misc]
         def transcribe(self, requests):  # type: ignore[no-untyped-def]
             if seen is not None:
                 seen.extend(requests)
-            trio.from_thread.run_sync(clock.jump, cost_s)
+            trio.from_thread.run_sync(clock.jump, cost_s * (len(requests) if per_request else 1))
             return super().transcribe(requests)
 
     backend: MockBackend = Clocked.from_directory()
@@ -196,6 +196,23 @@ async def test_a_file_goes_thorough_only_alone_on_an_engine_with_time_to_spare(
     assert [r.thorough for r in seen] == [False, False]
     assert engine.capacity().final_s_per_audio_s != cost  # a greedy file batch is learnt from
     assert metrics.registry.get_sample_value("sttd_thorough_file_pieces_total") == 4
+
+
+async def test_a_long_file_batch_does_not_time_out_behind_its_own_pieces(
+        nursery: trio.Nursery, mock_clock: trio.testing.MockClock) -> None:
+    """Each piece's STT_INFERENCE_TIMEOUT_S runs from when it is queued: a batch whose pieces
+    take far longer in all than the timeout still completes when each takes much less."""
+    engine = Engine.from_settings(_clocked_mock(mock_clock, 0.5, per_request=True),
+                                  Settings(backend="mock", inference_lanes=1,
+                                           inference_timeout_s=5.0, batch_window_ms=0.0),
+                                  Metrics.create(CollectorRegistry()))
+    await engine.calibrate()
+    await nursery.start(engine.run)
+    clip = pcm16_to_float32(load_pcm("ps_goforward"))
+    started = trio.current_time()
+    results = await engine.transcribe_batch([Request(clip, "final", origin="file")] * 32)
+    assert trio.current_time() - started >= 16.0  # longer in all than one piece may take
+    assert [r.text for r in results] == [reference_texts()["ps_goforward"]] * 32
 
 
 async def test_an_engine_too_slow_for_the_target_still_takes_one_stream(

@@ -52,6 +52,10 @@ _CLOSE_TIMEOUT_S = 30.0
 # added 0.1-0.4 s to the finals' p95, so not near capacity: benchmarks/README.md). At 0.35, 3
 # sessions on a noisy line still got the beam there (p95 1.49 s); at 0.25 they did not (1.14-1.24).
 _SPARE_LOAD = 0.25
+# Pieces of one file queued in the scheduler at once, per lane: enough that every lane has a
+# full batch of background work (the scheduler's least is 4; short pieces make bigger ones)
+# while the rest of the file waits; few enough that 15 s pieces clear within the timeout.
+_FILE_PIECES_PER_LANE = 8
 
 
 @attrs.frozen
@@ -297,9 +301,15 @@ class Engine:
             self._runner.metrics.thorough_file_pieces_total.inc(len(requests))
         results: list[Result | None] = [None] * len(requests)
         failure: BackendError | None = None
+        # A piece's STT_INFERENCE_TIMEOUT_S runs from when it is queued, so a batch's pieces go
+        # to the scheduler a few at a time, in order: the last of a batch of long pieces must
+        # not time out waiting behind its own file's others.
+        queued = trio.Semaphore(_FILE_PIECES_PER_LANE * self.lanes)
 
         async def one(index: int) -> None:
-            results[index] = await self.scheduler.submit(requests[index], priority=Priority.FILE)
+            async with queued:
+                results[index] = await self.scheduler.submit(requests[index],
+                                                             priority=Priority.FILE)
 
         self._file_batches += 1
         try:
