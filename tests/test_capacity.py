@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import Any
 
 import httpx
 import numpy as np
@@ -133,15 +134,22 @@ async def test_the_engine_calibrates_on_every_lane_and_refuses_past_capacity(
         hold.__exit__(None, None, None)
 
 
+async def _running_engine(nursery: trio.Nursery, backend: MockBackend, metrics: Metrics,
+                          **settings: Any) -> Engine:
+    """An engine on `backend`, calibrated and running in `nursery` (2 lanes unless said)."""
+    engine = Engine.from_settings(
+        backend, Settings(**{"backend": "mock", "inference_lanes": 2, "batch_window_ms": 0.0,
+                             **settings}), metrics)
+    await engine.calibrate()
+    await nursery.start(engine.run)
+    return engine
+
+
 async def test_finals_go_thorough_only_while_the_engine_has_time_to_spare(
         nursery: trio.Nursery, mock_clock: trio.testing.MockClock) -> None:
     seen: list[Request] = []
     metrics = Metrics.create(CollectorRegistry())
-    engine = Engine.from_settings(_clocked_mock(mock_clock, 0.02, seen),
-                                  Settings(backend="mock", inference_lanes=2, batch_window_ms=0.0),
-                                  metrics)
-    await engine.calibrate()
-    await nursery.start(engine.run)
+    engine = await _running_engine(nursery, _clocked_mock(mock_clock, 0.02, seen), metrics)
     seen.clear()
     clip = pcm16_to_float32(load_pcm("ps_goforward"))
     assert engine.has_time_to_spare()
@@ -165,11 +173,7 @@ async def test_a_file_goes_thorough_only_alone_on_an_engine_with_time_to_spare(
     what they cost out of the capacity model, which prices finals as they cost under load."""
     seen: list[Request] = []
     metrics = Metrics.create(CollectorRegistry())
-    engine = Engine.from_settings(_clocked_mock(mock_clock, 0.02, seen),
-                                  Settings(backend="mock", inference_lanes=2, batch_window_ms=0.0),
-                                  metrics)
-    await engine.calibrate()
-    await nursery.start(engine.run)
+    engine = await _running_engine(nursery, _clocked_mock(mock_clock, 0.02, seen), metrics)
     seen.clear()
     clip = pcm16_to_float32(load_pcm("ps_goforward"))
     pieces = [Request(clip, "final", origin="file")] * 2
@@ -202,12 +206,9 @@ async def test_a_long_file_batch_does_not_time_out_behind_its_own_pieces(
         nursery: trio.Nursery, mock_clock: trio.testing.MockClock) -> None:
     """Each piece's STT_INFERENCE_TIMEOUT_S runs from when it is queued: a batch whose pieces
     take far longer in all than the timeout still completes when each takes much less."""
-    engine = Engine.from_settings(_clocked_mock(mock_clock, 0.5, per_request=True),
-                                  Settings(backend="mock", inference_lanes=1,
-                                           inference_timeout_s=5.0, batch_window_ms=0.0),
-                                  Metrics.create(CollectorRegistry()))
-    await engine.calibrate()
-    await nursery.start(engine.run)
+    engine = await _running_engine(nursery, _clocked_mock(mock_clock, 0.5, per_request=True),
+                                   Metrics.create(CollectorRegistry()), inference_lanes=1,
+                                   inference_timeout_s=5.0)
     clip = pcm16_to_float32(load_pcm("ps_goforward"))
     started = trio.current_time()
     results = await engine.transcribe_batch([Request(clip, "final", origin="file")] * 32)
