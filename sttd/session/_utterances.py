@@ -87,8 +87,8 @@ class SampleBuffer:
         size, head = self._size, self._head
         needed = size + samples.size
         if head + needed > self._data.size:
-            if needed > self._data.size // 2:  # grow, so that compacting stays rare
-                grown = np.zeros(max(2 * needed, 2 * self._data.size), np.int16)
+            if needed > self._data.size // 2:  # grow to half free, so compacting stays rare
+                grown = np.zeros(2 * needed, np.int16)
                 grown[:size] = self._data[head : head + size]
                 self._data = grown
             else:
