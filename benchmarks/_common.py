@@ -57,6 +57,9 @@ class Stream:
     # The end of each stretch of speech, found in the clean source audio offline (not by the
     # server's VAD), so latency is measured from the speaker's real end of speech.
     speech_ends: tuple[int, ...] = ()
+    # The start of each stretch of speech, found the same way: the first partial's wait is
+    # measured from the speaker's real start of speech.
+    speech_starts: tuple[int, ...] = ()
 
 
 def sentences(repeats: int = 2) -> Stream:
@@ -64,6 +67,7 @@ def sentences(repeats: int = 2) -> Stream:
     1.2 s pause, `repeats` times in turn (22 utterances of 1-8 s, about 100 s)."""
     refs = references()
     pieces: list[np.ndarray] = []
+    starts: list[int] = []
     ends: list[int] = []
     texts: list[str] = []
     position = 0
@@ -73,11 +77,12 @@ def sentences(repeats: int = 2) -> Stream:
         for name in order:
             clip = _trimmed(load(name))
             pieces += [clip, pause]
+            starts.append(position)
             position += clip.size
             ends.append(position)
             position += pause.size
             texts.append(refs[name])
-    return Stream(np.concatenate(pieces), " ".join(texts), tuple(ends))
+    return Stream(np.concatenate(pieces), " ".join(texts), tuple(ends), tuple(starts))
 
 
 def _trimmed(clip: np.ndarray) -> np.ndarray:
@@ -101,16 +106,22 @@ def wer(refs: list[str], hyps: list[str]) -> float:
 
 def machine() -> dict[str, Any]:
     model = "unknown"
+    flags: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and model == "unknown":
                 model = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].split()
     except OSError:
         pass
     info: dict[str, Any] = {"platform": platform.platform(),
                             "python": platform.python_version(), "cpus": os.cpu_count(),
-                            "cpu_model": model}
+                            "cpu_model": model,
+                            # Machines that /proc/cpuinfo names alike ("AMD EPYC") differed 3x
+                            # in speed, and CTranslate2's int8 kernels decode differently with
+                            # AVX-512 than without: say which this one has.
+                            "avx512": any(f.startswith("avx512") for f in flags)}
     gpus = _gpus()
     if gpus:
         info["gpus"] = gpus
@@ -209,10 +220,14 @@ class StreamOutcome:
     # Seconds between consecutive partials of one utterance (and from its speech start to its
     # first partial), while it was open.
     partial_gaps_s: list[float] = attrs.field(factory=list)
+    # The first of those per utterance alone: from its speech start to its first partial.
+    first_partial_s: list[float] = attrs.field(factory=list)
 
 
 async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, frame_ms: int = 20,
-                      tail_ms: int = 200, speech_ends: tuple[int, ...] = ()) -> StreamOutcome:
+                      tail_ms: int = 200, speech_ends: tuple[int, ...] = (),
+                      speech_starts: tuple[int, ...] = (), preroll_ms: int = 300
+                      ) -> StreamOutcome:
     """Stream float32 `audio` over one sttd session (through `sttd.client`), in real time unless
     `realtime` is False, and collect what comes back.
 
@@ -221,6 +236,12 @@ async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, fra
     are known, else the server's ``end_ms - tail_ms`` (it keeps ``tail_ms`` of audio after the
     last speech frame). A frame's send lag is how late its send returned against its real-time
     schedule.
+
+    A first partial's wait is counted from the send of the utterance's true start of speech,
+    from `speech_starts` where they are known: the last true start no later than the server's
+    speech onset (its ``start_ms`` plus the ``preroll_ms`` of audio it keeps before it) and
+    no earlier than half a pause before its ``start_ms``. Elsewhere (a piece of a sentence cut
+    at a pause inside it, or no starts given) it counts from ``start_ms``, pre-roll included.
     """
     from functools import partial
 
@@ -235,8 +256,16 @@ async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, fra
     last_stable: dict[int, str] = {}
     last_partial_at: dict[int, float] = {}
     partial_gaps: list[float] = []
+    first_partials: list[float] = []
     kept = shown = 0
     ends_ms = [end * 1000 // RATE_HZ for end in speech_ends]
+    starts_ms = [start * 1000 // RATE_HZ for start in speech_starts]
+
+    def speech_start_ms(start_ms: int) -> int:
+        """Where the speech of an utterance the server starts at `start_ms` truly began."""
+        truly = [s for s in starts_ms if start_ms - _END_SLACK_MS <= s <= start_ms + preroll_ms]
+        return truly[-1] if truly else start_ms
+
     used_ends: set[int] = set()
 
     def on_sent(index: int, due: float, sent: float) -> None:
@@ -277,14 +306,17 @@ async def stream_file(url: str, audio: np.ndarray, *, realtime: bool = True, fra
                     last_stable[message.utterance_id] = message.stable
                     now = trio.current_time()
                     since = last_partial_at.get(message.utterance_id)
-                    if since is None:  # the first: from when the utterance's start was sent
-                        frame = message.start_ms // frame_ms
+                    first = since is None
+                    if since is None:  # the first: from when its speech's start was sent
+                        frame = speech_start_ms(message.start_ms) // frame_ms
                         since = sent_at[frame] if frame < len(sent_at) else now
                     partial_gaps.append(now - since)
+                    if first:
+                        first_partials.append(now - since)
                     last_partial_at[message.utterance_id] = now
         close_code = session.close_code or 0  # the server's, before the block closes ours
     return StreamOutcome(finals, partials, latencies, close_code, kept, shown,
-                         np.asarray(lags, np.float32), partial_gaps)
+                         np.asarray(lags, np.float32), partial_gaps, first_partials)
 
 
 def _plain(text: str) -> str:

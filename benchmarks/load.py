@@ -128,7 +128,8 @@ async def run_point(server_url: str, base_url: str | None, pid: int, n: int, str
                 outcomes[index] = await stream_whisperlive(server_url, audio)
             else:
                 outcomes[index] = await stream_file(server_url, audio,
-                                                    speech_ends=stream.speech_ends)
+                                                    speech_ends=stream.speech_ends,
+                                                    speech_starts=stream.speech_starts)
         except Exception as exc:  # a refused or broken session is a result, not a crash
             outcomes[index] = exc
 
@@ -145,6 +146,7 @@ async def run_point(server_url: str, base_url: str | None, pid: int, n: int, str
     refused = [o for o in outcomes
                if isinstance(o, client.SessionRefused) and o.code == "overloaded"]
     gaps = [x for o in good for x in o.partial_gaps_s]
+    firsts = [x for o in good for x in o.first_partial_s]
     latencies = [x for o in good for x in o.latencies_s]
     send_lags = np.concatenate([o.send_lag_s for o in good]) if good else np.zeros(0)
     wers = [wer([reference], [" ".join(f["text"] for f in o.finals)]) for o in good]
@@ -170,6 +172,9 @@ async def run_point(server_url: str, base_url: str | None, pid: int, n: int, str
         "wer_max": max(wers, default=None),
         "partial_gap_s": {"p50": percentile(gaps, 50), "p95": percentile(gaps, 95),
                           "max": max(gaps, default=None)},
+        # The first partial's wait alone, from the speaker's true start of speech.
+        "first_partial_s": {"p50": percentile(firsts, 50), "p95": percentile(firsts, 95),
+                            "max": max(firsts, default=None)},
         "frames_dropped": after.get("sttd_frames_dropped_total", 0) - before.get(
             "sttd_frames_dropped_total", 0),
         "audio_skipped_s": after.get("sttd_audio_skipped_seconds_total", 0) - before.get(
@@ -249,7 +254,7 @@ def _stream(name: str, line_noise_dbfs: float | None = None) -> Stream:
         noise = np.random.default_rng(20261207).normal(0.0, 10 ** (line_noise_dbfs / 20),
                                                         audio.size)
         audio = np.clip(audio + noise, -1.0, 1.0).astype(np.float32)
-    return Stream(audio, stream.reference, stream.speech_ends)
+    return Stream(audio, stream.reference, stream.speech_ends, stream.speech_starts)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -277,7 +282,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"N={n:4d} run={run}{query} p50={point['final_latency_s']['p50']} "
                           f"p95={point['final_latency_s']['p95']} wer={point['wer_mean']} "
                           f"ok={point['sessions_ok']} refused={point['sessions_refused']} "
-                          f"skipped_s={point['audio_skipped_s']} partial_gap={point['partial_gap_s']} "
+                          f"skipped_s={point['audio_skipped_s']} "
+                          f"partial_gap={point['partial_gap_s']} "
+                          f"first_partial={point['first_partial_s']} "
                           f"cpu={point['server_cpu_percent']['mean']} "
                           f"batch={point['mean_batch_size']} lag={point['frame_lag_s']}", flush=True)
             if args.until_fail and all(_fell_over(p) for p in points if p["n"] == n):
