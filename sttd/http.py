@@ -1,5 +1,7 @@
-"""The quart-trio app's routes: the file APIs (ours and OpenAI's), the WebSockets, /health,
-/metrics and the browser page.
+"""The server's routes: the file APIs (ours and OpenAI's), the WebSockets, /health, /metrics
+and the browser page.
+
+The WebSockets are served on ASGI itself (`_Streams`), everything else by a quart-trio app.
 
 Each route only moves data between the request and the packages that do the work: admission
 (`sttd.admission`: keys, drain, limits, uploads), the wire protocols (`sttd.api`), a connection's
@@ -14,18 +16,24 @@ import contextlib
 import os
 import logging
 import time
+from urllib.parse import parse_qsl
 from typing import Any, Literal
 
+import trio
+
 from prometheus_client import CONTENT_TYPE_LATEST
-from quart import Response, has_request_context, has_websocket_context, request, websocket
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope, WebsocketScope
+from quart import Response, has_request_context, request
 from quart_trio import QuartTrio
+import werkzeug.urls  # noqa: F401  # registers the "werkzeug.url_quote" codec error handler used below
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, NotFound
 
 from sttd.admission import (
     Access,
     AppState,
+    AsgiTransport,
     Cors,
-    QuartTransport,
     admit_session,
     admit_upload,
     read_upload,
@@ -54,8 +62,8 @@ __all__ = ["create_app"]
 log = logging.getLogger(__name__)
 
 
-def create_app(state: AppState) -> QuartTrio:
-    """Build the app over `state`."""
+def create_app(state: AppState) -> _Streams:
+    """Build the ASGI app over `state`: the streaming routes, and the quart app for the rest."""
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = state.settings.max_upload_bytes
     app.config["RESPONSE_TIMEOUT"] = None
@@ -211,61 +219,6 @@ def create_app(state: AppState) -> QuartTrio:
         body, content_type = render(result, form)
         return Response(body, status=200, content_type=content_type)
 
-    @app.websocket("/v1/stt/ws")
-    async def stream() -> Response | None:
-        """sttd's own streaming protocol (`sttd.api.NativeCodec`): every refusal in band."""
-        return await _serve_websocket(NativeCodec(), refuse_over_http=False)
-
-    @app.websocket("/v1/listen")
-    async def deepgram_listen() -> Response | None:
-        """Deepgram's live protocol over the same session core (`sttd.api.DeepgramCodec`).
-
-        A server past capacity answers the upgrade with 503 and Retry-After, as Deepgram's
-        own does, so its clients back off; other refusals come in band.
-        """
-        return await _serve_websocket(DeepgramCodec(), refuse_over_http=True)
-
-    @app.websocket("/v1/realtime")
-    async def realtime() -> Response | None:
-        """OpenAI's Realtime API, transcription sessions (`sttd.api.RealtimeCodec`).
-
-        Browsers cannot set headers on a WebSocket: OpenAI's form for them, the subprotocols
-        ``realtime`` and ``openai-insecure-api-key.<key>``, is taken too (and ``realtime`` is
-        accepted back), as is ``?token=``.
-        """
-        offered = [p.strip() for p in websocket.headers.get("Sec-WebSocket-Protocol", "")
-                   .split(",") if p.strip()]
-        key = next((p.removeprefix(_REALTIME_KEY_PROTOCOL) for p in offered
-                    if p.startswith(_REALTIME_KEY_PROTOCOL)), None)
-        authorization = websocket.headers.get("Authorization")
-        if authorization is None and key:
-            authorization = f"Bearer {key}"
-        return await _serve_websocket(RealtimeCodec(), refuse_over_http=False,
-                                      authorization=authorization,
-                                      subprotocol="realtime" if "realtime" in offered else None)
-
-    async def _serve_websocket(codec: Codec, *, refuse_over_http: bool,
-                               authorization: str | None = None,
-                               subprotocol: str | None = None) -> Response | None:
-        admitted: Admission | ClientError
-        try:
-            admitted = admit_session(state, access, codec, websocket.args,
-                                     authorization or websocket.headers.get("Authorization"))
-        except ClientError as exc:
-            if refuse_over_http and isinstance(exc, Overloaded):
-                count_refusal(exc, metrics)
-                metrics.errors_total.labels(exc.code).inc()
-                return _error_response(exc.http_status, exc.code, str(exc))
-            admitted = exc
-        with admitted.hold if isinstance(admitted, Admission) else contextlib.nullcontext():
-            await websocket.accept(subprotocol=subprotocol)
-            transport = QuartTransport(
-                websocket._get_current_object(),  # type: ignore[attr-defined]  # werkzeug LocalProxy method, untyped in quart's stubs
-                max_message_bytes=settings.max_message_bytes)
-            await serve_connection(transport, codec, admitted, settings=settings,
-                                   metrics=metrics)
-        return None
-
     @app.get("/")
     async def page() -> Response:
         """The live transcription page (sttd/static/index.html)."""
@@ -275,7 +228,98 @@ def create_app(state: AppState) -> QuartTrio:
     async def page_file(name: str) -> Response:
         return _static(name)
 
-    return app
+    return _Streams(app, state, access)
+
+
+class _Streams:
+    """The streaming routes, served on ASGI itself; every other request goes to the quart app.
+
+    quart hands a WebSocket's messages to its route from a task of its own, through a queue and
+    a signal: a task switch per audio frame on top of the session's own, where a frame is the
+    message a server gets most of. Here the session's receive task reads hypercorn's ASGI
+    `receive` itself (`sttd.admission.AsgiTransport`). Measured with ``benchmarks/idle.py``
+    (see benchmarks/README.md, "Streaming routes without quart").
+
+    * ``/v1/stt/ws``: sttd's own protocol (`sttd.api.NativeCodec`), every refusal in band.
+    * ``/v1/listen``: Deepgram's live protocol (`sttd.api.DeepgramCodec`). A server past
+      capacity answers the upgrade with 503 and Retry-After, as Deepgram's own does, so its
+      clients back off; other refusals come in band.
+    * ``/v1/realtime``: OpenAI's Realtime API, transcription sessions (`sttd.api.RealtimeCodec`).
+      Browsers cannot set headers on a WebSocket: OpenAI's form for them, the subprotocols
+      ``realtime`` and ``openai-insecure-api-key.<key>``, is taken too (and ``realtime`` is
+      accepted back), as is ``?token=``.
+    """
+
+    def __init__(self, app: QuartTrio, state: AppState, access: Access) -> None:
+        self.app = app
+        self._state = state
+        self._access = access
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
+                       send: ASGISendCallable) -> None:
+        if scope["type"] != "websocket" or scope["path"] not in _STREAM_CODECS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self._serve(scope, receive, send)
+        except Exception:
+            # Outside any session (a session's own failures close it with 1011 and are logged
+            # there): hypercorn then refuses the upgrade with 500, or closes with 1011.
+            log.error("http.failed path=%s", scope["path"], exc_info=True)
+            self._state.metrics.errors_total.labels("internal").inc()
+
+    async def _serve(self, scope: WebsocketScope, receive: ASGIReceiveCallable,
+                     send: ASGISendCallable) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return  # gone before its upgrade was read
+        state, metrics, settings = self._state, self._state.metrics, self._state.settings
+        codec = _STREAM_CODECS[scope["path"]]()
+        # As quart (werkzeug) parses a query: bytes that are not UTF-8 stay percent-encoded.
+        query = MultiDict(parse_qsl(scope["query_string"].decode("utf-8", "werkzeug.url_quote"),
+                                    keep_blank_values=True, errors="werkzeug.url_quote"))
+        authorization = next((value.decode("latin-1") for name, value in scope["headers"]
+                              if name.lower() == b"authorization"), None)
+        subprotocol = None
+        if isinstance(codec, RealtimeCodec):
+            offered = list(scope.get("subprotocols", ()))
+            key = next((p.removeprefix(_REALTIME_KEY_PROTOCOL) for p in offered
+                        if p.startswith(_REALTIME_KEY_PROTOCOL)), None)
+            if authorization is None and key:
+                authorization = f"Bearer {key}"
+            subprotocol = "realtime" if "realtime" in offered else None
+        admitted: Admission | ClientError
+        try:
+            admitted = admit_session(state, self._access, codec, query, authorization)
+        except ClientError as exc:
+            if isinstance(codec, DeepgramCodec) and isinstance(exc, Overloaded):
+                count_refusal(exc, metrics)
+                metrics.errors_total.labels(exc.code).inc()
+                await _refuse_upgrade(send, exc)
+                return
+            admitted = exc
+        with (trio.CancelScope() as gone,
+              admitted.hold if isinstance(admitted, Admission) else contextlib.nullcontext()):
+            await send({"type": "websocket.accept", "subprotocol": subprotocol, "headers": []})
+            transport = AsgiTransport(receive, send, gone=gone,
+                                      max_message_bytes=settings.max_message_bytes)
+            await serve_connection(transport, codec, admitted, settings=settings,
+                                   metrics=metrics)
+
+
+# Each streaming route's protocol (`_Streams`).
+_STREAM_CODECS: dict[str, type[Codec]] = {
+    "/v1/stt/ws": NativeCodec, "/v1/listen": DeepgramCodec, "/v1/realtime": RealtimeCodec}
+
+
+async def _refuse_upgrade(send: ASGISendCallable, exc: ClientError) -> None:
+    """Answer a WebSocket upgrade with `exc` as an HTTP error (ASGI's websocket.http.response)."""
+    body = dumps({"error": {"code": exc.code, "message": str(exc)}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if exc.http_status == 503:
+        headers.append((b"retry-after", str(_RETRY_AFTER_S).encode()))
+    await send({"type": "websocket.http.response.start", "status": exc.http_status,
+                "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
 
 
 # OpenAI's subprotocol that carries an API key from a browser: openai-insecure-api-key.<key>.
@@ -315,7 +359,5 @@ def _error_response(status: int, code: str, message: str) -> Response:
 
 
 def _current_path() -> str:
-    """The path being served: an error handler runs for HTTP requests and WebSockets alike."""
-    if has_request_context():
-        return str(request.path)
-    return str(websocket.path) if has_websocket_context() else "?"
+    """The path being served."""
+    return str(request.path) if has_request_context() else "?"

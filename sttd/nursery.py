@@ -33,7 +33,8 @@ nursery of four tasks linked by bounded channels (`sttd.channels`):
 One close path: a refusal, the session's own end, a client too slow to read and a server bug
 all close through `_close` (the events before the close, the codec's closing messages, the close
 frame, all within a bounded time). A client that goes away cancels the whole nursery from
-outside (the web framework cancels the handler), so no task outlives the connection.
+outside (its transport cancels the scope the session runs in, `sttd.admission.AsgiTransport`),
+so no task outlives the connection.
 """
 
 from __future__ import annotations

@@ -240,16 +240,18 @@ async def test_a_send_or_close_racing_the_clients_close_frame_is_dropped_not_an_
     came in; that is the client leaving, not a server failure (it was counted `internal`)."""
     from hypercorn.utils import UnexpectedMessageError
 
-    from sttd.admission import QuartTransport
+    import trio
 
-    class ClosedSocket:
-        async def send(self, text: str) -> None:
-            raise UnexpectedMessageError("ASGIWebsocketState.CLOSED", "websocket.send")
+    from sttd.admission import AsgiTransport
 
-        async def close(self, code: int, reason: str) -> None:
-            raise UnexpectedMessageError("ASGIWebsocketState.CLOSED", "websocket.close")
+    async def closed_socket(message: dict[str, object]) -> None:
+        raise UnexpectedMessageError("ASGIWebsocketState.CLOSED", str(message["type"]))
 
-    transport = QuartTransport(ClosedSocket(), max_message_bytes=10)
+    async def no_receive() -> dict[str, object]:
+        raise AssertionError("not read")
+
+    transport = AsgiTransport(no_receive, closed_socket, gone=trio.CancelScope(),
+                              max_message_bytes=10)
     # Not delivered, so a final sent this way is not counted as sent.
     assert await transport.send('{"type": "error"}') is False
     await transport.close(1008, "invalid_param")

@@ -194,6 +194,56 @@ async def test_disconnect_mid_utterance_leaks_nothing(server: RunningServer, abr
     assert _count_tasks() == baseline_tasks
 
 
+
+@pytest.mark.parametrize("abrupt", [False, True], ids=["close-frame", "tcp-reset"])
+async def test_a_client_gone_after_its_end_leaks_nothing(server: RunningServer,
+                                                          abrupt: bool) -> None:
+    """After its end the session no longer reads the connection (its transport learns of a
+    client gone only by reading, `sttd.admission.AsgiTransport`): it finishes its last finals,
+    whose sends fail quietly, and ends whole."""
+    speech = load_pcm("ps_librivox_0880")
+    await trio.testing.wait_all_tasks_blocked()
+    baseline_tasks = _count_tasks()
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as ws:
+            await receive_type(ws, "ready")
+            await send_pcm(ws, speech)
+            await ws.send_message(json.dumps({"type": "end"}))
+            if abrupt:
+                await ws._stream.aclose()  # no close handshake: the peer just vanishes
+        await server.state.sessions.wait_count(0)
+        await trio.testing.wait_all_tasks_blocked()
+    assert _sample(server, "sttd_sessions_active") == 0
+    assert sum(_sample(server, "sttd_sessions_total", {"outcome": outcome})
+               for outcome in ("ended", "client_gone")) == 1
+    assert _sample(server, "sttd_errors_total", {"code": "internal"}) == 0
+    assert server.state.sessions.queue_depths().audio_frames == 0
+    assert _count_tasks() == baseline_tasks
+
+
+async def test_a_failure_before_a_session_starts_refuses_the_upgrade_and_is_counted(
+        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in a streaming route outside any session: the upgrade gets hypercorn's 500, the
+    failure is counted as internal, and the next connection is served."""
+    from trio_websocket import ConnectionRejected
+
+    import sttd.http
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sttd.http, "admit_session", broken)
+        with trio.fail_after(TIMEOUT_S), pytest.raises(ConnectionRejected) as refused:
+            async with open_websocket_url(server.ws_url()):
+                pass
+    assert refused.value.status_code == 500
+    assert _sample(server, "sttd_errors_total", {"code": "internal"}) == 1
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url()) as ws:
+            await receive_type(ws, "ready")
+
+
 INVALID_QUERIES = [
     ("sample_rate=16000", "call_id"),
     ("call_id=&sample_rate=16000", "call_id"),

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import NoReturn
 
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 from hypercorn.utils import UnexpectedMessageError
 
 from sttd.errors import PayloadTooLarge
 
-__all__ = ["QuartTransport"]
+__all__ = ["AsgiTransport"]
 
 log = logging.getLogger(__name__)
 
 
-class QuartTransport:
-    """Adapts quart's websocket object to the session's `Transport`, within a message limit.
+class AsgiTransport:
+    """An accepted WebSocket read and written through its ASGI `receive` and `send` themselves.
+
+    The session's receive task calls `receive` directly, with no task between it and hypercorn
+    (`sttd.http` serves the streaming routes on ASGI rather than through quart, which passes
+    every message from a task of its own through a queue).
+
+    A client that goes away: hypercorn's ``websocket.disconnect`` cancels `gone`, the scope the
+    connection's session runs in, so that the session's nursery ends from outside as it would for
+    any framework that cancels its handler. The session sees it at its next read; while it is
+    not reading (holding a client that sends faster than real time, or after the client's end,
+    waiting for its last finals) it finishes that bounded work first, and its sends meanwhile
+    return False.
 
     A message over `max_message_bytes` raises `PayloadTooLarge` from `receive`: the session then
     sends the finals of what it heard, the ``payload_too_large`` error and closes 1009.
@@ -23,14 +36,20 @@ class QuartTransport:
     instead of closing the socket behind the session.)
     """
 
-    def __init__(self, ws: Any, *, max_message_bytes: int) -> None:
-        self._ws = ws
+    def __init__(self, receive: ASGIReceiveCallable, send: ASGISendCallable, *,
+                 gone: trio.CancelScope, max_message_bytes: int) -> None:
+        self._receive = receive
+        self._send = send
+        self._gone = gone
         self._max_message_bytes = max_message_bytes
 
     async def receive(self) -> bytes | str:
-        data: bytes | str | None = await self._ws.receive()
-        if data is None:  # an empty binary frame
-            return b""
+        message = await self._receive()
+        if message["type"] != "websocket.receive":  # websocket.disconnect: the client left
+            await self._left()
+        data: bytes | str | None = message.get("bytes")
+        if data is None:
+            data = message.get("text") or ""
         size = len(data.encode("utf-8", "replace") if isinstance(data, str) else data)
         if size > self._max_message_bytes:
             log.info("session.message_too_large limit_bytes=%d", self._max_message_bytes)
@@ -41,16 +60,20 @@ class QuartTransport:
 
     async def send(self, text: str) -> bool:
         try:
-            await self._ws.send(text)
+            await self._send({"type": "websocket.send", "bytes": None, "text": text})
         except UnexpectedMessageError:
-            # The client's close frame came in first: it is gone, and hypercorn's disconnect
-            # event is about to cancel the session. Nothing can be delivered now.
+            # The client's close frame came in first: it is gone, and nothing can be delivered
+            # now (its disconnect cancels the session at the session's next read).
             log.debug("session.send_after_client_close")
             return False
         return True
 
     async def close(self, code: int, reason: str) -> None:
         try:
-            await self._ws.close(code, reason)
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
         except UnexpectedMessageError:
             log.debug("session.close_after_client_close")
+
+    async def _left(self) -> NoReturn:
+        self._gone.cancel()
+        await trio.sleep_forever()  # cancelled at once: `gone` encloses this task
