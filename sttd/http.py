@@ -20,12 +20,11 @@ from urllib.parse import parse_qsl
 from typing import Any, Literal
 
 import trio
-
-from prometheus_client import CONTENT_TYPE_LATEST
+import werkzeug.urls  # noqa: F401  # registers the "werkzeug.url_quote" codec error handler used below
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope, WebsocketScope
+from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, has_request_context, request
 from quart_trio import QuartTrio
-import werkzeug.urls  # noqa: F401  # registers the "werkzeug.url_quote" codec error handler used below
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, NotFound
 

@@ -174,49 +174,37 @@ async def test_words_false_gives_finals_without_word_timings(server: RunningServ
 
 
 @pytest.mark.parametrize("abrupt", [False, True], ids=["close-frame", "tcp-reset"])
-async def test_disconnect_mid_utterance_leaks_nothing(server: RunningServer, abrupt: bool) -> None:
+@pytest.mark.parametrize("after_end", [False, True], ids=["mid-utterance", "after-end"])
+async def test_disconnect_leaks_nothing(server: RunningServer, abrupt: bool,
+                                        after_end: bool) -> None:
+    """A client gone mid-utterance cancels its session. After its end the session no longer
+    reads the connection (its transport learns of a client gone only by reading,
+    `sttd.admission.AsgiTransport`): it finishes its last finals, whose sends fail quietly, and
+    ends whole."""
     speech = load_pcm("ps_librivox_0880")
     await trio.testing.wait_all_tasks_blocked()
     baseline_tasks = _count_tasks()
     with trio.fail_after(TIMEOUT_S):
         async with open_websocket_url(server.ws_url()) as ws:
             await receive_type(ws, "ready")
-            await send_pcm(ws, speech[: speech.size // 2])
-            await receive_type(ws, "partial")  # the session is mid-utterance
-            assert _sample(server, "sttd_sessions_active") == 1
+            if after_end:
+                await send_pcm(ws, speech)
+                await ws.send_message(json.dumps({"type": "end"}))
+            else:
+                await send_pcm(ws, speech[: speech.size // 2])
+                await receive_type(ws, "partial")  # the session is mid-utterance
+                assert _sample(server, "sttd_sessions_active") == 1
             if abrupt:
                 await ws._stream.aclose()  # no close handshake: the peer just vanishes
         await server.state.sessions.wait_count(0)
         await trio.testing.wait_all_tasks_blocked()
     assert _sample(server, "sttd_sessions_active") == 0
-    assert _sample(server, "sttd_sessions_total", {"outcome": "client_gone"}) == 1
-    assert server.state.sessions.queue_depths().audio_frames == 0
-    assert _count_tasks() == baseline_tasks
-
-
-
-@pytest.mark.parametrize("abrupt", [False, True], ids=["close-frame", "tcp-reset"])
-async def test_a_client_gone_after_its_end_leaks_nothing(server: RunningServer,
-                                                          abrupt: bool) -> None:
-    """After its end the session no longer reads the connection (its transport learns of a
-    client gone only by reading, `sttd.admission.AsgiTransport`): it finishes its last finals,
-    whose sends fail quietly, and ends whole."""
-    speech = load_pcm("ps_librivox_0880")
-    await trio.testing.wait_all_tasks_blocked()
-    baseline_tasks = _count_tasks()
-    with trio.fail_after(TIMEOUT_S):
-        async with open_websocket_url(server.ws_url()) as ws:
-            await receive_type(ws, "ready")
-            await send_pcm(ws, speech)
-            await ws.send_message(json.dumps({"type": "end"}))
-            if abrupt:
-                await ws._stream.aclose()  # no close handshake: the peer just vanishes
-        await server.state.sessions.wait_count(0)
-        await trio.testing.wait_all_tasks_blocked()
-    assert _sample(server, "sttd_sessions_active") == 0
-    assert sum(_sample(server, "sttd_sessions_total", {"outcome": outcome})
-               for outcome in ("ended", "client_gone")) == 1
-    assert _sample(server, "sttd_errors_total", {"code": "internal"}) == 0
+    if after_end:
+        assert sum(_sample(server, "sttd_sessions_total", {"outcome": outcome})
+                   for outcome in ("ended", "client_gone")) == 1
+        assert _sample(server, "sttd_errors_total", {"code": "internal"}) == 0
+    else:
+        assert _sample(server, "sttd_sessions_total", {"outcome": "client_gone"}) == 1
     assert server.state.sessions.queue_depths().audio_frames == 0
     assert _count_tasks() == baseline_tasks
 
