@@ -312,10 +312,10 @@ _STREAM_CODECS: dict[str, type[Codec]] = {
 
 async def _refuse_upgrade(send: ASGISendCallable, exc: ClientError) -> None:
     """Answer a WebSocket upgrade with `exc` as an HTTP error (ASGI's websocket.http.response)."""
-    body = dumps({"error": {"code": exc.code, "message": str(exc)}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if exc.http_status == 503:
-        headers.append((b"retry-after", str(_RETRY_AFTER_S).encode()))
+    response = _error_response(exc.http_status, exc.code, str(exc))
+    body = await response.get_data(as_text=False)
+    headers = [(name.lower().encode("latin-1"), value.encode("latin-1"))
+               for name, value in response.headers.items()]
     await send({"type": "websocket.http.response.start", "status": exc.http_status,
                 "headers": headers})
     await send({"type": "websocket.http.response.body", "body": body, "more_body": False})

@@ -195,6 +195,27 @@ def _record_decodes(backend: WhisperBackend, monkeypatch: pytest.MonkeyPatch
     return decoded
 
 
+def _greedy_loops(backend: WhisperBackend, monkeypatch: pytest.MonkeyPatch, looped: str,
+                  times: int) -> list[tuple[int, bool, str]]:
+    """Make the backend's first `times` greedy decodes say `looped`, as tiny.en's own do on
+    some CPUs and not on others (int8 kernels differ: it looped on an AMD EPYC without AVX-512,
+    not on one with it); each decode's (beam, with timestamps, text) from now on."""
+    first = backend._generate
+    decodes: list[tuple[int, bool, str]] = []
+
+    def generate(encoded: Any, prompts: list[list[int]], caps: list[int], beam: int,
+                 tokenizers: list[Any], *, durations_s: list[float] | None = None) -> Any:
+        outputs = first(encoded, prompts, caps, beam, tokenizers, durations_s=durations_s)
+        if beam == 1 and sum(b == 1 for b, _, _ in decodes) < times:
+            outputs = [whisper._Decoded(tokenizers[0].encode(" " + looped), looped,
+                                        o.avg_logprob, o.no_speech_prob, True) for o in outputs]
+        decodes.extend((beam, durations_s is not None, o.text) for o in outputs)
+        return outputs
+
+    monkeypatch.setattr(backend, "_generate", generate)
+    return decodes
+
+
 def test_a_short_final_that_loops_is_decoded_again_with_timestamps(
         backend: WhisperBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     """The retry with timestamps on the same encoder output ends the loop, so no 30 s window
@@ -202,30 +223,18 @@ def test_a_short_final_that_loops_is_decoded_again_with_timestamps(
 
     tiny.en's own first decode of this clip loops on some CPUs and not on others (int8 kernels
     differ: it looped on an AMD EPYC without AVX-512, not on one with it), so the first decode
-    is made to loop as it does there; the retry is the model's own."""
-    first = backend._generate
-    decodes: list[tuple[bool, list[str]]] = []
-
-    def generate(encoded: Any, prompts: list[list[int]], caps: list[int], beam: int,
-                 tokenizers: list[Any], *, durations_s: list[float] | None = None) -> Any:
-        outputs = first(encoded, prompts, caps, beam, tokenizers, durations_s=durations_s)
-        if not decodes:
-            looped = " 10 of clubs 10 of clubs 10 of clubs 10 of clubs 10 of clubs"
-            outputs = [whisper._Decoded(tokenizers[0].encode(looped), looped.strip(),
-                                        o.avg_logprob, o.no_speech_prob, True) for o in outputs]
-        decodes.append((durations_s is not None, [o.text for o in outputs]))
-        return outputs
+    is made to loop as it does there (`_greedy_loops`); the retry is the model's own."""
+    decodes = _greedy_loops(backend, monkeypatch, "10 of clubs " * 4 + "10 of clubs", times=1)
 
     def full_window(*_args: Any) -> Any:
         raise AssertionError("a longer window was used")
 
-    monkeypatch.setattr(backend, "_generate", generate)
     monkeypatch.setattr(backend, "_retry_window", full_window)
     [result] = backend.transcribe([Request(_looping_clip(), kind="final")])
     # The first decode, then one retry with timestamps, whose text is the final's.
-    assert [timed for timed, _ in decodes] == [False, True]
+    assert [timed for _, timed, _ in decodes] == [False, True]
     assert _words(result.text) == ["10", "of", "clubs"]
-    assert result.text == decodes[1][1][0]
+    assert result.text == decodes[1][2]
 
 
 def test_a_short_partial_that_loops_is_cut_where_it_starts_over_without_a_second_decode(
@@ -332,27 +341,13 @@ def test_a_final_looping_with_and_without_timestamps_gets_a_beam_search_before_a
     search on the same encoder output says it, without a 30 s window's encoder pass.
 
     tiny.en's greedy decodes of this clip loop both ways on an AMD EPYC without AVX-512, not on
-    one with it (int8 kernels differ), so they are made to loop as they do there; the beam
-    search is the model's own."""
+    one with it (int8 kernels differ), so they are made to loop as they do there
+    (`_greedy_loops`); the beam search is the model's own."""
     five = decode_wav((DATA / "ps_cards_004.wav").read_bytes())
     clip = five + np.random.default_rng(2).normal(0.0, 10 ** (-50 / 20), five.size).astype(
         np.float32)
     request = Request(clip, kind="final")
-    first = backend._generate
-    beams: list[int] = []
-    searched: list[str] = []
-
-    def generate(encoded: Any, prompts: list[list[int]], caps: list[int], beam: int,
-                 tokenizers: list[Any], *, durations_s: list[float] | None = None) -> Any:
-        outputs = first(encoded, prompts, caps, beam, tokenizers, durations_s=durations_s)
-        beams.append(beam)
-        searched.extend(o.text for o in outputs if beam > 1)
-        if beam == 1:
-            looped = " 5 5 5 5 5 5 5 5 5 5 5 5"
-            outputs = [whisper._Decoded(tokenizers[0].encode(looped), looped.strip(),
-                                        o.avg_logprob, o.no_speech_prob, True) for o in outputs]
-        return outputs
-
+    decodes = _greedy_loops(backend, monkeypatch, " ".join(["5"] * 12), times=2)
     windows: list[Any] = []
     retry_window = WhisperBackend._retry_window
 
@@ -360,12 +355,12 @@ def test_a_final_looping_with_and_without_timestamps_gets_a_beam_search_before_a
         windows.append(args)
         return retry_window(self, *args)
 
-    monkeypatch.setattr(backend, "_generate", generate)
     monkeypatch.setattr(WhisperBackend, "_retry_window", counted)
     [result] = backend.transcribe([request])
-    assert beams == [1, 1, whisper._RETRY_BEAM]  # greedy, greedy with timestamps, the beam
+    # Greedy, greedy with timestamps, the beam.
+    assert [beam for beam, _, _ in decodes] == [1, 1, whisper._RETRY_BEAM]
     # The beam's answer ("5, 5" on the EPYC without AVX-512, "5" on the one with it).
-    assert [result.text] == searched
+    assert [result.text] == [text for beam, _, text in decodes if beam > 1]
     assert _words(result.text) in (["5"], ["5", "5"])
     assert windows == []
 
