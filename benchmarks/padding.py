@@ -107,7 +107,7 @@ def _loops(backend: whisper.WhisperBackend, clips: list[tuple[np.ndarray, str]]
         timed_ms += (time.perf_counter() - started) * 1000
         timed_fixed += not whisper._looks_repetitive(again, suspect_doubles=False)
         started = time.perf_counter()
-        backend._retry_window(Request(audio), prompt, cap, tok, whisper._WINDOW_FRAMES)
+        backend._retry_window(Request(audio), prompt, cap, tok)
         full_ms.append((time.perf_counter() - started) * 1000)
     return {"clips": len(clips), "looped": looped, "fixed_by_timestamps": timed_fixed,
             "timestamp_retry_ms_mean": round(timed_ms / looped, 1) if looped else None,

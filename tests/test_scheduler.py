@@ -610,3 +610,25 @@ async def test_partial_batches_grow_when_calls_have_a_fixed_cost(
             jobs.start_soon(scheduler.submit, _request(f"p{n}", "partial"))
     # (0.5 - 0.2) / 0.02 = 15 fit; one each (0.22 s) would have let 2 in.
     assert [len(batch) for batch in runner.batches] == [15, 5]
+
+
+async def test_a_burst_waits_in_part_for_the_lane_busy_with_a_final(
+        autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
+    """A lane busy with finals takes its share of a burst when it is done, rather than leaving
+    the whole burst to the lane that was free when it came (whose call answers them all only
+    at its end)."""
+    runner = FakeRunner(seconds=0.1, per_request_s=0.3)  # a final costs nearly as much in a batch
+    scheduler = _scheduler(runner, lanes=2, batch_window_ms=5.0)
+    await nursery.start(scheduler.run)
+
+    async def submit(label: str, at: float) -> None:
+        await trio.sleep(at)
+        await scheduler.submit(_request(label))
+
+    async with trio.open_nursery() as jobs:
+        jobs.start_soon(submit, "a0", 0.0)  # the first lane: 0.005 to 0.405
+        for n in range(6):
+            jobs.start_soon(submit, f"f{n}", 0.3)
+    assert [len(batch) for batch in runner.batches] == [1, 3, 3]
+    # The free lane takes half at once, the other lane the rest as soon as its final is done.
+    assert runner.starts == pytest.approx([0.005, 0.305, 0.41])
