@@ -3,6 +3,8 @@ real model and real worker threads (so the real clock, under an outer deadline).
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import pytest
 import trio
@@ -10,10 +12,12 @@ import trio
 from sttd.audio import float32_to_pcm16
 from sttd.engine import VadBatcher
 from sttd.errors import BackendError
-from sttd.vad import Endpointer, SileroModel, make_endpointer, silero_model
+from sttd.vad import (Endpointer, NetCall, SileroModel, SpeechStart, VadSteps, make_endpointer,
+                      silero_model)
 from tests.conftest import load_pcm, silence
 
 FRAME = 512
+_T = TypeVar("_T")
 
 
 def _streams(count: int) -> list[np.ndarray]:
@@ -65,16 +69,22 @@ async def test_batched_probabilities_and_events_are_those_of_one_call_at_a_time(
 
 
 async def test_probabilities_match_the_net_called_alone() -> None:
+    """Calls of one to five consecutive windows scored together: each window's probability is
+    the one the net gives it alone, window after window."""
     model = silero_model()
-    windows = [float32_to_pcm16(np.sin(np.arange(FRAME) * (0.05 + 0.01 * i)).astype(
+    audio = [float32_to_pcm16(np.sin(np.arange(FRAME * 5) * (0.05 + 0.01 * i)).astype(
         np.float32) * 0.3) for i in range(5)]
-    alone = [model.stream() for _ in windows]
-    batched = [model.stream() for _ in windows]
+    alone = [model.stream() for _ in audio]
+    batched = [model.stream() for _ in audio]
     for _ in range(3):  # the state carries on identically
-        one = [s.process((w.astype(np.float32) / 32768).data) for s, w in zip(alone, windows)]
-        many = model.score([(s, (w.astype(np.float32) / 32768).data)
-                            for s, w in zip(batched, windows)])
-        assert many == pytest.approx(one, abs=1e-5)
+        calls = [NetCall(stream, (a[: FRAME * (i + 1)].astype(np.float32) / 32768).data)
+                 for i, (stream, a) in enumerate(zip(batched, audio))]
+        one = [[stream.process(call.window(w)) for w in range(call.windows)]
+               for stream, call in zip(alone, calls)]
+        many = model.score(calls)
+        assert [len(answer) for answer in many] == [1, 2, 3, 4, 5]
+        for got, expected in zip(many, one):
+            assert got == pytest.approx(expected, abs=1e-5)
 
 
 async def test_a_session_going_away_withdraws_its_waiting_call(nursery: trio.Nursery) -> None:
@@ -99,20 +109,56 @@ async def test_a_failed_run_fails_its_calls_and_the_batcher_goes_on(
     loud = load_pcm("ps_goforward")[:FRAME * 4]
     real = model.score
 
-    def broken(calls: object) -> list[float]:
+    def broken(calls: object) -> list[list[float]]:
         raise RuntimeError("onnxruntime fell over")
 
-    def short(calls: list[object]) -> list[float]:
-        return real(calls)[1:]  # a wrong answer: one score missing
+    def short(calls: list[NetCall]) -> list[list[float]]:
+        return [answer[1:] for answer in real(calls)]  # a wrong answer: one score missing
 
     monkeypatch.setattr(model, "score", broken)
     with trio.fail_after(30), pytest.raises(BackendError, match="the VAD net failed"):
         await batcher.drive(_endpointer(model).feed_steps(loud))
     monkeypatch.setattr(model, "score", short)
-    with trio.fail_after(30), pytest.raises(BackendError, match="0 scores for 1 windows"):
+    with trio.fail_after(30), pytest.raises(BackendError, match="3 scores for 4 windows"):
         await batcher.drive(_endpointer(model).feed_steps(loud))
     assert batcher.statistics().windows == 0  # no failed run counted
     monkeypatch.setattr(model, "score", real)
     with trio.fail_after(30):
         await batcher.drive(_endpointer(model).feed_steps(np.concatenate([loud, silence(1.0)])))
     assert batcher.statistics().windows > 0  # the batcher went on scoring
+
+
+def _recording(steps: VadSteps[_T], windows: list[int]) -> VadSteps[_T]:
+    """`steps`, noting how many windows each of its net calls holds."""
+    try:
+        call = next(steps)
+        while True:
+            windows.append(call.windows)
+            call = steps.send((yield call))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+async def test_a_long_frame_asks_the_net_once_per_run_of_windows(nursery: trio.Nursery) -> None:
+    """A 200 ms frame's windows go to the net in one call (a window that skips the net, and so
+    resets it, splits the call), with the events of one window at a time."""
+    model = silero_model()
+    batcher = VadBatcher(model)
+    await nursery.start(batcher.run)
+    audio = _streams(1)[0]
+    audio[10200:10800] = 0  # window 20 (samples 10240-10752), mid-frame: no net, a reset
+    alone = _endpointer(model)
+    expected = [event for i in range(0, audio.size, FRAME) for event in alone.feed(
+        audio[i : i + FRAME])]
+    together = _endpointer(model)
+    got: list[object] = []
+    windows: list[int] = []
+    with trio.fail_after(30):
+        for i in range(0, audio.size, 3200):
+            got += await batcher.drive(_recording(together.feed_steps(audio[i : i + 3200]),
+                                                  windows))
+    assert got == expected
+    assert any(isinstance(event, SpeechStart) for event in got)
+    assert sum(windows) == audio.size // FRAME - 1  # every window but the silent one
+    assert max(windows) >= 6  # a whole 200 ms frame in one call
+    assert len(windows) == audio.size // 3200 + 1  # one call a frame, two for the split one

@@ -2,9 +2,10 @@
 
 Theory of operation. A session's core suspends wherever its VAD needs the Silero net
 (`sttd.vad.VadSteps`); `VadBatcher.drive` runs those steps for the session, handing each
-`NetCall` to the batcher and sending the probability back. One task (`run`, in the app-level
-nursery) takes every call queued so far and scores them in ONE run of the net in a worker
-thread (`SileroModel.score`); calls that arrive meanwhile wait for the next run. So the batch
+`NetCall` to the batcher and sending the probabilities back. One task (`run`, in the app-level
+nursery) takes every call queued so far and scores them together in a worker thread
+(`SileroModel.score`: one run of the net for the first window of every call, one for the second
+window of those with two, ...); calls that arrive meanwhile wait for the next run. So the batch
 is whatever the sessions asked for while the last run took: nothing waits on purpose, and the
 event loop never runs the net. Measured on one AMD EPYC thread, a window costs the net 0.39 ms
 alone and 0.17-0.22 ms in a batch of 8-16 (`benchmarks/README.md`), and 200 busy sessions
@@ -36,10 +37,9 @@ _T = TypeVar("_T")
 
 @attrs.define(eq=False)
 class _Pending:
-    stream: SileroStream
     call: NetCall
     done: trio.Event = attrs.field(factory=trio.Event)
-    probability: float = 0.0
+    probabilities: list[float] = attrs.field(factory=list)
     error: Exception | None = None
 
 
@@ -85,27 +85,29 @@ class VadBatcher:
                 await self._work.park()
             batch, self._queue = self._queue, []
             try:
-                probabilities = await trio.to_thread.run_sync(
-                    self.model.score, [(p.stream, p.call.data) for p in batch])
-                if len(probabilities) != len(batch):
-                    raise ValueError(f"{len(probabilities)} scores for {len(batch)} windows")
+                answers = await trio.to_thread.run_sync(
+                    self.model.score, [pending.call for pending in batch])
+                scores = [len(answer) for answer in answers]
+                windows = [pending.call.windows for pending in batch]
+                if scores != windows:
+                    raise ValueError(f"{sum(scores)} scores for {sum(windows)} windows")
             except Exception as exc:  # a failed run fails its calls, not the server
-                log.error("vad.failed windows=%d", len(batch), exc_info=True)
+                log.error("vad.failed calls=%d", len(batch), exc_info=True)
                 for pending in batch:
                     pending.error = exc
                     pending.done.set()
                 continue
             self._runs += 1
-            self._windows += len(batch)
-            for pending, probability in zip(batch, probabilities, strict=True):  # checked above
-                pending.probability = probability
+            self._windows += sum(windows)
+            for pending, answer in zip(batch, answers, strict=True):  # checked above
+                pending.probabilities = answer
                 pending.done.set()
 
-    async def _score(self, call: NetCall) -> float:
+    async def _score(self, call: NetCall) -> list[float]:
         stream = call.net
         if not isinstance(stream, SileroStream) or stream.model is not self.model:
-            return call.net.process(call.data)
-        pending = _Pending(stream, call)
+            return call.score()
+        pending = _Pending(call)
         self._queue.append(pending)
         self._work.unpark_all()
         try:
@@ -115,4 +117,4 @@ class VadBatcher:
                 self._queue.remove(pending)  # withdrawn: its session went away
         if pending.error is not None:
             raise BackendError(f"the VAD net failed: {pending.error!r}") from pending.error
-        return pending.probability
+        return pending.probabilities
