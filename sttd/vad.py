@@ -257,7 +257,7 @@ class SileroClassifier:
         return speech
 
     def decide(self, rms: float) -> bool | None:
-        if rms >= self.floor_rms:
+        if self._needs_net(rms):
             return None
         self._active = False
         if self._net_used:
@@ -269,7 +269,7 @@ class SileroClassifier:
         speech: list[bool] = []
         run_start: int | None = None  # the first frame of a run that needs the net
         for index, rms in enumerate(rms_values):
-            if rms >= self.floor_rms:
+            if self._needs_net(rms):
                 if run_start is None:
                     run_start = index
                 continue
@@ -280,6 +280,9 @@ class SileroClassifier:
         if run_start is not None:
             speech += yield from self._ask_net(frames[run_start:])
         return speech
+
+    def _needs_net(self, rms: float) -> bool:
+        return rms >= self.floor_rms
 
     def _ask_net(self, frames: npt.NDArray[np.int16]) -> VadSteps[list[bool]]:
         """Whether each of consecutive `frames` is speech, by the net's probabilities."""
