@@ -94,11 +94,17 @@ def test_a_backend_that_costs_nothing_sets_no_limit() -> None:
 
 
 def _clocked_mock(clock: trio.testing.MockClock, cost_s: float,
-                  seen: list[Request] | None = None, *, per_request: bool = False) -> MockBackend:
+                  seen: list[Request] | None = None, *, per_request: bool = False,
+                  thorough: bool = False) -> MockBackend:
     """The mock backend, each call (or, `per_request`, each request in it) costing `cost_s` on
-    the trio clock the engine times it with; the requests it gets go to `seen`."""
+    the trio clock the engine times it with; the requests it gets go to `seen`. With
+    `thorough`, it says it has a thorough way to decode (as whisper's beam)."""
 
     class Clocked(MockBackend):  # type: ignore[misc]
+        @property
+        def decodes_thoroughly(self) -> bool:
+            return thorough
+
         def transcribe(self, requests):  # type: ignore[no-untyped-def]
             if seen is not None:
                 seen.extend(requests)
@@ -149,7 +155,8 @@ async def test_finals_go_thorough_only_while_the_engine_has_time_to_spare(
         nursery: trio.Nursery, mock_clock: trio.testing.MockClock) -> None:
     seen: list[Request] = []
     metrics = Metrics.create(CollectorRegistry())
-    engine = await _running_engine(nursery, _clocked_mock(mock_clock, 0.02, seen), metrics)
+    engine = await _running_engine(nursery, _clocked_mock(mock_clock, 0.02, seen,
+                                                         thorough=True), metrics)
     seen.clear()
     clip = pcm16_to_float32(load_pcm("ps_goforward"))
     assert engine.has_time_to_spare()
@@ -173,7 +180,8 @@ async def test_a_file_goes_thorough_only_alone_on_an_engine_with_time_to_spare(
     what they cost out of the capacity model, which prices finals as they cost under load."""
     seen: list[Request] = []
     metrics = Metrics.create(CollectorRegistry())
-    engine = await _running_engine(nursery, _clocked_mock(mock_clock, 0.02, seen), metrics)
+    engine = await _running_engine(nursery, _clocked_mock(mock_clock, 0.02, seen,
+                                                         thorough=True), metrics)
     seen.clear()
     clip = pcm16_to_float32(load_pcm("ps_goforward"))
     pieces = [Request(clip, "final", origin="file")] * 2
@@ -205,6 +213,25 @@ async def test_a_file_goes_thorough_only_alone_on_an_engine_with_time_to_spare(
     assert [r.thorough for r in seen] == [False, False]
     assert engine.capacity().final_s_per_audio_s != cost  # a greedy file batch is learnt from
     assert metrics.registry.get_sample_value("sttd_thorough_file_pieces_total") == counted
+
+
+async def test_a_backend_without_a_thorough_way_gets_no_thorough_request(
+        nursery: trio.Nursery, mock_clock: trio.testing.MockClock) -> None:
+    """On an idle engine whose backend decodes one way only, nothing is marked or counted
+    thorough, and what its file batches cost is learnt like any final's."""
+    seen: list[Request] = []
+    metrics = Metrics.create(CollectorRegistry())
+    engine = await _running_engine(nursery, _clocked_mock(mock_clock, 0.02, seen), metrics)
+    assert engine.has_time_to_spare()
+    seen.clear()
+    clip = pcm16_to_float32(load_pcm("ps_goforward"))
+    await engine.transcribe(Request(clip, "final"))
+    cost = engine.capacity().final_s_per_audio_s
+    await engine.transcribe_batch([Request(clip, "final", origin="file")] * 2)
+    assert [r.thorough for r in seen] == [False, False, False]
+    assert metrics.registry.get_sample_value("sttd_thorough_finals_total") == 0
+    assert metrics.registry.get_sample_value("sttd_thorough_file_pieces_total") == 0
+    assert engine.capacity().final_s_per_audio_s != cost  # the file batch was learnt from
 
 
 async def test_a_long_file_batch_does_not_time_out_behind_its_own_pieces(

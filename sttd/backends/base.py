@@ -120,6 +120,13 @@ class ASRBackend(Protocol):
         return False
 
     @property
+    def decodes_thoroughly(self) -> bool:
+        """Whether `Request.thorough` changes how it decodes (a dearer, more accurate way, such
+        as whisper's beam search): only then does the engine mark requests so, count them as
+        such, and leave thorough file batches out of what it learns a final costs."""
+        return False
+
+    @property
     def name(self) -> str: ...
 
     def check_language(self, language: str | None) -> None:

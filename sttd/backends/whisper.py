@@ -171,6 +171,11 @@ class WhisperBackend(ASRBackend):
         """The calls the model was loaded to run at once."""
         return self._lanes
 
+    @property
+    def decodes_thoroughly(self) -> bool:
+        """A thorough final gets the beam (STT_WHISPER_BEAM_SIZE), unless that is 1."""
+        return self._options.beam_size > 1
+
     @classmethod
     def load(cls, options: WhisperOptions) -> WhisperBackend:
         """Load the model `options` names; raises `BackendError` with the fix when it cannot."""

@@ -275,7 +275,7 @@ class Engine:
         """
         if request.kind == "final":
             self._final_audio_s += request.duration_s
-            if self.has_time_to_spare():
+            if self.backend.decodes_thoroughly and self.has_time_to_spare():
                 request = attrs.evolve(request, thorough=True)
                 self._runner.metrics.thorough_finals_total.inc()
         return await self.scheduler.submit(request, started=started)
@@ -296,7 +296,8 @@ class Engine:
 
         Raises the first `BackendError` of its pieces (the others are withdrawn or dropped).
         """
-        if self._file_batches == 0 and self.has_time_to_spare():
+        if (self.backend.decodes_thoroughly and self._file_batches == 0
+                and self.has_time_to_spare()):
             requests = [attrs.evolve(request, thorough=True) for request in requests]
             self._runner.metrics.thorough_file_pieces_total.inc(len(requests))
         results: list[Result | None] = [None] * len(requests)
