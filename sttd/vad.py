@@ -251,9 +251,7 @@ class SileroClassifier:
         return run_steps(self.classify(frame, rms))
 
     def classify(self, frame: npt.NDArray[np.int16], rms: float) -> VadSteps[bool]:
-        if self.decide(rms) is False:
-            return False
-        [speech] = yield from self._ask_net(frame[np.newaxis])
+        [speech] = yield from self.classify_frames(frame[np.newaxis], [rms])
         return speech
 
     def decide(self, rms: float) -> bool | None:
