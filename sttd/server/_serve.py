@@ -34,6 +34,7 @@ from sttd.backends import load_backend
 from sttd.engine import Engine, VadBatcher
 from sttd.http import create_app
 from sttd.metrics import Metrics
+from sttd.server._threads import limit_blas_threads
 from sttd.settings import Settings
 from sttd.vad import silero_model
 
@@ -62,6 +63,7 @@ async def serve(
     `ConfigError` for a bad STT_API_KEYS_FILE, and `ConfigError` or `BackendError` if the engine
     cannot load.
     """
+    limit_blas_threads()  # the engine's lanes are the parallelism: see sttd.server._threads
     if state is None:
         state = AppState(settings, Metrics.create(CollectorRegistry()))
     state.metrics.watch_queues(state.sessions.queue_depths)
