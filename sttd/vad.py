@@ -127,6 +127,13 @@ class NetCall:
         """The answer, asking the net at once, one window at a time."""
         return [self.net.process(self.window(index)) for index in range(self.windows)]
 
+    def parts(self, max_windows: int) -> list[NetCall]:
+        """This call as consecutive calls of at most `max_windows` windows each, in order:
+        scored one after the other, their answers joined are this call's."""
+        step = max_windows * _SILERO_FRAME_SAMPLES
+        return [NetCall(self.net, self.data[start : start + step])
+                for start in range(0, len(self.data), step)]
+
 
 # Steps of VAD work that suspend at each `NetCall` and end with a `_T`.
 VadSteps = Generator[NetCall, list[float], _T]

@@ -162,3 +162,39 @@ async def test_a_long_frame_asks_the_net_once_per_run_of_windows(nursery: trio.N
     assert sum(windows) == audio.size // FRAME - 1  # every window but the silent one
     assert max(windows) >= 6  # a whole 200 ms frame in one call
     assert len(windows) == audio.size // 3200 + 1  # one call a frame, two for the split one
+
+
+async def test_a_big_frame_goes_to_the_net_a_part_at_a_time(nursery: trio.Nursery) -> None:
+    """A call of many windows (a client's 10 s frame) is scored at most 16 windows a run, in
+    order, with the answers the net gives it window after window; another session's call
+    that comes meanwhile is answered after a part's run, not after the whole frame."""
+    model = silero_model()
+    batcher = VadBatcher(model)
+    await nursery.start(batcher.run)
+    big = np.concatenate(_streams(5)).astype(np.float32) / 32768  # 10 s: 312 windows
+    windows = big.size // FRAME
+    alone = model.stream()
+    expected = [alone.process(big[i * FRAME : (i + 1) * FRAME].data) for i in range(windows)]
+    small = _streams(1)[0][:FRAME].astype(np.float32) / 32768
+    order: list[str] = []
+    answers: dict[str, list[float]] = {}
+
+    async def ask(name: str, call: NetCall) -> None:
+        answers[name] = await batcher.drive(_one_call(call))
+        order.append(name)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as callers:
+            callers.start_soon(ask, "big", NetCall(model.stream(), big.data))
+            await trio.sleep(0)  # the big call's first part is queued first
+            callers.start_soon(ask, "small", NetCall(model.stream(), small.data))
+    assert order == ["small", "big"]
+    assert answers["big"] == pytest.approx(expected, abs=1e-5)
+    assert len(answers["small"]) == 1
+    # 312 windows: 20 parts (19 of 16, one of 8), the small call sharing one of their runs.
+    assert batcher.statistics().runs == 20
+    assert batcher.statistics().windows == windows + 1
+
+
+def _one_call(call: NetCall) -> VadSteps[list[float]]:
+    return (yield call)

@@ -7,7 +7,11 @@ nursery) takes every call queued so far and scores them together in a worker thr
 (`SileroModel.score`: one run of the net for the first window of every call, one for the second
 window of those with two, ...); calls that arrive meanwhile wait for the next run. So the batch
 is whatever the sessions asked for while the last run took: nothing waits on purpose, and the
-event loop never runs the net. Measured on one AMD EPYC thread, a window costs the net 0.39 ms
+event loop never runs the net. A call goes to a run at most ``_MAX_RUN_WINDOWS`` windows at a
+time (the rest in the runs after, in order): a run answers its calls only at its end, and one
+client's big frame (STT_MAX_MESSAGE_BYTES lets a message hold 32 s, a thousand windows, which the
+net takes 270 ms to score one after another on an AMD EPYC thread) would hold every other
+session's windows for all of it. Measured on one AMD EPYC thread, a window costs the net 0.39 ms
 alone and 0.17-0.22 ms in a batch of 8-16 (`benchmarks/README.md`), and 200 busy sessions
 would otherwise spend a core of the event loop on it.
 
@@ -33,6 +37,10 @@ __all__ = ["VadBatcher", "VadStatistics"]
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+# Most windows of one call in one run (512 ms of audio; 4.7 ms of the net's time scored alone
+# on an AMD EPYC thread): see the module docstring.
+_MAX_RUN_WINDOWS = 16
 
 
 @attrs.define(eq=False)
@@ -107,6 +115,14 @@ class VadBatcher:
         stream = call.net
         if not isinstance(stream, SileroStream) or stream.model is not self.model:
             return call.score()
+        if call.windows <= _MAX_RUN_WINDOWS:
+            return await self._score_in_a_run(call)
+        probabilities: list[float] = []
+        for part in call.parts(_MAX_RUN_WINDOWS):  # in order: the stream's state moves on
+            probabilities += await self._score_in_a_run(part)
+        return probabilities
+
+    async def _score_in_a_run(self, call: NetCall) -> list[float]:
         pending = _Pending(call)
         self._queue.append(pending)
         self._work.unpark_all()
