@@ -191,8 +191,9 @@ async def test_a_big_frame_goes_to_the_net_a_part_at_a_time(nursery: trio.Nurser
     assert order == ["small", "big"]
     assert answers["big"] == pytest.approx(expected, abs=1e-5)
     assert len(answers["small"]) == 1
-    # 312 windows: 20 parts (19 of 16, one of 8), the small call sharing one of their runs.
-    assert batcher.statistics().runs == 20
+    # 312 windows: 20 parts (19 of 16, one of 8), each a run of its own; the small call in
+    # one of them or alone.
+    assert batcher.statistics().runs in (20, 21)
     assert batcher.statistics().windows == windows + 1
 
 

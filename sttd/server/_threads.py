@@ -5,7 +5,7 @@ product over them (in sttd: the whisper backend's log-mel filter bank, once per 
 each product its threads spin for a while before they sleep, waiting for the next. In a server
 whose parallelism is the engine's lanes (one decode per core, each on its own thread), that
 spinning took a core's share from the lanes for nothing: one whisper session on a 2-core AMD
-EPYC cost the server 47-50% of a core, 15-16 points of it in OpenBLAS's second thread, and 31%
+EPYC cost the server 45.6% of a core, 16.1 points of it in OpenBLAS's second thread, and 32.0%
 with BLAS on the calling thread alone (benchmarks/README.md, "numpy's BLAS threads").
 
 An operator who set a BLAS thread count (``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``,
