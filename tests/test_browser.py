@@ -126,8 +126,11 @@ def _with_and_without_key(page: Page, key: str) -> None:
     expect(page.locator("#api-key")).to_have_value(key)
     assert "token" not in page.url
     page.get_by_role("button", name="Start").click()
+    # A transcript comes back with the key (which fixture first depends on how soon the page
+    # ran after the fake microphone opened: on a loaded machine the first can be missed).
+    either = "|".join(re.escape(reference_texts()[name]) for name in FIXTURES)
     expect(page.locator("#transcript .final .text").first).to_have_text(
-        reference_texts()["ps_goforward"])
+        re.compile(f"^({either})$"))
     page.get_by_role("button", name="Stop").click()
     expect(page.locator("#status")).to_have_text(re.compile(r"^closed \(1000\b"))
 
