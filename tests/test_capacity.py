@@ -18,7 +18,7 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from sttd.audio import pcm16_to_float32
 from sttd.backends import Request
 from sttd.backends.mock import MockBackend
-from sttd.engine import PARTIALS_PER_SPEECH_S, CapacityModel, Engine
+from sttd.engine import PARTIALS_PER_SPEECH_S, PRIOR_UTTERANCE_S, CapacityModel, Engine
 from sttd.errors import Overloaded
 from sttd.metrics import Metrics
 from sttd.settings import Settings
@@ -123,8 +123,13 @@ async def test_the_engine_calibrates_on_every_lane_and_refuses_past_capacity(
     await engine.calibrate()
     # For each kind, a warm-up call, then three rounds on both lanes at once.
     assert [r.kind for r in seen] == ["final"] * 7 + ["partial"] * 7
+    # The final as long as the utterances the model assumes, priced per its own seconds: each
+    # call here costs the same whatever its audio (as a padded window nearly does), so a final
+    # of that length is priced as the partial's call.
+    assert {r.duration_s for r in seen if r.kind == "final"} == {PRIOR_UTTERANCE_S}
     stats = engine.capacity()
-    assert stats.final_s_per_audio_s is not None and stats.final_s_per_audio_s > 0
+    assert stats.final_s_per_audio_s is not None and stats.partial_s is not None
+    assert stats.final_s_per_audio_s * PRIOR_UTTERANCE_S == pytest.approx(stats.partial_s)
     assert stats.partial_s is not None and stats.partial_s >= 0.02
     assert stats.capacity is not None and stats.capacity > 0
     held = []

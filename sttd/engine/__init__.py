@@ -9,7 +9,8 @@ inside `Engine.live_stream`. Behind it, the `Scheduler` orders and batches reque
 pieces through the engine, below live traffic.
 """
 
-from sttd.engine._capacity import PARTIALS_PER_SPEECH_S, CapacityModel, CapacityStatistics
+from sttd.engine._capacity import (PARTIALS_PER_SPEECH_S, PRIOR_UTTERANCE_S, CapacityModel,
+                                   CapacityStatistics)
 from sttd.engine._engine import Engine
 from sttd.engine._files import MAX_MEDIA_AUDIO_S, split_at_pauses, transcribe_file
 from sttd.engine._vad import VadBatcher, VadStatistics
@@ -24,6 +25,7 @@ from sttd.engine._scheduler import (
 __all__ = [
     "MAX_MEDIA_AUDIO_S",
     "PARTIALS_PER_SPEECH_S",
+    "PRIOR_UTTERANCE_S",
     "CapacityModel",
     "CapacityStatistics",
     "Engine",

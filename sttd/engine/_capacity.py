@@ -25,7 +25,11 @@ Every number is measured on the machine the server runs on: `CapacityModel.obser
 backend call's duration (a lane's wall time, so the cost of sharing the cores with the other
 lanes and the event loop is in it) with the seconds of audio it decoded; the engine runs one
 round of calls on a built-in clip at start, on every lane at once, so the first sessions are
-admitted from real costs too. `speech_share` starts at `_PRIOR_SPEECH_SHARE` and follows the
+admitted from real costs too. Its final is `PRIOR_UTTERANCE_S` of the clip, the length the
+burst bound assumes until live finals say otherwise: a final's cost is not proportional to its
+audio for a backend that pads every clip to one window (whisper: 0.16 s for 1 s, 0.21 s for
+3 s, 0.22 s for 5 s on an AMD EPYC thread), so priced per second on a longer clip, the short
+sentences of callers who connect together would look cheaper than they are. `speech_share` starts at `_PRIOR_SPEECH_SHARE` and follows the
 audio the live streams' finals carry, over the time they were open. Each cost is an
 exponentially weighted average, so the model keeps up with what the machine does now (a
 neighbour taking its CPU, a model that is slower on long clips).
@@ -38,14 +42,15 @@ from typing import Final
 
 import attrs
 
-__all__ = ["PARTIALS_PER_SPEECH_S", "CapacityModel", "CapacityStatistics"]
+__all__ = ["PARTIALS_PER_SPEECH_S", "PRIOR_UTTERANCE_S", "CapacityModel", "CapacityStatistics"]
 
 # The partial rate a speaking stream is promised (and that its cost is counted at).
 PARTIALS_PER_SPEECH_S: Final = 1.0
 # Before the live streams have said how much of their time is speech: a call with pauses; and
-# how long their utterances are: a short sentence.
+# how long their utterances are: a short sentence (the engine's calibration prices its final
+# at this length).
 _PRIOR_SPEECH_SHARE: Final = 0.7
-_PRIOR_UTTERANCE_S: Final = 3.0
+PRIOR_UTTERANCE_S: Final = 3.0
 _MIN_SPEECH_SHARE: Final = 0.2  # a stream that says almost nothing still gets its partials
 # The least time a burst of finals is given, whatever the settings say, seconds.
 _MIN_BURST_BUDGET_S: Final = 0.1
@@ -92,7 +97,7 @@ class CapacityModel:
     _final_s_per_audio_s: float | None = attrs.field(init=False, default=None)
     _partial_s: float | None = attrs.field(init=False, default=None)
     _speech_share: float = attrs.field(init=False, default=_PRIOR_SPEECH_SHARE)
-    _utterance_s: float = attrs.field(init=False, default=_PRIOR_UTTERANCE_S)
+    _utterance_s: float = attrs.field(init=False, default=PRIOR_UTTERANCE_S)
     # Audio of live finals and stream time since the speech share was last updated, seconds.
     _final_audio_s: float = attrs.field(init=False, default=0.0)
     _stream_s: float = attrs.field(init=False, default=0.0)

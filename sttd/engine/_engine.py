@@ -30,7 +30,7 @@ import trio
 
 from sttd.audio import SAMPLE_RATE_HZ, decode_wav
 from sttd.backends import ASRBackend, Request, Result, resolve_lanes
-from sttd.engine._capacity import CapacityModel, CapacityStatistics
+from sttd.engine._capacity import PRIOR_UTTERANCE_S, CapacityModel, CapacityStatistics
 from sttd.engine._scheduler import LiveStreams, Priority, Scheduler, SchedulerConfig
 from sttd.errors import BackendError, Overloaded
 from sttd.metrics import EngineLoad, Metrics
@@ -183,8 +183,8 @@ class Engine:
                 f"STT_MAX_LOAD={self._runner.capacity.max_load:g}); retry later")
 
     async def calibrate(self) -> None:
-        """Measure what calls cost on this machine: a final and a partial of a built-in clip,
-        on every lane at once (as under load), three rounds after a warm-up, the slowest of
+        """Measure what calls cost on this machine: a final of a built-in clip's first
+        `PRIOR_UTTERANCE_S` and a partial of all of it, on every lane at once (as under load), three rounds after a warm-up, the slowest of
         each kind counted (for an incremental backend, the clip as one utterance: partials half
         a second apart, then its final). Call it before `run`. Blocks for a few backend calls;
         a failure is logged, and the costs are then learnt from live traffic alone."""
@@ -213,7 +213,10 @@ class Engine:
                         for lane in range(self.lanes):
                             nursery.start_soon(utterance, f"calibration:{round_}:{lane}")
             else:
-                for request in (Request(clip, "final"), Request(clip, "partial")):
+                # The final as long as the capacity model's utterances until it sees real ones
+                # (see sttd.engine._capacity); the partial of the whole clip, a long one.
+                final = Request(clip[: round(PRIOR_UTTERANCE_S * SAMPLE_RATE_HZ)], "final")
+                for request in (final, Request(clip, "partial")):
                     await self._runner.timed([request])  # a warm-up, not counted
                     for _ in range(_CALIBRATION_ROUNDS):
                         async with trio.open_nursery() as nursery:
@@ -226,7 +229,9 @@ class Engine:
             # The slowest call of each kind: a first estimate on the safe side, which live
             # traffic then corrects (rounds on a shared machine differ by half).
             model = self._runner.capacity
-            model.observe("final", worst["final"], clip.size / SAMPLE_RATE_HZ, 1)
+            final_s = (clip.size / SAMPLE_RATE_HZ if self.backend.incremental
+                       else PRIOR_UTTERANCE_S)
+            model.observe("final", worst["final"], final_s, 1)
             model.observe("partial", worst["partial"], clip.size / SAMPLE_RATE_HZ, 1)
         stats = self.capacity()
         log.info("engine.calibrated final_s_per_audio_s=%.4f partial_s=%.4f capacity=%s",
