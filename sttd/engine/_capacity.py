@@ -29,8 +29,9 @@ admitted from real costs too. Its final is `PRIOR_UTTERANCE_S` of the clip, the 
 burst bound assumes until live finals say otherwise: a final's cost is not proportional to its
 audio for a backend that pads every clip to one window (whisper: 0.16 s for 1 s, 0.21 s for
 3 s, 0.22 s for 5 s on an AMD EPYC thread), so priced per second on a longer clip, the short
-sentences of callers who connect together would look cheaper than they are. `speech_share` starts at `_PRIOR_SPEECH_SHARE` and follows the
-audio the live streams' finals carry, over the time they were open. Each cost is an
+sentences of callers who connect together would look cheaper than they are. `speech_share`
+starts at `_PRIOR_SPEECH_SHARE` and follows the audio the live streams' finals carry, over the
+time they were open. Each cost is an
 exponentially weighted average, so the model keeps up with what the machine does now (a
 neighbour taking its CPU, a model that is slower on long clips).
 """

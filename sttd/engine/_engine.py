@@ -184,10 +184,11 @@ class Engine:
 
     async def calibrate(self) -> None:
         """Measure what calls cost on this machine: a final of a built-in clip's first
-        `PRIOR_UTTERANCE_S` and a partial of all of it, on every lane at once (as under load), three rounds after a warm-up, the slowest of
-        each kind counted (for an incremental backend, the clip as one utterance: partials half
-        a second apart, then its final). Call it before `run`. Blocks for a few backend calls;
-        a failure is logged, and the costs are then learnt from live traffic alone."""
+        `PRIOR_UTTERANCE_S` and a partial of all of it, on every lane at once (as under load),
+        three rounds after a warm-up, the slowest of each kind counted (for an incremental
+        backend, the clip as one utterance: partials half a second apart, then its final).
+        Call it before `run`. Blocks for a few backend calls; a failure is logged, and the
+        costs are then learnt from live traffic alone."""
         clip = _calibration_clip()
         worst = {"final": 0.0, "partial": 0.0}
 
