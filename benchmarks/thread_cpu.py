@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, sentences, stream_file, sttd_server, wer, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS, percentile, sentences, stream_file, sttd_server, wer, write_result)
 
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -88,19 +88,22 @@ async def _one_run(n: int, env: dict[str, str]) -> dict[str, Any]:
         groups[group] = groups.get(group, 0.0) + used
         threads.append({"thread": tid - pid, "name": name, "group": group,
                         "cpu_percent": round(100 * used / wall_s, 1)})
-    latencies = sorted(lat for outcome in outcomes for lat in outcome.latencies_s)
+    latencies = [lat for outcome in outcomes for lat in outcome.latencies_s]
     return {
         "n": n, "wall_s": round(wall_s, 1),
         "server_cpu_percent": round(100 * sum(groups.values()) / wall_s, 1),
         "groups_cpu_percent": {g: round(100 * s / wall_s, 1)
                                for g, s in sorted(groups.items(), key=lambda kv: -kv[1])},
         "threads": threads,
-        "final_latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
-        "final_latency_p95_s": (round(latencies[int(0.95 * (len(latencies) - 1))], 3)
-                                if latencies else None),
+        "final_latency_p50_s": _rounded(percentile(latencies, 50)),
+        "final_latency_p95_s": _rounded(percentile(latencies, 95)),
         "wer": round(wer([stream.reference] * len(outcomes),
                          [" ".join(f["text"] for f in o.finals) for o in outcomes]), 4),
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def _variant(text: str) -> tuple[str, dict[str, str]]:

@@ -190,6 +190,10 @@ class Engine:
         Call it before `run`. Blocks for a few backend calls; a failure is logged, and the
         costs are then learnt from live traffic alone."""
         clip = _calibration_clip()
+        # A final as long as the capacity model's utterances until it sees real ones (see
+        # sttd.engine._capacity); an incremental backend's is its whole utterance, the clip.
+        final_audio = (clip if self.backend.incremental
+                       else clip[: round(PRIOR_UTTERANCE_S * SAMPLE_RATE_HZ)])
         worst = {"final": 0.0, "partial": 0.0}
 
         async def timed(request: Request) -> None:
@@ -214,10 +218,8 @@ class Engine:
                         for lane in range(self.lanes):
                             nursery.start_soon(utterance, f"calibration:{round_}:{lane}")
             else:
-                # The final as long as the capacity model's utterances until it sees real ones
-                # (see sttd.engine._capacity); the partial of the whole clip, a long one.
-                final = Request(clip[: round(PRIOR_UTTERANCE_S * SAMPLE_RATE_HZ)], "final")
-                for request in (final, Request(clip, "partial")):
+                # The partial of the whole clip: a long one.
+                for request in (Request(final_audio, "final"), Request(clip, "partial")):
                     await self._runner.timed([request])  # a warm-up, not counted
                     for _ in range(_CALIBRATION_ROUNDS):
                         async with trio.open_nursery() as nursery:
@@ -230,9 +232,7 @@ class Engine:
             # The slowest call of each kind: a first estimate on the safe side, which live
             # traffic then corrects (rounds on a shared machine differ by half).
             model = self._runner.capacity
-            final_s = (clip.size / SAMPLE_RATE_HZ if self.backend.incremental
-                       else PRIOR_UTTERANCE_S)
-            model.observe("final", worst["final"], final_s, 1)
+            model.observe("final", worst["final"], final_audio.size / SAMPLE_RATE_HZ, 1)
             model.observe("partial", worst["partial"], clip.size / SAMPLE_RATE_HZ, 1)
         stats = self.capacity()
         log.info("engine.calibrated final_s_per_audio_s=%.4f partial_s=%.4f capacity=%s",
