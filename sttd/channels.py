@@ -9,7 +9,10 @@ A session's tasks (`sttd.nursery`) are linked by:
   place as a `Gap`, so stream times after it stay the client's. Control items are never
   dropped; a commit right behind another is the same request and is coalesced, so a client
   that floods commits cannot grow the queue; adjacent gaps merge. It counts the
-  samples it holds: that is the session's backlog.
+  samples it holds: that is the session's backlog. It also says when its receiver is parked on
+  it with nothing queued (`AudioSender.receiver_waiting`): then ``_recv`` may feed a frame to
+  the core itself and queue only what the core released (`Released`), in band, so that the
+  infer task sends it in order.
 * the **output channel** (`open_output_channel`), from ``_infer`` (and ``_recv``, for errors
   about the client's messages) to ``_send``. It holds ``max_messages`` events. A partial offered
   while it is 80% full or more is dropped and counted; finals, errors and the close are never
@@ -35,18 +38,20 @@ import trio
 
 from sttd.api import Commit, Partial, SessionEvent
 from sttd.audio import SAMPLE_RATE_HZ
-from sttd.session import AudioFrame, Gap, InputItem
+from sttd.session import AudioFrame, Decode, Gap, InputItem
 
 __all__ = [
     "AudioChannelStatistics",
     "AudioReceiver",
     "AudioSender",
+    "ChannelItem",
     "LagAction",
     "LagPolicy",
     "LatestSlot",
     "OutputReceiver",
     "OutputSender",
     "OutputStatistics",
+    "Released",
     "open_audio_channel",
     "open_output_channel",
 ]
@@ -100,6 +105,18 @@ class LagPolicy:
 
 
 @attrs.frozen
+class Released:
+    """What the core released for a frame the receive task fed it itself, while the infer task
+    waited on an empty channel: queued in band, so the infer task sends it and starts its
+    decodes in the core's order, as if it had fed the frame."""
+
+    outputs: tuple[Decode | SessionEvent, ...]
+
+
+ChannelItem: TypeAlias = InputItem | Released
+
+
+@attrs.frozen
 class AudioChannelStatistics:
     """A snapshot of an audio channel."""
 
@@ -115,13 +132,14 @@ class AudioChannelStatistics:
 @attrs.define
 class _AudioState:
     max_frames: int
-    items: collections.deque[InputItem] = attrs.Factory(collections.deque)
+    items: collections.deque[ChannelItem] = attrs.Factory(collections.deque)
     frames: int = 0
     samples: int = 0
     dropped_frames: int = 0
     dropped_samples: int = 0
     senders_open: int = 1
     receiver_open: bool = True
+    receiver_parked: bool = False  # in `AudioReceiver.receive`, on an empty channel
     lot: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     room: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
 
@@ -165,7 +183,7 @@ class AudioSender:
     _state: _AudioState
     _closed: bool = False
 
-    def send_nowait(self, item: InputItem) -> int:
+    def send_nowait(self, item: ChannelItem) -> int:
         """Queue `item`, dropping the oldest audio frames past capacity; returns frames dropped.
 
         Raises `trio.ClosedResourceError` if this end is closed, `trio.BrokenResourceError` if
@@ -197,6 +215,13 @@ class AudioSender:
     def samples_buffered(self) -> int:
         """Audio samples queued now (the session's backlog); cheaper than `statistics()`."""
         return self._state.samples
+
+    @property
+    def receiver_waiting(self) -> bool:
+        """Whether the receiver is parked on this channel with nothing queued: it has taken
+        every item sent so far, and takes the next one sent first."""
+        state = self._state
+        return state.receiver_parked and not state.items and state.receiver_open
 
     @property
     def dropped_samples(self) -> int:
@@ -255,7 +280,7 @@ class AudioReceiver:
         """Audio samples queued now (the session's backlog)."""
         return self._state.samples
 
-    async def receive(self) -> InputItem:
+    async def receive(self) -> ChannelItem:
         """Wait for the next item; raises `trio.EndOfChannel` once all senders closed and drained."""
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
@@ -268,13 +293,17 @@ class AudioReceiver:
         while True:
             # Parking was this call's schedule point: what woke it is taken at once (a second
             # checkpoint would cost every frame a pass of the scheduler).
-            await self._state.lot.park()
+            self._state.receiver_parked = True
+            try:
+                await self._state.lot.park()
+            finally:
+                self._state.receiver_parked = False
             try:
                 return self.receive_nowait()
             except trio.WouldBlock:
                 continue
 
-    def receive_nowait(self) -> InputItem:
+    def receive_nowait(self) -> ChannelItem:
         """Take the next item now; raises `trio.WouldBlock` when empty, `EndOfChannel` when done."""
         if self._closed:
             raise trio.ClosedResourceError("audio channel receive end is closed")

@@ -11,7 +11,9 @@ nursery of four tasks linked by bounded channels (`sttd.channels`):
 * ``_recv`` reads the connection. Each message goes through the codec; audio is converted to
   16 kHz mono by the one audio converter (in a worker thread when it resamples)
   and queued as the `LagPolicy` says (queued, or the client held back); commits and the
-  end go in band. It owns the audio channel's send end and a clone of the output channel's
+  end go in band. A frame that comes between utterances while ``_infer`` waits on an empty
+  channel, ``_recv`` feeds to the core itself (`Session._feed_between_utterances`), and queues
+  only what the core released, if anything: a silent line then costs no hand-off a frame. It owns the audio channel's send end and a clone of the output channel's
   (for errors about the client's own messages and dropped-frame warnings). Its cancel scope
   carries the idle and session time limits, and a drain cancels it; then, or on the client's
   end, an overload or an oversized message, it queues the matching `End` or `Stop` and closes
@@ -77,20 +79,22 @@ from sttd.channels import (
     AudioChannelStatistics,
     AudioReceiver,
     AudioSender,
+    ChannelItem,
     LagAction,
     LagPolicy,
     LatestSlot,
     OutputReceiver,
     OutputSender,
     OutputStatistics,
+    Released,
     open_audio_channel,
     open_output_channel,
 )
 from sttd.errors import BackendError, ClientError, InvalidMessage
 from sttd.metrics import Metrics, SessionOutcome
-from sttd.session import AudioFrame, Decode, InputItem, SessionCore, Stop
+from sttd.session import AudioFrame, Decode, SessionCore, Stop
 from sttd.settings import Settings
-from sttd.vad import VadSteps, run_steps
+from sttd.vad import NetCall, VadSteps, run_steps
 
 __all__ = ["Admission", "Session", "SessionStatistics", "Transcriber", "Transport", "VadDriver",
            "count_refusal", "refuse", "serve_connection"]
@@ -381,8 +385,13 @@ class Session:
                         await send_audio.wait_for_room(policy.hold_above_samples // 2)
                         scope.deadline = min(ends_at, trio.current_time()
                                              + settings.idle_timeout_s)
+                    frame = AudioFrame(samples, now)
+                    if (send_audio.receiver_waiting and not self.admission.core.utterance_open
+                            and not self.admission.core.ending):
+                        await self._feed_between_utterances(frame, send_audio)
+                        continue
                     lost = send_audio.dropped_samples
-                    if send_audio.send_nowait(AudioFrame(samples, now)):
+                    if send_audio.send_nowait(frame):
                         self.metrics.frames_dropped_total.inc()
                         self.metrics.audio_skipped_seconds_total.inc(
                             (send_audio.dropped_samples - lost) / SAMPLE_RATE_HZ)
@@ -399,6 +408,35 @@ class Session:
             # The scope ended the loop: a drain, the session's time limit, or an idle client.
             await self._flush(converter, send_audio)
             send_audio.send_nowait(self._input_ended(ends_at))
+
+    async def _feed_between_utterances(self, frame: AudioFrame, send_audio: AudioSender
+                                       ) -> None:
+        """Feed `frame` to the core here, while the infer task waits on an empty channel and
+        no utterance is open; queue what the core released, if anything, for the infer task.
+
+        Most frames of a live line come between utterances and release nothing. Handing each
+        to the infer task was a channel wake-up and a task switch a frame: about 16 us of
+        sttd's 40 us a 20 ms frame (`benchmarks/session_cost.py`). Nothing is reordered: the
+        infer task has fed the core every earlier item, and it is parked until this task sends
+        it more. The feed is shielded: a drain or the idle limit cancelling the receive loop
+        must not stop the core halfway through a frame (its only wait is the shared VAD
+        batcher, which always answers).
+        """
+        core = self.admission.core
+        self.metrics.frame_lag_seconds.observe(0.0)
+        steps = core.feed_steps(frame)
+        try:
+            call = next(steps)  # a frame the VAD settles from its energy alone ends here
+        except StopIteration as done:
+            outputs: list[Decode | SessionEvent] = done.value
+        else:
+            # A cancel scope costs more than the rest of a silent frame: only here.
+            with trio.CancelScope(shield=True):
+                outputs = await self.admission.vad.drive(_resumed(call, steps))
+        if outputs or core.utterance_open:
+            # Speech began (or the silence released an event): the infer task takes it from
+            # here, as after any round, and the frames after it go to it through the channel.
+            send_audio.send_nowait(Released(tuple(outputs)))
 
     async def _convert(self, converter: StreamConverter, audio: Audio
                        ) -> npt.NDArray[np.int16]:
@@ -452,7 +490,8 @@ class Session:
                         if isinstance(item, AudioFrame):
                             self.metrics.frame_lag_seconds.observe(
                                 trio.current_time() - item.received_at)
-                        outputs = await self.admission.vad.drive(core.feed_steps(item))
+                        outputs = (list(item.outputs) if isinstance(item, Released) else
+                                   await self.admission.vad.drive(core.feed_steps(item)))
                         # What the core released now goes out before any decode it asked for
                         # can release more (the events come first in its order).
                         await self._emit(send_out, [out for out in outputs
@@ -612,7 +651,18 @@ class Session:
         return None
 
 
-async def _receive_round(recv_audio: AudioReceiver) -> tuple[list[InputItem], int]:
+def _resumed(call: NetCall, steps: VadSteps[_T]) -> VadSteps[_T]:
+    """`steps`, whose first net call `call` was already taken from it."""
+    score = yield call
+    while True:
+        try:
+            call = steps.send(score)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]  # the generator's return value
+        score = yield call
+
+
+async def _receive_round(recv_audio: AudioReceiver) -> tuple[list[ChannelItem], int]:
     """What the audio channel holds: wait for one item, then take all that are there.
 
     Also gives the backlog the round starts with: the samples queued behind its first item.

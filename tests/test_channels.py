@@ -18,6 +18,7 @@ from sttd.channels import (
     LatestSlot,
     OutputReceiver,
     OutputStatistics,
+    Released,
     open_audio_channel,
     open_output_channel,
 )
@@ -184,6 +185,40 @@ async def test_receive_waits_for_an_item(autojump_clock: trio.testing.MockClock)
             assert got == []  # parked, not spinning
             send.send_nowait(Commit(1.0))
         assert got == [Commit(1.0)]
+
+
+async def test_the_sender_sees_when_its_receiver_waits_on_an_empty_channel(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # Only then has the receiver taken every item sent, and will it take the next one first:
+    # the session's receive task may feed the core itself (sttd.nursery).
+    with trio.fail_after(HANG_S):
+        send, receive = open_audio_channel(4)
+        assert not send.receiver_waiting  # not receiving
+        got: list[object] = []
+
+        async def receiver() -> None:
+            got.append(await receive.receive())
+
+        async with trio.open_nursery() as nursery:
+            send.send_nowait(frame(1))
+            nursery.start_soon(receiver)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [frame(1)] and not send.receiver_waiting  # took it without waiting
+            nursery.start_soon(receiver)
+            await trio.testing.wait_all_tasks_blocked()
+            assert send.receiver_waiting
+            send.send_nowait(Released(()))
+            assert not send.receiver_waiting  # woken, but the item is not taken yet
+        assert got == [frame(1), Released(())]
+        assert not send.receiver_waiting
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver)
+            await trio.testing.wait_all_tasks_blocked()
+            assert send.receiver_waiting
+            nursery.cancel_scope.cancel()
+        assert not send.receiver_waiting  # cancelled while parked
+        receive.close()
+        assert not send.receiver_waiting
 
 
 async def test_receive_wakes_for_each_item_in_order(autojump_clock: trio.testing.MockClock) -> None:

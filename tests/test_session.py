@@ -31,6 +31,7 @@ from sttd.errors import BackendError
 from sttd.metrics import Metrics
 from sttd.nursery import Admission, Session
 from sttd.settings import Settings
+from sttd.vad import silero_model
 from tests.conftest import load_pcm, reference_texts, silence
 
 
@@ -388,6 +389,69 @@ async def test_drain_finalizes_open_speech_and_closes_1001() -> None:
     assert transport.close_code == 1001
     assert transport.of_type("error") == []
     assert metrics.sessions_total.labels("drained")._value.get() == 1
+
+
+class _RmsNet:
+    """Stands in for Silero: speech above -40 dBFS RMS."""
+
+    def process(self, data: memoryview) -> float:
+        window = np.frombuffer(data, np.float32)
+        return 0.9 if float(window.dot(window)) > 1e-4 * window.size else 0.1
+
+    def reset(self) -> None:
+        return None
+
+
+@attrs.define
+class _HeldVad:
+    """A VAD driver whose net calls wait for `release`, as a busy shared batcher's do."""
+
+    release: trio.Event = attrs.field(factory=trio.Event)
+    waiting: trio.Event = attrs.field(factory=trio.Event)
+
+    async def drive(self, steps: Any) -> Any:
+        try:
+            call = next(steps)
+            while True:
+                self.waiting.set()
+                await self.release.wait()
+                call = steps.send(call.score())
+        except StopIteration as stop:
+            return stop.value
+
+
+async def test_a_drain_waits_for_the_frame_the_receive_task_is_feeding_between_utterances(
+        ) -> None:
+    # Between utterances the receive task feeds the core itself. A drain cancels the receive
+    # loop; the frame it was feeding (waiting on the VAD's net) must still go in whole, or the
+    # endpointer would stop part-way through it.
+    silero_model()
+    config = Settings(backend="mock", vad="silero")
+    request = CODEC.accept(MultiDict({"call_id": "t", "sample_rate": "16000"}), config)
+    core = session_core(request, config)
+    core.tracker.endpointer.classifier.net = _RmsNet()  # type: ignore[attr-defined]
+    vad = _HeldVad()
+    session = Session(Admission(request, core, FakeEngine(), _unregistered, vad=vad), config,
+                      Metrics.create(CollectorRegistry()))
+    line = np.random.default_rng(0).normal(0, 104, 1600).astype(np.int16)  # -50 dBFS, 100 ms
+    transport = FakeTransport.create()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run, transport, CODEC)
+            await trio.testing.wait_all_tasks_blocked()  # the infer task waits on its channel
+            await transport.incoming_send.send(line.tobytes())
+            await transport.incoming_send.send(line.tobytes())
+            await vad.waiting.wait()
+            session.drain()
+            await trio.testing.wait_all_tasks_blocked()
+            # The receive task is in the first frame's feed: the second is still unread.
+            assert transport.incoming.statistics().current_buffer_used == 1
+            assert transport.close_code is None
+            vad.release.set()
+            await transport.closed.wait()
+    assert transport.close_code == 1001
+    assert core.tracker.position == line.size
+    assert core.tracker.endpointer.position == line.size - line.size % 512
 
 
 async def test_a_session_drained_before_it_reads_closes_at_once() -> None:
