@@ -11,9 +11,9 @@ nursery of four tasks linked by bounded channels (`sttd.channels`):
 * ``_recv`` reads the connection. Each message goes through the codec; audio is converted to
   16 kHz mono by the one audio converter (in a worker thread when it resamples)
   and queued as the `LagPolicy` says (queued, or the client held back); commits and the
-  end go in band. A frame that comes between utterances while ``_infer`` waits on an empty
-  channel, ``_recv`` feeds to the core itself (`Session._feed_between_utterances`), and queues
-  only what the core released, if anything: a silent line then costs no hand-off a frame. It owns the audio channel's send end and a clone of the output channel's
+  end go in band. A frame that comes while ``_infer`` waits on an empty channel, ``_recv``
+  feeds to the core itself (`Session._feed_here`), and queues only what the core released,
+  or that a partial is due, if anything: most frames then cost no hand-off. It owns the audio channel's send end and a clone of the output channel's
   (for errors about the client's own messages and dropped-frame warnings). Its cancel scope
   carries the idle and session time limits, and a drain cancels it; then, or on the client's
   end, an overload or an oversized message, it queues the matching `End` or `Stop` and closes
@@ -386,9 +386,8 @@ class Session:
                         scope.deadline = min(ends_at, trio.current_time()
                                              + settings.idle_timeout_s)
                     frame = AudioFrame(samples, now)
-                    if (send_audio.receiver_waiting and not self.admission.core.utterance_open
-                            and not self.admission.core.ending):
-                        await self._feed_between_utterances(frame, send_audio)
+                    if send_audio.receiver_waiting and not self.admission.core.ending:
+                        await self._feed_here(frame, send_audio)
                         continue
                     lost = send_audio.dropped_samples
                     if send_audio.send_nowait(frame):
@@ -409,21 +408,23 @@ class Session:
             await self._flush(converter, send_audio)
             send_audio.send_nowait(self._input_ended(ends_at))
 
-    async def _feed_between_utterances(self, frame: AudioFrame, send_audio: AudioSender
-                                       ) -> None:
-        """Feed `frame` to the core here, while the infer task waits on an empty channel and
-        no utterance is open; queue what the core released, if anything, for the infer task.
+    async def _feed_here(self, frame: AudioFrame, send_audio: AudioSender) -> None:
+        """Feed `frame` to the core here, while the infer task waits on an empty channel; hand
+        the infer task what the core released, or the round that must follow, if anything.
 
-        Most frames of a live line come between utterances and release nothing. Handing each
-        to the infer task was a channel wake-up and a task switch a frame: about 16 us of
-        sttd's 40 us a 20 ms frame (`benchmarks/session_cost.py`). Nothing is reordered: the
-        infer task has fed the core every earlier item, and it is parked until this task sends
-        it more. The feed is shielded: a drain or the idle limit cancelling the receive loop
-        must not stop the core halfway through a frame (its only wait is the shared VAD
-        batcher, which always answers).
+        Most frames release nothing and ask for no decode. Handing each to the infer task was
+        a channel wake-up and a task switch a frame: about 16 us of sttd's 40 us a 20 ms frame
+        of a silent line (`benchmarks/session_cost.py`). Nothing is reordered: the infer task
+        has fed the core every earlier item, and it is parked until this task sends it more.
+        What it would have done after the frame, it still does, on `Released`: send the events,
+        start the decodes, withdraw a speculation that speech made stale, take a partial or a
+        speculation that is due. The feed is shielded where it waits on the VAD's net: a drain
+        or the idle limit cancelling the receive loop must not stop the core halfway through a
+        frame (that wait is the shared VAD batcher, which always answers).
         """
         core = self.admission.core
         self.metrics.frame_lag_seconds.observe(0.0)
+        dropped = core.speculations_dropped
         steps = core.feed_steps(frame)
         try:
             call = next(steps)  # a frame the VAD settles from its energy alone ends here
@@ -433,9 +434,7 @@ class Session:
             # A cancel scope costs more than the rest of a silent frame: only here.
             with trio.CancelScope(shield=True):
                 outputs = await self.admission.vad.drive(_resumed(call, steps))
-        if outputs or core.utterance_open:
-            # Speech began (or the silence released an event): the infer task takes it from
-            # here, as after any round, and the frames after it go to it through the channel.
+        if outputs or core.decode_due() or core.speculations_dropped != dropped:
             send_audio.send_nowait(Released(tuple(outputs)))
 
     async def _convert(self, converter: StreamConverter, audio: Audio

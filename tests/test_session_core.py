@@ -389,3 +389,19 @@ def test_a_session_detecting_its_language_once_keeps_the_first_sure_one() -> Non
     done = utterance(every, 0.0)
     every.decoded(done, Result("guten morgen", language="de", language_probability=0.9))
     assert utterance(every, 2.0).request.language is None
+
+
+def test_decode_due_says_whether_a_round_would_take_a_partial_or_a_speculation() -> None:
+    # The session's receive task feeds frames itself and hands the infer task a round only when
+    # this is true (sttd.nursery): no partial or speculation may come due unseen.
+    c = speculating_core()
+    frames = [ms(20, loud=True)] * 60 + [ms(20)] * 15 + [ms(20, loud=True)] * 30 + [ms(20)] * 40
+    taken: list[str] = []
+    for frame in frames:
+        c.feed(frame)
+        due = c.decode_due()
+        speculation = c.take_speculative()
+        partial = c.take_partial()
+        assert due == (speculation is not None or partial is not None)
+        taken += ["speculation"] * (speculation is not None) + ["partial"] * (partial is not None)
+    assert taken.count("speculation") >= 1 and taken.count("partial") >= 3

@@ -446,3 +446,24 @@ def test_no_partial_takes_in_a_pause_past_the_tail() -> None:
     assert summary(track.take_partial()) == ("partial", 0, 700, 2600)
     [final] = track.feed(quiet(600))
     assert final.end_ms == 2600 + 200
+
+
+@pytest.mark.parametrize("chunk_ms", [20, 100])
+def test_partial_due_and_speculation_due_say_what_the_takes_would_give(chunk_ms: int) -> None:
+    # The session's receive task feeds the core between the infer task's rounds, and hands it
+    # a round only when one of these is due (sttd.nursery): they must agree with the takes.
+    track = tracker(speculate_ms=200)
+    audio = signal(quiet(300), sine(900), quiet(250), sine(700), quiet(900), sine(400),
+                   quiet(700))
+    step = chunk_ms * SAMPLES_PER_MS
+    partials = speculations = 0
+    for offset in range(0, audio.size, step):
+        track.feed(audio[offset : offset + step])
+        partial_due, speculation_due = track.partial_due(), track.speculation_due()
+        assert track.partial_due() == partial_due  # asking takes nothing
+        assert (track.take_speculative() is not None) == speculation_due
+        assert (track.take_partial() is not None) == partial_due
+        assert not track.speculation_due() and not track.partial_due()  # taken now
+        partials += partial_due
+        speculations += speculation_due
+    assert partials >= 3 and speculations >= 2

@@ -382,6 +382,16 @@ class SessionCore:
         self.speculations_offered += 1
         return self._speculation
 
+    def decode_due(self) -> bool:
+        """Whether `take_partial` or `take_speculative` would give a decode now (neither is
+        taken): a frame fed outside the infer task's round must then have that round run."""
+        if self._ending:
+            return False
+        if self.tracker.speculation_due():
+            return True
+        return (self.options.partials and self._speculation is None
+                and self.tracker.partial_due())
+
     def take_partial(self) -> Decode | None:
         """A partial to decode, if ``partial_ms`` of new speech came since the last one (and
         no speculative final stands for the utterance: its speaker paused)."""

@@ -218,17 +218,19 @@ class UtteranceTracker:
         speaker has not paused for longer than the tail: a partial of a pause shows nothing
         new, and it would take in audio the utterance's final may end before (a streaming
         model fed past that end would have to start the utterance over)."""
-        if self._open_start is None:
-            return None
-        if self.partial_ms is None:
-            return None
-        if (self.endpointing and self.endpointer.in_speech and self.position
-                > self.endpointer.last_speech_end + self.tail_ms * SAMPLES_PER_MS):
-            return None
-        if (self.position - self._partial_at) < self.partial_ms * SAMPLES_PER_MS:
+        if not self.partial_due() or self._open_start is None:
             return None
         self._partial_at = self.position
         return self._utterance("partial", self._open_start, self.position)
+
+    def partial_due(self) -> bool:
+        """Whether `take_partial` would give a partial now (nothing is taken)."""
+        if self._open_start is None or self.partial_ms is None:
+            return False
+        if (self.endpointing and self.endpointer.in_speech and self.position
+                > self.endpointer.last_speech_end + self.tail_ms * SAMPLES_PER_MS):
+            return False
+        return self.position - self._partial_at >= self.partial_ms * SAMPLES_PER_MS
 
     def partial_showed_nothing(self, partial: Utterance) -> None:
         """`partial` decoded to no text: if it is the first of the open utterance's partials to,
@@ -250,11 +252,18 @@ class UtteranceTracker:
     def take_speculative(self) -> Utterance | None:
         """The open utterance's final as it will be if the silence after its last speech frame
         lasts, once ``speculate_ms`` of that silence came; each such end is offered once."""
-        end = self._speculative_end()
-        if end is None or self._open_start is None or self._speculated == (self._next_id, end):
+        if not self.speculation_due():
             return None
+        end = self._speculative_end()
+        assert end is not None and self._open_start is not None  # as speculation_due found
         self._speculated = (self._next_id, end)
         return self._utterance("final", self._open_start, end)
+
+    def speculation_due(self) -> bool:
+        """Whether `take_speculative` would give a speculative final now (nothing is taken)."""
+        end = self._speculative_end()
+        return (end is not None and self._open_start is not None
+                and self._speculated != (self._next_id, end))
 
     def speculation_holds(self, speculative: Utterance) -> bool:
         """Whether `speculative` (from `take_speculative`) is still the final the open
