@@ -199,3 +199,31 @@ async def test_a_big_frame_goes_to_the_net_a_part_at_a_time(nursery: trio.Nurser
 
 def _one_call(call: NetCall) -> VadSteps[list[float]]:
     return (yield call)
+
+
+async def test_a_batcher_that_stops_fails_the_calls_it_holds() -> None:
+    # A session feeding its core waits on its call shielded (sttd.nursery): a batcher cancelled
+    # with calls queued must answer them, or those sessions would never end.
+    model = silero_model()
+    batcher = VadBatcher(model)
+    line = (np.random.default_rng(0).normal(0, 0.01, FRAME * 3).astype(np.float32)).data
+    failed: list[BaseException] = []
+
+    def one_call() -> VadSteps[list[float]]:
+        return (yield NetCall(model.stream(), line))
+
+    async def shielded_call() -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):  # 5 s: never answered
+            try:
+                await batcher.drive(one_call())
+            except BackendError as exc:
+                failed.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            outer.start_soon(shielded_call)
+            await trio.testing.wait_all_tasks_blocked()  # queued, with no batcher running
+            async with trio.open_nursery() as server:
+                server.start_soon(batcher.run)
+                server.cancel_scope.cancel()  # stopped before it ran the call
+    assert len(failed) == 1 and "the VAD batcher stopped" in str(failed[0].__cause__)

@@ -65,6 +65,7 @@ class VadBatcher:
 
     model: SileroModel
     _queue: list[_Pending] = attrs.field(init=False, factory=list)
+    _in_run: list[_Pending] = attrs.field(init=False, factory=list)  # the run being scored
     _work: trio.lowlevel.ParkingLot = attrs.field(init=False, factory=trio.lowlevel.ParkingLot)
     _runs: int = attrs.field(init=False, default=0)
     _windows: int = attrs.field(init=False, default=0)
@@ -86,12 +87,25 @@ class VadBatcher:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Score queued calls until cancelled (a run in flight finishes first)."""
+        """Score queued calls until cancelled (a run in flight finishes first); calls still
+        queued then fail, so that no caller waits on a batcher that is gone (a session feeding
+        its core waits on its call shielded, `sttd.nursery.Session._feed_here`)."""
         task_status.started()
+        try:
+            await self._serve()
+        finally:
+            for pending in [*self._in_run, *self._queue]:
+                if not pending.done.is_set():
+                    pending.error = RuntimeError("the VAD batcher stopped")
+                    pending.done.set()
+            self._in_run, self._queue = [], []
+
+    async def _serve(self) -> None:
         while True:
             while not self._queue:
                 await self._work.park()
-            batch, self._queue = self._queue, []
+            batch = self._in_run = self._queue
+            self._queue = []
             try:
                 answers = await trio.to_thread.run_sync(
                     self.model.score, [pending.call for pending in batch])
