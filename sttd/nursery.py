@@ -94,7 +94,7 @@ from sttd.errors import BackendError, ClientError, InvalidMessage
 from sttd.metrics import Metrics, SessionOutcome
 from sttd.session import AudioFrame, Decode, SessionCore, Stop
 from sttd.settings import Settings
-from sttd.vad import NetCall, VadSteps, run_steps
+from sttd.vad import VadSteps, run_steps
 
 __all__ = ["Admission", "Session", "SessionStatistics", "Transcriber", "Transport", "VadDriver",
            "count_refusal", "refuse", "serve_connection"]
@@ -133,15 +133,18 @@ class Transport(Protocol):
 class VadDriver(Protocol):
     """Runs a core's VAD steps, scoring the net calls they suspend at."""
 
-    async def drive(self, steps: VadSteps[_T]) -> _T: ...
+    async def drive(self, steps: VadSteps[_T], *, shielded: bool = False) -> _T:
+        """Run `steps` to their end; `shielded`: no cancellation stops them halfway (it takes
+        effect at the caller's next checkpoint after)."""
+        ...
 
 
 class _AtOnce:
     """Scores each net call at once, on the event loop (`sttd.vad.run_steps`): for sessions
     without a shared batcher (tests, the energy VAD, which never calls a net)."""
 
-    async def drive(self, steps: VadSteps[_T]) -> _T:
-        return run_steps(steps)
+    async def drive(self, steps: VadSteps[_T], *, shielded: bool = False) -> _T:
+        return run_steps(steps)  # never waits
 
 
 class Transcriber(Protocol):
@@ -418,22 +421,15 @@ class Session:
         has fed the core every earlier item, and it is parked until this task sends it more.
         What it would have done after the frame, it still does, on `Released`: send the events,
         start the decodes, withdraw a speculation that speech made stale, take a partial or a
-        speculation that is due. The feed is shielded where it waits on the VAD's net: a drain
-        or the idle limit cancelling the receive loop must not stop the core halfway through a
-        frame (that wait is the shared VAD batcher, which always answers).
+        speculation that is due. The feed is shielded: a drain or the idle limit cancelling the
+        receive loop must not stop the core halfway through a frame (its only wait is the shared
+        VAD batcher, which always answers).
         """
         core = self.admission.core
         self.metrics.frame_lag_seconds.observe(0.0)
         dropped = core.speculations_dropped
-        steps = core.feed_steps(frame)
-        try:
-            call = next(steps)  # a frame the VAD settles from its energy alone ends here
-        except StopIteration as done:
-            outputs: list[Decode | SessionEvent] = done.value
-        else:
-            # A cancel scope costs more than the rest of a silent frame: only here.
-            with trio.CancelScope(shield=True):
-                outputs = await self.admission.vad.drive(_resumed(call, steps))
+        # Shielded without a cancel scope, which cost about as much as the hand-off saved.
+        outputs = await self.admission.vad.drive(core.feed_steps(frame), shielded=True)
         if outputs or core.decode_due() or core.speculations_dropped != dropped:
             send_audio.send_nowait(Released(tuple(outputs)))
 
@@ -648,17 +644,6 @@ class Session:
         await _close(transport, codec, Close(1008, "client not reading"), self.metrics)
         assert stalled.cancelled_caught
         return None
-
-
-def _resumed(call: NetCall, steps: VadSteps[_T]) -> VadSteps[_T]:
-    """`steps`, whose first net call `call` was already taken from it."""
-    score = yield call
-    while True:
-        try:
-            call = steps.send(score)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]  # the generator's return value
-        score = yield call
 
 
 async def _receive_round(recv_audio: AudioReceiver) -> tuple[list[ChannelItem], int]:

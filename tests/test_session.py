@@ -409,12 +409,13 @@ class _HeldVad:
     release: trio.Event = attrs.field(factory=trio.Event)
     waiting: trio.Event = attrs.field(factory=trio.Event)
 
-    async def drive(self, steps: Any) -> Any:
+    async def drive(self, steps: Any, *, shielded: bool = False) -> Any:
         try:
             call = next(steps)
             while True:
                 self.waiting.set()
-                await self.release.wait()
+                with trio.CancelScope(shield=shielded):
+                    await self.release.wait()
                 call = steps.send(call.score())
         except StopIteration as stop:
             return stop.value

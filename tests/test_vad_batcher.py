@@ -227,3 +227,26 @@ async def test_a_batcher_that_stops_fails_the_calls_it_holds() -> None:
                 server.start_soon(batcher.run)
                 server.cancel_scope.cancel()  # stopped before it ran the call
     assert len(failed) == 1 and "the VAD batcher stopped" in str(failed[0].__cause__)
+
+
+async def test_a_shielded_drive_goes_on_through_a_cancel(nursery: trio.Nursery) -> None:
+    # How a session's receive task feeds its core (sttd.nursery): a drain must not stop the
+    # core halfway through a frame. The cancel reaches the caller at its next checkpoint.
+    model = silero_model()
+    batcher = VadBatcher(model)
+    await nursery.start(batcher.run)
+    line = (np.random.default_rng(0).normal(0, 0.01, FRAME * 3).astype(np.float32)).data
+    alone = NetCall(model.stream(), line).score()
+    stream = model.stream()
+
+    def one_call() -> VadSteps[list[float]]:
+        return (yield NetCall(stream, line))
+
+    got: list[list[float]] = []
+    with trio.fail_after(10), trio.CancelScope() as scope:
+        scope.cancel()
+        got.append(await batcher.drive(one_call(), shielded=True))
+        await trio.lowlevel.checkpoint()
+        got.append([])  # not reached: the cancel took effect here
+    assert scope.cancelled_caught
+    assert got == [alone]

@@ -18,7 +18,10 @@ would otherwise spend a core of the event loop on it.
 A call from a net that is not a stream of this batcher's model (a test's fake) is scored at once,
 as `sttd.vad.run_steps` would. A run that fails fails every call of it: each waiting session
 gets the error (and closes as a server failure); the batcher goes on. A session cancelled while
-its call waits withdraws it; one cancelled while its call runs leaves it to finish.
+its call waits withdraws it; one cancelled while its call runs leaves it to finish. A caller
+that must not be stopped halfway through its steps drives them ``shielded``: its waits cannot be
+cancelled (a cancel reaches it at its next checkpoint after), and cost no cancel scope; a
+batcher that stops fails the calls it holds, so such a wait always ends.
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ class _Pending:
     done: trio.Event = attrs.field(factory=trio.Event)
     probabilities: list[float] = attrs.field(factory=list)
     error: Exception | None = None
+    # A caller waiting without a cancel point (`VadBatcher.drive`'s ``shielded``).
+    waiter: trio.lowlevel.Task | None = None
+
+    def answer(self) -> None:
+        self.done.set()
+        if self.waiter is not None:
+            trio.lowlevel.reschedule(self.waiter)
+            self.waiter = None
 
 
 @attrs.frozen
@@ -73,15 +84,16 @@ class VadBatcher:
     def statistics(self) -> VadStatistics:
         return VadStatistics(self._runs, self._windows)
 
-    async def drive(self, steps: VadSteps[_T]) -> _T:
+    async def drive(self, steps: VadSteps[_T], *, shielded: bool = False) -> _T:
         """Run `steps` to their end, scoring their net calls in the shared runs; their result.
 
-        Raises what a failed run raised.
+        `shielded`: no cancellation stops them halfway (it takes effect at the caller's next
+        checkpoint). Raises what a failed run raised.
         """
         try:
             call = next(steps)
             while True:
-                call = steps.send(await self._score(call))
+                call = steps.send(await self._score(call, shielded))
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]  # the generator's return value
 
@@ -97,7 +109,7 @@ class VadBatcher:
             for pending in [*self._in_run, *self._queue]:
                 if not pending.done.is_set():
                     pending.error = RuntimeError("the VAD batcher stopped")
-                    pending.done.set()
+                    pending.answer()
             self._in_run, self._queue = [], []
 
     async def _serve(self) -> None:
@@ -117,34 +129,39 @@ class VadBatcher:
                 log.error("vad.failed calls=%d", len(batch), exc_info=True)
                 for pending in batch:
                     pending.error = exc
-                    pending.done.set()
+                    pending.answer()
                 continue
             self._runs += 1
             self._windows += sum(windows)
             for pending, answer in zip(batch, answers, strict=True):  # checked above
                 pending.probabilities = answer
-                pending.done.set()
+                pending.answer()
 
-    async def _score(self, call: NetCall) -> list[float]:
+    async def _score(self, call: NetCall, shielded: bool) -> list[float]:
         stream = call.net
         if not isinstance(stream, SileroStream) or stream.model is not self.model:
             return call.score()
         if call.windows <= _MAX_RUN_WINDOWS:
-            return await self._score_in_a_run(call)
+            return await self._score_in_a_run(call, shielded)
         probabilities: list[float] = []
         for part in call.parts(_MAX_RUN_WINDOWS):  # in order: the stream's state moves on
-            probabilities += await self._score_in_a_run(part)
+            probabilities += await self._score_in_a_run(part, shielded)
         return probabilities
 
-    async def _score_in_a_run(self, call: NetCall) -> list[float]:
+    async def _score_in_a_run(self, call: NetCall, shielded: bool) -> list[float]:
         pending = _Pending(call)
         self._queue.append(pending)
         self._work.unpark_all()
-        try:
-            await pending.done.wait()
-        finally:
-            if not pending.done.is_set() and pending in self._queue:
-                self._queue.remove(pending)  # withdrawn: its session went away
+        if shielded:
+            # Parked until `_Pending.answer`; an abort is refused, so a cancel waits for it.
+            pending.waiter = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        else:
+            try:
+                await pending.done.wait()
+            finally:
+                if not pending.done.is_set() and pending in self._queue:
+                    self._queue.remove(pending)  # withdrawn: its session went away
         if pending.error is not None:
             raise BackendError(f"the VAD net failed: {pending.error!r}") from pending.error
         return pending.probabilities
