@@ -43,8 +43,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.frame_cost import _LINE_DBFS, _RmsNet  # noqa: E402  # the same stand-in net
 SCENARIOS = ("silence", "line", "speech")
-_LINE_DBFS = -50.0
 
 
 def _audio(scenario: str, seconds: float) -> np.ndarray:
@@ -59,17 +61,6 @@ def _audio(scenario: str, seconds: float) -> np.ndarray:
         return np.zeros(samples, np.int16)
     noise = np.random.default_rng(0).normal(0.0, 10 ** (_LINE_DBFS / 20), samples)
     return float32_to_pcm16(noise.astype(np.float32))
-
-
-class _RmsNet:
-    """Stands in for Silero: speech above -40 dBFS RMS, at once and for free."""
-
-    def process(self, data: memoryview) -> float:
-        window = np.frombuffer(data, np.float32)
-        return 0.9 if float(window.dot(window)) > 1e-4 * window.size else 0.1
-
-    def reset(self) -> None:
-        return None
 
 
 def _child(scenario: str, sessions: int, frame_ms: int, seconds: float, floor: bool) -> float:

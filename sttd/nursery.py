@@ -13,8 +13,9 @@ nursery of four tasks linked by bounded channels (`sttd.channels`):
   and queued as the `LagPolicy` says (queued, or the client held back); commits and the
   end go in band. A frame that comes while ``_infer`` waits on an empty channel, ``_recv``
   feeds to the core itself (`Session._feed_here`), and queues only what the core released,
-  or that a partial is due, if anything: most frames then cost no hand-off. It owns the audio channel's send end and a clone of the output channel's
-  (for errors about the client's own messages and dropped-frame warnings). Its cancel scope
+  or that a partial is due, if anything: most frames then cost no hand-off. It owns the
+  audio channel's send end and a clone of the output channel's (for errors about the
+  client's own messages and dropped-frame warnings). Its cancel scope
   carries the idle and session time limits, and a drain cancels it; then, or on the client's
   end, an overload or an oversized message, it queues the matching `End` or `Stop` and closes
   its end, so ``_infer`` sees the item, then `EndOfChannel`.
