@@ -391,17 +391,6 @@ async def test_drain_finalizes_open_speech_and_closes_1001() -> None:
     assert metrics.sessions_total.labels("drained")._value.get() == 1
 
 
-class _RmsNet:
-    """Stands in for Silero: speech above -40 dBFS RMS."""
-
-    def process(self, data: memoryview) -> float:
-        window = np.frombuffer(data, np.float32)
-        return 0.9 if float(window.dot(window)) > 1e-4 * window.size else 0.1
-
-    def reset(self) -> None:
-        return None
-
-
 @attrs.define
 class _HeldVad:
     """A VAD driver whose net calls wait for `release`, as a busy shared batcher's do."""
@@ -429,8 +418,7 @@ async def test_a_drain_waits_for_the_frame_the_receive_task_is_feeding_between_u
     silero_model()
     config = Settings(backend="mock", vad="silero")
     request = CODEC.accept(MultiDict({"call_id": "t", "sample_rate": "16000"}), config)
-    core = session_core(request, config)
-    core.tracker.endpointer.classifier.net = _RmsNet()  # type: ignore[attr-defined]
+    core = session_core(request, config)  # its VAD's net: a stream of the loaded Silero
     vad = _HeldVad()
     session = Session(Admission(request, core, FakeEngine(), _unregistered, vad=vad), config,
                       Metrics.create(CollectorRegistry()))

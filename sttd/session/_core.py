@@ -387,15 +387,17 @@ class SessionCore:
         taken): a frame fed outside the infer task's round must then have that round run."""
         if self._ending:
             return False
-        if self.tracker.speculation_due():
-            return True
-        return (self.options.partials and self._speculation is None
-                and self.tracker.partial_due())
+        return self.tracker.speculation_due() or (self._partials_open()
+                                                  and self.tracker.partial_due())
+
+    def _partials_open(self) -> bool:
+        """Whether the session may have a partial now, if one is due."""
+        return not self._ending and self.options.partials and self._speculation is None
 
     def take_partial(self) -> Decode | None:
         """A partial to decode, if ``partial_ms`` of new speech came since the last one (and
         no speculative final stands for the utterance: its speaker paused)."""
-        if self._ending or not self.options.partials or self._speculation is not None:
+        if not self._partials_open():
             return None
         utterance = self.tracker.take_partial()
         if utterance is None:
