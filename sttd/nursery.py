@@ -354,6 +354,7 @@ class Session:
                             self.admission.engine.check_language(command.options.language)
                             self.admission.engine.check_hotwords(command.options.hotwords)
                         except ClientError as exc:
+                            codec.withdraw(command)  # as if the update never came
                             refused = message if isinstance(message, str) else None
                             await send_errors.send(Error(
                                 exc.code, str(exc), refused=refused,

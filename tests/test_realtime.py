@@ -249,6 +249,41 @@ async def test_bad_events_get_openai_errors_naming_the_field_and_the_session_goe
     assert [e.transcript for e in events if e.type == COMPLETED] == [refs["ps_cards_001"]]
 
 
+async def test_an_update_the_engine_refuses_leaves_no_trace(nursery: trio.Nursery) -> None:
+    """An update asking for a language the backend cannot serve is refused whole: the audio
+    after it is still read in the applied format, and the next update builds on the applied
+    setup and is echoed as itself (before, the refused one stayed queued: every later update
+    was refused with its language, and 24 kHz PCM16 was read as the refused update's G.711)."""
+    refs = reference_texts()
+    server = await start_server(nursery, vad="energy")
+
+    def run() -> list[Any]:
+        with _connect(server) as connection:
+            connection.send({"type": "session.update", "event_id": "evt_de", "session": {
+                "type": "transcription", "audio": {"input": {
+                    "format": {"type": "audio/pcmu"}, "transcription": {"language": "de"}}}}})
+            refused = _events_until(connection, lambda s: any(e.type == "error" for e in s))
+            connection.send({"type": "session.update", "event_id": "evt_vad", "session": {
+                "type": "transcription", "include": ["item.input_audio_transcription.logprobs"],
+                "audio": {"input": {"turn_detection": None}}}})
+            updated = _events_until(connection, lambda s: bool(s) and s[-1].type == "session.updated")
+            _append(connection, load_pcm("ps_cards_001"), silence(0.5))
+            connection.input_audio_buffer.commit()
+            return refused + updated + _events_until(connection, _completed(1))
+
+    events = await _in_thread(run)
+    [error] = [e for e in events if e.type == "error"]
+    assert (error.error.event_id, error.error.code) == ("evt_de", "unsupported_language")
+    [updated] = [e for e in events if e.type == "session.updated"]
+    assert updated.session.audio.input.format.type == "audio/pcm"
+    assert updated.session.audio.input.transcription.language != "de"
+    assert updated.session.audio.input.turn_detection is None
+    assert not any(e.type.startswith("input_audio_buffer.speech_") for e in events)
+    [completed] = [e for e in events if e.type == COMPLETED]
+    assert completed.transcript == refs["ps_cards_001"]
+    assert completed.logprobs
+
+
 async def test_the_sdk_switches_to_g711_mid_session(nursery: trio.Nursery) -> None:
     """A telephony bridge's G.711 at 8 kHz (encoded by FFmpeg) after PCM16 at 24 kHz: every
     utterance transcribed, the update echoed in OpenAI's shape."""

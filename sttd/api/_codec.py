@@ -6,7 +6,7 @@ from typing import Protocol
 
 from werkzeug.datastructures import MultiDict
 
-from sttd.api._events import ClientCommand, SessionEvent, SessionRequest
+from sttd.api._events import ClientCommand, Configure, SessionEvent, SessionRequest
 from sttd.settings import Settings
 
 __all__ = ["Codec"]
@@ -28,6 +28,11 @@ class Codec(Protocol):
 
         `received_at` is the trio clock time the message arrived.
         """
+        ...
+
+    def withdraw(self, command: Configure) -> None:
+        """Forget `command`, the last one `decode` returned, which the session refused (the
+        engine cannot serve its options): the connection goes on as if it never came."""
         ...
 
     def encode(self, event: SessionEvent) -> list[str]:

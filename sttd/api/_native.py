@@ -19,6 +19,7 @@ from sttd.api._events import (
     ClientCommand,
     Close,
     Commit,
+    Configure,
     End,
     Error,
     Final as FinalEvent,
@@ -133,6 +134,9 @@ class NativeCodec:
             return KeepAlive()
         raise InvalidMessage(
             f"message type must be one of commit, end, keepalive, got {str(kind)[:40]!r}")
+
+    def withdraw(self, command: Configure) -> None:
+        return None  # this protocol's messages never reconfigure a session
 
     def encode(self, event: SessionEvent) -> list[str]:
         if isinstance(event, Close):

@@ -292,6 +292,13 @@ class RealtimeCodec:
                                                       _MIN_SILENCE_MS, _MAX_WAIT_MS))
         return changes
 
+    def withdraw(self, command: Configure) -> None:
+        """The engine refused the update `decode` just returned (a language or hotwords it
+        cannot serve): it is dropped, so later appends stay in the applied format, later
+        updates build on the applied setup, and each `Configured` meets its own update."""
+        if self._pending:
+            self._pending.pop()
+
     # -- server events ---------------------------------------------------------------------
 
     def encode(self, event: SessionEvent) -> list[str]:
