@@ -22,12 +22,14 @@ import pytest
 import soxr  # type: ignore[import-untyped]
 import trio
 from deepgram import DeepgramClient
+from deepgram.core.events import EventType
 from deepgram.environment import DeepgramClientEnvironment
 from deepgram.listen.v1.socket_client import V1SocketClient
 from deepgram.listen.v1.types import (
     ListenV1Error,
     ListenV1Metadata,
     ListenV1Results,
+    ListenV1SpeechStarted,
     ListenV1UtteranceEnd,
 )
 from websockets.exceptions import ConnectionClosed
@@ -35,8 +37,11 @@ from werkzeug.datastructures import MultiDict
 
 from sttd.api import (
     Audio,
+    Cleared,
     Close,
     Commit,
+    Committed,
+    Configured,
     DeepgramCodec,
     End,
     Error,
@@ -46,6 +51,8 @@ from sttd.api import (
     Ready,
     SessionOptions,
     SessionRequest,
+    SpeechStarted,
+    SpeechStopped,
     UtteranceEnd,
     Warning,
     Word,
@@ -159,6 +166,12 @@ INVALID_QUERIES = [
     ("encoding=linear16&sample_rate=16000&channels=0", "channels", "0"),
     ("encoding=linear16&sample_rate=16000&channels=33", "channels", "33"),
     ("encoding=linear16&sample_rate=16000&multichannel=true", "multichannel", "true"),
+    ("encoding=linear16&sample_rate=16000&redact=pci", "redact", "got 'pci'"),
+    ("encoding=linear16&sample_rate=16000&redact=true", "redact", "got 'true'"),
+    ("encoding=linear16&sample_rate=16000&redact=numbers", "redact", "got 'numbers'"),
+    ("encoding=linear16&sample_rate=16000&redact=false&redact=pci&redact=ssn", "redact",
+     "got 'pci', 'ssn'"),
+    ("encoding=linear16&sample_rate=16000&vad_events=yes", "vad_events", "'yes'"),
     ("encoding=linear16&sample_rate=16000&interim_results=yes", "interim_results", "'yes'"),
     ("encoding=linear16&sample_rate=16000&endpointing=soon", "endpointing", "'soon'"),
     ("encoding=linear16&sample_rate=16000&endpointing=-1", "endpointing", "-1"),
@@ -175,6 +188,20 @@ def test_invalid_query_names_the_parameter(query: str, param: str, value: str) -
         _params(query)
     assert str(raised.value).startswith(f"{param} must") or f"{param} is" in str(raised.value)
     assert value in str(raised.value)
+
+
+def test_redact_false_and_other_unused_features_are_accepted() -> None:
+    """Only a redaction sttd would not do is refused; features that change no text of the
+    client's (diarize, profanity_filter, ...) stay accepted and ignored."""
+    plain = _params("encoding=linear16&sample_rate=16000")
+    assert _params("encoding=linear16&sample_rate=16000&redact=false&redact=FALSE&diarize=true"
+                   "&profanity_filter=true&filler_words=true&numerals=true") == plain
+
+
+def test_vad_events_turns_the_sessions_turn_events_on() -> None:
+    assert _params("encoding=linear16&sample_rate=16000&vad_events=true").turn_events is True
+    assert _params("encoding=linear16&sample_rate=16000&vad_events=false").turn_events is False
+    assert _params("encoding=linear16&sample_rate=16000").turn_events is False
 
 
 # --- the codec --------------------------------------------------------------------------------
@@ -209,6 +236,17 @@ def test_client_messages_become_commands() -> None:
     assert codec.decode(json.dumps({"type": "KeepAlive"}), 1.0) == KeepAlive()
     assert codec.decode(json.dumps({"type": "Finalize", "channel": 0}), 2.0) == Commit(2.0)
     assert codec.decode(json.dumps({"type": "CloseStream"}), 3.0) == End(3.0)
+
+
+def test_empty_binary_frame_ends_the_stream_and_is_not_audio() -> None:
+    """Deepgram's older CloseStream; it adds nothing to the summary's audio."""
+    codec = DeepgramCodec()
+    _ready(codec)
+    audio = bytes(3200)  # 0.1 s
+    codec.decode(audio, 0.0)
+    assert codec.decode(b"", 4.0) == End(4.0)
+    metadata = json.loads(codec.encode(Close(1000))[0])
+    assert (metadata["sha256"], metadata["duration"]) == (hashlib.sha256(audio).hexdigest(), 0.1)
 
 
 def test_unknown_client_messages_get_deepgrams_replies() -> None:
@@ -310,6 +348,50 @@ def test_other_server_messages() -> None:
                                  "description": "no audio"}
     ListenV1Error.model_validate(json.loads(error))
     assert codec.encode(Warning("lagging", "m", skipped_ms=400)) == []
+
+
+def test_unauthorized_names_deepgrams_token_scheme() -> None:
+    codec = DeepgramCodec()
+    [error] = codec.encode(Error("unauthorized", "this API needs 'Authorization: Bearer <key>' "
+                                                 "(or ?token=<key> on the WebSocket URL) with a "
+                                                 "valid key"))
+    assert json.loads(error) == {
+        "type": "Error", "variant": "unauthorized",
+        "description": "this API needs 'Authorization: Token <key>' (or ?token=<key> on the "
+                       "WebSocket URL) with a valid key"}
+
+
+def test_speech_started_is_deepgrams_and_other_turns_say_nothing() -> None:
+    codec = DeepgramCodec()
+    request = _ready(codec, "encoding=linear16&sample_rate=8000&vad_events=true")
+    [started] = codec.encode(SpeechStarted(0, 1250))
+    assert json.loads(started) == {"type": "SpeechStarted", "channel": [0, 1],
+                                   "timestamp": 1.25}
+    ListenV1SpeechStarted.model_validate(json.loads(started))  # the SDK's own model
+    for event in (SpeechStopped(0, 2500), Committed(0, 2500), Committed(None, 2600),
+                  Cleared(None), Configured(request.options)):
+        assert codec.encode(event) == []
+
+
+@pytest.mark.parametrize(("cause", "client_ended", "sent"), [
+    ("speech_end", False, False),  # a cough: the session sends it only because of turn events
+    ("max_length", False, False),
+    ("skip", False, False),
+    ("end", False, False),  # the server stopped the session
+    ("commit", False, True),  # Finalize: the client waits for it
+    ("end", True, True),  # CloseStream
+])
+def test_vad_events_send_empty_finals_only_where_the_client_forced_them(
+        cause: str, client_ended: bool, sent: bool) -> None:
+    """A session reporting turns answers every closed utterance with a final, empty or not;
+    Deepgram's clients get the finals they would get without vad_events."""
+    codec = DeepgramCodec()
+    _ready(codec, "encoding=linear16&sample_rate=16000&vad_events=true")
+    if client_ended:
+        codec.decode(b"", 1.0)
+    messages = codec.encode(_final("", cause, confidence=None))
+    assert [json.loads(m)["is_final"] for m in messages] == ([True] if sent else [])
+    assert len(codec.encode(_final("ten of clubs", cause))) == 1
 
 
 def test_metadata_precedes_a_normal_close_only() -> None:
@@ -601,6 +683,113 @@ async def test_sdk_token_auth(nursery: trio.Nursery) -> None:
     messages, code = await _in_thread(_silent, server, key="wrong-key")
     assert [(type(m), m.variant) for m in messages] == [(ListenV1Error, "unauthorized")]
     assert code == 1008
+
+
+async def test_sdk_unauthorized_names_the_token_scheme(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, api_keys="right-key")
+    [error], code = await _in_thread(_silent, server, key="wrong-key")
+    assert isinstance(error, ListenV1Error)
+    assert error.description == ("this API needs 'Authorization: Token <key>' (or ?token=<key> "
+                                 "on the WebSocket URL) with a valid key")
+    assert code == 1008
+
+
+@pytest.mark.parametrize("redact", [["pci"], ["numbers"], ["true"], ["false", "ssn"]])
+async def test_sdk_redaction_is_refused(server: RunningServer, redact: list[str]) -> None:
+    """Rather than transcripts that keep what the client meant to redact."""
+    def connect() -> tuple[list[Any], int]:
+        with _sdk(server).listen.v1.connect(
+                model="nova-3", encoding="linear16", sample_rate=16000,
+                request_options={"additional_query_parameters": {"redact": redact}}) as socket:
+            return _until_close(socket)
+
+    messages, code = await _in_thread(connect)
+    [error] = messages
+    assert isinstance(error, ListenV1Error)
+    assert error.variant == "invalid_param"
+    assert error.description == (
+        f"redact must be false: sttd does not redact transcripts (PCI, numbers, SSN or other "
+        f"entities), got {redact[-1]!r}")
+    assert code == 1008
+
+
+async def test_sdk_empty_binary_frame_closes_the_stream(server: RunningServer) -> None:
+    """Deepgram's older CloseStream: the finals, the summary, then 1000."""
+    speech = _trim_trailing_quiet(load_pcm("ps_cards_001")).tobytes()
+
+    def stream() -> tuple[list[Any], int]:
+        with _sdk(server).listen.v1.connect(
+                model="nova-3", encoding="linear16", sample_rate=16000) as socket:
+            _send_audio(socket, speech)  # no pause after the speech: the close flushes it
+            socket.send_media(b"")
+            return _until_close(socket)
+
+    messages, code = await _in_thread(stream)
+    assert [type(m) for m in messages] == [ListenV1Results, ListenV1Metadata]
+    assert _transcript(messages[0]) == reference_texts()["ps_cards_001"]
+    assert messages[0].is_final
+    assert (messages[1].duration, messages[1].sha256) == (
+        len(speech) / 32000, hashlib.sha256(speech).hexdigest())
+    assert code == 1000
+
+
+def _listen(server: RunningServer, pcm: bytes, **options: Any) -> tuple[list[Any], list[Any]]:
+    """Stream `pcm`, then CloseStream, and hear the replies with the SDK's event handlers:
+    every message, and the SpeechStarted ones its handler got."""
+    messages: list[Any] = []
+    started: list[ListenV1SpeechStarted] = []
+
+    def on_message(message: Any) -> None:
+        messages.append(message)
+        if isinstance(message, ListenV1SpeechStarted):
+            started.append(message)
+
+    with _sdk(server).listen.v1.connect(model="nova-3", encoding="linear16", sample_rate=16000,
+                                        **options) as socket:
+        socket.on(EventType.MESSAGE, on_message)
+        _send_audio(socket, pcm)
+        socket.send_close_stream()
+        socket.start_listening()  # returns once the server closed
+    return messages, started
+
+
+async def test_sdk_vad_events_announce_each_utterance_before_its_results(
+        server: RunningServer) -> None:
+    refs = reference_texts()
+    audio = _two_utterances().tobytes()
+    messages, started = await _in_thread(_listen, server, audio, vad_events=True,
+                                         interim_results=True)
+    assert len(started) == 2 and started == [m for m in messages
+                                              if isinstance(m, ListenV1SpeechStarted)]
+    assert all(s.channel == [0, 1] for s in started)
+    results = [m for m in messages if isinstance(m, ListenV1Results)]
+    finals = _finals(messages)
+    assert [_transcript(f) for f in finals] == [refs[name] for name in NAMES]
+    for announced, final in zip(started, finals, strict=True):
+        # Where the utterance starts, and before the first of its results (interim or final).
+        assert announced.timestamp == final.start
+        first = next(r for r in results if r.start == final.start)
+        assert messages.index(announced) < messages.index(first)
+    # Nothing else changes: the finals and the summary, as without vad_events.
+    assert [type(m) for m in messages if not isinstance(m, ListenV1SpeechStarted)
+            and not (isinstance(m, ListenV1Results) and not m.is_final)] == [
+        ListenV1Results, ListenV1Results, ListenV1Metadata]
+
+
+async def test_sdk_vad_events_send_no_final_for_noise(nursery: trio.Nursery) -> None:
+    """A burst of noise opens an utterance with no words (the energy VAD hears it as speech):
+    SpeechStarted, as Deepgram's VAD would, but no empty final, as without vad_events."""
+    server = await start_server(nursery, vad="energy")
+    noise = (np.random.default_rng(3).standard_normal(8000) * 3000).astype(np.int16)
+    audio = np.concatenate([silence(0.5), noise, silence(1.0), load_pcm("ps_cards_001"),
+                            silence(1.0)]).tobytes()
+    plain, _ = await _in_thread(_listen, server, audio)
+    messages, started = await _in_thread(_listen, server, audio, vad_events=True)
+    assert [type(m) for m in plain] == [ListenV1Results, ListenV1Metadata]
+    assert [type(m) for m in messages] == [
+        ListenV1SpeechStarted, ListenV1SpeechStarted, ListenV1Results, ListenV1Metadata]
+    assert started[0].timestamp < 1.0 < started[1].timestamp == messages[2].start
+    assert _transcript(messages[2]) == reference_texts()["ps_cards_001"]
 
 
 async def test_sdk_unsupported_encoding_is_refused(server: RunningServer) -> None:

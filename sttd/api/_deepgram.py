@@ -4,12 +4,16 @@ Theory of operation. `DeepgramCodec` is one connection's protocol (see `Codec`):
 
 * `accept` turns Deepgram's query (``encoding=linear16``, ``mulaw`` or ``alaw``,
   ``sample_rate``, ``channels``, ``interim_results``, ``endpointing``, ``utterance_end_ms``,
-  ``language``, ``keyterm``, ...)
+  ``language``, ``keyterm``, ``vad_events``, ...)
   into a `SessionRequest`: the client's audio format (the session converts it to 16 kHz mono
   with the one audio converter) and the session's options. It keeps what the protocol itself
   needs later: the request id, whether endpointing is on, the audio format for the summary.
+  What sttd cannot do and a client relies on is refused rather than ignored:
+  ``multichannel=true``, and ``redact`` (any value but ``false``), whose transcripts would
+  otherwise come back unredacted.
 * `decode`: binary audio (counted and hashed for the closing summary); ``KeepAlive``,
-  ``Finalize`` and ``CloseStream`` are `KeepAlive`, `Commit` (the session goes on) and `End`.
+  ``Finalize`` and ``CloseStream`` are `KeepAlive`, `Commit` (the session goes on) and `End`,
+  and so is an empty binary frame (Deepgram's older, deprecated ``CloseStream``).
   Any other text message is refused (`InvalidMessage`).
 * `encode`: a `Partial` is a ``Results`` with ``is_final: false``; a `Final` is a ``Results``
   with ``is_final: true``, ``speech_final`` when the VAD heard the speech end (and endpointing
@@ -18,6 +22,11 @@ Theory of operation. `DeepgramCodec` is one connection's protocol (see `Codec`):
   message, Deepgram's own reply (``Error`` with variant ``SchemaError``, or
   ``ConfigureFailure``); warnings have no Deepgram form and are not sent. A `Close` with 1000
   (the stream ended) is preceded by the ``Metadata`` summary.
+* ``vad_events=true`` turns the session's turn events on for their `SpeechStarted`, sent as
+  Deepgram's ``SpeechStarted`` (ahead of the utterance's results). Nothing else changes: the
+  other turn events have no Deepgram form, and the empty finals a session reporting turns
+  sends for every utterance it closed (a cough, noise) are dropped unless the client forced
+  them, as they are without turn events.
 
 Times stay those of the client's stream, in seconds, whatever its sample rate.
 """
@@ -40,6 +49,7 @@ from sttd.api._events import (
     ClientCommand,
     Close,
     Commit,
+    Configure,
     End,
     Error,
     Final as FinalEvent,
@@ -49,6 +59,7 @@ from sttd.api._events import (
     SessionEvent,
     SessionOptions,
     SessionRequest,
+    SpeechStarted,
     UtteranceEnd,
     Warning,
     Word,
@@ -66,7 +77,7 @@ from sttd.api._params import (
     quoted,
 )
 from sttd.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormat, SampleFormat
-from sttd.errors import InvalidMessage, InvalidParam
+from sttd.errors import InvalidMessage, InvalidParam, Unauthorized
 from sttd.settings import Settings
 
 __all__ = ["DeepgramCodec"]
@@ -85,6 +96,9 @@ _MAX_WAIT_MS: Final = 60_000  # endpointing and utterance_end_ms
 _MAX_ECHOED_CHARS: Final = 256  # of a refused client message, in SchemaError's `message`
 _CLIENT_MESSAGES: Final = ("KeepAlive", "Finalize", "CloseStream")
 _WORD_EDGES: Final = string.punctuation + "¡¿“”‘’«»…"
+# Deepgram's clients send their key as ``Token <key>`` (sttd takes ``Bearer <key>`` too).
+_UNAUTHORIZED: Final = ("this API needs 'Authorization: Token <key>' (or ?token=<key> on the "
+                        "WebSocket URL) with a valid key")
 
 
 @attrs.define
@@ -97,6 +111,8 @@ class DeepgramCodec:
     _endpointing: bool = attrs.field(init=False, default=True)
     # language=multi: finals name the language detected (Deepgram's `languages`).
     _multi: bool = attrs.field(init=False, default=False)
+    # The client ended the stream: the session's "end" finals are ones it forced.
+    _client_ended: bool = attrs.field(init=False, default=False)
     # From the session's `Ready`.
     _backend: str = attrs.field(init=False, default="")
     _created: str = attrs.field(init=False, default="")
@@ -108,8 +124,9 @@ class DeepgramCodec:
         """Validate Deepgram's live query; raises `InvalidParam` naming the first bad one.
 
         Parameters sttd has no use for (``model``, ``smart_format``, ``punctuate``, ``tag``,
-        ...) are accepted and ignored. The session's call_id (in logs) is a fresh UUID, which
-        is also the ``request_id`` the client sees.
+        ...) are accepted and ignored; ``redact`` is refused unless ``false``, since ignoring
+        it would send back the very text the client meant to keep out. The session's call_id
+        (in logs) is a fresh UUID, which is also the ``request_id`` the client sees.
         """
         encoding = query.get("encoding")
         sample_format = _ENCODINGS.get((encoding or "").strip().lower())
@@ -129,6 +146,14 @@ class DeepgramCodec:
             raise InvalidParam(
                 "multichannel", "multichannel must be false: sttd transcribes the channels "
                                 "mixed down to one, got true")
+        # Repeatable (redact=pci&redact=ssn); `false` is the one value sttd honours.
+        redact = [value for value in query.getlist("redact") if value.strip().lower() != "false"]
+        if redact:
+            raise InvalidParam(
+                "redact", f"redact must be false: sttd does not redact transcripts (PCI, "
+                          f"numbers, SSN or other entities), got "
+                          f"{', '.join(quoted(value) for value in redact)}")
+        vad_events = query_bool(query, "vad_events", default=False)
         language = query.get("language", "en").strip()
         endpointing, silence_ms = _endpointing(query.get("endpointing"))
         utterance_end_ms = (query_int(query, "utterance_end_ms", 0, lo=1, hi=_MAX_WAIT_MS)
@@ -147,6 +172,7 @@ class DeepgramCodec:
                 hotwords=parse_hotwords(",".join(terms), param="keyterm"),
                 vad_silence_ms=silence_ms,
                 utterance_end_ms=utterance_end_ms,
+                turn_events=vad_events,
             ),
         )
         self._request_id = request.call_id
@@ -156,6 +182,8 @@ class DeepgramCodec:
         return request
 
     def decode(self, message: bytes | str, received_at: float) -> ClientCommand:
+        if message == b"":  # Deepgram's deprecated way to send CloseStream
+            return self._end(received_at)
         if isinstance(message, bytes):
             self._audio_bytes += len(message)
             self._sha256.update(message)
@@ -166,9 +194,16 @@ class DeepgramCodec:
         if kind == "Finalize":
             return Commit(received_at)
         if kind == "CloseStream":
-            return End(received_at)
+            return self._end(received_at)
         raise InvalidMessage(f"message type must be one of {', '.join(_CLIENT_MESSAGES)}, "
                              f"got {quoted(str(kind))}")
+
+    def _end(self, received_at: float) -> End:
+        self._client_ended = True
+        return End(received_at)
+
+    def withdraw(self, command: Configure) -> None:
+        return None  # Deepgram's messages never reconfigure a session
 
     def encode(self, event: SessionEvent) -> list[str]:
         if isinstance(event, Ready):
@@ -176,6 +211,8 @@ class DeepgramCodec:
             now = datetime.datetime.now(datetime.timezone.utc)
             self._created = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
             return []
+        if isinstance(event, FinalEvent) and not (event.text or self._forced(event)):
+            return []  # sent only because the session reports turns (vad_events)
         if isinstance(event, (Partial, FinalEvent)):
             return [dumps(self._results(event))]
         if isinstance(event, UtteranceEnd):
@@ -184,14 +221,28 @@ class DeepgramCodec:
         if isinstance(event, Error):
             if event.refused is not None:
                 return [dumps(self._refusal(event.refused))]
+            # Admission's wording names the native routes' ``Bearer <key>``.
+            description = _UNAUTHORIZED if event.code == Unauthorized.code else event.message
             return [dumps({"type": "Error", "variant": event.code,
-                           "description": event.message})]
+                           "description": description})]
         if isinstance(event, Warning):
             log.debug("deepgram.dropped type=warning code=%s", event.code)  # no Deepgram form
             return []
+        if isinstance(event, SpeechStarted):
+            return [dumps({"type": "SpeechStarted", "channel": [0, 1],
+                           "timestamp": event.start_ms / 1000})]
         if isinstance(event, TURN_EVENTS):
-            return []  # not asked for
+            return []  # no Deepgram form: stops and commits show in the results
         return self._before_close(event)
+
+    def _forced(self, final: FinalEvent) -> bool:
+        """Whether the client asked for `final` (Finalize, CloseStream), so it goes out even
+        empty: the core's rule, which reporting turns (vad_events) would otherwise widen.
+
+        An "end" final of a session the server stopped (a limit, a drain) is not forced,
+        unless the client's CloseStream crossed the stop.
+        """
+        return final.cause == "commit" or (final.cause == "end" and self._client_ended)
 
     def _before_close(self, close: Close) -> list[str]:
         """The summary, when the stream ended (1000) after the session started."""
