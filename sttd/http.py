@@ -16,8 +16,9 @@ import contextlib
 import os
 import logging
 import time
+from collections.abc import AsyncGenerator
 from urllib.parse import parse_qsl
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import trio
 import werkzeug.urls  # noqa: F401  # registers the "werkzeug.url_quote" codec error handler used below
@@ -49,8 +50,9 @@ from sttd.api import (
     parse_language,
     parse_task,
     render,
+    stream_event,
 )
-from sttd.engine import transcribe_file
+from sttd.engine import file_segments, transcribe_file
 from sttd.errors import BackendError, ClientError, Overloaded, Unauthorized
 from sttd.nursery import Admission, count_refusal, serve_connection
 from sttd.settings import WORKER_ENV
@@ -94,7 +96,8 @@ def create_app(state: AppState) -> _Streams:
     @app.errorhandler(ClientError)
     async def _client_error(exc: ClientError) -> Response:
         metrics.errors_total.labels(exc.code).inc()
-        return _error_response(exc.http_status, exc.code, str(exc))
+        return _error_response(exc.http_status, exc.code, str(exc),
+                               param=getattr(exc, "param", None))
 
     @app.errorhandler(BackendError)
     async def _backend_error(exc: BackendError) -> Response:
@@ -208,15 +211,54 @@ def create_app(state: AppState) -> _Streams:
             engine.check_task(task)  # the route's own: refused before the upload is read
             upload, fields = await read_upload(request.body, request.mimetype,
                                                request.mimetype_params, settings=settings)
-            with upload:
+            with contextlib.ExitStack() as owned:
+                owned.enter_context(upload)
                 form = TranscriptionForm.parse(fields, task=task)
                 engine.check_language(form.language)
                 engine.check_hotwords(form.prompt)
+                if form.stream:
+                    owned.pop_all()  # the stream's now: it closes the upload
+                    return Response(_openai_stream(upload, form), status=200,
+                                    content_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache"})
                 result = await transcribe_file(
                     engine, upload, settings, language=form.language, hotwords=form.prompt,
                     task=task, word_timings="word" in form.timestamp_granularities)
         body, content_type = render(result, form)
         return Response(body, status=200, content_type=content_type)
+
+    async def _openai_stream(upload: IO[bytes], form: TranscriptionForm
+                             ) -> AsyncGenerator[bytes]:
+        """A streamed transcription's events, each piece's text as soon as it is decoded.
+
+        Everything a request can be refused for was checked before the stream began; the
+        upload is admitted again here, for the time it is transcribed (a refusal or failure
+        from now on is an error event, the status being sent). quart closes this generator
+        when it stops sending; one that never starts leaves `upload` to be closed when it is
+        collected, and holds no admission.
+        """
+        text: list[str] = []
+        try:
+            with admit_upload(state, None) as engine:
+                async with contextlib.aclosing(file_segments(
+                        engine, upload, settings, language=form.language, hotwords=form.prompt,
+                        task=form.task, word_timings=False)) as batches:
+                    async for segments, _ in batches:
+                        for segment in segments:
+                            yield stream_event("delta", segment.text, first=not text)
+                            text.append(segment.text)
+            yield stream_event("done", " ".join(text))
+        except (ClientError, BackendError) as exc:
+            log.warning("http.stream_failed code=%s", exc.code, exc_info=exc)
+            metrics.errors_total.labels(exc.code).inc()
+            yield stream_event("error", code=exc.code, message=str(exc))
+        except Exception as exc:  # a bug: the client is told, the server goes on
+            log.error("http.stream_failed path=%s", _current_path(), exc_info=exc)
+            metrics.errors_total.labels("internal").inc()
+            yield stream_event("error", code="internal",
+                               message="the server failed on this request; see its logs")
+        finally:
+            upload.close()
 
     @app.get("/")
     async def page() -> Response:
@@ -246,7 +288,8 @@ class _Streams:
     * ``/v1/realtime``: OpenAI's Realtime API, transcription sessions (`sttd.api.RealtimeCodec`).
       Browsers cannot set headers on a WebSocket: OpenAI's form for them, the subprotocols
       ``realtime`` and ``openai-insecure-api-key.<key>``, is taken too (and ``realtime`` is
-      accepted back), as is ``?token=``.
+      accepted back), as is ``?token=``; so is Deepgram's on ``/v1/listen``, the subprotocols
+      ``token`` and ``<key>``.
     """
 
     def __init__(self, app: QuartTrio, state: AppState, access: Access) -> None:
@@ -286,6 +329,15 @@ class _Streams:
             if authorization is None and key:
                 authorization = f"Bearer {key}"
             subprotocol = "realtime" if "realtime" in offered else None
+        elif isinstance(codec, DeepgramCodec):
+            # Deepgram's form for browsers: the subprotocols ``token`` and the key (or
+            # ``bearer`` and a temporary token), the first accepted back: a browser drops a
+            # connection whose server picks none of those it offered.
+            offered = list(scope.get("subprotocols", ()))
+            if len(offered) >= 2 and offered[0].lower() in ("token", "bearer"):
+                if authorization is None:
+                    authorization = f"{offered[0]} {offered[1]}"
+                subprotocol = offered[0]
         admitted: Admission | ClientError
         try:
             admitted = admit_session(state, self._access, codec, query, authorization)
@@ -345,8 +397,17 @@ def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(dumps(body), status=status, content_type="application/json")
 
 
-def _error_response(status: int, code: str, message: str) -> Response:
-    response = _json({"error": {"code": code, "message": message}}, status)
+def _error_response(status: int, code: str, message: str, *, param: str | None = None
+                    ) -> Response:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if request and request.path.startswith(_OPENAI_PREFIX):
+        # OpenAI's shape, which its SDKs read into the exception (`e.type`, `e.param`). A file
+        # it cannot read as audio is a 400 there (`openai.BadRequestError`), not a 415.
+        error["type"] = "server_error" if status >= 500 else "invalid_request_error"
+        error["param"] = param
+        if status == 415:
+            status = 400
+    response = _json({"error": error}, status)
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     if status == 503:
@@ -355,6 +416,10 @@ def _error_response(status: int, code: str, message: str) -> Response:
         # The body may be unread: a kept-alive connection would read it as the next request.
         response.headers["Connection"] = "close"
     return response
+
+
+# The routes of OpenAI's file API, whose errors take OpenAI's shape (`_error_response`).
+_OPENAI_PREFIX = "/v1/audio/"
 
 
 def _current_path() -> str:

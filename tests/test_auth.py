@@ -116,6 +116,30 @@ async def test_websocket_needs_a_key_in_the_header_or_the_token_parameter(
     assert _errors(locked, "unauthorized") == len(refused)
 
 
+@pytest.mark.parametrize("key", ["k-first", "nope"])
+async def test_deepgram_browsers_key_comes_as_subprotocols_and_one_is_accepted_back(
+        locked: RunningServer, key: str) -> None:
+    """Deepgram's browser form, ``new WebSocket(url, ["token", key])``: the key is read from the
+    subprotocols, and ``token`` is accepted back (a browser drops a connection whose server
+    picks none of the subprotocols it offered)."""
+    url = f"ws://127.0.0.1:{locked.port}/v1/listen?encoding=linear16&sample_rate=16000"
+    speech = np.concatenate([load_pcm("ps_goforward"), silence(1.0)])
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(url, subprotocols=["token", key]) as ws:
+            assert ws.subprotocol == "token"
+            if key == "nope":
+                messages, code = await receive_until_close(ws)
+                assert code == 1008 and "unauthorized" in json.dumps(messages)
+                return
+            await send_pcm(ws, speech)
+            await ws.send_message(json.dumps({"type": "CloseStream"}))
+            messages, code = await receive_until_close(ws)
+    assert code == 1000
+    said = " ".join(m["channel"]["alternatives"][0]["transcript"] for m in messages
+                    if m.get("type") == "Results" and m["is_final"])
+    assert said.strip() == reference_texts()["ps_goforward"]
+
+
 async def test_metrics_needs_its_token_when_one_is_set(locked: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=locked.http_url, timeout=TIMEOUT_S) as client:
         bare = await client.get("/metrics")

@@ -72,7 +72,7 @@ def test_a_sentence_prompt_becomes_hotword_sized_phrases_not_an_error() -> None:
     ({"model": "m", "timestamp_granularities[]": "word"}, "timestamp_granularities[]"),
     ({"model": "m", "response_format": "verbose_json", "timestamp_granularities[]": "char"},
      "timestamp_granularities[]"),
-    ({"model": "m", "stream": "true"}, "stream"),
+    ({"model": "m", "stream": "true", "response_format": "vtt"}, "stream"),
     ({"model": "m", "prompt": "x" * 1001}, "prompt"),
     ({"model": "m", "language": "english please"}, "language"),
 ])
@@ -157,12 +157,73 @@ async def test_openai_sdk_sees_clear_errors(server: RunningServer) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         await _create(client, response_format="verbose_json", timestamp_granularities=["char"])
     assert "timestamp granularity" in caught.value.message
-    with pytest.raises(openai.APIStatusError) as status:
-        await _create(client, file=("notes.txt", io.BytesIO(b"plain text, no audio"),
-                                    "text/plain"))
-    assert status.value.status_code == 415
+    # OpenAI's error shape, which the SDK reads into the exception.
+    assert (caught.value.type, caught.value.param) == ("invalid_request_error",
+                                                       "timestamp_granularities[]")
+    with pytest.raises(openai.BadRequestError) as caught:  # a 400 there, not a 415
+        await _create(client, response_format="xml")
+    assert (caught.value.code, caught.value.param) == ("invalid_param", "response_format")
+    for garbage in (b"plain text, no audio", b""):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await _create(client, file=("notes.txt", io.BytesIO(garbage), "text/plain"))
+        assert caught.value.type == "invalid_request_error"
     # The server goes on: the next request is answered.
     assert (await _create(client)).text
+
+
+async def test_openai_sdk_streams_the_text_piece_by_piece(server: RunningServer) -> None:
+    """stream=true, as OpenAI's gpt-4o-transcribe answers it: a delta per piece of the file,
+    then the whole text, which is what the same request without stream returns."""
+    texts = reference_texts()
+    client = _client(server)
+    whole = (await _create(client, model="gpt-4o-mini-transcribe")).text
+
+    def streamed() -> list[Any]:
+        return list(client.audio.transcriptions.create(
+            model="gpt-4o-mini-transcribe", file=("call.wav", _wav(), "audio/wav"), stream=True))
+
+    events = await trio.to_thread.run_sync(streamed)
+    assert [event.type for event in events] == ["transcript.text.delta"] * 2 + [
+        "transcript.text.done"]
+    assert [event.delta for event in events[:2]] == [texts[NAMES[0]], f" {texts[NAMES[1]]}"]
+    assert events[-1].text == "".join(event.delta for event in events[:2]) == whole
+
+
+async def test_stream_is_ignored_for_whisper_1_as_openai_does(server: RunningServer) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=60) as http:
+        plain = await http.post("/v1/audio/transcriptions", data={"model": "whisper-1", "stream": "true"},
+                                files={"file": ("call.wav", _wav(), "audio/wav")})
+        refused = await http.post("/v1/audio/transcriptions",
+                                  data={"model": "gpt-4o-transcribe", "stream": "true",
+                                        "response_format": "srt"},
+                                  files={"file": ("call.wav", _wav(), "audio/wav")})
+    assert plain.status_code == 200 and plain.headers["content-type"] == "application/json"
+    assert plain.json()["text"] == " ".join(reference_texts()[name] for name in NAMES)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+
+
+async def test_a_stream_that_fails_after_it_began_ends_in_an_error_event(
+        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status went out with the first byte: a failure later is an error event, which the
+    SDK raises, and the server goes on."""
+    from sttd.backends.mock import MockBackend
+    from sttd.errors import BackendError
+
+    def broken(self: Any, requests: Any) -> Any:
+        raise BackendError("the model fell over")
+
+    monkeypatch.setattr(MockBackend, "transcribe", broken)
+
+    def streamed() -> list[Any]:
+        return list(_client(server).audio.transcriptions.create(
+            model="gpt-4o-transcribe", file=("call.wav", _wav(), "audio/wav"), stream=True))
+
+    with pytest.raises(openai.APIError, match="the model fell over"):
+        await trio.to_thread.run_sync(streamed)
+    monkeypatch.undo()
+    assert (await _create(_client(server))).text
 
 
 async def test_openai_sdk_with_api_keys(nursery: trio.Nursery) -> None:

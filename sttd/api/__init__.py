@@ -51,7 +51,7 @@ from sttd.api._native import (
     parse_server_message,
     to_json,
 )
-from sttd.api._openai import RESPONSE_FORMATS, TranscriptionForm, render
+from sttd.api._openai import RESPONSE_FORMATS, TranscriptionForm, render, stream_event
 from sttd.api._realtime import RealtimeCodec
 from sttd.api._params import (
     MAX_HOTWORD_CHARS,
@@ -115,5 +115,6 @@ __all__ = [
     "parse_server_message",
     "quoted",
     "render",
+    "stream_event",
     "to_json",
 ]

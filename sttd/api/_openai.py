@@ -6,8 +6,10 @@ turns a `FileTranscript` into the body and content type of the ``response_format
 them, so that its SDKs work against sttd unchanged. The route itself is in `sttd.http`.
 
 ``model`` is required, as OpenAI requires it, but any name is accepted: the server has one
-engine. ``temperature`` is accepted and ignored (decoding is deterministic). ``stream=true`` is
-refused: live audio has the WebSocket API.
+engine. ``temperature`` is accepted and ignored (decoding is deterministic). ``stream=true``
+sends the text as server-sent events (`stream_event`) as the file's pieces are transcribed: a
+``transcript.text.delta`` per piece, then ``transcript.text.done``; for ``whisper-1`` OpenAI
+ignores ``stream``, and so does sttd.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from sttd.api._params import (
     quoted,
 )
 
-__all__ = ["RESPONSE_FORMATS", "TranscriptionForm", "prompt_phrases", "render"]
+__all__ = ["RESPONSE_FORMATS", "TranscriptionForm", "prompt_phrases", "render", "stream_event"]
 
 RESPONSE_FORMATS: Final = ("json", "text", "verbose_json", "srt", "vtt")
 _GRANULARITIES: Final = ("segment", "word")
@@ -50,6 +52,8 @@ class TranscriptionForm:
     # /v1/audio/transcriptions transcribes; /v1/audio/translations translates into English
     # (where `language`, which OpenAI's translation form lacks, may still name the source).
     task: Literal["transcribe", "translate"] = "transcribe"
+    # stream=true: the text as server-sent events, piece by piece (json and text formats).
+    stream: bool = False
 
     @classmethod
     def parse(cls, fields: Mapping[str, str], *,
@@ -75,9 +79,13 @@ class TranscriptionForm:
         if granularities and response_format != "verbose_json":
             raise InvalidParam("timestamp_granularities[]", "timestamp_granularities needs "
                                "response_format=verbose_json")
-        if fields.get("stream", "false").strip().lower() not in ("", "false", "0"):
-            raise InvalidParam("stream", "stream=true is not supported here; stream live audio "
-                                         "over the WebSocket API (/v1/stt/ws)")
+        stream = fields.get("stream", "false").strip().lower() not in ("", "false", "0")
+        # OpenAI ignores stream for whisper-1 ("streaming is not supported for the whisper-1
+        # model and will be ignored"), so its clients may send it.
+        stream = stream and model != "whisper-1"
+        if stream and response_format not in ("json", "text"):
+            raise InvalidParam("stream", "stream=true sends the text as it comes: "
+                               f"response_format must be json or text, got {quoted(response_format)}")
         prompt = fields.get("prompt", "")
         if len(prompt) > _MAX_PROMPT_CHARS:
             raise InvalidParam("prompt", f"prompt must be at most {_MAX_PROMPT_CHARS} "
@@ -89,6 +97,7 @@ class TranscriptionForm:
             response_format=response_format,
             timestamp_granularities=granularities or ("segment",),
             task=task,
+            stream=stream,
         )
 
 
@@ -123,6 +132,29 @@ def render(transcript: FileTranscript, form: TranscriptionForm) -> tuple[str, st
     if kind == "vtt":
         return _subtitles(transcript, vtt=True), "text/vtt; charset=utf-8"
     return dumps(_verbose(transcript, form)), "application/json"
+
+
+def stream_event(kind: Literal["delta", "done", "error"], text: str = "", *, first: bool = False,
+                 code: str = "", message: str = "") -> bytes:
+    """One server-sent event of a streamed transcription, as OpenAI's SDKs read them: a
+    ``transcript.text.delta`` of a piece's `text` (after a space unless it is the `first`), the
+    ``transcript.text.done`` with the whole `text`, or an error that came after the stream began
+    (which the SDKs raise)."""
+    if kind == "delta":
+        body: dict[str, object] = {"type": "transcript.text.delta",
+                                   "delta": text if first else f" {text}"}
+    elif kind == "done":
+        body = {"type": "transcript.text.done", "text": text}
+    else:
+        body = {"error": {"code": code, "message": message,
+                          "type": "server_error" if code in _SERVER_ERRORS
+                          else "invalid_request_error", "param": None}}
+    return f"data: {dumps(body)}\n\n".encode()
+
+
+# Error codes of failures on the server's side (the rest are the request's).
+_SERVER_ERRORS: Final = frozenset({"internal", "inference_failed", "inference_timeout",
+                                   "overloaded", "shutting_down"})
 
 
 def _verbose(transcript: FileTranscript, form: TranscriptionForm) -> dict[str, object]:

@@ -12,7 +12,12 @@ pieces through the engine, below live traffic.
 from sttd.engine._capacity import (PARTIALS_PER_SPEECH_S, PRIOR_UTTERANCE_S, CapacityModel,
                                    CapacityStatistics)
 from sttd.engine._engine import Engine
-from sttd.engine._files import MAX_MEDIA_AUDIO_S, split_at_pauses, transcribe_file
+from sttd.engine._files import (
+    MAX_MEDIA_AUDIO_S,
+    file_segments,
+    split_at_pauses,
+    transcribe_file,
+)
 from sttd.engine._vad import VadBatcher, VadStatistics
 from sttd.engine._scheduler import (
     LiveStreams,
@@ -36,6 +41,7 @@ __all__ = [
     "SchedulerStatistics",
     "VadBatcher",
     "VadStatistics",
+    "file_segments",
     "split_at_pauses",
     "transcribe_file",
 ]

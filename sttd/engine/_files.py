@@ -19,7 +19,9 @@ limit itself and is not capped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncGenerator
 from functools import partial
 from typing import IO, Final, Literal
 
@@ -45,6 +47,7 @@ from sttd.vad import make_endpointer
 
 __all__ = [
     "MAX_MEDIA_AUDIO_S",
+    "file_segments",
     "split_at_pauses",
     "transcribe_file",
 ]
@@ -88,39 +91,58 @@ async def transcribe_file(
     `BackendError` if the engine fails. Without `word_timings` the segments carry no words
     (a whisper engine then skips its word alignment).
     """
-    reader, splitter = await trio.to_thread.run_sync(partial(_open, file, settings, block_s=block_s))
-    try:
-        return await _transcribe_blocks(engine, reader, splitter, settings, language=language,
-                                        hotwords=hotwords, task=task, word_timings=word_timings)
-    finally:
-        if isinstance(reader, MediaReader):
-            reader.close()  # no thread is in it: the calls above are not abandoned on cancel
-
-
-async def _transcribe_blocks(
-    engine: Engine, reader: AudioReader, splitter: _PauseSplitter, settings: Settings,
-    *, language: str | None, hotwords: tuple[str, ...],
-    task: Literal["transcribe", "translate"], word_timings: bool,
-) -> FileTranscript:
-    batch_size = settings.max_inference_batch_size
-    waiting: list[Utterance] = []
     segments: list[FileSegment] = []
-    finished = False
-    while not finished:
-        jobs, finished = await trio.to_thread.run_sync(_split_next_block, reader, splitter)
-        waiting.extend(jobs)
-        while len(waiting) >= batch_size or (finished and waiting):
-            batch, waiting = waiting[:batch_size], waiting[batch_size:]
-            log.debug("file.batch pieces=%d position_s=%.1f", len(batch),
-                      splitter.position / SAMPLE_RATE_HZ)
-            segments.extend(await _transcribe_batch(engine, batch, language=language,
-                                                    hotwords=hotwords, task=task,
-                                                    word_timings=word_timings))
+    duration_s = 0.0
+    async with contextlib.aclosing(file_segments(
+            engine, file, settings, language=language, hotwords=hotwords, task=task,
+            word_timings=word_timings, block_s=block_s)) as batches:
+        async for batch, duration_s in batches:
+            segments.extend(batch)
     return FileTranscript(
         text=" ".join(segment.text for segment in segments),
         segments=tuple(segments),
-        duration_s=splitter.position / SAMPLE_RATE_HZ,
+        duration_s=duration_s,
     )
+
+
+async def file_segments(
+    engine: Engine,
+    file: IO[bytes],
+    settings: Settings,
+    *,
+    language: str | None,
+    hotwords: tuple[str, ...],
+    task: Literal["transcribe", "translate"] = "transcribe",
+    word_timings: bool = True,
+    block_s: float = _BLOCK_S,
+) -> AsyncGenerator[tuple[list[FileSegment], float]]:
+    """`transcribe_file` as it goes: each batch's segments with text, in order, with the audio
+    read so far (seconds); the last item has the file's whole duration (and maybe no segment).
+
+    Holds no nursery or cancel scope across its yields; close it (`contextlib.aclosing`) if it
+    is left before its end.
+    """
+    reader, splitter = await trio.to_thread.run_sync(partial(_open, file, settings, block_s=block_s))
+    try:
+        batch_size = settings.max_inference_batch_size
+        waiting: list[Utterance] = []
+        finished = False
+        while not finished:
+            jobs, finished = await trio.to_thread.run_sync(_split_next_block, reader, splitter)
+            waiting.extend(jobs)
+            while len(waiting) >= batch_size or (finished and waiting):
+                batch, waiting = waiting[:batch_size], waiting[batch_size:]
+                log.debug("file.batch pieces=%d position_s=%.1f", len(batch),
+                          splitter.position / SAMPLE_RATE_HZ)
+                segments = await _transcribe_batch(engine, batch, language=language,
+                                                   hotwords=hotwords, task=task,
+                                                   word_timings=word_timings)
+                if segments:
+                    yield segments, splitter.position / SAMPLE_RATE_HZ
+        yield [], splitter.position / SAMPLE_RATE_HZ
+    finally:
+        if isinstance(reader, MediaReader):
+            reader.close()  # no thread is in it: the calls above are not abandoned on cancel
 
 
 @attrs.define
