@@ -494,6 +494,21 @@ def test_a_long_final_keeps_silence_after_it_in_its_window() -> None:
     assert bucket(3.0, "partial") == 700
 
 
+def test_a_hyphenated_word_is_one_word_with_its_times() -> None:
+    """Whisper's alignment gives "cold-hearted" as "cold" and "-hearted" once the hyphen is
+    merged forward: captions built from the words read "cold -hearted"."""
+    def item(word: str, start: float, end: float, p: float = 0.9) -> dict[str, Any]:
+        return {"word": word, "start": start, "end": end, "probability": p, "tokens": [1]}
+
+    alignment = [item(" a", 0.0, 0.2), item(" cold", 0.2, 0.5), item("-hearted", 0.5, 0.9, 0.6),
+                 item(" man", 0.9, 1.2), item(" -", 1.2, 1.3), item(" yes", 1.3, 1.5)]
+    whisper._join_hyphenated(alignment)
+    assert [(i["word"], i["start"], i["end"], i["probability"]) for i in alignment
+            if i["word"].strip()] == [
+        (" a", 0.0, 0.2, 0.9), (" cold-hearted", 0.2, 0.9, 0.6), (" man", 0.9, 1.2, 0.9),
+        (" -", 1.2, 1.3, 0.9), (" yes", 1.3, 1.5, 0.9)]
+
+
 def test_a_phrase_said_twice_in_a_row_is_still_a_loop_after_the_retry() -> None:
     looped = whisper._Decoded([], "we were all going direct to heaven, we were all going "
                               "direct to heaven, we were all", 0.0, 0.0, False)

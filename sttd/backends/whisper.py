@@ -454,6 +454,7 @@ class WhisperBackend(ASRBackend):
         for i in wanted:
             alignment = alignments[i]
             merge_punctuations(alignment, _PREPEND_PUNCTUATION, _APPEND_PUNCTUATION)
+            _join_hyphenated(alignment)
             words[i] = [
                 RecognisedWord(word=item["word"].strip(), start_s=float(item["start"]),
                      end_s=float(item["end"]), probability=float(item["probability"]))
@@ -587,6 +588,25 @@ def _padding_bucket(request: Request) -> int:
     floor = _MIN_FRAMES if request.kind == "final" else _MIN_PARTIAL_FRAMES
     frames = max(floor, request.audio.size // _HOP_SAMPLES + _PAD_AFTER_FRAMES)
     return next((bucket for bucket in _BUCKET_FRAMES if bucket >= frames), _WINDOW_FRAMES)
+
+
+def _join_hyphenated(alignment: list[dict[str, Any]]) -> None:
+    """Join, in place, a word that a hyphen glues to the one before it ("cold" "-hearted", as
+    Whisper's alignment splits "cold-hearted" and the prepended punctuation then attaches the
+    hyphen to the second half) into one word spanning both; the emptied item stays for the
+    caller to skip. A hyphen after a space ("a - b") is a word of its own and stays so."""
+    previous: dict[str, Any] | None = None
+    for item in alignment:
+        word = item["word"]
+        if previous is not None and word.startswith("-") and previous["word"].strip():
+            previous["word"] += word
+            previous["end"] = item["end"]
+            previous["tokens"] = [*previous.get("tokens", []), *item.get("tokens", [])]
+            previous["probability"] = min(previous["probability"], item["probability"])
+            item["word"] = ""
+            continue
+        if word.strip():
+            previous = item
 
 
 def _silent(audio: npt.NDArray[np.float32]) -> bool:
