@@ -91,7 +91,7 @@ from sttd.channels import (
     open_audio_channel,
     open_output_channel,
 )
-from sttd.errors import BackendError, ClientError, InvalidMessage
+from sttd.errors import BackendError, ClientError, InvalidMessage, PayloadTooLarge
 from sttd.metrics import Metrics, SessionOutcome
 from sttd.session import AudioFrame, Decode, SessionCore, Stop
 from sttd.settings import Settings
@@ -324,8 +324,8 @@ class Session:
             ends_at = started + settings.max_session_s
             received = 0  # samples
             drops_reported = 0
-            with trio.CancelScope(
-                    deadline=min(ends_at, started + settings.idle_timeout_s)) as scope:
+            idle_s = self._idle_timeout_s
+            with trio.CancelScope(deadline=min(ends_at, started + idle_s)) as scope:
                 self._recv_scope = scope
                 if self._draining:
                     scope.cancel()
@@ -333,13 +333,19 @@ class Session:
                     try:
                         message = await transport.receive()
                     except ClientError as exc:  # e.g. a message over the size limit
+                        if (isinstance(exc, PayloadTooLarge)
+                                and not self.admission.request.oversized_message_closes):
+                            # An event protocol: that event is refused, the session goes on.
+                            scope.deadline = min(ends_at, trio.current_time() + idle_s)
+                            await send_errors.send(Error(exc.code, str(exc)))
+                            continue
                         # Finals for what was heard, then this error, then its close code.
                         await self._flush(converter, send_audio)
                         send_audio.send_nowait(Stop(trio.current_time(), exc.ws_close_code,
                                                     str(exc), "refused", exc.code))
                         return
                     now = trio.current_time()
-                    scope.deadline = min(ends_at, now + settings.idle_timeout_s)
+                    scope.deadline = min(ends_at, now + idle_s)
                     try:
                         command = codec.decode(message, now)
                     except InvalidMessage as exc:
@@ -388,8 +394,7 @@ class Session:
                         # Ahead of real time (a file sent fast): hold the client back.
                         scope.deadline = math.inf
                         await send_audio.wait_for_room(policy.hold_above_samples // 2)
-                        scope.deadline = min(ends_at, trio.current_time()
-                                             + settings.idle_timeout_s)
+                        scope.deadline = min(ends_at, trio.current_time() + idle_s)
                     frame = AudioFrame(samples, now)
                     if send_audio.receiver_waiting and not self.admission.core.ending:
                         await self._feed_here(frame, send_audio)
@@ -459,8 +464,15 @@ class Session:
             return Stop(now, 1000, f"the session reached STT_MAX_SESSION_S="
                                    f"{self.settings.max_session_s:g} s; open a new one to go on",
                         "session_limit", "session_too_long")
-        return Stop(now, 1000, f"no audio or keepalive for STT_IDLE_TIMEOUT_S="
-                               f"{self.settings.idle_timeout_s:g} s", "idle", "idle_timeout")
+        request = self.admission.request
+        return Stop(now, 1000, f"no audio or message for {request.idle_setting}="
+                               f"{self._idle_timeout_s:g} s", "idle", "idle_timeout")
+
+    @property
+    def _idle_timeout_s(self) -> float:
+        """How long the client may send nothing (its protocol's, or STT_IDLE_TIMEOUT_S)."""
+        own = self.admission.request.idle_timeout_s
+        return self.settings.idle_timeout_s if own is None else own
 
     def _overloaded(self, dropped_frames: int) -> Stop:
         return Stop(trio.current_time(), 1013,

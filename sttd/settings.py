@@ -151,6 +151,9 @@ class Settings:
     max_sessions: int = attrs.field(default=0, validator=_non_negative)
     max_session_s: float = attrs.field(default=14400.0, validator=_positive)
     idle_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    # The same for OpenAI Realtime sessions, whose protocol has no keepalive message: a
+    # push-to-talk client sends nothing between turns (OpenAI's own sessions last 30 minutes).
+    realtime_idle_timeout_s: float = attrs.field(default=1800.0, validator=_positive)
     # Largest WebSocket message accepted (bigger: close 1009), bytes.
     max_message_bytes: int = attrs.field(default=1 << 20, validator=_positive)
     # A client must deliver a request's headers and body with no gap longer than this, seconds.

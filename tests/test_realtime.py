@@ -284,6 +284,27 @@ async def test_an_update_the_engine_refuses_leaves_no_trace(nursery: trio.Nurser
     assert completed.logprobs
 
 
+async def test_an_append_over_the_message_limit_is_refused_alone(nursery: trio.Nursery) -> None:
+    """An event protocol: the oversized event gets an error and the session goes on (a binary
+    stream's oversized frame ends its session instead)."""
+    refs = reference_texts()
+    server = await start_server(nursery, vad="energy", max_message_bytes=64 * 1024)
+
+    def run() -> list[Any]:
+        with _connect(server) as connection:
+            whole = pcm24(np.concatenate([load_pcm("ps_goforward"), silence(1.0)]))
+            connection.input_audio_buffer.append(audio=base64.b64encode(whole).decode())
+            refused = _events_until(connection, lambda s: any(e.type == "error" for e in s))
+            _append(connection, load_pcm("ps_cards_001"), silence(1.0))
+            return refused + _events_until(connection, _completed(1))
+
+    events = await _in_thread(run)
+    [error] = [e for e in events if e.type == "error"]
+    assert (error.error.code, error.error.type) == ("payload_too_large", "invalid_request_error")
+    assert "STT_MAX_MESSAGE_BYTES" in error.error.message
+    assert [e.transcript for e in events if e.type == COMPLETED] == [refs["ps_cards_001"]]
+
+
 async def test_the_sdk_switches_to_g711_mid_session(nursery: trio.Nursery) -> None:
     """A telephony bridge's G.711 at 8 kHz (encoded by FFmpeg) after PCM16 at 24 kHz: every
     utterance transcribed, the update echoed in OpenAI's shape."""

@@ -354,6 +354,31 @@ async def test_idle_session_closes_after_the_idle_timeout_and_keepalive_holds_it
     assert metrics.errors_total.labels("idle_timeout")._value.get() == 1
 
 
+async def test_a_realtime_session_has_its_own_idle_bound(
+        autojump_clock: trio.abc.Clock) -> None:
+    """OpenAI's Realtime protocol has no keepalive: a push-to-talk client sends nothing between
+    turns, so its sessions are bounded by STT_REALTIME_IDLE_TIMEOUT_S, not STT_IDLE_TIMEOUT_S."""
+    from sttd.api import RealtimeCodec
+
+    metrics = Metrics.create(CollectorRegistry())
+    config = Settings(backend="mock", vad="energy", idle_timeout_s=10.0,
+                      realtime_idle_timeout_s=100.0)
+    codec = RealtimeCodec()
+    request = codec.accept(MultiDict({"intent": "transcription"}), config)
+    admission = Admission(request, session_core(request, config), FakeEngine(), _unregistered)
+    transport = FakeTransport.create()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(Session(admission, config, metrics).run, transport, codec)
+        await transport.closed.wait()
+        closed_at = trio.current_time()
+    assert closed_at == pytest.approx(100.0)
+    [error] = [m for m in transport.sent if m["type"] == "error"]
+    assert error["error"]["code"] == "idle_timeout"
+    assert error["error"]["type"] == "invalid_request_error"
+    assert "STT_REALTIME_IDLE_TIMEOUT_S=100" in error["error"]["message"]
+    assert metrics.sessions_total.labels("idle")._value.get() == 1
+
+
 async def test_session_time_limit_finalizes_open_speech_then_closes(
         autojump_clock: trio.abc.Clock) -> None:
     speech = load_pcm("ps_librivox_0880")

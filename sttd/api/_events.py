@@ -111,6 +111,13 @@ class SessionRequest:
     # What the client's binary frames hold; the session converts it to 16 kHz mono.
     audio_format: AudioFormat
     options: SessionOptions
+    # The setting that bounds the time without a client message, and its value (seconds):
+    # STT_IDLE_TIMEOUT_S, unless the protocol has no message to keep a quiet session open.
+    idle_setting: str = "STT_IDLE_TIMEOUT_S"
+    idle_timeout_s: float | None = None  # None: the server's STT_IDLE_TIMEOUT_S
+    # A message over STT_MAX_MESSAGE_BYTES ends the session (close 1009): a binary stream
+    # cannot go on with a hole in it. An event protocol instead refuses that one event.
+    oversized_message_closes: bool = True
 
 
 # -- server -> client ---------------------------------------------------------------------------

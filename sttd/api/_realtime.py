@@ -100,7 +100,8 @@ _CLIENT_EVENTS: Final = ("session.update", "transcription_session.update",
 _CLIENT_CODES: Final = frozenset({"invalid_message", "invalid_param", "unsupported_language",
                                   "unauthorized", "payload_too_large", "unsupported_event",
                                   "unknown_parameter", "invalid_value",
-                                  "input_audio_buffer_commit_empty", "bad_audio"})
+                                  "input_audio_buffer_commit_empty", "bad_audio",
+                                  "idle_timeout", "session_too_long"})
 
 
 @attrs.frozen
@@ -152,7 +153,11 @@ class RealtimeCodec:
         self._setup = _Setup(options, model=query.get("model", "") or "", prompt="",
                              server_vad=True, threshold=_DEFAULT_THRESHOLD, logprobs=False,
                              legacy=False)
-        return SessionRequest(call_id=self._session_id, audio_format=_PCM, options=options)
+        # The protocol has no keepalive: a quiet session is bounded by its own setting.
+        return SessionRequest(call_id=self._session_id, audio_format=_PCM, options=options,
+                              idle_setting="STT_REALTIME_IDLE_TIMEOUT_S",
+                              idle_timeout_s=settings.realtime_idle_timeout_s,
+                              oversized_message_closes=False)
 
     # -- client events ---------------------------------------------------------------------
 
