@@ -51,6 +51,7 @@ from sttd.api import (
     parse_task,
     render,
     stream_event,
+    word_logprobs,
 )
 from sttd.engine import file_segments, transcribe_file
 from sttd.errors import BackendError, ClientError, Overloaded, Unauthorized
@@ -223,7 +224,8 @@ def create_app(state: AppState) -> _Streams:
                                     headers={"Cache-Control": "no-cache"})
                 result = await transcribe_file(
                     engine, upload, settings, language=form.language, hotwords=form.prompt,
-                    task=task, word_timings="word" in form.timestamp_granularities)
+                    task=task, word_timings=("word" in form.timestamp_granularities
+                                             or form.logprobs))
         body, content_type = render(result, form)
         return Response(body, status=200, content_type=content_type)
 
@@ -238,16 +240,20 @@ def create_app(state: AppState) -> _Streams:
         collected, and holds no admission.
         """
         text: list[str] = []
+        every: list[dict[str, Any]] = []  # the logprobs of every word, for the done event
         try:
             with admit_upload(state, None) as engine:
                 async with contextlib.aclosing(file_segments(
                         engine, upload, settings, language=form.language, hotwords=form.prompt,
-                        task=form.task, word_timings=False)) as batches:
+                        task=form.task, word_timings=form.logprobs)) as batches:
                     async for segments, _ in batches:
                         for segment in segments:
-                            yield stream_event("delta", segment.text, first=not text)
+                            scores = word_logprobs(segment.words) if form.logprobs else None
+                            yield stream_event("delta", segment.text, first=not text,
+                                               logprobs=scores)
                             text.append(segment.text)
-            yield stream_event("done", " ".join(text))
+                            every.extend(scores or ())
+            yield stream_event("done", " ".join(text), logprobs=every if form.logprobs else None)
         except (ClientError, BackendError) as exc:
             log.warning("http.stream_failed code=%s", exc.code, exc_info=exc)
             metrics.errors_total.labels(exc.code).inc()

@@ -75,6 +75,10 @@ def test_a_sentence_prompt_becomes_hotword_sized_phrases_not_an_error() -> None:
     ({"model": "m", "stream": "true", "response_format": "vtt"}, "stream"),
     ({"model": "m", "prompt": "x" * 1001}, "prompt"),
     ({"model": "m", "language": "english please"}, "language"),
+    ({"model": "m", "include[]": "tokens"}, "include[]"),
+    ({"model": "m", "include[]": "logprobs", "response_format": "text"}, "include[]"),
+    ({"model": "m", "temperature": "abc"}, "temperature"),
+    ({"model": "m", "temperature": "5"}, "temperature"),
 ])
 def test_form_errors_name_the_field(fields: dict[str, str], param: str) -> None:
     with pytest.raises(InvalidParam) as caught:
@@ -187,6 +191,27 @@ async def test_openai_sdk_streams_the_text_piece_by_piece(server: RunningServer)
         "transcript.text.done"]
     assert [event.delta for event in events[:2]] == [texts[NAMES[0]], f" {texts[NAMES[1]]}"]
     assert events[-1].text == "".join(event.delta for event in events[:2]) == whole
+
+
+async def test_openai_sdk_gets_word_logprobs_where_included(server: RunningServer) -> None:
+    """include[]=logprobs: a log-probability per word (sttd's backends score words, not
+    tokens), in the json answer and in the streamed events."""
+    client = _client(server)
+    plain = await _create(client, model="gpt-4o-transcribe")
+    scored = await _create(client, model="gpt-4o-transcribe", include=["logprobs"])
+    assert scored.text == plain.text and getattr(plain, "logprobs", None) is None
+    assert " ".join(p.token for p in scored.logprobs) == scored.text
+    assert all(p.logprob <= 0 and bytes(int(b) for b in p.bytes).decode() == p.token
+               for p in scored.logprobs)
+
+    def streamed() -> list[Any]:
+        return list(client.audio.transcriptions.create(
+            model="gpt-4o-transcribe", file=("call.wav", _wav(), "audio/wav"), stream=True,
+            include=["logprobs"]))
+
+    *deltas, done = await trio.to_thread.run_sync(streamed)
+    assert [p.token for d in deltas for p in d.logprobs] == [p.token for p in done.logprobs]
+    assert [p.logprob for p in done.logprobs] == [p.logprob for p in scored.logprobs]
 
 
 async def test_stream_is_ignored_for_whisper_1_as_openai_does(server: RunningServer) -> None:

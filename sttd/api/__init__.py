@@ -51,7 +51,13 @@ from sttd.api._native import (
     parse_server_message,
     to_json,
 )
-from sttd.api._openai import RESPONSE_FORMATS, TranscriptionForm, render, stream_event
+from sttd.api._openai import (
+    RESPONSE_FORMATS,
+    TranscriptionForm,
+    render,
+    stream_event,
+    word_logprobs,
+)
 from sttd.api._realtime import RealtimeCodec
 from sttd.api._params import (
     MAX_HOTWORD_CHARS,
@@ -117,4 +123,5 @@ __all__ = [
     "render",
     "stream_event",
     "to_json",
+    "word_logprobs",
 ]

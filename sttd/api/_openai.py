@@ -14,13 +14,14 @@ ignores ``stream``, and so does sttd.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from typing import Final, Literal
 
 import attrs
 
 from sttd.errors import InvalidParam
-from sttd.api._events import FileTranscript
+from sttd.api._events import FileTranscript, Word
 from sttd.api._languages import language_name
 from sttd.api._params import (
     MAX_HOTWORD_CHARS,
@@ -31,7 +32,8 @@ from sttd.api._params import (
     quoted,
 )
 
-__all__ = ["RESPONSE_FORMATS", "TranscriptionForm", "prompt_phrases", "render", "stream_event"]
+__all__ = ["RESPONSE_FORMATS", "TranscriptionForm", "prompt_phrases", "render", "stream_event",
+           "word_logprobs"]
 
 RESPONSE_FORMATS: Final = ("json", "text", "verbose_json", "srt", "vtt")
 _GRANULARITIES: Final = ("segment", "word")
@@ -54,6 +56,8 @@ class TranscriptionForm:
     task: Literal["transcribe", "translate"] = "transcribe"
     # stream=true: the text as server-sent events, piece by piece (json and text formats).
     stream: bool = False
+    # include[]=logprobs: each word's log-probability (json, and the stream's events).
+    logprobs: bool = False
 
     @classmethod
     def parse(cls, fields: Mapping[str, str], *,
@@ -86,6 +90,24 @@ class TranscriptionForm:
         if stream and response_format not in ("json", "text"):
             raise InvalidParam("stream", "stream=true sends the text as it comes: "
                                f"response_format must be json or text, got {quoted(response_format)}")
+        include = [item.strip() for item in
+                   fields.get("include[]", fields.get("include", "")).split(",") if item.strip()]
+        for item in include:
+            if item != "logprobs":
+                raise InvalidParam("include[]", f"include may hold 'logprobs', got {quoted(item)}")
+        logprobs = bool(include)
+        if logprobs and response_format != "json":
+            raise InvalidParam("include[]", "logprobs come with response_format=json, got "
+                                            f"{quoted(response_format)}")
+        temperature = fields.get("temperature", "").strip()
+        if temperature:  # accepted and ignored (decoding is deterministic), but must be one
+            try:
+                value = float(temperature)
+            except ValueError:
+                value = math.nan
+            if not 0.0 <= value <= 1.0:
+                raise InvalidParam("temperature", "temperature must be a number from 0 to 1, "
+                                                  f"got {quoted(temperature)}")
         prompt = fields.get("prompt", "")
         if len(prompt) > _MAX_PROMPT_CHARS:
             raise InvalidParam("prompt", f"prompt must be at most {_MAX_PROMPT_CHARS} "
@@ -98,6 +120,7 @@ class TranscriptionForm:
             timestamp_granularities=granularities or ("segment",),
             task=task,
             stream=stream,
+            logprobs=logprobs,
         )
 
 
@@ -124,7 +147,10 @@ def render(transcript: FileTranscript, form: TranscriptionForm) -> tuple[str, st
     """The response body and its content type, in `form.response_format`."""
     kind = form.response_format
     if kind == "json":
-        return dumps({"text": transcript.text}), "application/json"
+        body: dict[str, object] = {"text": transcript.text}
+        if form.logprobs:
+            body["logprobs"] = word_logprobs(w for s in transcript.segments for w in s.words)
+        return dumps(body), "application/json"
     if kind == "text":
         return transcript.text + "\n", "text/plain; charset=utf-8"
     if kind == "srt":
@@ -134,21 +160,30 @@ def render(transcript: FileTranscript, form: TranscriptionForm) -> tuple[str, st
     return dumps(_verbose(transcript, form)), "application/json"
 
 
+def word_logprobs(words: Iterable[Word]) -> list[dict[str, object]]:
+    """OpenAI's ``logprobs`` of a transcript, a word at a time (sttd's backends score words,
+    not tokens): ``token`` is the word, ``logprob`` the log of its probability."""
+    return [{"token": word.word, "logprob": round(math.log(max(word.probability, 1e-12)), 4),
+             "bytes": list(word.word.encode())} for word in words]
+
+
 def stream_event(kind: Literal["delta", "done", "error"], text: str = "", *, first: bool = False,
-                 code: str = "", message: str = "") -> bytes:
+                 code: str = "", message: str = "",
+                 logprobs: list[dict[str, object]] | None = None) -> bytes:
     """One server-sent event of a streamed transcription, as OpenAI's SDKs read them: a
     ``transcript.text.delta`` of a piece's `text` (after a space unless it is the `first`), the
     ``transcript.text.done`` with the whole `text`, or an error that came after the stream began
-    (which the SDKs raise)."""
-    if kind == "delta":
-        body: dict[str, object] = {"type": "transcript.text.delta",
-                                   "delta": text if first else f" {text}"}
-    elif kind == "done":
-        body = {"type": "transcript.text.done", "text": text}
-    else:
+    (which the SDKs raise); `logprobs` (include[]=logprobs) go with a delta or the done."""
+    body: dict[str, object]
+    if kind == "error":
         body = {"error": {"code": code, "message": message,
                           "type": "server_error" if code in _SERVER_ERRORS
                           else "invalid_request_error", "param": None}}
+    else:
+        body = ({"type": "transcript.text.delta", "delta": text if first else f" {text}"}
+                if kind == "delta" else {"type": "transcript.text.done", "text": text})
+        if logprobs is not None:
+            body["logprobs"] = logprobs
     return f"data: {dumps(body)}\n\n".encode()
 
 

