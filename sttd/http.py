@@ -329,6 +329,9 @@ class _Streams:
                               if name.lower() == b"authorization"), None)
         subprotocol = None
         if isinstance(codec, RealtimeCodec):
+            if any(name.lower() == b"openai-beta" and b"realtime=v1" in value.lower()
+                   for name, value in scope["headers"]):
+                codec = RealtimeCodec(beta=True)  # opens in the beta's shape
             offered = list(scope.get("subprotocols", ()))
             key = next((p.removeprefix(_REALTIME_KEY_PROTOCOL) for p in offered
                         if p.startswith(_REALTIME_KEY_PROTOCOL)), None)

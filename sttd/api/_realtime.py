@@ -122,6 +122,9 @@ class _Setup:
 class RealtimeCodec:
     """OpenAI's Realtime transcription protocol for one connection (see the module docstring)."""
 
+    # The client speaks the beta protocol (header ``OpenAI-Beta: realtime=v1``): the session
+    # opens with ``transcription_session.created``, in that shape, as OpenAI's beta opens it.
+    beta: bool = attrs.field(default=False, kw_only=True)
     _vad: str = attrs.field(init=False, default="silero")
     _backend: str = attrs.field(init=False, default="")
     _setup: _Setup | None = attrs.field(init=False, default=None)
@@ -152,7 +155,7 @@ class RealtimeCodec:
             turn_events=True, endpointing=True, word_timings=False)
         self._setup = _Setup(options, model=query.get("model", "") or "", prompt="",
                              server_vad=True, threshold=_DEFAULT_THRESHOLD, logprobs=False,
-                             legacy=False)
+                             legacy=self.beta)
         # The protocol has no keepalive: a quiet session is bounded by its own setting.
         return SessionRequest(call_id=self._session_id, audio_format=_PCM, options=options,
                               idle_setting="STT_REALTIME_IDLE_TIMEOUT_S",
@@ -312,7 +315,8 @@ class RealtimeCodec:
             return [self._error(event)] if isinstance(event, Error) else []
         if isinstance(event, Ready):
             self._backend = event.backend
-            return [self._event("session.created", session=self._session(setup))]
+            name = "transcription_session.created" if setup.legacy else "session.created"
+            return [self._event(name, session=self._session(setup))]
         if isinstance(event, SpeechStarted):
             if not setup.server_vad:
                 return []
