@@ -364,6 +364,7 @@ class _Streams:
                                       max_message_bytes=settings.max_message_bytes)
             await serve_connection(transport, codec, admitted, settings=settings,
                                    metrics=metrics)
+            await transport.finish()
 
 
 # Each streaming route's protocol (`_Streams`).

@@ -22,6 +22,7 @@ from tests.conftest import (
     reference_texts,
     send_pcm,
     silence,
+    start_server,
 )
 from tests.test_formats import encode_media
 
@@ -129,6 +130,71 @@ async def test_end_finalizes_open_speech_before_closing(server: RunningServer) -
     assert messages[-1]["type"] == "final"
     assert messages[-1]["text"] == refs["ps_goforward"]
     assert code == 1000
+
+
+async def test_a_client_that_sends_on_after_its_end_still_gets_its_connection_closed(
+        server: RunningServer) -> None:
+    """A microphone task still running after `end`: hypercorn hands the app 10 messages at a
+    time and reads no more from the socket while they wait, so the client's close reply behind
+    the frames it sent on was never read. The connection stayed open (and its tasks alive), and
+    the client hung in its closing handshake. Now the server reads them off after its close."""
+    refs = reference_texts()
+    speech = _trim_trailing_quiet(load_pcm("ps_goforward"))
+    await trio.testing.wait_all_tasks_blocked()
+    baseline_tasks = _count_tasks()
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(server.ws_url(), disconnect_timeout=TIMEOUT_S) as ws:
+            await receive_type(ws, "ready")
+            await send_pcm(ws, speech)
+            await ws.send_message(json.dumps({"type": "end"}))
+            for _ in range(40):  # 0.8 s more of the microphone
+                await ws.send_message(bytes(640))
+            messages, code = await receive_until_close(ws)
+        await server.state.sessions.wait_count(0)
+        await trio.testing.wait_all_tasks_blocked()
+    assert [m["text"] for m in messages if m["type"] == "final"] == [refs["ps_goforward"]]
+    assert code == 1000
+    assert _count_tasks() == baseline_tasks
+
+
+async def test_a_client_that_stops_reading_is_let_go_on_the_real_server(
+        nursery: trio.Nursery) -> None:
+    """hypercorn shields its socket sends from cancellation, so STT_SEND_TIMEOUT_S alone could
+    not end a session whose client stopped reading: it held on (and held a drain) for as long
+    as the client lived. The listening socket's TCP_USER_TIMEOUT (the send timeout) now makes
+    the kernel drop such a connection. The client here floods messages the server answers
+    (errors) through a 4 KiB receive buffer it never reads."""
+    import socket
+
+    import wsproto
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    server = await start_server(nursery, send_timeout_s=1.0)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", server.port))
+    stream = trio.SocketStream(sock)
+    ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="127.0.0.1",
+                                          target="/v1/stt/ws?call_id=mute&sample_rate=16000")))
+    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+        ws.receive_data(await stream.receive_some(4096))
+    await server.state.sessions.wait_count(1)
+    flood = ws.send(TextMessage(data="{not json"))
+    try:
+        with trio.fail_after(20):
+            with trio.move_on_after(15):  # until the server lets go (its RST breaks our sends)
+                try:
+                    while True:
+                        await stream.send_all(flood * 100)
+                except trio.BrokenResourceError:
+                    pass
+            await server.state.sessions.wait_count(0)
+    finally:
+        await stream.aclose()  # else a server still stuck in its send could not shut down
+    outcomes = {outcome: _sample(server, "sttd_sessions_total", {"outcome": outcome})
+                for outcome in ("slow_client", "client_gone")}
+    assert sum(outcomes.values()) == 1, outcomes
 
 
 @pytest.mark.parametrize(("codec", "rate_hz"), [("mulaw", 8000), ("alaw", 8000),

@@ -11,6 +11,9 @@ from hypercorn.utils import UnexpectedMessageError
 
 from sttd.errors import PayloadTooLarge
 
+# How long `AsgiTransport.finish` waits for the client's close reply, seconds.
+_FINISH_TIMEOUT_S = 5.0
+
 __all__ = ["AsgiTransport"]
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,22 @@ class AsgiTransport:
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
         except UnexpectedMessageError:
             log.debug("session.close_after_client_close")
+
+    async def finish(self) -> None:
+        """After the session closed the connection: read (and drop) what the client still
+        sends until its close reply, for at most `_FINISH_TIMEOUT_S`.
+
+        hypercorn hands the app at most 10 messages at a time and reads nothing from the socket
+        while they wait, so a client that sent more after the server's close frame (a
+        microphone task still running; any real-time stream when a drain closes it) would
+        never have its close reply read: the connection stayed open, and the client hung in
+        its closing handshake.
+        """
+        if self._gone.cancel_called:
+            return  # hypercorn said the client left: nothing more will come
+        with trio.move_on_after(_FINISH_TIMEOUT_S):
+            while (await self._receive())["type"] != "websocket.disconnect":
+                pass
 
     async def _left(self) -> NoReturn:
         self._gone.cancel()

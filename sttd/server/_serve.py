@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from io import BytesIO, StringIO
 from typing import Any
 
 import trio
-from hypercorn.config import Config
+from hypercorn.config import Config, Sockets
 from hypercorn.protocol import ws_stream
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
@@ -89,13 +91,35 @@ async def serve(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_load_engine, state, nursery, loaded)
-            await hypercorn_serve(_FinishResponses(app), config, shutdown_trigger=trigger,
-                                  task_status=_PortStatus(task_status, settings.host), mode="asgi")
+            await worker_serve(wrap_app(_FinishResponses(app), config.wsgi_max_body_size, "asgi"),
+                               config, sockets=_listening_sockets(config, settings),
+                               shutdown_trigger=trigger,
+                               task_status=_PortStatus(task_status, settings.host))
             # The server has shut down; an engine still loading is of no use now.
             nursery.cancel_scope.cancel()
     finally:
         for engine in loaded:
             await engine.aclose()  # vLLM's engine process, pooled HTTP connections
+
+
+def _listening_sockets(config: Config, settings: Settings) -> Sockets:
+    """hypercorn's sockets for `config`, listening, each connection's unsent data bounded.
+
+    hypercorn writes to a connection with its send shielded from cancellation, so a client
+    that stops reading (its receive window at zero) held the session's send, its
+    STT_SEND_TIMEOUT_S included, and a drain, for as long as the client lived. Linux's
+    TCP_USER_TIMEOUT, inherited by the connections a socket accepts, makes the kernel drop a
+    connection whose data stayed unacknowledged or unsent that long: the stuck send then
+    fails, and the session ends. (It also ends a connection to a peer that vanished without a
+    FIN, which retransmissions would otherwise keep for about 15 minutes.)
+    """
+    sockets = config.create_sockets()
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            max(round(settings.send_timeout_s * 1000), 1))
+        sock.listen(config.backlog)
+    return sockets
 
 
 async def _drain_after(trigger: Callable[[], Awaitable[None]], state: AppState) -> None:
