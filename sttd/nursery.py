@@ -106,6 +106,9 @@ _T = TypeVar("_T")
 
 # Upper bound on each cleanup step (last messages, close frame) once the session is ending.
 _CLOSE_TIMEOUT_S = 5.0
+# How long a draining session still takes audio: what its client sent before the drain and
+# is still on its way (see `Session.drain`), seconds.
+_DRAIN_TAIL_S = 0.5
 _MAX_CLOSE_REASON_CHARS = 120  # a close frame's reason must fit in 123 bytes
 # Finals of one session decoding at once. Each holds its utterance's audio (at most
 # STT_MAX_UTTERANCE_S); past this many the session stops reading until one is done, and its input
@@ -251,6 +254,7 @@ class Session:
     # The receive loop's scope: cancelling it ends the session's input (drain).
     _recv_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _draining: bool = attrs.field(init=False, default=False)
+    _drain_until: float = attrs.field(init=False, default=math.inf)  # trio clock
     _outcome: SessionOutcome | None = attrs.field(init=False, default=None)  # set here
     # Events the core released, in its order, not yet in the output channel (see `_emit`).
     _outbox: collections.deque[SessionEvent] = attrs.field(init=False, factory=collections.deque)
@@ -269,10 +273,17 @@ class Session:
         return 0.0 if self._audio is None else self._audio.samples_buffered / SAMPLE_RATE_HZ
 
     def drain(self) -> None:
-        """Stop taking audio, finalize the open utterance, send its final, close 1001."""
+        """Stop taking audio, finalize the open utterance, send its final, close 1001.
+
+        What the client sent before the drain may still be on its way (in the socket's buffer,
+        in the serving stack's queue), and is part of that utterance: the receive loop takes
+        audio for `_DRAIN_TAIL_S` more, then stops. (Stopping at once cut the last 0.2-0.4 s of
+        what real-time clients had sent, and words with it.)
+        """
         self._draining = True
+        self._drain_until = trio.current_time() + _DRAIN_TAIL_S
         if self._recv_scope is not None:
-            self._recv_scope.cancel()
+            self._recv_scope.deadline = min(self._recv_scope.deadline, self._drain_until)
 
     def statistics(self) -> SessionStatistics | None:
         """Queue statistics, or None before the session's channels exist."""
@@ -325,10 +336,9 @@ class Session:
             received = 0  # samples
             drops_reported = 0
             idle_s = self._idle_timeout_s
-            with trio.CancelScope(deadline=min(ends_at, started + idle_s)) as scope:
+            with trio.CancelScope(
+                    deadline=min(ends_at, started + idle_s, self._drain_until)) as scope:
                 self._recv_scope = scope
-                if self._draining:
-                    scope.cancel()
                 while True:
                     try:
                         message = await transport.receive()
@@ -336,7 +346,8 @@ class Session:
                         if (isinstance(exc, PayloadTooLarge)
                                 and not self.admission.request.oversized_message_closes):
                             # An event protocol: that event is refused, the session goes on.
-                            scope.deadline = min(ends_at, trio.current_time() + idle_s)
+                            scope.deadline = min(ends_at, trio.current_time() + idle_s,
+                                                 self._drain_until)
                             await send_errors.send(Error(exc.code, str(exc)))
                             continue
                         # Finals for what was heard, then this error, then its close code.
@@ -345,7 +356,7 @@ class Session:
                                                     str(exc), "refused", exc.code))
                         return
                     now = trio.current_time()
-                    scope.deadline = min(ends_at, now + idle_s)
+                    scope.deadline = min(ends_at, now + idle_s, self._drain_until)
                     try:
                         command = codec.decode(message, now)
                     except InvalidMessage as exc:
@@ -392,9 +403,10 @@ class Session:
                         received_samples=received, elapsed_s=now - started)
                     if action is LagAction.HOLD:
                         # Ahead of real time (a file sent fast): hold the client back.
-                        scope.deadline = math.inf
+                        scope.deadline = self._drain_until  # inf but in a drain
                         await send_audio.wait_for_room(policy.hold_above_samples // 2)
-                        scope.deadline = min(ends_at, trio.current_time() + idle_s)
+                        scope.deadline = min(ends_at, trio.current_time() + idle_s,
+                                             self._drain_until)
                     frame = AudioFrame(samples, now)
                     if send_audio.receiver_waiting and not self.admission.core.ending:
                         await self._feed_here(frame, send_audio)

@@ -136,6 +136,23 @@ async def test_drain_finalizes_sessions_refuses_newcomers_and_waits_for_uploads(
     assert registry.get_sample_value("sttd_errors_total", {"code": "shutting_down"}) == 2
 
 
+async def test_a_drain_keeps_the_audio_already_on_its_way(nursery: trio.Nursery) -> None:
+    """The drain comes while the frames a client sent are still in the socket and the serving
+    stack's queue: they are part of the utterance, and its final says all of them (the session
+    stopped reading at once, and cut the last 0.2-0.4 s of real-time clients' audio)."""
+    refs = reference_texts()
+    running = await _start(nursery, drain_s=TIMEOUT_S)
+    name = "ps_librivox_0880"
+    with trio.fail_after(TIMEOUT_S):
+        async with open_websocket_url(running.server.ws_url()) as ws:
+            await receive_type(ws, "ready")
+            await send_pcm(ws, _trim_trailing_quiet(load_pcm(name)), chunk_bytes=640)
+            running.trigger.set()  # no round trip: the last frames are still on their way
+            messages, code = await receive_until_close(ws)
+    assert [m["text"] for m in messages if m["type"] == "final"] == [refs[name]]
+    assert code == 1001
+
+
 async def test_drain_gives_up_after_drain_s(
         nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
     """An upload that never finishes holds the drain for STT_DRAIN_S, then the server stops."""
