@@ -89,10 +89,20 @@ def create_app(state: AppState) -> _Streams:
 
     @app.after_request
     async def _count(response: Response) -> Response:
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        route = request.url_rule.rule if request.url_rule is not None else _route_of(request.path)
         metrics.http_requests_total.labels(route, str(response.status_code)).inc()
         response.headers.update(cors.response_headers(request.headers.get("Origin")))
         return response
+
+    def _route_of(path: str) -> str:
+        """The route a request without a matched rule was for: a route's own (the method was
+        wrong, 405) or "unmatched" (404), so that no client's path becomes a label."""
+        adapter = app.url_map.bind("sttd")
+        method = next(iter(adapter.allowed_methods(path)), None)
+        if method is None:
+            return "unmatched"
+        rule, _ = adapter.match(path, method=method, return_rule=True)
+        return str(rule.rule)
 
     @app.errorhandler(ClientError)
     async def _client_error(exc: ClientError) -> Response:

@@ -197,6 +197,17 @@ async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:
     assert response.json()["error"]["code"] == "not_found"
 
 
+async def test_a_wrong_method_is_counted_under_its_route(client: httpx.AsyncClient) -> None:
+    """A GET on a POST route is a 405 counted under that route; an unknown path under
+    "unmatched" (no client's path becomes a label)."""
+    wrong = await client.get(TRANSCRIBE)
+    assert (wrong.status_code, wrong.json()["error"]["code"]) == (405, "method_not_allowed")
+    await client.get("/nope/" + "x" * 50)
+    metrics = _metrics((await client.get("/metrics")).text)
+    assert metrics[("sttd_http_requests_total", (("route", TRANSCRIBE), ("status", "405")))] == 1
+    assert metrics[("sttd_http_requests_total", (("route", "unmatched"), ("status", "404")))] == 1
+
+
 async def test_metrics_count_what_happened(server: RunningServer,
                                            client: httpx.AsyncClient) -> None:
     refs = reference_texts()

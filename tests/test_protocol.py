@@ -134,6 +134,10 @@ def test_call_id_of_256_characters_accepted() -> None:
         (with_(sample_rate="384001"), "sample_rate",
          "sample_rate must be in 4000..384000, got 384001"),
         (with_(sample_rate="abc"), "sample_rate", "sample_rate must be an integer, got 'abc'"),
+        # ASCII digits only, though Python's int() reads these too.
+        (with_(sample_rate="16_000"), "sample_rate", "sample_rate must be an integer, got '16_000'"),
+        (with_(sample_rate="\uff11\uff16\uff10\uff10\uff10"), "sample_rate",
+         "sample_rate must be an integer, got '\uff11\uff16\uff10\uff10\uff10'"),
         (with_(sample_rate=""), "sample_rate", "sample_rate must be an integer, got ''"),
         (with_(codec="opus"), "codec", "codec must be one of pcm_s16le, mulaw, alaw, got 'opus'"),
         (with_(codec="MULAW"), "codec", "codec must be one of pcm_s16le, mulaw, alaw, got 'MULAW'"),
@@ -212,7 +216,7 @@ def test_binary_frames_are_audio_as_sent() -> None:
         ("null", "text messages must be JSON objects, got NoneType"),
         ('{"type": "start"}', "message type must be one of commit, end, keepalive, got 'start'"),
         ('{"type": "COMMIT"}', "message type must be one of commit, end, keepalive, got 'COMMIT'"),
-        ("{}", "message type must be one of commit, end, keepalive, got 'None'"),
+        ("{}", "message type must be one of commit, end, keepalive, got no type"),
         ('{"type": 1}', "message type must be one of commit, end, keepalive, got '1'"),
     ],
 )

@@ -133,7 +133,8 @@ class NativeCodec:
         if kind == "keepalive":
             return KeepAlive()
         raise InvalidMessage(
-            f"message type must be one of commit, end, keepalive, got {str(kind)[:40]!r}")
+            "message type must be one of commit, end, keepalive, got "
+            + ("no type" if kind is None else repr(str(kind)[:40])))
 
     def withdraw(self, command: Configure) -> None:
         return None  # this protocol's messages never reconfigure a session

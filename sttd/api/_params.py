@@ -95,8 +95,12 @@ def query_int(query: Mapping[str, str], name: str, default: int, *,
     raw = query.get(name)
     if raw is None:
         return default
+    # ASCII digits only: Python's int() also reads "16_000" and full-width "１６０００".
+    digits = raw.strip()
     try:
-        value = int(raw)
+        if not (digits.isascii() and digits.lstrip("+-").isdigit()):
+            raise ValueError(digits)
+        value = int(digits)  # a ValueError past Python's 4300 digits
     except ValueError:
         raise InvalidParam(name, f"{name} must be an integer, got {quoted(raw)}") from None
     if lo is not None and hi is not None and not lo <= value <= hi:
