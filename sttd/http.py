@@ -98,10 +98,13 @@ def create_app(state: AppState) -> _Streams:
         """The route a request without a matched rule was for: a route's own (the method was
         wrong, 405) or "unmatched" (404), so that no client's path becomes a label."""
         adapter = app.url_map.bind("sttd")
-        method = next(iter(adapter.allowed_methods(path)), None)
-        if method is None:
+        try:
+            method = next(iter(adapter.allowed_methods(path)), None)
+            if method is None:
+                return "unmatched"
+            rule, _ = adapter.match(path, method=method, return_rule=True)
+        except HTTPException:  # werkzeug's redirects (a path with "//", say) and the like
             return "unmatched"
-        rule, _ = adapter.match(path, method=method, return_rule=True)
         return str(rule.rule)
 
     @app.errorhandler(ClientError)
