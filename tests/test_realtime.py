@@ -276,6 +276,7 @@ async def test_an_update_the_engine_refuses_leaves_no_trace(nursery: trio.Nurser
     events = await _in_thread(run)
     [error] = [e for e in events if e.type == "error"]
     assert (error.error.event_id, error.error.code) == ("evt_de", "unsupported_language")
+    assert error.error.param == "session.audio.input.transcription.language"
     [updated] = [e for e in events if e.type == "session.updated"]
     assert updated.session.audio.input.format.type == "audio/pcm"
     assert updated.session.audio.input.transcription.language != "de"

@@ -403,6 +403,7 @@ class RealtimeCodec:
 
     def _error(self, event: Error) -> str:
         client_event_id = None
+        refused: Any = None
         if event.refused is not None:
             try:
                 refused = json.loads(event.refused)
@@ -410,9 +411,16 @@ class RealtimeCodec:
                 refused = None
             if isinstance(refused, dict) and isinstance(refused.get("event_id"), str):
                 client_event_id = refused["event_id"]
+        param = event.param
+        if param == "language" and event.code == "unsupported_language":
+            # The engine refused an update's language: named where the update put it.
+            legacy = isinstance(refused, dict) and str(refused.get("type", "")).startswith(
+                "transcription_session")
+            param = ("session.input_audio_transcription.language" if legacy
+                     else "session.audio.input.transcription.language")
         error = {"type": "invalid_request_error" if event.code in _CLIENT_CODES
                  else "server_error",
-                 "code": event.code, "message": event.message, "param": event.param,
+                 "code": event.code, "message": event.message, "param": param,
                  "event_id": client_event_id}
         if event.utterance_id is not None:
             return self._event("conversation.item.input_audio_transcription.failed",
