@@ -72,6 +72,30 @@ async def test_sessions_past_the_limit_are_refused_and_the_others_go_on(
         "sttd_sessions_total", {"outcome": "rejected"}) == 1
 
 
+async def test_connections_arriving_together_cannot_pass_the_session_limit(
+        nursery: trio.Nursery) -> None:
+    """Each admitted connection counts at once: its session registers only after the upgrade
+    is accepted, and eight connections at once all passed a limit of two, counted that way."""
+    server = await start_server(nursery, max_sessions=2, max_load=0)
+    first: dict[int, str] = {}
+    all_answered, done = trio.Event(), trio.Event()
+
+    async def connect(index: int) -> None:
+        async with open_websocket_url(server.ws_url(f"call_id=c{index}&sample_rate=16000")) as ws:
+            first[index] = json.loads(await ws.get_message())["type"]
+            if len(first) == 8:
+                all_answered.set()
+            await done.wait()  # the admitted stay connected until every answer is in
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as clients:
+            for index in range(8):
+                clients.start_soon(connect, index)
+            await all_answered.wait()
+            done.set()
+    assert sorted(first.values()) == ["error"] * 6 + ["ready"] * 2
+
+
 OVERSIZED = [
     pytest.param(lambda limit: bytes(limit + 1), id="binary-one-past"),
     pytest.param(lambda limit: bytes(10 * limit), id="binary-ten-times"),

@@ -46,7 +46,10 @@ def admit_session(state: AppState, access: Access, codec: Codec, query: MultiDic
     engine.check_hotwords(request.options.hotwords)
     engine.check_task(request.options.task)
     settings = state.settings
-    if settings.max_sessions and len(state.sessions) >= settings.max_sessions:
+    # The engine counts a live stream from its admission (below), where the registry has it
+    # only once its session starts: connections arriving together all passed that count.
+    open_now = max(len(state.sessions), engine.live_streams)
+    if settings.max_sessions and open_now >= settings.max_sessions:
         raise Overloaded(f"the server holds STT_MAX_SESSIONS={settings.max_sessions} sessions "
                          "already; retry later")
     engine.admit_stream()
