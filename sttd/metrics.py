@@ -71,6 +71,7 @@ class Metrics:
     audio_skipped_seconds_total: Counter
     warnings_total: Counter
     partials_dropped_total: Counter
+    partials_failed_total: Counter
     speculative_finals_total: Counter
     thorough_finals_total: Counter
     thorough_file_pieces_total: Counter
@@ -125,6 +126,12 @@ class Metrics:
                 "sttd_partials_dropped_total",
                 "Partial transcripts dropped because a session's output queue was 80% full.",
                 registry=registry,
+            ),
+            partials_failed_total=Counter(
+                "sttd_partials_failed_total",
+                "Partial decodes the engine failed, by error code: not sent to the client (the "
+                "utterance's final answers for it, or reports its own failure).",
+                ["code"], registry=registry,
             ),
             speculative_finals_total=Counter(
                 "sttd_speculative_finals_total",

@@ -619,8 +619,13 @@ class Session:
         try:
             result = await self.admission.engine.transcribe(decode.request, started=started)
         except BackendError as exc:
-            log.warning("session.%s sid=%s kind=%s", exc.code, self.session_id, decode.kind,
-                        exc_info=True)
+            if decode.kind == "partial":  # not the client's concern: its final answers for it
+                self.metrics.partials_failed_total.labels(exc.code).inc()
+                log.info("session.%s sid=%s kind=partial error=%s", exc.code, self.session_id,
+                         exc)
+            else:
+                log.warning("session.%s sid=%s kind=%s", exc.code, self.session_id,
+                            decode.kind, exc_info=True)
             return core.failed(decode, exc)
         return core.decoded(decode, result, backlog_ms=round(self.backlog_s * 1000))
 

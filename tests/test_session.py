@@ -264,6 +264,29 @@ async def test_failed_inference_is_reported_and_the_session_goes_on() -> None:
     assert metrics.errors_total.labels("inference_failed")._value.get() == 1
 
 
+async def test_failed_partials_are_counted_not_sent(autojump_clock: trio.abc.Clock) -> None:
+    """A partial the engine fails is tentative work lost, not the client's concern: its final
+    answers for the utterance. (Each was an error to the client, which could not tell a
+    hundred of them from a lost final while the engine was down.)"""
+    refs = reference_texts()
+    engine = FakeEngine(fail_kinds=frozenset({"partial"}))
+    session, metrics = _session(engine)
+    transport = FakeTransport.create()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, transport, CODEC)
+        for frame in _frames(np.concatenate([load_pcm("ps_librivox_0880"), silence(1.0)])):
+            await transport.incoming_send.send(frame)
+            await trio.sleep(0.02)
+        await transport.incoming_send.send(json.dumps({"type": "end"}))
+        await transport.closed.wait()
+    assert "partial" in engine.calls
+    assert transport.of_type("error") == [] and transport.of_type("partial") == []
+    assert [f["text"] for f in transport.of_type("final")] == [refs["ps_librivox_0880"]]
+    assert metrics.partials_failed_total.labels("inference_failed")._value.get() == \
+        engine.calls.count("partial")
+    assert metrics.errors_total.labels("inference_failed")._value.get() == 0
+
+
 async def test_unexpected_error_reports_internal_and_closes_1011() -> None:
     engine = FakeEngine(crash=True)
     session, metrics = _session(engine)

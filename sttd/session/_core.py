@@ -452,14 +452,15 @@ class SessionCore:
     def failed(self, decode: Decode, error: BackendError) -> list[SessionEvent]:
         """`decode` failed: the error, reported in its turn; the session goes on.
 
-        A partial whose utterance was finalized meanwhile fails silently: its final answers for
-        that utterance.
+        A failed partial is not reported (the caller counts it): its utterance's final answers
+        for it, with its text or its own failure. Reporting each one told a client of a hundred
+        tentative transcripts it could not tell from a lost final while the engine was down.
         """
         utterance_id = decode.utterance.utterance_id
         event = Error(error.code, f"transcribing utterance {utterance_id} failed ({error}); "
                                   "the session goes on", utterance_id=utterance_id)
         if decode.kind == "partial":
-            return [] if utterance_id <= self._finalized else [event]
+            return []
         if decode is self._speculation:  # its final will be decoded again when it ends
             self._speculated = _Outcome(None, error, 0)
             return []
