@@ -226,6 +226,35 @@ def test_retryable_statuses_move_on(status: int) -> None:
     assert all(backend.transcribe([_request()])[0].text == "hello world" for _ in range(3))
 
 
+def test_a_busy_upstream_is_asked_again_after_its_retry_after_and_not_ejected() -> None:
+    """Another sttd past its STT_MAX_UPLOADS answers 503 with Retry-After: 5; a few tenths of a
+    second later it has room. Its three quick attempts (0.15 s in all) failed the request, and
+    lost live finals behind a healthy engine."""
+    answers = iter([httpx.Response(503, headers={"Retry-After": "5"}, text="busy")] * 3)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return next(answers, None) or _answer()
+
+    backend, slept = _backend(handler, A, retries=1)
+    assert backend.transcribe([_request()])[0].text == "hello world"
+    assert len(slept) == 3 and all(0.25 <= s <= 0.75 for s in slept)  # capped at 0.5 s, jittered
+    assert backend.pool.upstreams[0].failures == 0  # busy is not broken
+    # With two upstreams, a busy one sends the request to the other at once.
+    answers = iter([httpx.Response(503, headers={"Retry-After": "5"}, text="busy")])
+    backend, slept = _backend(handler, A, B)
+    assert backend.transcribe([_request()])[0].text == "hello world" and slept == []
+
+
+def test_an_upstream_busy_for_too_long_fails_the_request() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": "1"}, text="slow down")
+
+    backend, slept = _backend(handler, A, retries=0)
+    with pytest.raises(BackendError, match="busy"):
+        backend.transcribe([_request()])
+    assert 4.0 <= sum(slept) <= 5.0  # the busy budget
+
+
 def test_a_bad_request_is_not_retried_and_names_the_upstream() -> None:
     calls: list[str] = []
 

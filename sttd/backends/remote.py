@@ -67,6 +67,12 @@ log = logging.getLogger(__name__)
 _MAX_EJECT_S = 60.0
 _BACKOFF_S = 0.05  # first retry's wait; doubles per attempt, plus up to 50% jitter
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# An upstream that says it is busy (429, or 503 with Retry-After) is asked again after the
+# wait it names, at most this long each time, for at most _BUSY_BUDGET_S in all (seconds):
+# an sttd upstream answers 503 with Retry-After: 5 past its STT_MAX_UPLOADS, and a few tenths
+# of a second later it usually has room (each request is one utterance).
+_MAX_BUSY_WAIT_S = 0.5
+_BUSY_BUDGET_S = 5.0
 # Answers that say this upstream can never serve us (a wrong key, no such model or route):
 # it is ejected like a failing one, and the request goes to another.
 _UPSTREAM_STATUSES = frozenset({401, 403, 404, 405})
@@ -222,9 +228,30 @@ class _FailureStreak:
                 self.count, self.latest = self.count + 1, error
 
 
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """The wait a busy answer names (Retry-After in seconds; an HTTP date is taken as 1 s), or
+    None where it names none: a 503 without it is an upstream failing, not a busy one."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return 1.0 if response.status_code == 429 else None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return 1.0
+
+
 class _UpstreamFailed(Exception):
     """An attempt failed because of the upstream (down, busy, broken, or unable ever to serve
     this: wrong key, no such model or route): eject it, and try another."""
+
+
+class _UpstreamBusy(_UpstreamFailed):
+    """The upstream is up and said it is busy for now (429, or 503 with Retry-After): not
+    ejected (it is not broken), and asked again after the wait it named."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class RemoteBackend(ASRBackend):
@@ -290,17 +317,41 @@ class RemoteBackend(ASRBackend):
         wav = encode_wav(request.audio)
         tried: set[str] = set()
         errors: list[str] = []
-        for attempt in range(self.options.retries + 1):
+        busy: set[str] = set()  # upstreams busy since the last wait
+        busy_waited_s = 0.0
+        attempt = 0
+        while attempt <= self.options.retries:
             if attempt:
                 self._sleep(_BACKOFF_S * 2 ** (attempt - 1) * (1 + random.random() / 2))
             started_at = self.pool.clock()
-            upstream = self.pool.acquire(frozenset(tried))
-            tried.add(upstream.url)
+            upstream = self.pool.acquire(frozenset(tried | busy))
             try:
                 result = self._attempt(upstream, request, wav)
+            except _UpstreamBusy as exc:
+                # Up, and busy (another sttd at its STT_MAX_UPLOADS, a vLLM's queue full): not
+                # counted against the upstream or the retries. Another upstream may have room
+                # now; once all said busy, ask again after the wait named, within a budget;
+                # past it, a failure.
+                self.pool.release(upstream, "refused", started_at=started_at)
+                first = upstream.url not in busy
+                busy.add(upstream.url)
+                if first and len(busy) < len(self.pool.upstreams):
+                    continue
+                busy.clear()
+                wait_s = min(exc.retry_after_s, _MAX_BUSY_WAIT_S) * (0.5 + random.random())
+                if busy_waited_s + wait_s <= _BUSY_BUDGET_S:
+                    busy_waited_s += wait_s
+                    self._sleep(wait_s)
+                    continue
+                tried.add(upstream.url)
+                errors.append(f"{upstream.url}: {exc} (busy for {busy_waited_s:.1f} s)")
+                attempt += 1
+                continue
             except _UpstreamFailed as exc:
+                tried.add(upstream.url)
                 self.pool.release(upstream, "failed", started_at=started_at)
                 errors.append(f"{upstream.url}: {exc}")
+                attempt += 1
                 continue
             except BaseException as exc:
                 # The upstream answered, and refused this request for itself (bad audio, a
@@ -358,6 +409,9 @@ class RemoteBackend(ASRBackend):
         status = response.status_code
         if status != 200:
             message = _error_message(response)
+            busy_s = _retry_after_s(response) if status in (429, 503) else None
+            if busy_s is not None:
+                raise _UpstreamBusy(f"HTTP {status}: {message}", busy_s)
             if status in _RETRY_STATUSES or status in _UPSTREAM_STATUSES:
                 raise _UpstreamFailed(f"HTTP {status}: {message}")
             if status == 400 and "verbose_json" in message:
