@@ -349,6 +349,7 @@ async def test_a_stuck_call_times_out_its_requests_and_marks_the_engine_degraded
     assert runner.batches == [["stuck"]]
     assert _count(metrics, "final", "timeout") == 2
     assert _count(metrics, "final", "withdrawn") == 0  # a timeout is counted once, as one
+    assert _count(metrics, "final", "ok") == 0  # not again when the stuck call came back
 
 
 async def test_with_two_lanes_a_final_runs_beside_a_partial_batch(

@@ -171,6 +171,9 @@ class _Pending:
     error: BackendError | None = None
     started: bool = False
     on_start: trio.Event | None = None
+    # Its outcome is in sttd_scheduler_requests_total: once only (a request that timed out is
+    # counted so, not again as ok or failed when the abandoned call ends).
+    counted: bool = False
 
 
 @attrs.frozen
@@ -268,6 +271,7 @@ class Scheduler:
                 if not timed_out:  # the waiter went away; a timeout is counted as one below
                     self.metrics.scheduler_requests_total.labels(request.kind, "withdrawn").inc()
         if not pending.done.is_set():
+            pending.counted = True
             self.metrics.scheduler_requests_total.labels(request.kind, "timeout").inc()
             raise InferenceTimeout(
                 f"no result within STT_INFERENCE_TIMEOUT_S={self.config.request_timeout_s:g} s")
@@ -431,8 +435,10 @@ class Scheduler:
                 error: BackendError | None) -> None:
         pending.result, pending.error = result, error
         pending.done.set()  # before the metrics: should counting fail, the waiter has its answer
-        outcome = "ok" if error is None else "failed"
-        self.metrics.scheduler_requests_total.labels(pending.request.kind, outcome).inc()
+        if not pending.counted:
+            pending.counted = True
+            outcome = "ok" if error is None else "failed"
+            self.metrics.scheduler_requests_total.labels(pending.request.kind, outcome).inc()
 
     def _fail(self, batch: list[_Pending], exc: Exception) -> None:
         """Fail the requests of `batch` still waiting: the scheduler broke running it."""
@@ -445,7 +451,9 @@ class Scheduler:
             pending.error = error
             pending.done.set()
         for pending in waiting:
-            self.metrics.scheduler_requests_total.labels(pending.request.kind, "failed").inc()
+            if not pending.counted:
+                pending.counted = True
+                self.metrics.scheduler_requests_total.labels(pending.request.kind, "failed").inc()
 
     def _withdraw(self, pending: _Pending) -> None:
         queue = self._queues[pending.priority]
