@@ -269,6 +269,29 @@ async def test_an_engine_too_slow_for_the_target_still_takes_one_stream(
     engine.admit_stream()
 
 
+async def test_a_failed_calibration_shows_in_health_until_a_call_succeeds(
+        nursery: trio.Nursery) -> None:
+    """A backend that cannot serve at start (a remote one with a wrong URL) must not pass a
+    health-checked rollout: the engine says it is degraded until a call of its succeeds."""
+    from sttd.errors import BackendError
+
+    class Broken(MockBackend):  # type: ignore[misc]
+        broken = True
+
+        def transcribe(self, requests):  # type: ignore[no-untyped-def]
+            if Broken.broken:
+                raise BackendError("HTTP 404: no such route")
+            return super().transcribe(requests)
+
+    engine = await _running_engine(nursery, Broken.from_directory(),
+                                   Metrics.create(CollectorRegistry()))
+    reason = engine.degraded()
+    assert reason is not None and "calibration" in reason and "HTTP 404" in reason
+    Broken.broken = False
+    await engine.transcribe(Request(np.zeros(16000, np.float32), "final"))
+    assert engine.degraded() is None
+
+
 def _fill(server: RunningServer, capacity_cost_s: float) -> None:
     """Teach the server's engine that one stream costs `capacity_cost_s` lane-seconds a second
     of speech: as if it had measured a much slower machine."""

@@ -58,6 +58,14 @@ _SPARE_LOAD = 0.25
 _FILE_PIECES_PER_LANE = 8
 
 
+@attrs.define
+class _Calibration:
+    """What the start-up calibration left to say: why it failed (None: it did not, or a call
+    has succeeded since)."""
+
+    error: str | None = None
+
+
 @attrs.frozen
 class _BatchRunner:
     """Runs one batched backend call at a time per limiter token, in a worker thread."""
@@ -66,6 +74,8 @@ class _BatchRunner:
     limiter: trio.CapacityLimiter
     metrics: Metrics
     capacity: CapacityModel
+    # Why the start-up calibration failed, until a backend call succeeds (see `Engine.degraded`).
+    calibration: _Calibration = attrs.field(factory=lambda: _Calibration())
 
     async def run(self, requests: Sequence[Request]) -> list[Result]:
         """The backend's results for `requests`; raises `BackendError`. Cancellation waits for
@@ -103,6 +113,7 @@ class _BatchRunner:
             raise BackendError(
                 f"backend {self.backend.name} returned {len(results)} results "
                 f"for {len(requests)} requests")
+        self.calibration.error = None  # the backend works: whatever failed at start is past
         return results
 
 
@@ -225,9 +236,12 @@ class Engine:
                         async with trio.open_nursery() as nursery:
                             for _ in range(self.lanes):
                                 nursery.start_soon(timed, request)
-        except* BackendError:
+        except* BackendError as failed:
             log.warning("engine.calibration_failed backend=%s", self.backend.name,
                         exc_info=True)
+            # /health says so until a call succeeds: a server whose backend cannot serve (a
+            # remote one with a wrong URL, say) must not pass a health-checked rollout.
+            self._runner.calibration.error = str(failed.exceptions[0])
         else:
             # The slowest call of each kind: a first estimate on the safe side, which live
             # traffic then corrects (rounds on a shared machine differ by half).
@@ -259,9 +273,13 @@ class Engine:
         return self.scheduler.overloaded()
 
     def degraded(self) -> str | None:
-        """Why the engine is degraded (a backend call stuck past the timeout, or a backend
-        that reports trouble, like a remote one whose upstreams all fail), or None."""
-        return self.scheduler.degraded() or self.backend.degraded()
+        """Why the engine is degraded (a backend call stuck past the timeout, a backend that
+        reports trouble, like a remote one whose upstreams all fail, or one that failed its
+        start-up calibration and has not served a call since), or None."""
+        calibration = self._runner.calibration.error
+        return (self.scheduler.degraded() or self.backend.degraded()
+                or (None if calibration is None
+                    else f"the backend failed its start-up calibration: {calibration}"))
 
     def live_stream(self) -> contextlib.AbstractContextManager[None]:
         """Count one live stream while the block runs (a session, for its lifetime): file
