@@ -233,7 +233,7 @@ class Scheduler:
         held = trio.current_time() - min(self._holding_since.values())
         if held < self.config.request_timeout_s:
             return None
-        return (f"a backend call has held a request for {held:.0f} s "
+        return (f"a backend call has held a request for {held:.3g} s "
                 f"(STT_INFERENCE_TIMEOUT_S={self.config.request_timeout_s:g})")
 
     def overloaded(self) -> bool:
