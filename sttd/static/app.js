@@ -143,6 +143,7 @@ class Session {
     ui.button.disabled = false;
     ui.button.textContent = "Start";
     delete ui.button.dataset.running;
+    ui.button.formNoValidate = false;
   }
 }
 
@@ -249,6 +250,7 @@ ui.controls.addEventListener("submit", (event) => {
   }
   ui.button.textContent = "Stop";
   ui.button.dataset.running = "";
+  ui.button.formNoValidate = true; // Stop must work whatever the fields hold meanwhile
 });
 
 // A key in the page's URL (/?token=KEY) is stored, then taken out of the address bar.
