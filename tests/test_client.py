@@ -188,6 +188,74 @@ async def test_unreachable_server_raises_connect_failed() -> None:
     assert f"127.0.0.1:{port}" in str(session.value)
 
 
+async def test_a_server_that_never_answers_the_handshake_times_out(
+        nursery: trio.Nursery) -> None:
+    """A frozen server, or a proxy holding the connection: trio-websocket's own timeout fired
+    but then waited forever on its reader task."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    held: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    nursery.start_soon(trio.serve_listeners, hold, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(TIMEOUT_S):
+        with pytest.raises(client.ConnectFailed) as caught:
+            async with client.connect(f"http://127.0.0.1:{port}", connect_timeout_s=0.5):
+                pass
+    assert caught.value.code == "timeout" and held
+
+
+async def test_hotwords_as_one_string_are_split_at_commas(server: RunningServer,
+                                                          mock_requests: list[Any]) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with client.connect(server.http_url, hotwords="Dashwood, Norland") as session:
+            await client.stream_pcm(session, np.concatenate([load_pcm("ps_goforward"),
+                                                             silence(1.0)]), fast=True)
+            await _collect(session)
+    # (The engine's start-up calibration asks with no hotwords.)
+    assert {r.hotwords for r in mock_requests if r.hotwords} == {("Dashwood", "Norland")}
+
+
+@pytest.mark.parametrize("rate_hz", [8000, 48000])
+async def test_stream_file_sends_at_the_sessions_rate(server: RunningServer, tmp_path: Path,
+                                                      rate_hz: int) -> None:
+    """The file is decoded at 16 kHz: a session opened at another rate got it unconverted
+    (no finals at 8 kHz, wrong words at 48 kHz)."""
+    path = tmp_path / "one.wav"
+    path.write_bytes(encode_wav(pcm16_to_float32(np.concatenate(
+        [load_pcm("ps_goforward"), silence(1.0)]))))
+    with trio.fail_after(TIMEOUT_S):
+        async with client.connect(server.http_url, sample_rate_hz=rate_hz) as session:
+            await client.stream_file(session, path, fast=True)
+            finals = _finals(await _collect(session))
+    assert [f.text for f in finals] == [reference_texts()["ps_goforward"]]
+
+
+async def test_a_fast_stream_cancelled_mid_send_still_ends_with_every_final(
+        server: RunningServer, tmp_path: Path) -> None:
+    """Ctrl-C during ``sttd stream --fast``: the send it interrupts is finished first, so the
+    ``end`` after it is read as a message (it was read as the rest of a half-sent frame, and
+    the finals still to come were lost)."""
+    audio = np.concatenate([part for name in NAMES * 4 for part in (load_pcm(name), silence(1.0))])
+    path = tmp_path / "long.wav"
+    path.write_bytes(encode_wav(pcm16_to_float32(audio)))
+    with trio.fail_after(TIMEOUT_S):
+        async with client.connect(server.http_url) as session:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial_stream_file, session, path)
+                first = await session.__anext__()
+                while not isinstance(first, client.Final):
+                    first = await session.__anext__()
+                nursery.cancel_scope.cancel()  # the sender, wherever it is
+            await session.end()
+            rest = await _collect(session)
+    assert session.close_code == 1000
+    assert len(_finals(rest)) >= 1
+
+
 async def test_leaving_the_block_closes_the_session(server: RunningServer) -> None:
     with trio.fail_after(TIMEOUT_S):
         async with client.connect(server.http_url) as session:

@@ -8,6 +8,7 @@ them on the server, so the client yields the server's own typed events (`sttd.ap
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import typing
@@ -22,6 +23,7 @@ import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
+    DisconnectionTimeout,
     HandshakeError,
     WebSocketConnection,
     open_websocket_url,
@@ -39,7 +41,7 @@ from sttd.api import (
     encode_command,
     parse_server_message,
 )
-from sttd.audio import SAMPLE_RATE_HZ, read_audio
+from sttd.audio import SAMPLE_RATE_HZ, float32_to_pcm16, pcm16_to_float32, read_audio
 from sttd.client._errors import ConnectFailed, ProtocolError, SessionClosed, SessionRefused
 
 __all__ = [
@@ -138,8 +140,17 @@ class StreamingSession:
         return parsed
 
     async def _send(self, message: str | bytes) -> None:
+        """Send one message whole: a cancel (Ctrl-C during a fast stream) lands after it, not
+        halfway, where the rest of the socket would read as that frame's bytes (the ``end``
+        sent next was lost in it, and with it every final still to come). Bounded: a server
+        that takes nothing for `_CLOSE_TIMEOUT_S` ends the session."""
         try:
-            await self._ws.send_message(message)
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + _CLOSE_TIMEOUT_S
+                await self._ws.send_message(message)
+            if scope.cancelled_caught:
+                await self._ws.aclose(1008)
+                raise SessionClosed(1006, f"the server took nothing for {_CLOSE_TIMEOUT_S:g} s")
         except ConnectionClosed as closed:
             raise SessionClosed(*_close_of(closed)) from None
 
@@ -151,7 +162,7 @@ async def connect(
     call_id: str | None = None,
     sample_rate_hz: int = SAMPLE_RATE_HZ,
     language: str | None = None,
-    hotwords: Iterable[str] = (),
+    hotwords: Iterable[str] | str = (),
     partial_ms: int | None = None,
     word_timings: bool = True,
     api_key: str | None = None,
@@ -179,6 +190,8 @@ async def connect(
     }
     if language is not None:
         params["language"] = language
+    if isinstance(hotwords, str):  # "Kubernetes,sttd", as the query and the CLI take them
+        hotwords = hotwords.split(",")
     words = [word.strip() for word in hotwords if word.strip()]
     for word in words:
         if "," in word:
@@ -192,22 +205,34 @@ async def connect(
     params.update(query)
     ws_url = websocket_url(url, params)
     headers = [(b"authorization", f"Bearer {api_key}".encode())] if api_key else None
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            ws = await stack.enter_async_context(open_websocket_url(
-                ws_url, extra_headers=headers, connect_timeout=connect_timeout_s,
-                disconnect_timeout=_CLOSE_TIMEOUT_S, max_message_size=max_message_bytes))
-        except ConnectionRejected as exc:
-            raise SessionRefused(
-                "rejected", f"{_redacted(ws_url)}: the server refused the WebSocket handshake "
-                f"with HTTP {exc.status_code}", http_status=exc.status_code) from None
-        except HandshakeError as exc:
-            cause = exc.__cause__ or exc.__context__
-            why = str(cause) if cause is not None else type(exc).__name__
-            raise ConnectFailed("unreachable", f"{_redacted(ws_url)}: cannot connect: {why}"
-                                ) from None
-        ready = await _wait_ready(ws, ws_url, connect_timeout_s)
-        yield StreamingSession(ws, ready, sample_rate_hz)
+    # The whole opening is bounded here: trio-websocket's own connect timeout fired, but then
+    # waited on its reader task, which a server that accepts and never answers never ends.
+    connecting = trio.CancelScope(deadline=trio.current_time() + connect_timeout_s)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(connecting)
+            try:
+                ws = await stack.enter_async_context(open_websocket_url(
+                    ws_url, extra_headers=headers, connect_timeout=connect_timeout_s,
+                    disconnect_timeout=_CLOSE_TIMEOUT_S, max_message_size=max_message_bytes))
+            except ConnectionRejected as exc:
+                raise SessionRefused(
+                    "rejected", f"{_redacted(ws_url)}: the server refused the WebSocket "
+                    f"handshake with HTTP {exc.status_code}", http_status=exc.status_code
+                ) from None
+            except HandshakeError as exc:
+                cause = exc.__cause__ or exc.__context__
+                why = str(cause) if cause is not None else type(exc).__name__
+                raise ConnectFailed("unreachable", f"{_redacted(ws_url)}: cannot connect: {why}"
+                                    ) from None
+            ready = await _wait_ready(ws, ws_url, connect_timeout_s)
+            connecting.deadline = math.inf  # open: the session has no deadline of ours
+            yield StreamingSession(ws, ready, sample_rate_hz)
+    except DisconnectionTimeout:
+        pass  # the server did not answer our close in time: the socket is closed anyway
+    if connecting.cancelled_caught:
+        raise ConnectFailed("timeout", f"{_redacted(ws_url)}: no answer to the WebSocket "
+                                       f"handshake within {connect_timeout_s:g} s")
 
 
 async def _wait_ready(ws: WebSocketConnection, ws_url: str, timeout_s: float) -> Ready:
@@ -329,6 +354,20 @@ async def stream_pcm(session: StreamingSession, pcm: Pcm, *, fast: bool = False,
 async def stream_file(session: StreamingSession, path: str | os.PathLike[str], *,
                       fast: bool = False, frame_ms: int = 20, end: bool = True,
                       on_sent: OnSent | None = None) -> None:
-    """Decode a file (`sttd.audio.read_audio`, in a worker thread) and `stream_pcm` it."""
-    pcm = await trio.to_thread.run_sync(read_audio, path)
+    """Decode a file (`sttd.audio.read_audio`, in a worker thread, at the session's sample
+    rate) and `stream_pcm` it."""
+    pcm = await trio.to_thread.run_sync(_read_at, path, session.sample_rate_hz)
     await stream_pcm(session, pcm, fast=fast, frame_ms=frame_ms, end=end, on_sent=on_sent)
+
+
+def _read_at(path: str | os.PathLike[str], rate_hz: int) -> npt.NDArray[np.int16]:
+    """`path` decoded to mono PCM16 at `rate_hz` (`read_audio` gives 16 kHz: a session opened
+    at another rate reads its frames at that rate, and 16 kHz audio there was heard too fast
+    or too slow)."""
+    pcm = read_audio(path)
+    if rate_hz == SAMPLE_RATE_HZ:
+        return pcm
+    import soxr  # type: ignore[import-untyped]  # no py.typed; the server resamples with it too
+
+    resampled = soxr.resample(pcm16_to_float32(pcm), SAMPLE_RATE_HZ, rate_hz, "HQ")
+    return float32_to_pcm16(np.asarray(resampled, np.float32))
