@@ -222,6 +222,7 @@ async def test_transcribe_one_file_prints_it(server: RunningServer) -> None:
                           "--format", "json", "--url", server.http_url)
     assert (text.returncode, text.stdout.decode()) == (0, refs["ps_librivox_0930"] + "\n")
     verbose = json.loads(as_json.stdout)
+    assert as_json.stdout.endswith(b"}\n")  # a line, so the shell's prompt starts on its own
     assert verbose["text"] == refs["ps_librivox_0930"]
     assert [segment["text"] for segment in verbose["segments"]] == [refs["ps_librivox_0930"]]
 

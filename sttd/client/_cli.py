@@ -381,7 +381,8 @@ async def _run_transcribe(url: str, jobs: list[tuple[Path, Path | None]], upload
                     hotwords=hotwords, api_key=api_key, progress=uploads.uploaded, client=http)
                 if target is None:
                     uploads.close()  # stdout may be the bar's terminal: take the bar away
-                    sys.stdout.write(body)
+                    # JSON bodies end without a newline: the shell's prompt would follow them.
+                    sys.stdout.write(body if body.endswith("\n") else body + "\n")
                     sys.stdout.flush()
                 else:
                     await trio.Path(target).write_text(body, encoding="utf-8", newline="")
