@@ -697,20 +697,27 @@ async def test_sdk_unauthorized_names_the_token_scheme(nursery: trio.Nursery) ->
 @pytest.mark.parametrize("redact", [["pci"], ["numbers"], ["true"], ["false", "ssn"]])
 async def test_sdk_redaction_is_refused(server: RunningServer, redact: list[str]) -> None:
     """Rather than transcripts that keep what the client meant to redact."""
+    error = await _sdk_refusal(
+        server, model="nova-3", encoding="linear16", sample_rate=16000,
+        request_options={"additional_query_parameters": {"redact": redact}})
+    assert error.variant == "invalid_param"
+    assert error.description == (
+        f"redact must be false: sttd does not redact transcripts (PCI, numbers, SSN or other "
+        f"entities), got {redact[-1]!r}")
+
+
+async def _sdk_refusal(server: RunningServer, **query: Any) -> ListenV1Error:
+    """The one message of a session the server refuses at once (then close 1008), through
+    the SDK's `connect` with `query`."""
     def connect() -> tuple[list[Any], int]:
-        with _sdk(server).listen.v1.connect(
-                model="nova-3", encoding="linear16", sample_rate=16000,
-                request_options={"additional_query_parameters": {"redact": redact}}) as socket:
+        with _sdk(server).listen.v1.connect(**query) as socket:
             return _until_close(socket)
 
     messages, code = await _in_thread(connect)
     [error] = messages
     assert isinstance(error, ListenV1Error)
-    assert error.variant == "invalid_param"
-    assert error.description == (
-        f"redact must be false: sttd does not redact transcripts (PCI, numbers, SSN or other "
-        f"entities), got {redact[-1]!r}")
     assert code == 1008
+    return error
 
 
 async def test_sdk_empty_binary_frame_closes_the_stream(server: RunningServer) -> None:
@@ -793,19 +800,11 @@ async def test_sdk_vad_events_send_no_final_for_noise(nursery: trio.Nursery) -> 
 
 
 async def test_sdk_unsupported_encoding_is_refused(server: RunningServer) -> None:
-    def connect() -> tuple[list[Any], int]:
-        with _sdk(server).listen.v1.connect(
-                model="nova-3", encoding="opus", sample_rate=48000) as socket:
-            return _until_close(socket)
-
-    messages, code = await _in_thread(connect)
-    [error] = messages
-    assert isinstance(error, ListenV1Error)
+    error = await _sdk_refusal(server, model="nova-3", encoding="opus", sample_rate=48000)
     assert error.variant == "invalid_param"
     assert error.description == (
         "encoding must be linear16 (raw PCM16 little-endian), mulaw or alaw (raw G.711, as "
         "telephony sends it); sttd decodes no containers or other codecs, got 'opus'")
-    assert code == 1008
 
 
 @pytest.mark.parametrize(("encoding", "codec"), [("mulaw", "pcm_mulaw"), ("alaw", "pcm_alaw")])
