@@ -12,6 +12,10 @@ The same three passes then run against ``bare_ws.py``: a quart-trio WebSocket ro
 hypercorn that reads and discards messages. That is the floor of the serving stack itself, and
 each sttd point reports its ratio to it. With ``--baseline COMMIT`` sttd at that commit runs
 too (from ``git archive``), first in each run, and each point reports its ratio to it as well.
+With ``--together`` the servers of a run are measured at once instead, each with its own ``-n``
+sessions from the one client, over the same seconds: each ratio is then to the bare route of the
+same sitting, and what the machine did meanwhile falls on both (``inference_requests`` is not
+counted there).
 
     uv run --group bench python benchmarks/idle.py -n 200 --out benchmarks/results/idle.json
 """
@@ -106,6 +110,45 @@ async def measure(server: Any, n: int, mode: str, frame_ms: int, seconds: float,
             "server_rss_mib": round(rss_mib, 1)}
 
 
+async def measure_together(servers: list[tuple[str, Any]], n: int, mode: str, frame_ms: int,
+                           seconds: float, *, settle_s: float = 5.0) -> list[dict[str, Any]]:
+    """`measure` on every server of `servers` at once: `n` sessions each, from this one client
+    loop, every server's CPU sampled over the same seconds.
+
+    Two servers measured one after the other on a shared 2-core machine see different
+    neighbours, clock speeds and cache states: the bare route alone moved by a factor of 1.5
+    between runs. Measured together, whatever the machine does falls on both, so their ratio
+    holds still where their levels do not.
+    """
+    processes = [psutil.Process(server.process.pid) for _, server in servers]
+    stop = trio.Event()
+    ready: list[int] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):  # interleaved, so that both servers' sessions start alike
+            for _, server in servers:
+                nursery.start_soon(hold, server.ws_url("call_id=idle&sample_rate=16000"), mode,
+                                   frame_ms, stop, ready)
+        with trio.fail_after(120):
+            while len(ready) < n * len(servers):
+                await trio.sleep(0.1)
+        await trio.sleep(settle_s)
+        for process in processes:
+            process.cpu_percent(None)
+        samples: list[list[float]] = [[] for _ in servers]
+        for _ in range(int(seconds)):
+            await trio.sleep(1)
+            for process, taken in zip(processes, samples, strict=True):
+                taken.append(process.cpu_percent(None))
+        rss_mib = [process.memory_info().rss / 2**20 for process in processes]
+        stop.set()
+    return [{"sessions": n, "mode": mode, "frame_ms": frame_ms if mode != "keepalive" else None,
+             "seconds": seconds, "together": True, "server": name,
+             "server_cpu_percent_of_one_core": {"mean": statistics.fmean(taken),
+                                                "max": max(taken)},
+             "server_rss_mib": round(rss, 1)}
+            for (name, _), taken, rss in zip(servers, samples, rss_mib, strict=True)]
+
+
 # What each server name runs: sttd, the bare quart-trio route (the floor each sttd point is
 # compared with) and the bare raw ASGI app (the floor without the framework).
 SERVERS = {"sttd": ("-m", "sttd.cli", "serve"),
@@ -130,6 +173,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         # Run by run, every server in turn (each started afresh), so that the machine's drift
         # over the command falls on all of them alike.
         for run in range(args.runs):
+            if args.together:
+                async with contextlib.AsyncExitStack() as running:
+                    started = [(name, await running.enter_async_context(sttd_server(
+                        argv=argv, tree=source, STT_BACKEND=args.backend, STT_MAX_LOAD="0")))
+                        for name, argv, source in servers]
+                    for mode, frame_ms in modes:
+                        together = await measure_together(started, args.n, mode, frame_ms,
+                                                          args.seconds)
+                        for point in together:
+                            point["run"] = run
+                            print(point, flush=True)
+                        _pair_ratios(together, servers[0][0] if args.baseline else None)
+                        points += together
+                continue
             for server_name, argv, source in servers:
                 # Every session is admitted: the measured capacity counts a caller as one who
                 # will speak, and these never do.
@@ -144,6 +201,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         points.append(point)
     baseline = servers[0][0] if args.baseline else None
     for point in points:
+        if point.get("together"):
+            continue  # each against the others of its own sitting (`_pair_ratios`)
         # Each server against the bare quart-trio stack's mean over its runs of the same mode;
         # this tree's sttd against the baseline commit's too.
         floors = {"ratio_to_bare_stack": "bare_stack"} if point["server"] != "bare_stack" else {}
@@ -157,9 +216,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 point[key] = (point["server_cpu_percent_of_one_core"]["mean"]
                               / max(statistics.fmean(means), 0.1))
     return {"settings": {"n": args.n, "backend": args.backend, "quiet": args.quiet,
-                         "runs": args.runs, "frame_ms": args.frame_ms or None,
+                         "runs": args.runs, "together": args.together, "frame_ms": args.frame_ms or None,
                          "servers": [name for name, _, _ in servers]},
             "points": points}
+
+
+def _pair_ratios(together: list[dict[str, Any]], baseline: str | None) -> None:
+    """Each sttd point of one joint sitting against the bare quart route (and the baseline
+    commit) measured over the same seconds."""
+    cpu = {p["server"]: p["server_cpu_percent_of_one_core"]["mean"] for p in together}
+    for point in together:
+        if point["server"] != "bare_stack" and "bare_stack" in cpu:
+            point["ratio_to_bare_stack"] = (point["server_cpu_percent_of_one_core"]["mean"]
+                                            / max(cpu["bare_stack"], 0.1))
+        if baseline is not None and point["server"] == "sttd":
+            point["ratio_to_baseline"] = (point["server_cpu_percent_of_one_core"]["mean"]
+                                          / max(cpu[baseline], 0.1))
 
 
 def main() -> None:
@@ -178,6 +250,9 @@ def main() -> None:
                         help="which servers to measure (bare_stack is the ratios' floor)")
     parser.add_argument("--baseline", metavar="COMMIT",
                         help="also run sttd at this commit (a baseline for the ratios)")
+    parser.add_argument("--together", action="store_true",
+                        help="measure every server at once, over the same seconds, each with "
+                             "its own -n sessions (their ratios then share the machine's drift)")
     parser.add_argument("--out", type=Path, default=RESULTS / "idle.json")
     args = parser.parse_args()
     write_result(args.out, "uv run --group bench python " + " ".join(sys.argv),
