@@ -45,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.frame_cost import _LINE_DBFS, _RmsNet  # noqa: E402  # the same stand-in net
+from benchmarks.frame_cost import _LINE_DBFS, _RmsNet, _unity_gain  # noqa: E402  # the same stand-in net
 SCENARIOS = ("silence", "line", "speech")
 
 
@@ -145,6 +145,7 @@ def _child(scenario: str, sessions: int, frame_ms: int, seconds: float, floor: b
                                        settings)
                 core = session_core(request, settings)
                 core.tracker.endpointer.classifier.net = _RmsNet()  # type: ignore[attr-defined]
+                _unity_gain(core.tracker.endpointer.classifier)
                 admission = Admission(request, core, Engine(), unregistered)
                 nursery.start_soon(Session(admission, settings, metrics).run, transport, codec)
         return (time.thread_time() - started) / (sessions * (len(frames) + 1))

@@ -28,9 +28,15 @@ caller scores the calls however it likes: `run_steps` one at a time at once (wha
 
 `SileroClassifier` asks a small neural net (Silero VAD, 32 ms windows) for a speech probability
 and applies hysteresis: a frame starts speech at ``threshold`` and continues it down to
-``threshold - hysteresis``. Frames quieter than ``floor_rms`` never reach the net, so silent
-streams cost next to nothing; the first such frame also resets the net, so the audio it sees is
-either continuous or a fresh start. The net is recurrent: the model is loaded once per process
+``threshold - hysteresis``. The net hears a quiet stream raised to a speaking level: each frame
+is multiplied by the stream's gain, ``target_rms`` over the loudest frame of its last 30 s, at
+least 1 and at most ``max_gain`` (`_StreamLevel`). Silero misses quiet speech that Whisper
+transcribes well (a recording peaking at -54 dBFS: 11 of its 55 speech windows found as it is,
+54 raised by 24 dB), and a fixed level below which nothing is speech lost every word of such
+uploads. A stream that has spoken at a normal level in the last 30 s keeps a gain of 1. Frames
+quieter than ``floor_rms`` after the gain never reach the net, so silent streams cost next to
+nothing; the first such frame also resets the net, so the audio it sees is either continuous or
+a fresh start. The net is recurrent: the model is loaded once per process
 (`silero_model`) and each stream keeps its own state in a `SileroStream` and its own classifier.
 """
 
@@ -81,8 +87,16 @@ _SILERO_MIN_SPEECH_MS = 64
 # Speech probabilities: start at 0.5 (Silero's own default), continue down to 0.35.
 _SILERO_THRESHOLD = 0.5
 _SILERO_HYSTERESIS = 0.15
-# int16 RMS units, -60.8 dBFS: quieter than any usable speech, louder than dither and idle inputs.
+# int16 RMS units, -60.8 dBFS, after the stream's gain: at the most gain, -84.9 dBFS as sent,
+# quieter than any usable speech and louder than digital silence and dither.
 _SILERO_FLOOR_RMS = 30.0
+# The level (int16 RMS, -30.3 dBFS) a stream's loudest 32 ms frame of the last
+# `_LEVEL_WINDOW_S` is raised to for the net, by at most this gain (+24 dB): a normal talker's
+# loudest frames are 3000-10000 (`../shared/speech`: the quietest recording's loudest frame is
+# above 3000), so only a quiet stream is raised, and a silent line's hiss stays far below speech.
+_SILERO_TARGET_RMS = 1000.0
+_SILERO_MAX_GAIN = 16.0
+_LEVEL_WINDOW_S = 30.0
 # There is deliberately no gate relative to the line's own noise floor: one (frames within
 # 3.5 dB of the floor, after a 512 ms pause, never reached the net) lost 14.7 s of a quiet
 # reader's speech on a line 2-3 dB below it that the net alone found (long_dev with white noise
@@ -223,6 +237,31 @@ def _below_threshold(
             f"{attribute.name} must be in [0, threshold={instance.threshold}), got {value}")
 
 
+@attrs.define
+class _StreamLevel:
+    """The loudest frame RMS of a stream's last `window_frames` frames, updated a feed at a time.
+
+    A monotonic queue of (the frame count at which it leaves the window, RMS) with falling RMS:
+    each feed adds its loudest frame, so the work is constant per feed whatever its length.
+    """
+
+    window_frames: int
+    _frames: int = 0  # frames seen
+    _peaks: collections.deque[tuple[int, float]] = attrs.field(factory=collections.deque)
+
+    def update(self, rms_values: list[float]) -> float:
+        """Add a feed's frames; the loudest frame RMS of the window ending with them."""
+        self._frames += len(rms_values)
+        peak = max(rms_values)
+        peaks = self._peaks
+        while peaks and peaks[-1][1] <= peak:
+            peaks.pop()
+        peaks.append((self._frames + self.window_frames, peak))
+        while peaks[0][0] <= self._frames:
+            peaks.popleft()
+        return peaks[0][1]
+
+
 # Validated when built; its state then changes per frame, without attrs' setattr hooks.
 @attrs.define(on_setattr=attrs.setters.NO_OP)
 class SileroClassifier:
@@ -237,10 +276,18 @@ class SileroClassifier:
         default=_SILERO_THRESHOLD, validator=[attrs.validators.gt(0.0), attrs.validators.le(1.0)])
     # Once in speech, frames stay speech down to a probability of `threshold - hysteresis`.
     hysteresis: float = attrs.field(default=_SILERO_HYSTERESIS, validator=_below_threshold)
-    # Frames with RMS (int16 units) below this are silence without asking the net.
+    # Frames with RMS (int16 units, after the stream's gain) below this are silence without
+    # asking the net.
     floor_rms: float = attrs.field(default=_SILERO_FLOOR_RMS, validator=attrs.validators.ge(0.0))
+    # The net hears each frame times the stream's gain: `target_rms` over the loudest frame RMS
+    # of its last 30 s, between 1 and `max_gain` (1: the stream as sent).
+    target_rms: float = attrs.field(default=_SILERO_TARGET_RMS, validator=attrs.validators.gt(0.0))
+    max_gain: float = attrs.field(default=_SILERO_MAX_GAIN, validator=attrs.validators.ge(1.0))
     _active: bool = attrs.field(init=False, default=False)
     _net_used: bool = attrs.field(init=False, default=False)  # net has state since its last reset
+    _level: _StreamLevel = attrs.field(init=False, factory=lambda: _StreamLevel(
+        round(_LEVEL_WINDOW_S * SAMPLE_RATE_HZ / _SILERO_FRAME_SAMPLES)))
+    _gain: float = attrs.field(init=False, default=1.0)  # the current feed's
 
     @classmethod
     def load(cls, *, threshold: float = _SILERO_THRESHOLD, hysteresis: float = _SILERO_HYSTERESIS,
@@ -271,6 +318,10 @@ class SileroClassifier:
 
     def classify_frames(self, frames: npt.NDArray[np.int16], rms_values: list[float]
                         ) -> VadSteps[list[bool]]:
+        if rms_values:
+            level = self._level.update(rms_values)
+            self._gain = min(self.max_gain, max(1.0, self.target_rms / level)) if level else (
+                self.max_gain)
         speech: list[bool] = []
         run_start: int | None = None  # the first frame of a run that needs the net
         for index, rms in enumerate(rms_values):
@@ -287,12 +338,16 @@ class SileroClassifier:
         return speech
 
     def _needs_net(self, rms: float) -> bool:
-        return rms >= self.floor_rms
+        return rms * self._gain >= self.floor_rms
 
     def _ask_net(self, frames: npt.NDArray[np.int16]) -> VadSteps[list[bool]]:
         """Whether each of consecutive `frames` is speech, by the net's probabilities."""
         # A fresh float32 array: the net needs writable, contiguous windows.
-        probabilities = yield NetCall(self.net, pcm16_to_float32(frames).reshape(-1).data)
+        samples = pcm16_to_float32(frames).reshape(-1)
+        if self._gain != 1.0:
+            np.clip(np.multiply(samples, np.float32(self._gain), out=samples), -1.0, 1.0,
+                    out=samples)
+        probabilities = yield NetCall(self.net, samples.data)
         self._net_used = True
         speech = []
         for probability in probabilities:

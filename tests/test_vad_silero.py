@@ -28,6 +28,7 @@ from sttd.vad import (
     VadEvent,
     make_endpointer,
 )
+from sttd.vad import _StreamLevel  # noqa: PLC2701  # the level's own arithmetic, tested alone
 from tests.conftest import load_pcm, silence
 
 SAMPLE_RATE_HZ = 16000
@@ -139,7 +140,7 @@ def test_a_steady_line_above_the_floor_goes_to_the_net_on_every_frame() -> None:
 
 
 def test_a_quiet_stretch_resets_the_net_once() -> None:
-    classifier, net = fake(0.9, 0.1)
+    classifier, net = fake(0.9, 0.1, max_gain=1.0)  # the floor alone, as the stream sent it
     decide(classifier, [QUIET_RMS] * 3)
     assert net.resets == 0  # the net has no state yet
     decide(classifier, [LOUD_RMS] + [QUIET_RMS] * 3 + [LOUD_RMS, QUIET_RMS])
@@ -154,10 +155,62 @@ def test_reset_forgets_the_speech_run_and_the_net_state() -> None:
     assert decide(classifier, [LOUD_RMS]) == [False]  # 0.4 no longer continues speech
 
 
+def test_the_level_is_the_loudest_frame_of_the_window_fed_a_feed_at_a_time() -> None:
+    """A feed counts as its loudest frame, placed at its last frame; the window holds the last
+    `window_frames` frames."""
+    level = _StreamLevel(window_frames=4)
+    assert level.update([5.0, 9.0]) == 9.0  # frames 1-2: the 9.0 stands at frame 2
+    assert level.update([3.0]) == 9.0
+    assert level.update([1.0]) == 9.0
+    assert level.update([2.0]) == 9.0  # frames 2-5
+    assert level.update([0.0]) == 3.0  # frames 3-6: frame 2 has left
+    assert level.update([0.0, 0.0, 0.0]) == 0.0
+
+
+def test_a_quiet_stream_reaches_the_net_raised_to_the_target_level() -> None:
+    """A stream whose loudest frame is RMS 100 is heard by the net 10 times louder (target 1000),
+    and frames under the floor as sent but over it raised go to the net."""
+    classifier, net = fake(0.9, 0.9)
+    frame = np.full(FRAME, 100, np.int16)
+    assert classifier.is_speech(frame, 100.0) is True
+    assert net.windows[0][0] == pytest.approx(1000 / 32768)
+    assert classifier.is_speech(np.full(FRAME, 5, np.int16), 5.0) is True  # 5 x 10 = 50 >= 30
+    assert len(net.windows) == 2
+
+
+def test_the_gain_is_at_most_max_gain_and_clips() -> None:
+    classifier, net = fake(0.1, 0.1)
+    assert classifier.is_speech(np.full(FRAME, 10, np.int16), 10.0) is False
+    assert net.windows[0][0] == pytest.approx(16 * 10 / 32768)  # not 100 x
+    classifier, net = fake(0.1, max_gain=4.0, target_rms=1e6)
+    frame = np.full(FRAME, 20000, np.int16)
+    classifier.is_speech(frame, 20000.0)
+    assert net.windows[0].max() == 1.0  # 4 x 20000 is past full scale: clipped
+
+
+def test_a_stream_that_spoke_up_in_the_last_30_s_is_heard_as_it_is() -> None:
+    classifier, net = fake(*[0.1] * 2000)
+    decide(classifier, [3000.0])  # a normal talker's loud frame
+    windows = round(30.0 * 16000 / FRAME)  # 938 frames of 32 ms
+    decide(classifier, [QUIET_RMS] * (windows - 1))
+    assert len(net.windows) == 1  # still gain 1: quiet frames are under the floor as sent
+    decide(classifier, [QUIET_RMS])  # the loud frame has left the window: the line is raised
+    assert len(net.windows) == 2
+    assert net.windows[-1][0] == 0.0  # (the fake is given RMS values, not these samples)
+
+
+def test_digital_silence_never_reaches_the_net() -> None:
+    classifier, net = fake()
+    assert decide(classifier, [0.0] * 100) == [False] * 100
+    assert net.windows == [] and net.resets == 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"threshold": 0.0}, "'threshold' must be > 0.0"),
+        ({"max_gain": 0.5}, "'max_gain' must be >= 1.0"),
+        ({"target_rms": 0.0}, "'target_rms' must be > 0.0"),
         ({"threshold": 1.01}, "'threshold' must be <= 1.0"),
         ({"hysteresis": -0.01}, r"hysteresis must be in \[0, threshold=0.5\), got -0.01"),
         ({"hysteresis": 0.5}, r"hysteresis must be in \[0, threshold=0.5\), got 0.5"),
@@ -283,6 +336,25 @@ def test_finds_a_quiet_reader_as_loud_as_the_line() -> None:
     assert isinstance(start, SpeechStart) and isinstance(end, SpeechEnd)
     assert lead + ms(400) <= start.sample <= lead + ms(1000)
     assert end.sample >= lead + ms(13_000)
+
+
+@pytest.mark.parametrize("scale", [0.03, 0.01])
+def test_finds_a_quiet_recording_that_whisper_transcribes(scale: float) -> None:
+    """'go forward ten meters' 30 and 40 dB down (peaks of -44 and -54 dBFS, a recorder with
+    much headroom or a talker far from the microphone): Whisper transcribes both, and as sent
+    the net finds nothing in either (its own weakness on quiet input, and frames under the
+    floor resetting it); raised by the stream's gain it finds the utterance where it finds it
+    at full level."""
+    quiet = np.round(go_forward() * scale).astype(np.int16)
+    as_sent = make_endpointer("silero", threshold_rms=THRESHOLD_RMS, silence_ms=SILENCE_MS)
+    as_sent.classifier.max_gain = 1.0  # type: ignore[attr-defined]
+    assert as_sent.feed(quiet) == []
+    [start, end] = silero().feed(quiet)
+    energy_start, energy_end = energy_events()
+    assert isinstance(start, SpeechStart) and isinstance(end, SpeechEnd)
+    # Two 32 ms frames later at most (the tracker's 300 ms pre-roll keeps the onset's audio).
+    assert energy_start - ms(EARLY_START_MS) <= start.sample <= energy_start + ms(2 * 32)
+    assert energy_end - ms(END_TOLERANCE_MS) <= end.sample <= energy_end + ms(END_TOLERANCE_MS)
 
 
 def test_ends_the_utterance_in_loud_stationary_noise_where_energy_cannot() -> None:

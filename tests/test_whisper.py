@@ -516,3 +516,30 @@ def test_a_phrase_said_twice_in_a_row_is_still_a_loop_after_the_retry() -> None:
     assert not whisper._looks_repetitive(whisper._Decoded(
         [], "it was the age of wisdom, it was the age of foolishness", 0.0, 0.0, False))
     assert not whisper._looks_repetitive(whisper._Decoded([], "5 5", 0.0, 0.0, False))
+
+
+async def test_quiet_speech_is_transcribed_from_a_file_and_a_live_stream(
+        nursery: trio.Nursery) -> None:
+    """'go forward ten meters' 40 dB down (peak -54 dBFS: a recorder with much headroom, a
+    talker far from the microphone). The VAD used to take it for silence, and the upload came
+    back 200 with no text; Whisper transcribes it, so sttd must hand it over."""
+    import httpx
+
+    from sttd.audio import encode_wav
+
+    server = await start_server(nursery, backend="whisper")
+    quiet = np.round(np.concatenate([silence(0.5), load_pcm("ps_goforward"), silence(1.0)])
+                     * 0.01).astype(np.int16)
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=120) as client:
+        response = await client.post("/v1/stt/transcribe", files={
+            "file": ("quiet.wav", encode_wav(pcm16_to_float32(quiet)))})
+    assert response.status_code == 200
+    assert _words(response.json()["text"])[:2] == ["go", "forward"]
+    with trio.fail_after(120):
+        async with open_websocket_url(server.ws_url("call_id=q&sample_rate=16000")) as ws:
+            await ws.get_message()
+            await send_pcm(ws, quiet)
+            await ws.send_message(json.dumps({"type": "end"}))
+            messages, code = await receive_until_close(ws)
+    [final] = [m for m in messages if m["type"] == "final"]
+    assert (_words(final["text"])[:2], code) == (["go", "forward"], 1000)
