@@ -122,6 +122,7 @@ class UnsupportedLanguage(ClientError):
     code = "unsupported_language"
     http_status = 400
     ws_close_code = 1008
+    param: str | None = "language"  # the request's field, for OpenAI's error shape
 
 
 class Unsupported(ClientError):

@@ -36,6 +36,7 @@ from sttd.admission import (
     Cors,
     admit_session,
     admit_upload,
+    continue_upload,
     read_upload,
     ready_engine,
 )
@@ -53,7 +54,7 @@ from sttd.api import (
     stream_event,
     word_logprobs,
 )
-from sttd.engine import file_segments, transcribe_file
+from sttd.engine import check_audio, file_segments, transcribe_file
 from sttd.errors import BackendError, ClientError, Overloaded, Unauthorized
 from sttd.nursery import Admission, count_refusal, serve_connection
 from sttd.settings import WORKER_ENV
@@ -231,6 +232,8 @@ def create_app(state: AppState) -> _Streams:
                 engine.check_language(form.language)
                 engine.check_hotwords(form.prompt)
                 if form.stream:
+                    # A file that is not audio is refused while the status can still say so.
+                    await check_audio(upload)
                     owned.pop_all()  # the stream's now: it closes the upload
                     return Response(_openai_stream(upload, form), status=200,
                                     content_type="text/event-stream",
@@ -247,15 +250,17 @@ def create_app(state: AppState) -> _Streams:
         """A streamed transcription's events, each piece's text as soon as it is decoded.
 
         Everything a request can be refused for was checked before the stream began; the
-        upload is admitted again here, for the time it is transcribed (a refusal or failure
-        from now on is an error event, the status being sent). quart closes this generator
-        when it stops sending; one that never starts leaves `upload` to be closed when it is
-        collected, and holds no admission.
+        upload counts as in flight again here, for the time it is transcribed, whatever the
+        limit and a drain say now (it was admitted before them, and refusing it now could only
+        be an error event after a 200). A failure from now on is an error event, the status
+        being sent. quart closes this generator when it stops sending; one that never starts
+        leaves `upload` to be closed when it is collected, and holds no admission (a context
+        held across the return would never be left).
         """
         text: list[str] = []
         every: list[dict[str, Any]] = []  # the logprobs of every word, for the done event
         try:
-            with admit_upload(state, None) as engine:
+            with continue_upload(state) as engine:
                 async with contextlib.aclosing(file_segments(
                         engine, upload, settings, language=form.language, hotwords=form.prompt,
                         task=form.task, word_timings=form.logprobs)) as batches:

@@ -79,6 +79,8 @@ def test_a_sentence_prompt_becomes_hotword_sized_phrases_not_an_error() -> None:
     ({"model": "m", "include[]": "logprobs", "response_format": "text"}, "include[]"),
     ({"model": "m", "temperature": "abc"}, "temperature"),
     ({"model": "m", "temperature": "5"}, "temperature"),
+    ({"model": "m", "stream": "maybe"}, "stream"),
+    ({"model": "m", "stream": "yes please"}, "stream"),
 ])
 def test_form_errors_name_the_field(fields: dict[str, str], param: str) -> None:
     with pytest.raises(InvalidParam) as caught:
@@ -130,6 +132,27 @@ def test_render_verbose_json_with_words() -> None:
     segments = json.loads(render(TRANSCRIPT, form)[0])["segments"]
     assert [(s["id"], s["start"], s["end"], s["text"]) for s in segments] == [
         (0, 0.5, 1.75, "Hello there."), (1, 3723.004, 3725.0, "General Kenobi.")]
+
+
+@pytest.mark.parametrize(("value", "stream"), [
+    ("true", True), ("True", True), ("1", True), ("false", False), ("0", False), ("", False)])
+def test_stream_is_true_or_false(value: str, stream: bool) -> None:
+    assert TranscriptionForm.parse({"model": "m", "stream": value}).stream is stream
+
+
+def test_verbose_json_names_english_for_a_translation_and_for_no_language() -> None:
+    """OpenAI's TranslationVerbose.language is always english (the text's, not the speech's);
+    a transcript that says no language (silence) is english too, not an empty string."""
+    import json
+
+    german = FileTranscript(text="Hallo.", duration_s=1.0, segments=(
+        FileSegment(start_ms=0, end_ms=900, text="Hallo.", language="de"),))
+    form = TranscriptionForm("m", response_format="verbose_json", task="translate")
+    assert json.loads(render(german, form)[0])["language"] == "english"
+    form = TranscriptionForm("m", response_format="verbose_json")
+    assert json.loads(render(german, form)[0])["language"] == "german"
+    silent = FileTranscript(text="", segments=(), duration_s=1.0)
+    assert json.loads(render(silent, form)[0])["language"] == "english"
 
 
 # --- the real SDK on loopback -----------------------------------------------------------------
@@ -229,6 +252,29 @@ async def test_stream_is_ignored_for_whisper_1_as_openai_does(server: RunningSer
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
 
 
+async def test_a_streamed_file_that_is_not_audio_is_refused_before_the_stream(
+        server: RunningServer) -> None:
+    """The SDK raises BadRequestError, as it does without stream, instead of a 200 whose events
+    end in an error."""
+    for content in [b"", b"this is a text file, not audio\n" * 20]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await trio.to_thread.run_sync(lambda content=content: list(
+                _client(server).audio.transcriptions.create(
+                    model="gpt-4o-transcribe", file=("call.wav", content, "audio/wav"),
+                    stream=True)))
+        assert caught.value.status_code == 400
+    registry = server.state.metrics.registry
+    assert registry.get_sample_value("sttd_errors_total", {"code": "unsupported_media_type"}) == 2
+
+
+async def test_an_unsupported_language_names_its_param(server: RunningServer) -> None:
+    """The mock backend is English-only: OpenAI's error shape names the field."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await _create(_client(server), language="de")
+    assert caught.value.param == "language"
+    assert caught.value.code == "unsupported_language"
+
+
 async def test_a_stream_that_fails_after_it_began_ends_in_an_error_event(
         server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The status went out with the first byte: a failure later is an error event, which the
@@ -256,3 +302,33 @@ async def test_openai_sdk_with_api_keys(nursery: trio.Nursery) -> None:
     with pytest.raises(openai.AuthenticationError):
         await _create(_client(server, "sk-wrong"))
     assert (await _create(_client(server, "sk-right"))).text
+
+
+async def test_a_streamed_upload_is_not_refused_again_once_its_stream_begins(
+        nursery: trio.Nursery) -> None:
+    """A streamed answer's upload was admitted and read before its 200 went out; when its
+    stream begins, an upload that came in the meantime may hold the last STT_MAX_UPLOADS place.
+    Admitted again there (as it was), it was then refused with an `overloaded` event after the
+    200 (10 of 168 streamed requests in a review's race); now it counts again whatever the
+    limit, while new uploads are still refused at it."""
+    import contextlib
+
+    from sttd.admission import admit_upload, continue_upload
+    from sttd.errors import Overloaded
+
+    server = await start_server(nursery, max_uploads=1)
+    state = server.state
+    with admit_upload(state, None):  # the upload that came in the meantime
+        with pytest.raises(Overloaded):
+            with admit_upload(state, None):
+                pass
+        with continue_upload(state) as engine:
+            assert state.uploads == 2 and engine is not None
+        assert state.uploads == 1
+    assert state.uploads == 0
+    # What a stream holds counts against the limit: a new upload meanwhile is refused.
+    with contextlib.ExitStack() as held:
+        held.enter_context(continue_upload(state))
+        with pytest.raises(openai.APIStatusError) as caught:
+            await _create(_client(server), model="gpt-4o-transcribe")
+        assert caught.value.status_code == 503

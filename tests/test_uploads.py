@@ -102,7 +102,7 @@ async def test_the_result_does_not_depend_on_how_the_body_is_chunked() -> None:
     body(part(FILE, b"x"), part(FILE, b"y")),
     body(part(NOTE, b"n" * 4097)),
     body(*[part(named(f"f{index}"), b"x") for index in range(17)]),
-    body(part(named("audio", "a.wav"), b"x"), part(named("file"), b"y")),
+    body(part(named("audio", "a.wav"), b"x"), part(named("note"), b"y")),
     body(part(FILE, b"x"))[:-12],
     body(part(b"Content-Type: audio/wav", b"x")),
     body(part(FILE, b"x")).replace(b"\r\n", b"\n"),
@@ -214,10 +214,26 @@ async def test_a_part_whose_disposition_has_a_filename_is_the_file(disposition: 
         assert await read([body(part(headers, b"RIFF"))]) == (b"RIFF", {})
 
 
-async def test_a_part_without_a_filename_is_a_text_field() -> None:
+async def test_the_field_without_a_filename_is_the_file_too() -> None:
+    """``curl -F "file=<a.wav"`` and aiohttp's add_field send none: such a file was taken for a
+    text field and refused as one over 4096 bytes."""
     for headers in [named("file"), b'Content-Disposition: form-data; name="file"; filename']:
-        assert invalid(await refusal([body(part(headers, b"RIFF"))]), "file",
-                       "multipart body must have a 'file' file field, got field 'file'")
+        assert await read([body(part(headers, b"RIFF" + bytes(8000)))]) == (
+            b"RIFF" + bytes(8000), {})
+    assert invalid(await refusal([body(part(named("file"), b"1"), part(FILE, b"2"))]), "file",
+                   "multipart body must have one 'file' file field, got more")
+
+
+async def test_a_part_without_a_filename_is_a_text_field() -> None:
+    assert await read([body(part(named("note"), b"n"), part(FILE, b"F"))]) == (
+        b"F", {"note": "n"})
+
+
+async def test_a_header_that_is_not_utf8_is_read_as_latin1() -> None:
+    """A filename in a legacy charset (curl sends it as the file system spells it): the file
+    is taken; its name is never used."""
+    assert await read([body(part(FILE.replace(b"a.wav", b"\xe9t\xe9.wav"), b"RIFF"))]) == (
+        b"RIFF", {})
 
 
 async def test_the_field_may_have_any_name_and_errors_name_it() -> None:
@@ -261,7 +277,6 @@ async def test_any_latin_1_boundary_works(boundary: str) -> None:
     (body(part(FILE, b"x"))[:-12], "it ends before its closing boundary"),
     (b"--b0und\r\n" + FILE + b"\r\nRIFF", "it ends before its closing boundary"),
     (body(part(b"Content-Type: audio/wav", b"x")), "a part has no Content-Disposition header"),
-    (body(part(FILE.replace(b"a.wav", b"\xff.wav"), b"x")), "a part header is not UTF-8 text"),
     (body(part(FILE + b"\r\nno colon here", b"x")), "Found invalid character"),
     (body(part(FILE + b"\r\n folded: x", b"x")), "Found invalid character"),
 ])
@@ -293,7 +308,7 @@ async def test_two_files_for_the_field_are_refused() -> None:
 @pytest.mark.parametrize(("parts", "seen"), [
     ([], "no fields"),
     ([part(named("b"), b"x"), part(named("a"), b"x"), part(named("audio", "a.wav"), b"x"),
-      part(named("file"), b"x")], "field 'a', field 'b', field 'file', file 'audio'"),
+      part(named("files"), b"x")], "field 'a', field 'b', field 'files', file 'audio'"),
     ([part(named("n" * 60, "a.wav"), b"x")], f"file '{'n' * 40}'"),
 ])
 async def test_a_missing_file_is_refused_with_the_parts_it_saw(parts: list[bytes],

@@ -11,7 +11,7 @@ from sttd.admission._auth import Access, Cors
 from sttd.admission._sessions import admit_session, ready_engine, session_core
 from sttd.admission._state import AppState, SessionRegistry
 from sttd.admission._transport import AsgiTransport
-from sttd.admission._uploads import admit_upload, read_upload
+from sttd.admission._uploads import admit_upload, continue_upload, read_upload
 
 __all__ = [
     "Access",
@@ -21,6 +21,7 @@ __all__ = [
     "SessionRegistry",
     "admit_session",
     "admit_upload",
+    "continue_upload",
     "read_upload",
     "ready_engine",
     "session_core",

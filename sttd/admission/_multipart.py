@@ -324,13 +324,12 @@ class _Form:
         if any(b"\n" in value for _, value in self.headers):  # a CR in one ends it
             raise InvalidParam(self.field, "malformed multipart body: line breaks must be CRLF, "
                                            "got a bare LF in a part's headers")
-        try:
-            # The parser takes only token characters (ASCII) in a header's name.
-            headers = [(name.decode("latin-1").lower(), value.decode("utf-8").strip(" \t"))
-                       for name, value in self.headers]
-        except UnicodeDecodeError as exc:
-            raise InvalidParam(self.field, f"malformed multipart body: a part header is not "
-                                           f"UTF-8 text: {exc}") from None
+        # The parser takes only token characters (ASCII) in a header's name. A value is UTF-8
+        # (what browsers send), else Latin-1, which any bytes are: RFC 7578 leaves a filename's
+        # charset open, clients such as curl send it as the file system spells it, and a
+        # file's name is never used here.
+        headers = [(name.decode("latin-1").lower(), _header_text(value).strip(" \t"))
+                   for name, value in self.headers]
         disposition = next((value for name, value in headers if name == "content-disposition"),
                            None)
         if disposition is None:
@@ -342,7 +341,9 @@ class _Form:
                                            "parts, got more")
         _, params = parse_options_header(disposition)
         name = params.get("name")
-        if "filename" in params:
+        # The field's part is the file with or without a filename (``curl -F "file=<a.wav"``
+        # and aiohttp's add_field send none); any other part with one is another file.
+        if "filename" in params or name == self.field:
             self.files.append(str(name)[:_MAX_QUOTED_CHARS])
             if name == self.field:
                 if self.found:
@@ -371,6 +372,13 @@ class _Form:
 
     def _on_end(self) -> None:
         self.ended = True
+
+
+def _header_text(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 async def _write(upload: IO[bytes], data: bytes, *, written: int) -> None:

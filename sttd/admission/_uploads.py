@@ -3,7 +3,9 @@
 `admit_upload` refuses an upload while the server drains, while STT_MAX_UPLOADS are in flight
 (each may spool up to STT_MAX_UPLOAD_BYTES to disk and keeps the engine busy), when its declared
 length is over STT_MAX_UPLOAD_BYTES, or while the engine is still loading; an admitted upload
-counts as in flight, for the drain, until its block ends. `read_upload` reads the body's file
+counts as in flight, for the drain, until its block ends. `continue_upload` counts again an
+upload that was admitted and read, for the rest of its work (a streamed answer's): it is not
+refused for the limit or a drain that it was admitted before. `read_upload` reads the body's file
 field as it streams in, paced: a body that stalls for STT_HTTP_READ_TIMEOUT_S is refused.
 """
 
@@ -22,7 +24,7 @@ from sttd.errors import Overloaded, PayloadTooLarge, RequestTimeout, ShuttingDow
 from sttd.settings import Settings
 from sttd.admission._multipart import read_multipart_file
 
-__all__ = ["admit_upload", "read_upload"]
+__all__ = ["admit_upload", "continue_upload", "read_upload"]
 
 
 @contextlib.contextmanager
@@ -40,6 +42,14 @@ def admit_upload(state: AppState, content_length: int | None) -> Iterator[Engine
             raise PayloadTooLarge(
                 f"request body must be at most {settings.max_upload_bytes} bytes "
                 f"(STT_MAX_UPLOAD_BYTES), got {content_length}")
+        yield ready_engine(state)
+
+
+@contextlib.contextmanager
+def continue_upload(state: AppState) -> Iterator[Engine]:
+    """Count an upload `admit_upload` admitted (and whose block has ended) as in flight again
+    while the block runs; gives the engine. Raises only if the engine is gone."""
+    with state.upload_in_flight():
         yield ready_engine(state)
 
 

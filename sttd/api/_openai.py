@@ -83,7 +83,10 @@ class TranscriptionForm:
         if granularities and response_format != "verbose_json":
             raise InvalidParam("timestamp_granularities[]", "timestamp_granularities needs "
                                "response_format=verbose_json")
-        stream = fields.get("stream", "false").strip().lower() not in ("", "false", "0")
+        raw_stream = fields.get("stream", "false").strip().lower()
+        if raw_stream not in _BOOLEANS:
+            raise InvalidParam("stream", f"stream must be true or false, got {quoted(raw_stream)}")
+        stream = _BOOLEANS[raw_stream]
         # OpenAI ignores stream for whisper-1 ("streaming is not supported for the whisper-1
         # model and will be ignored"), so its clients may send it.
         stream = stream and model != "whisper-1"
@@ -187,13 +190,20 @@ def stream_event(kind: Literal["delta", "done", "error"], text: str = "", *, fir
     return f"data: {dumps(body)}\n\n".encode()
 
 
+# A form's true and false, as OpenAI's SDKs and curl users write them.
+_BOOLEANS: Final = {"": False, "false": False, "0": False, "true": True, "1": True}
+
 # Error codes of failures on the server's side (the rest are the request's).
 _SERVER_ERRORS: Final = frozenset({"internal", "inference_failed", "inference_timeout",
                                    "overloaded", "shutting_down"})
 
 
 def _verbose(transcript: FileTranscript, form: TranscriptionForm) -> dict[str, object]:
-    language = transcript.language or form.language or ""
+    # A translation's text is English, as OpenAI's TranslationVerbose says; a transcript with
+    # no language said (no speech, or a backend that does not tell) is English, as OpenAI's
+    # detection answers for silence.
+    language = "en" if form.task == "translate" else (
+        transcript.language or form.language or "en")
     body: dict[str, object] = {
         "task": form.task,
         "language": language_name(language),

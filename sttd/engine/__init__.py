@@ -14,6 +14,7 @@ from sttd.engine._capacity import (PARTIALS_PER_SPEECH_S, PRIOR_UTTERANCE_S, Cap
 from sttd.engine._engine import Engine
 from sttd.engine._files import (
     MAX_MEDIA_AUDIO_S,
+    check_audio,
     file_segments,
     split_at_pauses,
     transcribe_file,
@@ -41,6 +42,7 @@ __all__ = [
     "SchedulerStatistics",
     "VadBatcher",
     "VadStatistics",
+    "check_audio",
     "file_segments",
     "split_at_pauses",
     "transcribe_file",

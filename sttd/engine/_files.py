@@ -47,6 +47,7 @@ from sttd.vad import make_endpointer
 
 __all__ = [
     "MAX_MEDIA_AUDIO_S",
+    "check_audio",
     "file_segments",
     "split_at_pauses",
     "transcribe_file",
@@ -182,6 +183,24 @@ class _PauseSplitter:
         jobs = self._tracker.feed(self._carry) if self._carry.size else []
         self._carry = self._carry[:0]
         return [*jobs, *self._tracker.commit()]
+
+
+async def check_audio(file: IO[bytes]) -> None:
+    """Raise what `transcribe_file` would for `file` not being audio we read (`UnsupportedMedia`,
+    or `BadAudio` for audio whose header is broken), before any of it is transcribed: a streamed
+    answer's status goes out before its transcription begins. Opens the file's reader (in a
+    worker thread) and closes it; `file` is left at the position it had."""
+    position = file.tell()
+
+    def probe() -> None:
+        reader = open_audio(file, block_s=_BLOCK_S, max_duration_s=MAX_MEDIA_AUDIO_S)
+        if isinstance(reader, MediaReader):
+            reader.close()
+
+    try:
+        await trio.to_thread.run_sync(probe)
+    finally:
+        file.seek(position)
 
 
 def _open(
