@@ -9,6 +9,7 @@ import hashlib
 import importlib.metadata
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 import trio
 
 from sttd.backends._packaged import PACKAGED_MODELS, PackagedModel, assembled
-from sttd.errors import BackendError
+from sttd.errors import BackendError, ConfigError
 
 
 class _WheelFile:
@@ -80,11 +81,77 @@ def test_the_parts_are_joined_once_checked_and_reused(tmp_path: Path,
 def test_a_damaged_part_is_refused_naming_the_fix(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model(tmp_path, monkeypatch, damage=True)
-    with pytest.raises(BackendError, match=r"do not join.*uv sync --extra multilingual "
-                                           r"--reinstall-package fake-part1"):
+    with pytest.raises(BackendError, match=r"do not join.*`uv sync --extra multilingual "
+                                           r"--reinstall-package fake-part1 "
+                                           r"--reinstall-package fake-part2`"):
         assembled(model, tmp_path / "cache")
     folder = next((tmp_path / "cache").iterdir())
     assert list(folder.iterdir()) == []  # nothing half-written is left to be loaded
+
+
+def test_a_cached_model_damaged_in_place_is_joined_again(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(tmp_path, monkeypatch)
+    folder = assembled(model, tmp_path / "cache")
+    with open(folder / "model.bin", "r+b") as file:  # a disk error: same size, other bytes
+        file.seek(1_000_000)
+        file.write(b"\xff" * 4096)
+    assert assembled(model, tmp_path / "cache") == folder
+    joined = (folder / "model.bin").read_bytes()
+    assert (len(joined), hashlib.sha256(joined).hexdigest()) == (model.size_bytes, model.sha256)
+
+
+def test_missing_or_damaged_companions_are_copied_again(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without its tokenizer or config beside it, faster-whisper would look for them on the
+    Hugging Face hub."""
+    model = _model(tmp_path, monkeypatch)
+    folder = assembled(model, tmp_path / "cache")
+    (folder / "config.json").unlink()
+    (folder / "vocabulary.txt").write_text("vocabularx")
+    assert assembled(model, tmp_path / "cache") == folder
+    assert (folder / "config.json").read_text() == "config.json"
+    assert (folder / "vocabulary.txt").read_text() == "vocabulary.txt"
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_file_another_start_is_reading_is_replaced_never_rewritten(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two first starts on one cache: the later one's copies are renamed into place, so the
+    earlier one, loading, reads whole files (old or new) and never a truncated one."""
+    model = _model(tmp_path, monkeypatch)
+    folder = assembled(model, tmp_path / "cache")
+    (folder / "model.bin").unlink()  # as the other start sees the cache: not joined yet
+    (tmp_path / "part1" / "config.json").write_text("config.json, updated")
+    with open(folder / "config.json") as loading:
+        assembled(model, tmp_path / "cache")
+        assert loading.read() == "config.json"
+    assert (folder / "config.json").read_text() == "config.json, updated"
+
+
+def test_an_unwritable_cache_stops_start_up_naming_the_setting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(tmp_path, monkeypatch)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"^STT_MODEL_CACHE_DIR: cannot write whisper model "
+                                          r"'tiny-test' into .*file/cache/whisper-tiny-test-"):
+        assembled(model, tmp_path / "file" / "cache")
+
+
+def test_a_read_only_cache_holding_the_model_is_used_and_one_lacking_a_file_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(tmp_path, monkeypatch)
+    folder = assembled(model, tmp_path / "cache")
+
+    def read_only(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    # Tests run as root here, whom a read-only mode does not stop: every write fails instead.
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    assert assembled(model, tmp_path / "cache") == folder
+    (folder / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"STT_MODEL_CACHE_DIR.*Permission denied"):
+        assembled(model, tmp_path / "cache")
 
 
 def test_a_missing_part_is_refused_naming_the_extra(tmp_path: Path,
@@ -169,7 +236,8 @@ async def test_german_speech_through_the_websocket_and_both_file_routes(
                                      data={"model": "whisper-1",
                                            "response_format": "verbose_json"},
                                      files={"file": ("de.wav", audio, "audio/wav")})).json()
-    assert english["task"] == "translate" and english["language"] == "german"
+    # OpenAI names the output language of a translation: always English.
+    assert english["task"] == "translate" and english["language"] == "english"
     assert "weather" in english["text"].lower() and "Wetter" not in english["text"]
     async with open_websocket_url(server.ws_url(
             "call_id=de&sample_rate=16000&task=translate")) as ws:
@@ -180,6 +248,50 @@ async def test_german_speech_through_the_websocket_and_both_file_routes(
         messages, code = await receive_until_close(ws)
     [final] = [m for m in messages if m["type"] == "final"]
     assert final["language"] == "de" and "weather" in final["text"].lower() and code == 1000
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    if not _extra_installed():
+        pytest.skip("needs `uv sync --extra multilingual`")
+    from sttd.backends.whisper import WhisperBackend, WhisperOptions
+    from sttd.settings import Settings
+
+    cache = tmp_path_factory.mktemp("cache")
+    return WhisperBackend.load(WhisperOptions.from_settings(Settings(
+        whisper_model="base", whisper_beam_size=1, model_cache_dir=str(cache))))
+
+
+def test_base_takes_bcp47_aliases_and_refuses_the_cantonese_it_lacks(base: Any) -> None:
+    from sttd.errors import UnsupportedLanguage
+
+    for language in ("iw", "jv", "nb", "fil", "ZH", "zh-Hant", "en-US", "de-DE"):
+        base.check_language(language)
+    for language in ("yue", "zh-yue"):
+        with pytest.raises(UnsupportedLanguage, match=r"\(cantonese\) is not one the whisper "
+                                                      r"model base knows"):
+            base.check_language(language)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng")
+def test_base_aligns_a_german_final_with_german_words_beside_a_japanese_one(
+        base: Any, tmp_path: Path) -> None:
+    """Japanese is split into words per character, German at spaces: a German final batched
+    after a Japanese one keeps its own words (it got "Autob" "ahn" for "Autobahn")."""
+    import subprocess
+
+    from sttd.audio import decode_wav
+    from sttd.backends.base import Request
+
+    wav = tmp_path / "de.wav"
+    subprocess.run(["espeak-ng", "-v", "de", "-s", "150", "-w", str(wav),
+                    "Guten Morgen. Die Geschwindigkeitsbegrenzung auf der Autobahn gilt heute "
+                    "nicht."], check=True)
+    german = decode_wav(wav.read_bytes())
+    [alone] = base.transcribe([Request(german, language="de")])
+    _, beside = base.transcribe([Request(german, language="ja"), Request(german, language="de")])
+    assert beside.text == alone.text
+    assert [w.word for w in beside.words] == [w.word for w in alone.words] == alone.text.split()
 
 
 def test_the_recorded_base_model_is_the_one_the_packages_hold() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -111,6 +112,32 @@ def test_a_final_without_word_timings_is_not_aligned(backend: WhisperBackend,
     wanted, unwanted = backend.transcribe([Request(clip), Request(clip, word_timings=False)])
     assert aligned == [2]  # one pass for the batch
     assert wanted.words == timed.words and unwanted.words == ()
+
+
+def test_each_final_in_a_batch_is_aligned_with_its_own_tokenizer(
+        backend: WhisperBackend) -> None:
+    """A tokenizer gives the alignment its language and task tokens and splits the text into
+    words: per character for Japanese, at spaces for English. An English final batched after a
+    Japanese one keeps its English words. tiny.en knows English alone, so the "Japanese"
+    tokenizer here is tiny.en's with Japanese word splitting."""
+    clip = _fixture("ps_goforward")
+    english = backend._tokenizer("en")
+    japanese = copy.copy(english)
+    japanese.language_code = "ja"
+    # " forwardly" is two tokens: one word split at spaces, two split per character.
+    tokens = english.encode(" Go forwardly 10 meters.")
+    output = whisper._Decoded(tokens, "Go forwardly 10 meters.", -0.1, 0.0, False)
+    said = ["Go", "forwardly", "10", "meters."]
+    alone = backend._align([Request(clip)], [output],
+                           backend._encode(backend._features([clip], 1000)), [english])
+    assert [w.word for w in alone[0]] == said
+    batch = backend._align([Request(clip), Request(clip)], [output, output],
+                           backend._encode(backend._features([clip, clip], 1000)),
+                           [japanese, english])
+    assert [w.word for w in batch[0]] == ["Go", "forward", "ly", "10", "meters."]
+    assert [w.word for w in batch[1]] == said
+    assert [t for w in batch[1] for t in (w.start_s, w.end_s)] == pytest.approx(
+        [t for w in alone[0] for t in (w.start_s, w.end_s)], abs=0.021)
 
 
 def test_only_a_thorough_final_gets_the_beam(backend: WhisperBackend,

@@ -42,7 +42,8 @@ from sttd.api._events import (
     Warning,
     Word,
 )
-from sttd.api._languages import language_code, language_name
+from sttd.api._languages import NAMES as LANGUAGE_NAMES
+from sttd.api._languages import language_code, language_name, whisper_language
 from sttd.api._native import (
     NativeCodec,
     ServerMessageError,
@@ -113,8 +114,10 @@ __all__ = [
     "Word",
     "dumps",
     "encode_command",
+    "LANGUAGE_NAMES",
     "language_code",
     "language_name",
+    "whisper_language",
     "parse_hotwords",
     "parse_task",
     "parse_language",

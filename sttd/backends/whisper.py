@@ -45,6 +45,8 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from sttd.api import LANGUAGE_NAMES as NAMES
+from sttd.api import whisper_language
 from sttd.audio import SAMPLE_RATE_HZ
 from sttd.backends._packaged import PACKAGED_MODELS, assembled, default_cache_dir
 from sttd.backends.base import ASRBackend, Request, Result, RecognisedWord
@@ -159,6 +161,10 @@ class WhisperBackend(ASRBackend):
         # (measured: 73 against 41 ms per 10 s clip on one thread); decoding still batches.
         self._encode_one_by_one = str(model.model.device) == "cpu"
         self._multilingual = bool(model.model.is_multilingual)
+        # The languages the model has a token for: base lacks Cantonese (yue), which large-v3
+        # added; without its token a decode would silently run without a language.
+        self._known_languages = (_model_languages(model.hf_tokenizer) if self._multilingual
+                                 else frozenset({"en"}))
         self._tokenizer_cls = Tokenizer
         self._tokenizers: dict[tuple[str, str], Any] = {}
 
@@ -171,6 +177,8 @@ class WhisperBackend(ASRBackend):
         """The model as its user named it: the bundled one's folder is just "model"."""
         if not self._options.model:
             return "tiny.en (the bundled model)"
+        if self._options.model in PACKAGED_MODELS:  # not the cache folder it was joined into
+            return self._options.model
         return Path(self._model_name).name or self._model_name
 
     @property
@@ -221,16 +229,19 @@ class WhisperBackend(ASRBackend):
     def check_language(self, language: str | None) -> None:
         if language is None:
             return
-        code = language.split("-")[0].lower()
+        code = whisper_language(language)
         if not self._multilingual:
             if code != "en":
                 raise UnsupportedLanguage(
                     f"language must be 'auto' or English ('en') for the English-only model "
                     f"{self._display_name}, got {language!r}")
             return
-        from faster_whisper.tokenizer import _LANGUAGE_CODES
-
-        if code not in _LANGUAGE_CODES:
+        if code in NAMES and code not in self._known_languages:
+            raise UnsupportedLanguage(
+                f"language {language!r} ({NAMES[code]}) is not one the whisper model "
+                f"{self._display_name} knows; use 'auto', or a model that knows it"
+                + (" (Whisper large-v3 knows Cantonese)" if code == "yue" else ""))
+        if code not in self._known_languages:
             raise UnsupportedLanguage(
                 f"language must be 'auto' or one Whisper knows (en, de, fr, ...), got {language!r}")
 
@@ -446,27 +457,37 @@ class WhisperBackend(ASRBackend):
 
     def _align(self, requests: list[Request], outputs: list[_Decoded], encoded: Any,
                tokenizers: list[Any]) -> list[list[RecognisedWord]]:
+        """Word timings of the finals that want them: one alignment per tokenizer in the batch,
+        since a tokenizer gives the alignment its language and task tokens and splits the text
+        into words (at spaces, or per character for zh, ja, th, lo, my and yue)."""
         words: list[list[RecognisedWord]] = [[] for _ in requests]
-        wanted = [i for i, (r, o) in enumerate(zip(requests, outputs))
-                  if r.kind == "final" and r.word_timings and o.tokens and _keep(o)]
-        if not wanted:
+        by_tokenizer: dict[int, list[int]] = {}
+        for i, (r, o) in enumerate(zip(requests, outputs, strict=True)):
+            if r.kind == "final" and r.word_timings and o.tokens and _keep(o):
+                by_tokenizer.setdefault(id(tokenizers[i]), []).append(i)
+        if not by_tokenizer:
             return words
         from faster_whisper.transcribe import merge_punctuations
 
-        tok = tokenizers[wanted[0]]
-        # align() takes the whole encoded batch; clips without text get a one-token stand-in.
-        text_tokens = [outputs[i].tokens if i in wanted else [tok.eot] for i in range(len(requests))]
         num_frames = [max(r.audio.size // _HOP_SAMPLES, 1) for r in requests]
-        alignments = self._model.find_alignment(tok, text_tokens, encoded, num_frames)
-        for i in wanted:
-            alignment = alignments[i]
-            merge_punctuations(alignment, _PREPEND_PUNCTUATION, _APPEND_PUNCTUATION)
-            _join_hyphenated(alignment)
-            words[i] = [
-                RecognisedWord(word=item["word"].strip(), start_s=float(item["start"]),
-                     end_s=float(item["end"]), probability=float(item["probability"]))
-                for item in alignment if item["word"].strip()
-            ]
+        for members in by_tokenizer.values():
+            tok = tokenizers[members[0]]
+            # align() takes the whole encoded batch (no copy of the group's rows); the clips
+            # outside the group get a one-token stand-in.
+            group = set(members)
+            text_tokens = [outputs[i].tokens if i in group else [tok.eot]
+                           for i in range(len(requests))]
+            alignments = self._model.find_alignment(tok, text_tokens, encoded, num_frames)
+            for i in members:
+                alignment = alignments[i]
+                merge_punctuations(alignment, _PREPEND_PUNCTUATION, _APPEND_PUNCTUATION)
+                _join_hyphenated(alignment)
+                words[i] = [
+                    RecognisedWord(word=item["word"].strip(), start_s=float(item["start"]),
+                                   end_s=float(item["end"]),
+                                   probability=float(item["probability"]))
+                    for item in alignment if item["word"].strip()
+                ]
         return words
 
     # -- long clips: consecutive 30 s windows ---------------------------------------------------
@@ -533,7 +554,7 @@ class WhisperBackend(ASRBackend):
             for i, ranked in zip(detect, self._model.model.detect_language(window), strict=True):
                 token, probability = ranked[0]
                 detected[i] = (token[2:-2], float(probability))
-        languages = [(r.language or r.prefix_language or detected[i][0]).split("-")[0].lower()
+        languages = [whisper_language(r.language or r.prefix_language or detected[i][0])
                      for i, r in enumerate(requests)]
         return languages, [detected[i][1] if i in detected else None
                            for i in range(len(requests))]
@@ -584,6 +605,13 @@ def _model_source(model: str, cache_dir: str = "") -> str:
                              Path(cache_dir) if cache_dir else default_cache_dir()))
     path = Path(model).expanduser()
     return str(path) if path.is_dir() else model
+
+
+def _model_languages(hf_tokenizer: Any) -> frozenset[str]:
+    """The codes of Whisper's languages that `hf_tokenizer` (a multilingual model's) has a
+    ``<|code|>`` token for."""
+    return frozenset(code for code in NAMES
+                     if hf_tokenizer.token_to_id(f"<|{code}|>") is not None)
 
 
 def _padding_bucket(request: Request) -> int:
