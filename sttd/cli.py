@@ -145,11 +145,23 @@ def _client_options(parser: argparse.ArgumentParser, environ: Mapping[str, str])
 def _serve(workers: str | None = None) -> int:
     """Run the server until SIGTERM or SIGINT (settings from ``STT_*``; `workers` is
     ``--workers``, which overrides STT_WORKERS)."""
+    from sttd.settings import WORKER_ENV
+
+    # A worker of `--workers N` takes its stop signal from the very start (see _catch_stop_signals).
+    caught = _catch_stop_signals() if os.environ.get(WORKER_ENV) else None
+
     import trio
 
     from sttd.errors import ConfigError, SttdError
     from sttd.logs import configure_logging
-    from sttd.server import resolve_workers, run_workers, serve, wait_for_signal, worker_index
+    from sttd.server import (
+        report_ready,
+        resolve_workers,
+        run_workers,
+        serve,
+        wait_for_signal,
+        worker_role,
+    )
     from sttd.settings import Settings
 
     env = dict(os.environ)
@@ -160,26 +172,56 @@ def _serve(workers: str | None = None) -> int:
     except SttdError as exc:
         _say(f"sttd: {exc}")
         return 2
-    worker = worker_index(os.environ)
+    role = worker_role(os.environ)
     configure_logging(settings.log_level, settings.log_format,
-                      worker=None if worker is None else worker[0])
-    if worker is None and resolve_workers(settings) > 1:
-        return run_workers(settings, resolve_workers(settings))
+                      worker=None if role is None else role.index)
+    if role is None and resolve_workers(settings) > 1:
+        try:
+            return run_workers(settings, resolve_workers(settings))
+        except ConfigError as exc:  # the port cannot be had
+            log.error("server.failed error=%s", type(exc).__name__)
+            _say(f"sttd: {exc}")
+            return 2
     failures: list[SttdError] = []
     try:
-        trio.run(partial(serve, settings, shutdown_trigger=wait_for_signal,
-                         workers=1 if worker is None else worker[1]))
+        trio.run(partial(serve, settings,
+                         shutdown_trigger=partial(wait_for_signal, caught=caught or ()),
+                         workers=1 if role is None else role.count,
+                         on_ready=None if role is None else partial(report_ready, role)))
     except* SttdError as group:
         failures.extend(exc for exc in group.exceptions if isinstance(exc, SttdError))
     for failure in failures:
         log.error("server.failed error=%s", type(failure).__name__)
         _say(f"sttd: {failure}")
     if failures:
-        # A setting found wrong only once the server starts (a key file, a model path) is a
-        # configuration error like one found while parsing: exit 2 as for those.
+        # A setting found wrong only once the server starts (a key file, a model path, a port
+        # in use) is a configuration error like one found while parsing: exit 2 as for those.
         return 2 if any(isinstance(failure, ConfigError) for failure in failures) else 1
     log.info("server.stopped")
     return 0
+
+
+def _catch_stop_signals() -> list[int]:
+    """From now on, SIGINT and SIGTERM only add themselves to the list returned, which
+    `wait_for_signal` reads.
+
+    For a worker of ``sttd serve --workers``, whose supervisor sends it one SIGTERM (and the
+    kernel one more if the supervisor dies): one that comes while the worker is still importing
+    or loading is kept until the server waits for it (it would kill the worker), and one after
+    the first does not cut the drain short (trio's receiver, once closed, restores this
+    handler).
+    """
+    import signal
+    from types import FrameType
+
+    caught: list[int] = []
+
+    def record(signum: int, _frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    signal.signal(signal.SIGINT, record)
+    signal.signal(signal.SIGTERM, record)
+    return caught
 
 
 def _say(text: str) -> None:

@@ -71,7 +71,8 @@ def _port(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
 
 
 def _workers(attribute: attrs.Attribute[Any], value: str) -> None:
-    if value == "auto" or (value.isdigit() and int(value) >= 1):
+    # isdigit() alone takes digits int() refuses, such as "²".
+    if value == "auto" or (value.isascii() and value.isdigit() and int(value) >= 1):
         return
     raise ValueError(f"{attribute.name} must be a count of 1 or more, or auto, got {value!r}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -37,6 +38,24 @@ async def test_unknown_setting_stops_startup() -> None:
             env=_env(STT_PORTT="8000"))
     assert result.returncode == 2
     assert "unknown setting STT_PORTT" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("args", [[], ["--workers", "2"]], ids=["single", "workers"])
+async def test_a_port_in_use_stops_startup_with_one_line(args: list[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with trio.fail_after(TIMEOUT_S):
+            result = await trio.run_process(
+                [sys.executable, "-m", "sttd.cli", "serve", *args], capture_stderr=True,
+                check=False, env=_env(STT_BACKEND="mock", STT_HOST="127.0.0.1",
+                                      STT_PORT=str(port)))
+    said = [line for line in result.stderr.decode().splitlines() if line.startswith("sttd: ")]
+    assert result.returncode == 2
+    assert said == [f"sttd: cannot listen on STT_HOST=127.0.0.1 STT_PORT={port}: Address "
+                    "already in use; expected a free port on an address of this host"]
+    assert "Traceback" not in result.stderr.decode()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -89,6 +108,15 @@ class _Lines:
             if not chunk:
                 raise AssertionError(f"stderr ended before {needle!r}; saw:\n{self.seen}")
             self._buffer += chunk
+
+    async def read_to_end(self) -> str:
+        """Everything until the stream ends (added to `seen`, as returned)."""
+        rest = self._buffer
+        self._buffer = b""
+        while chunk := await self._stream.receive_some():
+            rest += chunk
+        self.seen += rest.decode()
+        return rest.decode()
 
 
 SERVER_ONLY = ("hypercorn", "quart", "quart_trio", "onnxruntime")

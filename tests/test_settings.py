@@ -268,3 +268,10 @@ def test_secrets_stay_out_of_the_settings_repr() -> None:
 def test_a_renamed_setting_names_its_new_name() -> None:
     with pytest.raises(ConfigError, match="STT_INFERENCE_THREADS was renamed STT_INFERENCE_LANES"):
         Settings.from_env({"STT_INFERENCE_THREADS": "2"})
+
+
+@pytest.mark.parametrize("raw", ["²", "١", "0", "two"])
+def test_a_worker_count_must_be_ascii_digits(raw: str) -> None:
+    # "²" and "١" pass str.isdigit() but not int(): the message is still the setting's own.
+    assert _config_error({"STT_WORKERS": raw}) == (
+        f"STT_WORKERS must be a count of 1 or more, or auto, got {raw!r}")

@@ -1,11 +1,15 @@
 """``sttd serve --workers 2`` as a real multi-process server on one loopback port: sessions land
-on every worker, /metrics and /health count all of them, and SIGTERM drains every worker."""
+on every worker, /metrics and /health count all of them, and SIGTERM drains every worker. The
+supervisor stops on a signal that comes while it restarts a worker, restarts a worker that
+crashed once ready, gets a terminal's Ctrl-C alone, and takes its workers with it when killed."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,19 +24,37 @@ from tests.conftest import load_pcm, reference_texts, send_pcm, silence
 from tests.test_cli import _env, _Lines
 
 TIMEOUT_S = 60
+STOP_TIMEOUT_S = 20  # from a stop signal (or a killed supervisor) to every process gone
 MAX_SESSIONS = 40  # opened until both workers have some: 2**-39 that the kernel gives one all
 
 
 async def _served(nursery: trio.Nursery, *args: str, **env: str) -> tuple[trio.Process, _Lines, int]:
     full = _env(STT_BACKEND="mock", STT_VAD="energy", STT_HOST="127.0.0.1", STT_PORT="0",
                 STT_LOG_FORMAT="json", **env)
+    # In a session of its own, as under a terminal: its process group can be sent a Ctrl-C.
     process: trio.Process = await nursery.start(lambda task_status: trio.run_process(
         [sys.executable, "-m", "sttd.cli", "serve", *args], env=full, stderr=-1,
-        check=False, task_status=task_status))
+        check=False, start_new_session=True, task_status=task_status))
     assert process.stderr is not None
     lines = _Lines(process.stderr)
     port = int(json.loads(await lines.wait_for('"event": "workers.listening"'))["port"])
     return process, lines, port
+
+
+async def _ready_workers(lines: _Lines, count: int) -> dict[int, int]:
+    """Worker index -> pid, once `count` workers have logged engine.ready."""
+    pids: dict[int, int] = {}
+    for _ in range(count):
+        started = json.loads(await lines.wait_for('"event": "workers.started"'))
+        pids[int(started["worker"])] = int(started["pid"])
+    for _ in range(count):
+        await lines.wait_for('"event": "engine.ready"')
+    return pids
+
+
+def _events(text: str, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of `event` in `text`."""
+    return [json.loads(line) for line in text.splitlines() if f'"event": "{event}"' in line]
 
 
 def _worker_of(logged: str) -> int:
@@ -70,7 +92,14 @@ async def test_two_workers_share_the_port_the_metrics_and_the_drain() -> None:
                     for ws in sockets:
                         await send_pcm(ws, speech)
                     finals = [await _next(ws, "final") for ws in sockets]
-                    metrics = (await http.get("/metrics")).text
+                    # A worker counts a final once its send has returned, which may be just
+                    # after the client has it: scrape until both workers' counts are in.
+                    while True:
+                        metrics = (await http.get("/metrics")).text
+                        if sum(_samples(metrics, "sttd_finals_sent_total").values()) >= len(
+                                sockets):
+                            break
+                        await trio.sleep(0.05)
                 # One SIGTERM to the supervisor drains every worker: each session still open
                 # is closed with 1001, and the supervisor exits 0 once both workers have.
                 process.send_signal(signal.SIGTERM)
@@ -130,3 +159,62 @@ def test_a_bad_worker_count_is_refused() -> None:
         with pytest.raises(ConfigError, match="STT_WORKERS"):
             Settings.from_env({"STT_WORKERS": bad})
     assert Settings.from_env({"STT_WORKERS": "auto"}).workers == "auto"
+
+
+async def test_a_stop_signal_while_a_worker_is_restarted_stops_everything() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            process, lines, _port = await _served(nursery, "--workers", "2")
+            pids = await _ready_workers(lines, 2)
+            os.kill(pids[0], signal.SIGKILL)
+            await lines.wait_for('"event": "workers.restarting"')
+            # In the pause before the restart. SIGHUP: the terminal was closed.
+            process.send_signal(signal.SIGHUP)
+            with trio.fail_after(STOP_TIMEOUT_S):
+                code = await process.wait()
+                after = await lines.read_to_end()  # once every worker is gone too
+    # No worker is started once stopping, the live one drained, and a crash that was followed
+    # by a restart does not make the clean stop a failure.
+    assert code == 0, lines.seen
+    assert _events(after, "workers.started") == []
+    assert [e["cause"] for e in _events(after, "workers.stopping")] == ["SIGHUP"]
+    assert [(e["worker"], e["code"]) for e in _events(after, "workers.exited")] == [("1", "0")]
+
+
+async def test_a_worker_that_crashes_once_ready_is_restarted_and_ctrl_c_stops_each_once(
+) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            process, lines, _port = await _served(nursery, "--workers", "2")
+            pids = await _ready_workers(lines, 2)
+            # Well within the first seconds of the server: it was ready, so it is restarted.
+            os.kill(pids[1], signal.SIGKILL)
+            restarted = json.loads(await lines.wait_for('"event": "workers.started"'))
+            await lines.wait_for('"event": "engine.ready"')
+            # A terminal's Ctrl-C goes to its whole foreground process group.
+            os.killpg(process.pid, signal.SIGINT)
+            with trio.fail_after(STOP_TIMEOUT_S):
+                code = await process.wait()
+                await lines.read_to_end()
+    assert restarted["worker"] == "1"
+    assert "workers.failed_to_start" not in lines.seen
+    assert code == 0, lines.seen
+    # Each worker got one signal, the supervisor's SIGTERM, and none from the terminal.
+    stops = _events(lines.seen, "server.stopping")
+    assert sorted((e["worker"], e["signal"]) for e in stops) == [(0, "SIGTERM"), (1, "SIGTERM")]
+    assert len(_events(lines.seen, "server.drained")) == 2
+
+
+async def test_the_workers_drain_and_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            # TMPDIR: where the killed supervisor leaves its metrics directory.
+            process, lines, _port = await _served(nursery, "--workers", "2", TMPDIR=str(tmp_path))
+            await _ready_workers(lines, 2)
+            process.kill()
+            with trio.fail_after(STOP_TIMEOUT_S):
+                await process.wait()
+                # The workers hold the supervisor's stderr: it ends once both have exited.
+                await lines.read_to_end()
+    assert len(_events(lines.seen, "server.drained")) == 2
+    assert len(_events(lines.seen, "server.stopped")) == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from io import BytesIO, StringIO
 from typing import Any
@@ -34,13 +34,14 @@ from wsproto.events import Message, TextMessage
 from sttd.admission import AppState
 from sttd.backends import load_backend
 from sttd.engine import Engine, VadBatcher
+from sttd.errors import ConfigError
 from sttd.http import create_app
 from sttd.metrics import Metrics
 from sttd.server._threads import limit_blas_threads
 from sttd.settings import Settings
 from sttd.vad import silero_model
 
-__all__ = ["serve", "wait_for_signal"]
+__all__ = ["cannot_listen", "serve", "wait_for_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,14 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     workers: int = 1,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve HTTP and WebSocket on ``settings.host:settings.port`` until cancelled or triggered.
 
     `state` (built from `settings` with a fresh registry if omitted) lets a caller watch the
     server's sessions and metrics. Calls ``task_status.started(port)`` once listening (the
-    engine may still be loading: /health says 503 until it is ready). When `shutdown_trigger`
+    engine may still be loading: /health says 503 until it is ready), and `on_ready` once the
+    engine is. When `shutdown_trigger`
     returns, drains (see the module docstring) and returns after a graceful shutdown. Raises
     `ConfigError` for a bad STT_API_KEYS_FILE, and `ConfigError` or `BackendError` if the engine
     cannot load.
@@ -90,7 +93,7 @@ async def serve(
     loaded: list[Engine] = []  # the engine, as soon as it exists: closed on the way out
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_load_engine, state, nursery, loaded)
+            nursery.start_soon(_load_engine, state, nursery, loaded, on_ready)
             await worker_serve(wrap_app(_FinishResponses(app), config.wsgi_max_body_size, "asgi"),
                                config, sockets=_listening_sockets(config, settings),
                                shutdown_trigger=trigger,
@@ -113,13 +116,22 @@ def _listening_sockets(config: Config, settings: Settings) -> Sockets:
     fails, and the session ends. (It also ends a connection to a peer that vanished without a
     FIN, which retransmissions would otherwise keep for about 15 minutes.)
     """
-    sockets = config.create_sockets()
+    try:
+        sockets = config.create_sockets()
+    except OSError as exc:
+        raise cannot_listen(settings.host, settings.port, exc) from None
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
         if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                             max(round(settings.send_timeout_s * 1000), 1))
         sock.listen(config.backlog)
     return sockets
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> ConfigError:
+    """The start-up error for a host:port that cannot be bound (`exc` from the bind)."""
+    return ConfigError(f"cannot listen on STT_HOST={host} STT_PORT={port}: "
+                       f"{exc.strerror or exc}; expected a free port on an address of this host")
 
 
 async def _drain_after(trigger: Callable[[], Awaitable[None]], state: AppState) -> None:
@@ -210,7 +222,8 @@ class _PortStatus:
         self._status.started(port)
 
 
-async def _load_engine(state: AppState, nursery: trio.Nursery, loaded: list[Engine]) -> None:
+async def _load_engine(state: AppState, nursery: trio.Nursery, loaded: list[Engine],
+                       on_ready: Callable[[], None] | None) -> None:
     started = trio.current_time()
     settings = state.settings
     backend = await trio.to_thread.run_sync(load_backend, settings)
@@ -226,12 +239,21 @@ async def _load_engine(state: AppState, nursery: trio.Nursery, loaded: list[Engi
     state.engine = engine
     state.metrics.engine_ready.set(1)
     state.engine_loaded.set()
+    if on_ready is not None:
+        on_ready()  # before the line, which whoever reads it may act on (tests kill a worker)
     log.info("engine.ready backend=%s load_s=%.2f", backend.name, trio.current_time() - started)
 
 
-async def wait_for_signal() -> None:
-    """Return at the first SIGINT or SIGTERM."""
+async def wait_for_signal(*, caught: Sequence[int] = ()) -> None:
+    """Return at the first SIGINT or SIGTERM, or at once if `caught` holds one already.
+
+    `caught` holds the stop signals a handler recorded before `trio.run` (a worker's: see
+    ``sttd.cli``).
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("server.stopping signal=%s", signal.Signals(signum).name)
-            return
+        if caught:
+            signum = caught[0]
+        else:
+            signum = await signals.__anext__()
+        log.info("server.stopping signal=%s", signal.Signals(signum).name)
+
