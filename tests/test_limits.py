@@ -193,6 +193,26 @@ async def test_idle_kept_alive_connection_is_closed(nursery: trio.Nursery) -> No
     assert json.loads(response.partition(b"\r\n\r\n")[2])["sessions"] == 0  # all of it came
 
 
+async def test_a_kept_alive_connection_the_client_closes_is_closed_at_once(
+        nursery: trio.Nursery) -> None:
+    """A client that closes its idle kept-alive connection (every HTTP client that ends its
+    session, curl, an SDK per request) is answered with the server's close at once, not after
+    the keep-alive timeout: each such socket held a file descriptor in CLOSE-WAIT for
+    STT_HTTP_READ_TIMEOUT_S (30 s), and 34 uploads a second made 1000 of them."""
+    server = await start_server(nursery, http_read_timeout_s=60.0)
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(b"GET /health HTTP/1.1\r\nHost: sttd\r\n\r\n")
+        response = await _read_until_closed_or_answered(stream)
+        assert response.startswith(b"HTTP/1.1 200 ")
+        # Idle: hypercorn has finished the request's cycle (its last byte went out before
+        # that ended, and nothing signals the end to a client).
+        await trio.sleep(0.3)
+        await stream.send_eof()  # the client is done with it
+        with trio.fail_after(STALL_BOUND_S):
+            assert await stream.receive_some() == b""
+
+
 async def test_refused_upload_closes_its_connection_without_the_body(
         nursery: trio.Nursery) -> None:
     """The body a refusal leaves unread cannot keep the connection (the timeout is long here)."""

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.protocol import ws_stream
+from hypercorn.trio import tcp_server
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 from hypercorn.typing import (
@@ -89,6 +90,7 @@ async def serve(
     config.keep_alive_timeout = settings.http_read_timeout_s
     config.websocket_max_message_size = settings.max_message_bytes
     _bound_websocket_messages()
+    _close_when_the_client_does()
     trigger = None if shutdown_trigger is None else partial(_drain_after, shutdown_trigger, state)
     loaded: list[Engine] = []  # the engine, as soon as it exists: closed on the way out
     try:
@@ -205,6 +207,30 @@ class _FinishResponses:
 def _bound_websocket_messages() -> None:
     """Install `_BoundedWebsocketBuffer` for every WebSocket hypercorn accepts from now on."""
     ws_stream.WebsocketBuffer = _BoundedWebsocketBuffer  # type: ignore[misc]  # hypercorn has no hook for this; it builds one buffer per stream by this name
+
+
+async def _read_then_stop_idling(self: tcp_server.TCPServer) -> None:
+    """hypercorn's read loop, then the connection's keep-alive timer stopped: nothing more can
+    come from a client that closed its end, and the connection closes once its tasks end.
+
+    hypercorn's connection waits for all its tasks before it closes the socket, and the
+    keep-alive timer is one of them: a client that closed an idle kept-alive connection (any
+    HTTP client ending its session: curl, an SDK, httpx) left the socket in CLOSE-WAIT, its
+    file descriptor held, for the whole STT_HTTP_READ_TIMEOUT_S (30 s); 34 such requests a
+    second would hold 1000 descriptors, the usual limit. (The timer runs because
+    `_FinishResponses` lets the request's cycle finish; before, a cycle cut short left no timer,
+    and such a connection was never closed at all while its client kept it.)
+    """
+    await _hypercorn_read_data(self)
+    await self.idle_task.stop()
+
+
+_hypercorn_read_data = tcp_server.TCPServer._read_data
+
+
+def _close_when_the_client_does() -> None:
+    """Install `_read_then_stop_idling` for every connection hypercorn accepts from now on."""
+    tcp_server.TCPServer._read_data = _read_then_stop_idling  # type: ignore[method-assign]  # hypercorn has no hook for this
 
 
 class _PortStatus:
