@@ -57,7 +57,6 @@ import numpy.typing as npt
 import trio
 
 from sttd.api import (
-    Audio,
     Clear,
     Close,
     Codec,
@@ -114,6 +113,12 @@ _MAX_CLOSE_REASON_CHARS = 120  # a close frame's reason must fit in 123 bytes
 # STT_MAX_UTTERANCE_S); past this many the session stops reading until one is done, and its input
 # queue (STT_IN_QUEUE_SIZE) is all that is left before frames drop: the session's memory bound.
 _MAX_FINALS_IN_FLIGHT = 8
+# How late an idle client may be closed past its idle timeout, seconds: the receive loop moves
+# its deadline once this much of it has gone by, not at every message (a deadline change
+# reorders trio's timer heap: about 1.5 us, a message's most common cost after the audio's).
+_IDLE_SLACK_S = 1.0
+# Seconds of audio a session counts in `sttd_audio_received_seconds_total` at a time.
+_RECEIVED_COUNT_EVERY_S = 1.0
 
 
 class Transport(Protocol):
@@ -334,101 +339,125 @@ class Session:
             started = trio.current_time()
             ends_at = started + settings.max_session_s
             received = 0  # samples
+            uncounted = 0  # samples not yet in audio_received_seconds_total
+            received_metric = self.metrics.audio_received_seconds_total
             drops_reported = 0
             idle_s = self._idle_timeout_s
-            with trio.CancelScope(
-                    deadline=min(ends_at, started + idle_s, self._drain_until)) as scope:
-                self._recv_scope = scope
-                while True:
-                    try:
-                        message = await transport.receive()
-                    except ClientError as exc:  # e.g. a message over the size limit
-                        if (isinstance(exc, PayloadTooLarge)
-                                and not self.admission.request.oversized_message_closes):
-                            # An event protocol: that event is refused, the session goes on.
-                            scope.deadline = min(ends_at, trio.current_time() + idle_s,
-                                                 self._drain_until)
-                            await send_errors.send(Error(exc.code, str(exc)))
-                            continue
-                        # Finals for what was heard, then this error, then its close code.
-                        await self._flush(converter, send_audio)
-                        send_audio.send_nowait(Stop(trio.current_time(), exc.ws_close_code,
-                                                    str(exc), "refused", exc.code))
-                        return
-                    now = trio.current_time()
-                    scope.deadline = min(ends_at, now + idle_s, self._drain_until)
-                    try:
-                        command = codec.decode(message, now)
-                    except InvalidMessage as exc:
-                        refused = message if isinstance(message, str) else None
-                        await send_errors.send(Error(exc.code, str(exc), refused=refused,
-                                                     param=getattr(exc, "param", None)))
-                        continue
-                    if isinstance(command, KeepAlive):
-                        continue
-                    if isinstance(command, Configure):
+            idle_at = started + idle_s  # the idle part of the scope's deadline
+            core = self.admission.core
+            try:
+                with trio.CancelScope(
+                        deadline=min(ends_at, idle_at, self._drain_until)) as scope:
+                    self._recv_scope = scope
+                    while True:
                         try:
-                            self.admission.engine.check_language(command.options.language)
-                            self.admission.engine.check_hotwords(command.options.hotwords)
-                        except ClientError as exc:
-                            codec.withdraw(command)  # as if the update never came
+                            message = await transport.receive()
+                        except ClientError as exc:  # e.g. a message over the size limit
+                            if (isinstance(exc, PayloadTooLarge)
+                                    and not self.admission.request.oversized_message_closes):
+                                # An event protocol: that event is refused, the session goes on.
+                                idle_at = trio.current_time() + idle_s
+                                scope.deadline = min(ends_at, idle_at, self._drain_until)
+                                await send_errors.send(Error(exc.code, str(exc)))
+                                continue
+                            # Finals for what was heard, then this error, then its close code.
+                            await self._flush(converter, send_audio)
+                            send_audio.send_nowait(Stop(trio.current_time(), exc.ws_close_code,
+                                                        str(exc), "refused", exc.code))
+                            return
+                        now = trio.current_time()
+                        if now + idle_s > idle_at:
+                            # Late by at most _IDLE_SLACK_S, never early; moved once a second.
+                            idle_at = now + idle_s + min(_IDLE_SLACK_S, idle_s)
+                            scope.deadline = min(ends_at, idle_at, self._drain_until)
+                        try:
+                            command = codec.decode(message, now)
+                        except InvalidMessage as exc:
                             refused = message if isinstance(message, str) else None
-                            await send_errors.send(Error(
-                                exc.code, str(exc), refused=refused,
-                                param=getattr(exc, "param", None) or "language"))
+                            await send_errors.send(Error(exc.code, str(exc), refused=refused,
+                                                         param=getattr(exc, "param", None)))
                             continue
-                    if isinstance(command, (Clear, Configure)):
-                        send_audio.send_nowait(command)  # in band: after the audio before it
-                        continue
-                    if isinstance(command, (Commit, End)):
-                        if isinstance(command, End):
+                        if isinstance(command, KeepAlive):
+                            continue
+                        if isinstance(command, Configure):
+                            try:
+                                self.admission.engine.check_language(command.options.language)
+                                self.admission.engine.check_hotwords(command.options.hotwords)
+                            except ClientError as exc:
+                                codec.withdraw(command)  # as if the update never came
+                                refused = message if isinstance(message, str) else None
+                                await send_errors.send(Error(
+                                    exc.code, str(exc), refused=refused,
+                                    param=getattr(exc, "param", None) or "language"))
+                                continue
+                        if isinstance(command, (Clear, Configure)):
+                            send_audio.send_nowait(command)  # in band: after the audio before it
+                            continue
+                        if isinstance(command, (Commit, End)):
+                            if isinstance(command, End):
+                                await self._flush(converter, send_audio)
+                            send_audio.send_nowait(command)
+                            if isinstance(command, End):
+                                return
+                            continue
+                        if (command.audio_format is not None
+                                and command.audio_format != converter.format):
+                            # The client changed its format (a Realtime session.update): what the
+                            # old converter holds back goes first, then the new one takes over.
                             await self._flush(converter, send_audio)
-                        send_audio.send_nowait(command)
-                        if isinstance(command, End):
-                            return
-                        continue
-                    if (command.audio_format is not None
-                            and command.audio_format != converter.format):
-                        # The client changed its format (a Realtime session.update): what the
-                        # old converter holds back goes first, then the new one takes over.
-                        await self._flush(converter, send_audio)
-                        converter = StreamConverter.for_format(command.audio_format)
-                    samples = await self._convert(converter, command)
-                    if samples.size == 0:
-                        continue
-                    self.metrics.audio_received_seconds_total.inc(samples.size / SAMPLE_RATE_HZ)
-                    received += samples.size
-                    action = policy.decide(
-                        backlog_samples=send_audio.samples_buffered, full=send_audio.full,
-                        received_samples=received, elapsed_s=now - started)
-                    if action is LagAction.HOLD:
-                        # Ahead of real time (a file sent fast): hold the client back.
-                        scope.deadline = self._drain_until  # inf but in a drain
-                        await send_audio.wait_for_room(policy.hold_above_samples // 2)
-                        scope.deadline = min(ends_at, trio.current_time() + idle_s,
-                                             self._drain_until)
-                    frame = AudioFrame(samples, now)
-                    if send_audio.receiver_waiting and not self.admission.core.ending:
-                        await self._feed_here(frame, send_audio)
-                        continue
-                    lost = send_audio.dropped_samples
-                    if send_audio.send_nowait(frame):
-                        self.metrics.frames_dropped_total.inc()
-                        self.metrics.audio_skipped_seconds_total.inc(
-                            (send_audio.dropped_samples - lost) / SAMPLE_RATE_HZ)
-                        total = send_audio.statistics().dropped_frames
-                        if not drops_reported or total - drops_reported >= DROP_REPORT_EVERY:
-                            drops_reported = total
-                            await send_errors.send(Warning(
-                                "lagging", f"the session's input queue is full: {total} audio "
-                                           "frames dropped so far", frames_dropped=total))
-                        if total > settings.in_queue_max_drops:
-                            await self._flush(converter, send_audio)
-                            send_audio.send_nowait(self._overloaded(total))
-                            return
-            # The scope ended the loop: a drain, the session's time limit, or an idle client.
-            await self._flush(converter, send_audio)
-            send_audio.send_nowait(self._input_ended(ends_at))
+                            converter = StreamConverter.for_format(command.audio_format)
+                        if converter.resamples:
+                            # Real CPU work: off the event loop (one call at a time per stream). A
+                            # copy or a downmix costs less than the thread hop, so those stay here.
+                            samples = await trio.to_thread.run_sync(converter.convert_pcm16,
+                                                                    command.data)
+                        else:
+                            samples = converter.convert_pcm16(command.data)
+                        if samples.size == 0:
+                            continue
+                        received += samples.size
+                        uncounted += samples.size
+                        if uncounted >= _RECEIVED_COUNT_EVERY_S * SAMPLE_RATE_HZ:
+                            received_metric.inc(uncounted / SAMPLE_RATE_HZ)
+                            uncounted = 0
+                        frame = AudioFrame(samples, now)
+                        if send_audio.receiver_waiting and not core.ending:
+                            # Nothing is queued: no backlog for the lag policy to weigh.
+                            await self._feed_here(frame, send_audio)
+                            continue
+                        action = policy.decide(
+                            backlog_samples=send_audio.samples_buffered, full=send_audio.full,
+                            received_samples=received, elapsed_s=now - started)
+                        if action is LagAction.HOLD:
+                            # Ahead of real time (a file sent fast): hold the client back.
+                            scope.deadline = self._drain_until  # inf but in a drain
+                            await send_audio.wait_for_room(policy.hold_above_samples // 2)
+                            idle_at = trio.current_time() + idle_s
+                            scope.deadline = min(ends_at, idle_at, self._drain_until)
+                            if send_audio.receiver_waiting and not core.ending:
+                                await self._feed_here(frame, send_audio)
+                                continue
+                        lost = send_audio.dropped_samples
+                        if send_audio.send_nowait(frame):
+                            self.metrics.frames_dropped_total.inc()
+                            self.metrics.audio_skipped_seconds_total.inc(
+                                (send_audio.dropped_samples - lost) / SAMPLE_RATE_HZ)
+                            total = send_audio.statistics().dropped_frames
+                            if not drops_reported or total - drops_reported >= DROP_REPORT_EVERY:
+                                drops_reported = total
+                                await send_errors.send(Warning(
+                                    "lagging", f"the session's input queue is full: {total} audio "
+                                               "frames dropped so far", frames_dropped=total))
+                            if total > settings.in_queue_max_drops:
+                                await self._flush(converter, send_audio)
+                                send_audio.send_nowait(self._overloaded(total))
+                                return
+                # The scope ended the loop: a drain, the session's time limit, or an idle client.
+                await self._flush(converter, send_audio)
+                send_audio.send_nowait(self._input_ended(ends_at))
+            finally:
+                if uncounted:  # what the last second held
+                    received_metric.inc(uncounted / SAMPLE_RATE_HZ)
 
     async def _feed_here(self, frame: AudioFrame, send_audio: AudioSender) -> None:
         """Feed `frame` to the core here, while the infer task waits on an empty channel; hand
@@ -451,14 +480,6 @@ class Session:
         outputs = await self.admission.vad.drive(core.feed_steps(frame), shielded=True)
         if outputs or core.decode_due() or core.speculations_dropped != dropped:
             send_audio.send_nowait(Released(tuple(outputs)))
-
-    async def _convert(self, converter: StreamConverter, audio: Audio
-                       ) -> npt.NDArray[np.int16]:
-        if converter.resamples:
-            # Resampling is real CPU work: off the event loop (one call at a time per stream).
-            # A copy or a downmix costs less than the thread hop, so those stay here.
-            return await trio.to_thread.run_sync(converter.convert_pcm16, audio.data)
-        return converter.convert_pcm16(audio.data)
 
     async def _flush(self, converter: StreamConverter, send_audio: AudioSender) -> None:
         """Queue the converter's held-back tail (the resampler's delay), as the stream ends."""

@@ -322,6 +322,11 @@ class SileroClassifier:
             level = self._level.update(rms_values)
             self._gain = min(self.max_gain, max(1.0, self.target_rms / level)) if level else (
                 self.max_gain)
+            if not self._needs_net(max(rms_values)):  # all under the floor: as decide does
+                self._active = False
+                if self._net_used:
+                    self._reset_net()
+                return [False] * len(rms_values)
         speech: list[bool] = []
         run_start: int | None = None  # the first frame of a run that needs the net
         for index, rms in enumerate(rms_values):
@@ -442,10 +447,18 @@ class Endpointer:
             energies = np.add.reduce(np.square(squares, out=squares), axis=1).tolist()
             rms_values = [math.sqrt(energy / size) for energy in energies]
             speech = yield from classifier.classify_frames(frames, rms_values)
-            for rms, is_speech in zip(rms_values, speech, strict=True):
-                event = self._advance(size, rms, is_speech)
-                if event is not None:
-                    events.append(event)
+            if not self._in_speech and not any(speech):
+                # Silence outside speech, what most feeds are: what `_advance` would do for
+                # each frame, at once (it ends any run too short to be speech).
+                self._position += whole
+                self._rms.extend(rms_values)
+                self._run_start = None
+                self._run_samples = 0
+            else:
+                for rms, is_speech in zip(rms_values, speech, strict=True):
+                    event = self._advance(size, rms, is_speech)
+                    if event is not None:
+                        events.append(event)
         self._pending = data[whole:].copy()
         return events
 
