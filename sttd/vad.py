@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import importlib.resources
+import itertools
 import math
 import threading
 from collections.abc import Generator
@@ -239,27 +240,35 @@ def _below_threshold(
 
 @attrs.define
 class _StreamLevel:
-    """The loudest frame RMS of a stream's last `window_frames` frames, updated a feed at a time.
+    """A stream's level at each frame: the loudest frame RMS of its last `window_frames` frames.
 
-    A monotonic queue of (the frame count at which it leaves the window, RMS) with falling RMS:
-    each feed adds its loudest frame, so the work is constant per feed whatever its length.
+    A monotonic queue of (the frame count at which it leaves the window, RMS) with falling RMS,
+    one entry per feed (its loudest frame, standing at its last frame), so the work per feed is
+    constant however long it is; within a feed the level rises frame by frame, so a frame's
+    level never depends on what comes after it, nor on how the stream was cut into feeds (but
+    for when a loud frame leaves the window: at the start of a feed).
     """
 
     window_frames: int
     _frames: int = 0  # frames seen
     _peaks: collections.deque[tuple[int, float]] = attrs.field(factory=collections.deque)
 
-    def update(self, rms_values: list[float]) -> float:
-        """Add a feed's frames; the loudest frame RMS of the window ending with them."""
-        self._frames += len(rms_values)
-        peak = max(rms_values)
+    def levels(self, rms_values: list[float]) -> list[float]:
+        """Add a feed's frames (at least one); each one's level."""
         peaks = self._peaks
+        while peaks and peaks[0][0] <= self._frames + 1:  # out of the first frame's window
+            peaks.popleft()
+        level = peaks[0][1] if peaks else 0.0
+        peak = max(rms_values)
+        if peak <= level:
+            out = [level] * len(rms_values)
+        else:
+            out = list(itertools.accumulate(rms_values, max, initial=level))[1:]
+        self._frames += len(rms_values)
         while peaks and peaks[-1][1] <= peak:
             peaks.pop()
         peaks.append((self._frames + self.window_frames, peak))
-        while peaks[0][0] <= self._frames:
-            peaks.popleft()
-        return peaks[0][1]
+        return out
 
 
 # Validated when built; its state then changes per frame, without attrs' setattr hooks.
@@ -311,48 +320,66 @@ class SileroClassifier:
     def decide(self, rms: float) -> bool | None:
         if self._needs_net(rms):
             return None
-        self._active = False
-        if self._net_used:
-            self._reset_net()
+        self._quiet()
         return False
 
     def classify_frames(self, frames: npt.NDArray[np.int16], rms_values: list[float]
                         ) -> VadSteps[list[bool]]:
-        if rms_values:
-            level = self._level.update(rms_values)
-            self._gain = min(self.max_gain, max(1.0, self.target_rms / level)) if level else (
-                self.max_gain)
-            if not self._needs_net(max(rms_values)):  # all under the floor: as decide does
-                self._active = False
-                if self._net_used:
-                    self._reset_net()
-                return [False] * len(rms_values)
+        if not rms_values:
+            return []
+        gains = self._gains(rms_values)
+        floor = self.floor_rms
+        if all(rms * gain < floor for rms, gain in zip(rms_values, gains)):
+            self._quiet()  # every frame under the floor: what `decide` does for each
+            return [False] * len(rms_values)
         speech: list[bool] = []
         run_start: int | None = None  # the first frame of a run that needs the net
-        for index, rms in enumerate(rms_values):
-            if self._needs_net(rms):
+        for index, (rms, gain) in enumerate(zip(rms_values, gains)):
+            if rms * gain >= floor:
                 if run_start is None:
                     run_start = index
                 continue
             if run_start is not None:  # the run is scored before this frame resets the net
-                speech += yield from self._ask_net(frames[run_start:index])
+                speech += yield from self._ask_net(frames[run_start:index], gains[run_start:index])
                 run_start = None
-            speech.append(bool(self.decide(rms)))
+            self._quiet()
+            speech.append(False)
         if run_start is not None:
-            speech += yield from self._ask_net(frames[run_start:])
+            speech += yield from self._ask_net(frames[run_start:], gains[run_start:])
         return speech
+
+    def _gains(self, rms_values: list[float]) -> list[float]:
+        """Each frame's gain, from the stream's level at that frame (`_StreamLevel`)."""
+        levels = self._level.levels(rms_values)
+        if levels[0] == levels[-1]:  # the same level throughout, as for most feeds
+            gains = [self._gain_at(levels[0])] * len(levels)
+        else:
+            gains = [self._gain_at(level) for level in levels]
+        self._gain = gains[-1]
+        return gains
+
+    def _gain_at(self, level: float) -> float:
+        return min(self.max_gain, max(1.0, self.target_rms / level)) if level else self.max_gain
+
+    def _quiet(self) -> None:
+        """A frame under the floor: speech is over, and the net starts afresh after it."""
+        self._active = False
+        if self._net_used:
+            self._reset_net()
 
     def _needs_net(self, rms: float) -> bool:
         return rms * self._gain >= self.floor_rms
 
-    def _ask_net(self, frames: npt.NDArray[np.int16]) -> VadSteps[list[bool]]:
-        """Whether each of consecutive `frames` is speech, by the net's probabilities."""
+    def _ask_net(self, frames: npt.NDArray[np.int16], gains: list[float]
+                 ) -> VadSteps[list[bool]]:
+        """Whether each of consecutive `frames` is speech, by the net's probabilities on them
+        times their `gains`."""
         # A fresh float32 array: the net needs writable, contiguous windows.
-        samples = pcm16_to_float32(frames).reshape(-1)
-        if self._gain != 1.0:
-            np.clip(np.multiply(samples, np.float32(self._gain), out=samples), -1.0, 1.0,
-                    out=samples)
-        probabilities = yield NetCall(self.net, samples.data)
+        samples = pcm16_to_float32(frames)
+        if gains[0] != 1.0 or gains[-1] != 1.0:  # levels only rise in a feed: gains only fall
+            np.multiply(samples, np.asarray(gains, np.float32)[:, np.newaxis], out=samples)
+            np.clip(samples, -1.0, 1.0, out=samples)
+        probabilities = yield NetCall(self.net, samples.reshape(-1).data)
         self._net_used = True
         speech = []
         for probability in probabilities:

@@ -155,16 +155,16 @@ def test_reset_forgets_the_speech_run_and_the_net_state() -> None:
     assert decide(classifier, [LOUD_RMS]) == [False]  # 0.4 no longer continues speech
 
 
-def test_the_level_is_the_loudest_frame_of_the_window_fed_a_feed_at_a_time() -> None:
-    """A feed counts as its loudest frame, placed at its last frame; the window holds the last
-    `window_frames` frames."""
+def test_the_level_rises_frame_by_frame_and_a_feed_leaves_the_window_as_one() -> None:
+    """A frame's level is the loudest frame before it and itself in the window: never one
+    after it. A feed stays in the window as its loudest frame, standing at its last frame."""
     level = _StreamLevel(window_frames=4)
-    assert level.update([5.0, 9.0]) == 9.0  # frames 1-2: the 9.0 stands at frame 2
-    assert level.update([3.0]) == 9.0
-    assert level.update([1.0]) == 9.0
-    assert level.update([2.0]) == 9.0  # frames 2-5
-    assert level.update([0.0]) == 3.0  # frames 3-6: frame 2 has left
-    assert level.update([0.0, 0.0, 0.0]) == 0.0
+    assert level.levels([5.0, 9.0]) == [5.0, 9.0]  # frames 1-2: the 9.0 stands at frame 2
+    assert level.levels([3.0]) == [9.0]
+    assert level.levels([1.0]) == [9.0]
+    assert level.levels([2.0]) == [9.0]  # frames 2-5
+    assert level.levels([0.0]) == [3.0]  # frames 3-6: frame 2 has left
+    assert level.levels([0.0, 7.0, 1.0]) == [2.0, 7.0, 7.0]  # frames 4-7: frame 5's 2.0
 
 
 def test_a_quiet_stream_reaches_the_net_raised_to_the_target_level() -> None:
@@ -357,6 +357,27 @@ def test_finds_a_quiet_recording_that_whisper_transcribes(scale: float) -> None:
     assert energy_end - ms(END_TOLERANCE_MS) <= end.sample <= energy_end + ms(END_TOLERANCE_MS)
 
 
+@pytest.mark.parametrize("chunk_samples", [320, 1600, 16000, None])
+def test_a_quiet_talker_before_a_loud_one_is_found_however_the_audio_is_cut(
+        chunk_samples: int | None) -> None:
+    """A quiet reading (40 dB down) and then a loud one, fed in 20 ms, 100 ms or 1 s pieces or
+    all at once (a client may send 30 s in one message): the same events each way. When a
+    feed's gain came from its loudest frame, the loud reading later in one big feed turned the
+    gain on the quiet one down, and all of its speech was lost."""
+    quiet = np.round(load_pcm("ps_librivox_0880") * 0.01).astype(np.int16)
+    audio = np.concatenate([silence(0.5), quiet, silence(1.0), load_pcm("ps_cards_001"),
+                            silence(1.0)])
+    vad = silero()
+    step = chunk_samples or audio.size
+    events = [event for start in range(0, audio.size, step)
+              for event in vad.feed(audio[start:start + step])]
+    reference = silero()
+    expected = [event for start in range(0, audio.size, 320)
+                for event in reference.feed(audio[start:start + 320])]
+    assert events == expected
+    assert isinstance(events[0], SpeechStart) and events[0].sample < ms(1000)  # the quiet one
+
+
 def test_ends_the_utterance_in_loud_stationary_noise_where_energy_cannot() -> None:
     noisy = go_forward_in_noise()
     # Every 20 ms frame of the noise alone is above 300 RMS: the energy VAD never sees silence.
@@ -385,9 +406,14 @@ def test_events_do_not_depend_on_chunk_size(chunk_samples: int) -> None:
 
 
 def test_reset_mid_speech_starts_afresh() -> None:
+    """The speech run and the net start afresh; the stream's level is kept (the same talker
+    on the same line), so both endpointers here hear the stream as sent."""
     noisy = go_forward_in_noise()
-    [start, end] = silero().feed(noisy)
+    fresh = silero()
+    fresh.classifier.max_gain = 1.0  # type: ignore[attr-defined]
+    [start, end] = fresh.feed(noisy)
     vad = silero()
+    vad.classifier.max_gain = 1.0  # type: ignore[attr-defined]
     cut = 64 * FRAME  # 2.048 s: inside the speech, on a frame boundary
     assert vad.feed(noisy[:cut]) == [start]
     vad.reset()
