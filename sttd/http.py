@@ -16,6 +16,7 @@ import contextlib
 import os
 import logging
 import time
+import weakref
 from collections.abc import AsyncGenerator
 from urllib.parse import parse_qsl
 from typing import IO, Any, Literal
@@ -54,7 +55,7 @@ from sttd.api import (
     stream_event,
     word_logprobs,
 )
-from sttd.engine import check_audio, file_segments, transcribe_file
+from sttd.engine import Engine, check_audio, file_segments, transcribe_file
 from sttd.errors import BackendError, ClientError, Overloaded, Unauthorized
 from sttd.nursery import Admission, count_refusal, serve_connection
 from sttd.settings import WORKER_ENV
@@ -234,9 +235,16 @@ def create_app(state: AppState) -> _Streams:
                 if form.stream:
                     # A file that is not audio is refused while the status can still say so.
                     await check_audio(upload)
-                    owned.pop_all()  # the stream's now: it closes the upload
-                    return Response(_openai_stream(upload, form), status=200,
-                                    content_type="text/event-stream",
+                    # Counted again before this admission ends (so that a drain never sees it
+                    # gone), and the stream's now, with the upload: it leaves both.
+                    owned.enter_context(continue_upload(state))
+                    held = owned.pop_all()
+                    stream = _openai_stream(engine, upload, form, held)
+                    # A stream that is never started (its client gone before the status went
+                    # out) never runs its `finally`: leave them when it is collected.
+                    weakref.finalize(stream, _leave_soon, trio.lowlevel.current_trio_token(),
+                                     held)
+                    return Response(stream, status=200, content_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache"})
                 result = await transcribe_file(
                     engine, upload, settings, language=form.language, hotwords=form.prompt,
@@ -245,22 +253,19 @@ def create_app(state: AppState) -> _Streams:
         body, content_type = render(result, form)
         return Response(body, status=200, content_type=content_type)
 
-    async def _openai_stream(upload: IO[bytes], form: TranscriptionForm
-                             ) -> AsyncGenerator[bytes]:
+    async def _openai_stream(engine: Engine, upload: IO[bytes], form: TranscriptionForm,
+                             held: contextlib.ExitStack) -> AsyncGenerator[bytes]:
         """A streamed transcription's events, each piece's text as soon as it is decoded.
 
-        Everything a request can be refused for was checked before the stream began; the
-        upload counts as in flight again here, for the time it is transcribed, whatever the
-        limit and a drain say now (it was admitted before them, and refusing it now could only
-        be an error event after a 200). A failure from now on is an error event, the status
-        being sent. quart closes this generator when it stops sending; one that never starts
-        leaves `upload` to be closed when it is collected, and holds no admission (a context
-        held across the return would never be left).
+        Everything a request can be refused for was checked before the stream began. `held`
+        is what the request held on to: the upload, still counted as in flight (for the drain,
+        and STT_MAX_UPLOADS) until this ends. A failure from now on is an error event, the
+        status being sent. quart closes this generator when it stops sending.
         """
         text: list[str] = []
         every: list[dict[str, Any]] = []  # the logprobs of every word, for the done event
         try:
-            with continue_upload(state) as engine:
+            with held:
                 async with contextlib.aclosing(file_segments(
                         engine, upload, settings, language=form.language, hotwords=form.prompt,
                         task=form.task, word_timings=form.logprobs)) as batches:
@@ -282,7 +287,7 @@ def create_app(state: AppState) -> _Streams:
             yield stream_event("error", code="internal",
                                message="the server failed on this request; see its logs")
         finally:
-            upload.close()
+            held.close()
 
     @app.get("/")
     async def page() -> Response:
@@ -294,6 +299,13 @@ def create_app(state: AppState) -> _Streams:
         return _static(name)
 
     return _Streams(app, state, access)
+
+
+def _leave_soon(token: trio.lowlevel.TrioToken, held: contextlib.ExitStack) -> None:
+    """Close `held` on the server's loop, from whichever thread collected its owner (closing it
+    twice does nothing)."""
+    with contextlib.suppress(trio.RunFinishedError):
+        token.run_sync_soon(held.close)
 
 
 class _Streams:

@@ -332,3 +332,29 @@ async def test_a_streamed_upload_is_not_refused_again_once_its_stream_begins(
         with pytest.raises(openai.APIStatusError) as caught:
             await _create(_client(server), model="gpt-4o-transcribe")
         assert caught.value.status_code == 503
+
+
+async def test_a_streamed_upload_counts_as_in_flight_until_its_stream_ends(
+        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the request to the stream's end, never dropping in between: a drain that began
+    while the file was read saw no upload between the handler's return and the stream's start,
+    finished, and the stream was cut after STT_SHUTDOWN_GRACE_S."""
+    import contextlib
+
+    from sttd.admission import AppState
+
+    left: list[int] = []  # uploads in flight each time one count was left
+    counted = AppState.upload_in_flight
+
+    @contextlib.contextmanager
+    def recorded(self: AppState) -> Any:
+        with counted(self):
+            yield
+        left.append(self.uploads)
+
+    monkeypatch.setattr(AppState, "upload_in_flight", recorded)
+    events = await trio.to_thread.run_sync(lambda: list(
+        _client(server).audio.transcriptions.create(
+            model="gpt-4o-transcribe", file=("call.wav", _wav(), "audio/wav"), stream=True)))
+    assert events[-1].type == "transcript.text.done"
+    assert left == [1, 0]  # the request's count handed to the stream's, which ended last

@@ -3,9 +3,10 @@
 `admit_upload` refuses an upload while the server drains, while STT_MAX_UPLOADS are in flight
 (each may spool up to STT_MAX_UPLOAD_BYTES to disk and keeps the engine busy), when its declared
 length is over STT_MAX_UPLOAD_BYTES, or while the engine is still loading; an admitted upload
-counts as in flight, for the drain, until its block ends. `continue_upload` counts again an
-upload that was admitted and read, for the rest of its work (a streamed answer's): it is not
-refused for the limit or a drain that it was admitted before. `read_upload` reads the body's file
+counts as in flight, for the drain, until its block ends. `continue_upload` counts an admitted
+upload once more, for work that goes on after its handler returns (a streamed answer): taken
+inside `admit_upload`'s block, so the count never drops between the two, it is not refused for
+the limit or a drain that the upload was admitted before. `read_upload` reads the body's file
 field as it streams in, paced: a body that stalls for STT_HTTP_READ_TIMEOUT_S is refused.
 """
 
@@ -47,8 +48,9 @@ def admit_upload(state: AppState, content_length: int | None) -> Iterator[Engine
 
 @contextlib.contextmanager
 def continue_upload(state: AppState) -> Iterator[Engine]:
-    """Count an upload `admit_upload` admitted (and whose block has ended) as in flight again
-    while the block runs; gives the engine. Raises only if the engine is gone."""
+    """Count an upload `admit_upload` admitted once more while the block runs (taken inside
+    that admission's block, and left after it); gives the engine. Raises only if the engine is
+    gone."""
     with state.upload_in_flight():
         yield ready_engine(state)
 
