@@ -218,3 +218,31 @@ async def test_the_workers_drain_and_exit_when_the_supervisor_is_killed(tmp_path
                 await lines.read_to_end()
     assert len(_events(lines.seen, "server.drained")) == 2
     assert len(_events(lines.seen, "server.stopped")) == 2
+
+
+def test_a_second_stop_signal_kills_the_workers_still_stopping(tmp_path: Path) -> None:
+    """A worker hung where its drain cannot reach ignores the SIGTERM it was sent: the second
+    stop kills it, as a second Ctrl-C stops a single server at once."""
+    import subprocess
+
+    from sttd.server._workers import _Supervisor, _Worker
+
+    hung = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time\n"
+         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+         "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE)
+    assert hung.stdout is not None and hung.stdout.readline() == b"ready\n"
+    read_fd, write_fd = os.pipe()
+    os.close(write_fd)
+    supervisor = _Supervisor(count=1, env={}, metrics_dir=str(tmp_path), wakeup_fd=-1,
+                             in_child=lambda: None)
+    supervisor._workers[hung.pid] = _Worker(0, hung, read_fd, initial=True)
+    try:
+        supervisor._stop("SIGTERM")
+        assert hung.poll() is None  # ignored, as a hung worker would
+        supervisor._stop("SIGINT")
+        assert hung.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        hung.kill()
+        hung.wait()
+        os.close(read_fd)

@@ -21,8 +21,8 @@ and an action there (a handler acting at once could run between a check and a st
 SIGTERM, SIGINT or SIGHUP (the terminal closed) makes it stop: it starts no worker from then on,
 sends SIGTERM once to every live worker, which drains as a single server does (its open
 sessions get their finals and 1001), and exits once all have. Its exit status is that of the
-stop: 0 when every worker exited cleanly on it. A repeated signal is logged, not passed on:
-each worker's drain is already bounded by STT_DRAIN_S and STT_SHUTDOWN_GRACE_S.
+stop: 0 when every worker exited cleanly on it. A second signal while stopping kills every live
+worker at once, as a second Ctrl-C stops a single server at once.
 
 Each worker runs in its own session, so a terminal's Ctrl-C (sent to its whole foreground
 process group) reaches the supervisor only, and each worker gets one stop signal. A worker
@@ -250,9 +250,17 @@ class _Supervisor:
         log.info("workers.started worker=%d pid=%d", index, process.pid)
 
     def _stop(self, cause: str) -> None:
-        """Start no worker from now on; send SIGTERM to each live worker not yet sent one."""
+        """Start no worker from now on; send SIGTERM to each live worker not yet sent one.
+
+        Stopping already: the user asks a second time (a second Ctrl-C), as a single server
+        takes it: stop at once. Each live worker is killed (a worker hung where its drain
+        cannot reach would otherwise hold the port until someone found its pid).
+        """
         if self._stopping:
-            log.info("workers.stopping_already cause=%s", cause)
+            live = [w for w in self._workers.values() if w.process.returncode is None]
+            log.warning("workers.killing cause=%s workers=%d", cause, len(live))
+            for worker in live:
+                worker.process.kill()
             return
         log.info("workers.stopping cause=%s", cause)
         self._stopping = True
