@@ -86,7 +86,7 @@ async def churn(server: Any, n: int, every: int) -> dict[str, Any]:
                             "rss_mib": round(process.memory_info().rss / 2**20, 1),
                             "fds": process.num_fds(), "threads": process.num_threads()})
             print(samples[-1], flush=True)
-    after = []
+    after: list[dict[str, Any]] = []
     for wait_s in (1, 3, 10):
         await trio.sleep(wait_s - (after[-1]["after_s"] if after else 0))
         after.append({"after_s": wait_s, "fds": process.num_fds(),
@@ -100,8 +100,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         trees: list[tuple[str, Path | None]] = [("sttd", None)]
         if args.baseline:
-            commit, tree = stack.enter_context(source_tree(args.baseline))
-            trees.insert(0, (f"sttd@{commit}", tree))
+            commit, baseline = stack.enter_context(source_tree(args.baseline))
+            trees.insert(0, (f"sttd@{commit}", baseline))
         for name, tree in trees:
             async with sttd_server(tree=tree, STT_BACKEND=args.backend, STT_MAX_LOAD="0") as server:
                 runs.append({"server": name, **await churn(server, args.n, args.every)})
