@@ -158,7 +158,10 @@ def create_app(state: AppState) -> _Streams:
             index, _, count = os.environ.get(WORKER_ENV, "0/1").partition("/")
             body["worker"] = int(index)
             body["workers"] = {"count": int(count), "sessions": int(together["sessions"]),
-                               "all_ready": together["ready"] >= 1}
+                               # Every worker alive (one that died is not, until it is
+                               # started again and ready) and every live engine ready.
+                               "all_ready": together["ready"] >= 1
+                                            and together["live"] >= int(count)}
         status = 200
         if state.draining:
             body["status"], status = "draining", 503

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Final, Literal, get_args
 
+import glob
 import os
 
 import attrs
@@ -203,15 +204,19 @@ class Metrics:
         self.registry.register(_EngineCollector(load))
 
     def workers(self) -> dict[str, float] | None:
-        """With several workers, what they hold together: open sessions, and whether every
-        engine is ready (1) or not (0); None for a single process."""
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        """With several workers, what they hold together: open sessions, whether every live
+        engine is ready (1) or not (0), and how many workers are alive (each has its own
+        ``sttd_engine_ready`` file until the supervisor finds it dead and removes it); None for
+        a single process."""
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not directory:
             return None
         from prometheus_client import multiprocess
 
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
-        totals = {"sessions": 0.0, "ready": 0.0}
+        live = len(glob.glob(os.path.join(glob.escape(directory), "gauge_livemin_*.db")))
+        totals = {"sessions": 0.0, "ready": 0.0, "live": float(live)}
         for family in merged.collect():
             for sample in family.samples:
                 if sample.name == "sttd_sessions_active":

@@ -185,18 +185,25 @@ async def test_a_worker_that_crashes_once_ready_is_restarted_and_ctrl_c_stops_ea
 ) -> None:
     with trio.fail_after(TIMEOUT_S):
         async with trio.open_nursery() as nursery:
-            process, lines, _port = await _served(nursery, "--workers", "2")
+            process, lines, port = await _served(nursery, "--workers", "2")
             pids = await _ready_workers(lines, 2)
             # Well within the first seconds of the server: it was ready, so it is restarted.
             os.kill(pids[1], signal.SIGKILL)
-            restarted = json.loads(await lines.wait_for('"event": "workers.started"'))
-            await lines.wait_for('"event": "engine.ready"')
+            await lines.wait_for('"event": "workers.exited"')
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                # Answered by the live worker, during the restart pause: not all are ready.
+                while_down = (await http.get("/health")).json()["workers"]
+                restarted = json.loads(await lines.wait_for('"event": "workers.started"'))
+                await lines.wait_for('"event": "engine.ready"')
+                after = (await http.get("/health")).json()["workers"]
             # A terminal's Ctrl-C goes to its whole foreground process group.
             os.killpg(process.pid, signal.SIGINT)
             with trio.fail_after(STOP_TIMEOUT_S):
                 code = await process.wait()
                 await lines.read_to_end()
     assert restarted["worker"] == "1"
+    assert (while_down["count"], while_down["all_ready"]) == (2, False)
+    assert after["all_ready"] is True
     assert "workers.failed_to_start" not in lines.seen
     assert code == 0, lines.seen
     # Each worker got one signal, the supervisor's SIGTERM, and none from the terminal.
