@@ -296,7 +296,7 @@ class SileroClassifier:
     _net_used: bool = attrs.field(init=False, default=False)  # net has state since its last reset
     _level: _StreamLevel = attrs.field(init=False, factory=lambda: _StreamLevel(
         round(_LEVEL_WINDOW_S * SAMPLE_RATE_HZ / _SILERO_FRAME_SAMPLES)))
-    _gain: float = attrs.field(init=False, default=1.0)  # the current feed's
+    _gain: float = attrs.field(init=False, default=1.0)  # the last frame's (for `decide`)
 
     @classmethod
     def load(cls, *, threshold: float = _SILERO_THRESHOLD, hysteresis: float = _SILERO_HYSTERESIS,

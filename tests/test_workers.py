@@ -235,9 +235,9 @@ def test_a_second_stop_signal_kills_the_workers_still_stopping(tmp_path: Path) -
     from sttd.server._workers import _Supervisor, _Worker
 
     hung = subprocess.Popen(
-        [sys.executable, "-c", "import signal, sys, time\n"
+        [sys.executable, "-c", "import signal\n"
          "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-         "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE)
+         "print('ready', flush=True)\nsignal.pause()"], stdout=subprocess.PIPE)
     assert hung.stdout is not None and hung.stdout.readline() == b"ready\n"
     read_fd, write_fd = os.pipe()
     os.close(write_fd)
